@@ -1,0 +1,218 @@
+"""The MoDE denoiser (reference ``MoDeDiT``) and its EDM preconditioning wrapper (``GCDenoiser``).
+
+Token layout (T = 1 + goal_seq_len + n_cameras·obs_seq_len [+1 state] + chunk_size):
+    [noise token c, goal, camera tokens…, (state token), a_0 … a_{K-1}]
+Positional rows follow the reference: goal rows [0, G), the camera tokens of frame t share row G+t,
+and the actions take rows G+O-1 … (so a_0 shares the row of the last camera frame). The noise token
+has no positional embedding. Attention is plain causal over the whole sequence.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .blocks import CausalSelfAttention, RMSNorm
+from .config import DenoiserConfig
+from .moe import NoiseRouter, SwiGLUExperts, dense_gates, load_balance_loss, sampled_gates, topk_gates
+
+
+class MoDEBlock(nn.Module):
+    """X += Attn(RMS1(X) + c);  Y = RMS2(X);  X_out = Y + MoE(Y)   (residual="reference")."""
+
+    def __init__(self, cfg: DenoiserConfig):
+        super().__init__()
+        d = cfg.embed_dim
+        self.cfg = cfg
+        self.ln_1 = RMSNorm(d, cfg.norm_eps)
+        self.attn = CausalSelfAttention(d, cfg.n_heads, cfg.attn_pdrop, cfg.norm_eps)
+        self.ln_2 = RMSNorm(d, cfg.norm_eps)
+        self.router = NoiseRouter(d, cfg.num_experts, cfg.router_temperature)
+        self.moe = SwiGLUExperts(d, cfg.num_experts, cfg.mlp_ratio * d, cfg.mlp_pdrop)
+
+    def attend(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return x + self.attn(self.ln_1(x) + c)
+
+    def residual(self, h: torch.Tensor, y: torch.Tensor, moe_out: torch.Tensor) -> torch.Tensor:
+        return (y if self.cfg.residual == "reference" else h) + moe_out
+
+    def route(self, c: torch.Tensor, n_tokens: int) -> torch.Tensor:
+        """(B, T, E) gate matrix: sampled per token row in training, deterministic top-k otherwise."""
+        probs = self.router.probs(c[:, 0])  # (B, E): the router input is the same for every token
+        if self.training:
+            idx, g = sampled_gates(probs.unsqueeze(1).expand(-1, n_tokens, -1), self.cfg.top_k)
+            return dense_gates(idx, g, self.cfg.num_experts)
+        idx, g = topk_gates(probs, self.cfg.top_k)
+        return dense_gates(idx, g, self.cfg.num_experts).unsqueeze(1).expand(-1, n_tokens, -1)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, mode: str = "dense"):
+        """mode "dense": all experts masked by the gates (training and exact batched eval; no syncs).
+        mode "sync": reference-like eval — only the experts selected by some sample are run (this reads
+        the selection on the host, one sync per layer, like the reference's uncached path)."""
+        h = self.attend(x, c)
+        y = self.ln_2(h)
+        gates = self.route(c, y.shape[1])
+        if mode == "sync" and not self.training:
+            g = gates[:, 0]  # (B, E), equal for all tokens
+            used = torch.nonzero(g.amax(dim=0) > 0).flatten().tolist()  # host sync (reference-like)
+            out = self.moe.forward_selected(y, used, [g[:, e].view(-1, 1, 1) for e in used])
+        else:
+            out = self.moe.forward_dense(y, gates)
+        return self.residual(h, y, out), gates
+
+
+class MoDEDenoiser(nn.Module):
+    """F_theta(c_in·x; sigma, goal, camera tokens[, state]) -> (B, K, A). Raw EDM sigma as input."""
+
+    def __init__(self, cfg: DenoiserConfig, action_dim: int, chunk_size: int, n_cameras: int,
+                 state_dim: int = 0):
+        super().__init__()
+        d = cfg.embed_dim
+        self.cfg, self.action_dim, self.chunk_size = cfg, action_dim, chunk_size
+        self.n_cameras, self.state_dim = n_cameras, state_dim
+        self.sigma_emb = nn.Linear(1, d)
+        self.sigma_linear = nn.Linear(d, d, bias=False)
+        self.goal_emb = nn.Linear(cfg.goal_dim, d, bias=False)
+        self.tok_emb = nn.Linear(cfg.obs_dim, d, bias=False) if n_cameras > 0 else None
+        self.gripper_embed = nn.Linear(cfg.obs_dim, d, bias=False) if cfg.keep_gripper_embed else None
+        self.state_emb = nn.Linear(state_dim, d, bias=False) if state_dim > 0 else None
+        self.action_emb = nn.Linear(action_dim, d, bias=False)
+        n_pos = cfg.goal_seq_len + cfg.obs_seq_len - 1 + chunk_size
+        self.pos_emb = nn.Parameter(torch.zeros(1, n_pos, d))
+        self.blocks = nn.ModuleList([MoDEBlock(cfg) for _ in range(cfg.n_layers)])
+        self.ln = RMSNorm(d, cfg.norm_eps)
+        self.out = nn.Linear(d, action_dim)
+
+    # ---- pieces shared by the plain forward and the cached sampler ---------------------------
+    @property
+    def n_tokens(self) -> int:
+        return 1 + self.cfg.goal_seq_len + self.n_cameras * self.cfg.obs_seq_len + (self.state_dim > 0) + self.chunk_size
+
+    def noise_embedding(self, sigma: torch.Tensor) -> torch.Tensor:
+        """c(sigma) = W2 (W1 (ln sigma / 4) + b1), shape (B, 1, d). Affine in ln sigma."""
+        s = (sigma.reshape(-1, 1, 1).log() / 4).to(self.sigma_emb.weight.dtype)
+        return self.sigma_linear(self.sigma_emb(s))
+
+    def context_tokens(self, goal: torch.Tensor, obs: torch.Tensor | None, state: torch.Tensor | None,
+                       goal_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Embedded [goal, cameras…, (state)] tokens with positions: (B, G + C·O (+1), d).
+        goal: (B, G, goal_dim); obs: (B, O·C, obs_dim) frame-major (frame t: cameras in order)."""
+        cfg = self.cfg
+        if goal.dim() == 2:
+            goal = goal.unsqueeze(1)
+        if goal_mask is not None:
+            goal = goal * goal_mask
+        P = self.pos_emb
+        parts = [self.goal_emb(goal) + P[:, : cfg.goal_seq_len]]
+        if self.n_cameras:
+            tok = self.tok_emb(obs)
+            rows = P[:, cfg.goal_seq_len: cfg.goal_seq_len + cfg.obs_seq_len]
+            rows = rows.repeat_interleave(self.n_cameras, dim=1)
+            parts.append(tok + rows)
+        if self.state_emb is not None:
+            if state is None:
+                raise ValueError("this model needs a proprioceptive state (state_dim > 0)")
+            parts.append(self.state_emb(state.reshape(state.shape[0], 1, -1))
+                         + P[:, cfg.goal_seq_len + cfg.obs_seq_len - 1: cfg.goal_seq_len + cfg.obs_seq_len])
+        return torch.cat(parts, dim=1)
+
+    def action_tokens(self, a_in: torch.Tensor) -> torch.Tensor:
+        start = self.cfg.goal_seq_len + self.cfg.obs_seq_len - 1
+        return self.action_emb(a_in) + self.pos_emb[:, start: start + self.chunk_size]
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.ln(x[:, -self.chunk_size:]))
+
+    # ---- plain forward ------------------------------------------------------------------------
+    def forward(self, a_in: torch.Tensor, sigma: torch.Tensor, goal: torch.Tensor,
+                obs: torch.Tensor | None = None, state: torch.Tensor | None = None,
+                mode: str = "dense", return_aux: bool = False):
+        """a_in: c_in-scaled noisy actions (B, K, A); sigma: (B,) or scalar raw noise level."""
+        b = a_in.shape[0]
+        sigma = torch.as_tensor(sigma, device=a_in.device, dtype=torch.float32)
+        if sigma.dim() == 0:
+            sigma = sigma.expand(b)
+        c = self.noise_embedding(sigma)
+        goal_mask = None
+        if self.training and self.cfg.goal_drop > 0:
+            g = goal if goal.dim() == 3 else goal.unsqueeze(1)
+            goal_mask = torch.bernoulli(torch.full_like(g, 1 - self.cfg.goal_drop))
+        x = torch.cat([c, self.context_tokens(goal, obs, state, goal_mask), self.action_tokens(a_in)], dim=1)
+        lb, all_gates = [], []
+        for blk in self.blocks:
+            x, gates = blk(x, c, mode)
+            if return_aux:
+                lb.append(load_balance_loss(gates, self.cfg.num_experts))
+                all_gates.append(gates[:, 0])
+        f = self.head(x)
+        if return_aux:
+            return f, {"load_balance": torch.stack(lb).mean(), "gates": torch.stack(all_gates, 1)}
+        return f
+
+    def routing(self, sigma: torch.Tensor):
+        """Eval routing for given sigmas: indices (S, L, k), gates (S, L, k), probs (S, L, E)."""
+        c = self.noise_embedding(sigma.reshape(-1))[:, 0]
+        probs = torch.stack([blk.router.probs(c) for blk in self.blocks], dim=1)
+        idx, gates = topk_gates(probs, self.cfg.top_k)
+        return idx, gates, probs
+
+
+class EDMPrecond:
+    """EDM scalings for sigma_data: D(x; sigma) = c_skip x + c_out F(c_in x; sigma)."""
+
+    def __init__(self, sigma_data: float = 0.5):
+        self.sigma_data = sigma_data
+
+    def scalings(self, sigma: torch.Tensor):
+        sd2 = self.sigma_data ** 2
+        c_skip = sd2 / (sigma ** 2 + sd2)
+        c_out = sigma * self.sigma_data / (sigma ** 2 + sd2).sqrt()
+        c_in = 1.0 / (sigma ** 2 + sd2).sqrt()
+        return c_skip, c_out, c_in
+
+    def denoise(self, net: MoDEDenoiser, x: torch.Tensor, sigma: torch.Tensor, goal, obs=None, state=None,
+                mode: str = "dense") -> torch.Tensor:
+        sigma = torch.as_tensor(sigma, device=x.device, dtype=x.dtype)
+        if sigma.dim() == 0:
+            sigma = sigma.expand(x.shape[0])
+        c_skip, c_out, c_in = (s.view(-1, 1, 1) for s in self.scalings(sigma))
+        f = net(x * c_in, sigma, goal, obs, state, mode=mode)
+        return c_skip * x + c_out * f
+
+    def loss(self, net: MoDEDenoiser, actions: torch.Tensor, sigma: torch.Tensor, goal, obs=None,
+             state=None, noise: torch.Tensor | None = None, weight: torch.Tensor | None = None):
+        """EDM loss in F-space: mean((F(c_in x) - (a - c_skip x)/c_out)^2). Returns (loss, aux)."""
+        noise = torch.randn_like(actions) if noise is None else noise
+        x = actions + sigma.view(-1, 1, 1) * noise
+        c_skip, c_out, c_in = (s.view(-1, 1, 1) for s in self.scalings(sigma))
+        target = (actions - c_skip * x) / c_out
+        f, aux = net(x * c_in, sigma, goal, obs, state, return_aux=True)
+        err = (f.float() - target) ** 2
+        if weight is not None:  # (B, K) mask of valid (non-padding) steps
+            w = weight.unsqueeze(-1).to(err.dtype)
+            loss = (err * w).sum() / (w.sum() * err.shape[-1]).clamp_min(1)
+        else:
+            loss = err.mean()
+        return loss, aux
+
+
+def count_matmul_flops(net: MoDEDenoiser, batch: int = 1, cached: bool = True, dense: bool = False) -> dict:
+    """Matmul FLOPs (2·M·N·K) of one denoiser call, analytically, broken down by part."""
+    cfg, T, d = net.cfg, net.n_tokens, net.cfg.embed_dim
+    H = cfg.mlp_ratio * d
+    L = cfg.n_layers
+    k = cfg.num_experts if dense else cfg.top_k
+    attn_proj = L * 4 * 2 * T * d * d
+    attn_core = L * 2 * 2 * T * T * d  # QK^T and AV (no causal saving)
+    experts = L * k * (2 * T * d * 2 * H + 2 * T * H * d)
+    router = 0 if cached else L * (2 * d * 2 * d + 2 * 2 * d * cfg.num_experts)
+    n_obs = net.n_cameras * cfg.obs_seq_len
+    emb = 2 * d * (cfg.goal_dim * cfg.goal_seq_len + cfg.obs_dim * n_obs + net.chunk_size * net.action_dim
+                   + net.state_dim) + 2 * net.chunk_size * d * net.action_dim
+    noise = 0 if cached else 2 * d * d
+    parts = {"attention_proj": attn_proj, "attention_scores": attn_core, "experts": experts,
+             "router": router, "embeddings_head": emb + noise}
+    parts = {kk: v * batch for kk, v in parts.items()}
+    parts["total"] = sum(parts.values())
+    return parts

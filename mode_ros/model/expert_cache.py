@@ -1,0 +1,129 @@
+"""Expert caching: the routing of every sampling step is fixed before inference.
+
+Routing depends on sigma alone, and sigma_i is fixed per step index, so for a given (weights,
+schedule, dtype, device) we compute once:
+  * c_i = noise embedding of sigma_i, (S, 1, d), shared by the noise token, the attention
+    conditioning and (formerly) the router;
+  * a routing table R[i, l] = (e1, e2, g1, g2) — indices as Python ints (the loop is unrolled over
+    them, so there is no lookup by float key and no host sync while sampling) and the gates as a
+    device tensor;
+  * the EDM scalings and DDIM ratios per step.
+The sampler then runs only the two selected experts per layer as views of the stacked expert
+weights (no copies), so the whole 10-step loop is a fixed graph that CUDA graphs / torch.compile
+can capture. The cache is rebuilt automatically when the router/sigma weights change (in-place
+version counters), or the dtype, device or schedule change.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .denoiser import EDMPrecond, MoDEDenoiser
+from .sampling import ddim_step
+
+
+@dataclass
+class RoutingTable:
+    sigmas: torch.Tensor          # (S+1,) with the trailing 0, float32 on the device
+    noise_emb: torch.Tensor       # (S, 1, 1, d) in the model dtype
+    indices: list                 # [S][L] -> tuple of k ints
+    indices_t: torch.Tensor       # (S, L, k) int64 (for reports / plots)
+    gates: torch.Tensor           # (S, L, k) in the model dtype, on the device
+    probs: torch.Tensor           # (S, L, E) float32
+    c_skip: torch.Tensor          # (S,)
+    c_out: torch.Tensor
+    c_in: torch.Tensor
+    ratio: torch.Tensor           # (S,) sigma_{i+1}/sigma_i
+    key: tuple
+
+    def distinct_pairs(self) -> list[int]:
+        """Number of distinct expert sets per layer over the schedule."""
+        n_layers = len(self.indices[0])
+        return [len({tuple(sorted(self.indices[s][l])) for s in range(len(self.indices))}) for l in range(n_layers)]
+
+    def usage(self, num_experts: int) -> torch.Tensor:
+        """(S, L, E) gate mass per step, layer and expert (0 for unselected): the Fig. 6 heat map."""
+        S, L, _ = self.indices_t.shape
+        out = torch.zeros(S, L, num_experts)
+        return out.scatter(-1, self.indices_t.cpu(), self.gates.float().cpu())
+
+
+def _weights_key(net: MoDEDenoiser) -> tuple:
+    params = [net.sigma_emb.weight, net.sigma_emb.bias, net.sigma_linear.weight]
+    for blk in net.blocks:
+        params += [blk.router.fc1.weight, blk.router.fc1.bias, blk.router.fc2.weight, blk.router.fc2.bias]
+    return tuple((p.data_ptr(), p._version) for p in params) + (params[0].dtype, params[0].device)
+
+
+class CachedSampler:
+    """Sync-free DDIM sampling with a precomputed routing table."""
+
+    def __init__(self, net: MoDEDenoiser, precond: EDMPrecond, sigmas: torch.Tensor):
+        self.net, self.precond = net, precond
+        self._sigmas_cpu = sigmas.detach().to("cpu", torch.float64)
+        self.table: RoutingTable | None = None
+
+    def set_schedule(self, sigmas: torch.Tensor) -> None:
+        self._sigmas_cpu = sigmas.detach().to("cpu", torch.float64)
+        self.table = None
+
+    def key(self) -> tuple:
+        return _weights_key(self.net) + (tuple(self._sigmas_cpu.tolist()),)
+
+    @torch.no_grad()
+    def build(self) -> RoutingTable:
+        net = self.net
+        p = net.sigma_emb.weight
+        dev, dt = p.device, p.dtype
+        sig64 = self._sigmas_cpu
+        sig = sig64.to(dev, torch.float32)
+        steps = sig[:-1]
+        idx, gates, probs = net.routing(steps)
+        c = net.noise_embedding(steps)                       # (S, 1, d)
+        c_skip, c_out, c_in = self.precond.scalings(steps)
+        ratio = sig[1:] / sig[:-1]
+        idx_cpu = idx.cpu()                                  # the one sync, at build time
+        table = RoutingTable(
+            sigmas=sig, noise_emb=c.unsqueeze(1).to(dt), indices=[[tuple(r) for r in s] for s in idx_cpu.tolist()],
+            indices_t=idx_cpu, gates=gates.to(dt), probs=probs.float(),
+            c_skip=c_skip, c_out=c_out, c_in=c_in, ratio=ratio, key=self.key())
+        self.table = table
+        return table
+
+    def ensure(self) -> RoutingTable:
+        if self.table is None or self.table.key != self.key():
+            self.build()
+        return self.table
+
+    def denoise_step(self, i: int, x: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+        """D(x; sigma_i) with cached routing. ctx: embedded context tokens (B, Tc, d)."""
+        net, t = self.net, self.table
+        b = x.shape[0]
+        c = t.noise_emb[i].expand(b, 1, -1)
+        a_in = (x * t.c_in[i]).to(ctx.dtype)
+        h = torch.cat([c, ctx, net.action_tokens(a_in)], dim=1)
+        for l, blk in enumerate(net.blocks):
+            h = blk.attend(h, c)
+            y = blk.ln_2(h)
+            out = blk.moe.forward_selected(y, t.indices[i][l], t.gates[i, l])
+            h = blk.residual(h, y, out)
+        f = net.head(h).float()
+        return t.c_skip[i] * x + t.c_out[i] * f
+
+    def sample(self, x_T: torch.Tensor, goal: torch.Tensor, obs=None, state=None,
+               return_trajectory: bool = False):
+        """x_T: (B, K, A) float32 = sigma_max * N(0, I). Everything stays on the device."""
+        t = self.ensure()
+        ctx = self.net.context_tokens(goal, obs, state)
+        x = x_T
+        xs, ds = [], []
+        for i in range(len(t.indices)):
+            d = self.denoise_step(i, x, ctx)
+            if return_trajectory:
+                xs.append(x)
+                ds.append(d)
+            x = ddim_step(x, d, t.ratio[i])
+        if return_trajectory:
+            return x, torch.stack(xs), torch.stack(ds)
+        return x
