@@ -1,0 +1,177 @@
+"""``mode-ros bench``: latency of one action chunk per preset / dtype / path / batch.
+
+Paths: ``uncached`` (router every step, experts dispatched after a host read — the reference's
+behaviour, fp32 by default), ``cached`` (routing table, eager), ``compiled`` (cached + torch.compile),
+``graph`` (cached + whole-chunk CUDA graph, CUDA only), ``dense`` (a same-size model with all experts
+active). Also the encoders' share and, on CUDA, achieved weight bandwidth and peak memory.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from .config import PolicyConfig, preset
+from .info import denoiser_counts
+
+
+def _sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _time(fn, dev, runs: int, warmup: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    _sync(dev)
+    out = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        _sync(dev)
+        out.append((time.perf_counter() - t0) * 1e3)
+    return out
+
+
+def copy_bandwidth(dev) -> float | None:
+    """Measured device-to-device copy bandwidth, bytes/s (read + write counted)."""
+    if dev.type != "cuda":
+        return None
+    x = torch.empty(256 * 1024 * 1024, dtype=torch.uint8, device=dev)
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(10):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    return 2 * x.numel() * 10 / (time.perf_counter() - t0)
+
+
+def bench_preset(name: str, device: str, dtypes: list[str], paths: list[str], batches: list[int],
+                 runs: int = 50, warmup: int = 5, steps: int = 10, log=print) -> list[dict]:
+    from .policy import MoDEPolicy
+
+    dev = torch.device(device)
+    cfg = preset(name)
+    cfg.diffusion.num_steps = steps
+    rows = []
+    bw = copy_bandwidth(dev)
+    for dense in ([False, True] if "dense" in paths else [False]):
+        c = PolicyConfig.from_dict(cfg.to_dict())
+        if dense:
+            c.model.top_k = c.model.num_experts
+        torch.manual_seed(0)
+        with torch.device(dev):
+            policy = MoDEPolicy(c).eval()
+        policy.to(dev)
+        counts = denoiser_counts(policy.denoiser)
+        for dtype in dtypes:
+            tdt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+            policy.to_device(device, tdt)
+            if dev.type == "cuda" and dtype != "fp32":
+                policy.encoders.to(tdt)
+            for b in batches:
+                h, w = c.vision.image_size
+                imgs = (torch.randint(0, 255, (b, c.n_cameras, 3, h, w), dtype=torch.uint8, device=dev)
+                        if c.n_cameras else None)
+                goal = torch.randn(b, 512, device=dev)
+                noise = torch.randn(b, c.chunk_size, c.action_dim, device=dev)
+                variants = ["dense"] if dense else [p for p in paths if p != "dense"]
+                for path in variants:
+                    if path == "uncached" and dtype != "fp32" and "fp32" in dtypes:
+                        continue
+                    if path == "graph" and dev.type != "cuda":
+                        continue
+                    fn = None
+                    try:
+                        if path in ("cached", "dense"):
+                            fn = lambda: policy.sample_normalized(imgs, goal, None, noise, cached=True)  # noqa: E731
+                        elif path == "uncached":
+                            fn = lambda: policy.sample_normalized(imgs, goal, None, noise, cached=False)  # noqa: E731
+                        elif path == "compiled":
+                            policy.sampler.ensure()
+                            step = torch.compile(policy.sampler.denoise_step, dynamic=False)
+                            orig = policy.sampler.denoise_step
+                            policy.sampler.denoise_step = step
+                            fn = lambda: policy.sample_normalized(imgs, goal, None, noise, cached=True)  # noqa: E731
+                        elif path == "graph":
+                            from .graph import ChunkGraph
+                            g = ChunkGraph(policy, b)
+                            fn = lambda: g(imgs, goal, None, noise)  # noqa: E731
+                        if dev.type == "cuda":
+                            torch.cuda.reset_peak_memory_stats()
+                        ts = _time(fn, dev, runs, warmup)
+                    except Exception as exc:  # noqa: BLE001
+                        log(f"  {name} {dtype} {path} b={b}: failed: {exc}")
+                        continue
+                    finally:
+                        if path == "compiled" and fn is not None:
+                            policy.sampler.denoise_step = orig
+                    enc_ms = None
+                    if c.n_cameras and path in ("cached", "graph"):
+                        enc = _time(lambda: policy.encode_observation(imgs, goal), dev, max(10, runs // 5), 2)
+                        enc_ms = statistics.median(enc)
+                    itemsize = torch.tensor([], dtype=tdt).element_size()
+                    executed = counts["executed_cached"] if path != "uncached" else counts["executed_uncached"]
+                    bytes_chunk = executed * itemsize * steps
+                    med = statistics.median(ts)
+                    row = {"preset": name, "device": str(dev), "dtype": dtype, "path": path, "batch": b,
+                           "steps": steps, "median_ms": med, "p95_ms": float(np.percentile(ts, 95)),
+                           "p99_ms": float(np.percentile(ts, 99)), "runs": runs, "encoders_ms": enc_ms,
+                           "weight_bytes_per_chunk": bytes_chunk,
+                           "achieved_bandwidth_GBps": bytes_chunk / (med / 1e3) / 1e9,
+                           "bandwidth_fraction": (bytes_chunk / (med / 1e3)) / bw if bw else None,
+                           "peak_mem_MB": torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else None}
+                    rows.append(row)
+                    log(f"  {name:>12} {dtype:>4} {path:>9} b={b:<3} median {med:8.2f} ms  p95 {row['p95_ms']:8.2f} ms"
+                        + (f"  encoders {enc_ms:.2f} ms" if enc_ms is not None else ""))
+        del policy
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    head = f"{'preset':>12} {'dtype':>5} {'path':>9} {'batch':>5} {'median ms':>10} {'p95 ms':>9} {'enc ms':>7} {'GB/s':>8} {'peak MB':>8}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        enc = f"{r['encoders_ms']:.2f}" if r["encoders_ms"] is not None else "-"
+        pk = f"{r['peak_mem_MB']:.0f}" if r["peak_mem_MB"] is not None else "-"
+        lines.append(f"{r['preset']:>12} {r['dtype']:>5} {r['path']:>9} {r['batch']:>5} {r['median_ms']:>10.2f} "
+                     f"{r['p95_ms']:>9.2f} {enc:>7} {r['achieved_bandwidth_GBps']:>8.1f} {pk:>8}")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['preset']}\n{r['dtype']} {r['path']} b{r['batch']}" for r in rows]
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(rows)), 4))
+    ax.bar(range(len(rows)), [r["median_ms"] for r in rows],
+           yerr=[[0] * len(rows), [r["p95_ms"] - r["median_ms"] for r in rows]])
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels(labels, rotation=90, fontsize=6)
+    ax.set_ylabel("chunk latency (ms, median; bar to p95)")
+    ax.set_yscale("log")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_results(rows: list[dict], out: str | None, meta: dict) -> None:
+    if not out:
+        return
+    from pathlib import Path
+    p = Path(out)
+    p.mkdir(parents=True, exist_ok=True)
+    (p / "bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    (p / "bench.txt").write_text(table(rows) + "\n")
+    if rows:
+        plot(rows, str(p / "bench.png"))

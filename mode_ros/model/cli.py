@@ -1,0 +1,138 @@
+"""Model subcommands: info, bench, check-reference, init."""
+from __future__ import annotations
+
+import json
+import sys
+
+
+def register(sub) -> None:
+    p = sub.add_parser("info", help="parameter counts and FLOPs of a preset or checkpoint")
+    p.add_argument("--preset", default=None, help="preset name (paper-8l, paper-8l-r50, pretrain-12l, small, tiny)")
+    p.add_argument("--checkpoint", default=None, help="checkpoint folder instead of a preset")
+    p.add_argument("--no-text", action="store_true", help="skip counting the CLIP text tower")
+    p.add_argument("--json", action="store_true", help="print only JSON")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("bench", help="latency of one action chunk (JSON + table + PNG)")
+    p.add_argument("--presets", default="small", help="comma list of presets")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtypes", default=None, help="comma list of fp32,bf16,fp16 (default: fp32 on CPU, fp32,bf16 on CUDA)")
+    p.add_argument("--paths", default="uncached,cached,dense", help="uncached,cached,compiled,graph,dense")
+    p.add_argument("--batches", default="1")
+    p.add_argument("--runs", type=int, default=50)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--out", default=None, help="folder for bench.json, bench.txt, bench.png")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("check-reference", help="compare this package's model with a reference fixture folder")
+    p.add_argument("fixture", help="folder with config.json, weights.safetensors, cases.safetensors")
+    p.add_argument("--tol", type=float, default=1e-5)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_check_reference)
+
+    p = sub.add_parser("init", help="write a randomly initialised checkpoint (for tests and demos)")
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--out", required=True)
+    p.add_argument("--cameras", default=None, help="comma list of camera names ('' for none)")
+    p.add_argument("--action-dim", type=int, default=None)
+    p.add_argument("--state-dim", type=int, default=None)
+    p.add_argument("--goals", default="", help="';'-separated instructions whose embeddings to ship")
+    p.add_argument("--action-low", default=None, help="comma list: per-dim robot-unit minimum (sets normalisation)")
+    p.add_argument("--action-high", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_init)
+
+
+def cmd_info(args) -> int:
+    from .config import PolicyConfig, preset
+    from .info import format_table, policy_counts
+
+    if args.checkpoint:
+        import yaml
+        from pathlib import Path
+        cfg = PolicyConfig.from_dict(yaml.safe_load((Path(args.checkpoint) / "config.yaml").read_text()))
+        name = args.checkpoint
+    else:
+        name = args.preset or "paper-8l"
+        cfg = preset(name)
+    counts = policy_counts(cfg, include_text=not args.no_text)
+    if not args.json:
+        print(format_table(name, counts))
+    print(json.dumps({"name": name, **counts}))
+    return 0
+
+
+def cmd_bench(args) -> int:
+    import platform
+
+    import torch
+
+    from .bench import bench_preset, table, write_results
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    dtypes = args.dtypes.split(",") if args.dtypes else (["fp32", "bf16"] if device == "cuda" else ["fp32"])
+    rows = []
+    for name in args.presets.split(","):
+        print(f"[bench] {name} on {device}", file=sys.stderr)
+        rows += bench_preset(name, device, dtypes, args.paths.split(","), [int(b) for b in args.batches.split(",")],
+                             runs=args.runs, warmup=args.warmup, steps=args.steps,
+                             log=lambda m: print(m, file=sys.stderr))
+    meta = {"device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
+            "torch": torch.__version__, "threads": torch.get_num_threads()}
+    print(table(rows))
+    print(json.dumps({"meta": meta, "rows": rows}))
+    write_results(rows, args.out, meta)
+    return 0
+
+
+def cmd_check_reference(args) -> int:
+    from .reference import check_reference
+
+    ok, rows = check_reference(args.fixture, tol=args.tol, device=args.device)
+    if args.json:
+        print(json.dumps({"ok": ok, "rows": rows}))
+    else:
+        for r in rows:
+            d = "n/a" if r["max_abs_diff"] is None else f"{r['max_abs_diff']:.3e}"
+            print(f"{'ok  ' if r['ok'] else 'FAIL'} {r['key']:<28} max|diff| {d}  {r['note']}")
+        print(f"{'PASS' if ok else 'FAIL'}: {sum(r['ok'] for r in rows)}/{len(rows)} keys within {args.tol:g}")
+    return 0 if ok else 1
+
+
+def cmd_init(args) -> int:
+    import numpy as np
+    import torch
+
+    from .config import PolicyConfig, preset
+    from .policy import Affine, MoDEPolicy
+
+    d = preset(args.preset).to_dict()
+    if args.cameras is not None:
+        cams = [c for c in args.cameras.split(",") if c]
+        d["camera_names"] = cams
+        if not cams:
+            d["vision"]["arch"] = "none"
+    if args.action_dim is not None:
+        d["action_dim"] = args.action_dim
+    if args.state_dim is not None:
+        d["state_dim"] = args.state_dim
+    cfg = PolicyConfig.from_dict(d)
+    torch.manual_seed(args.seed)
+    norm = None
+    if args.action_low and args.action_high:
+        lo = np.array([float(v) for v in args.action_low.split(",")])
+        hi = np.array([float(v) for v in args.action_high.split(",")])
+        norm = Affine((lo + hi) / 2, np.maximum((hi - lo) / 2, 1e-6))
+    policy = MoDEPolicy(cfg, action_norm=norm)
+    goals = [g.strip() for g in args.goals.split(";") if g.strip()]
+    if goals:
+        policy.set_goal_embeddings(dict(zip(goals, policy.text.encode(goals))))
+    policy.save_pretrained(args.out)
+    print(f"wrote {args.out} ({cfg.n_cameras} cameras, action_dim {cfg.action_dim}, state_dim {cfg.state_dim}, "
+          f"{len(goals)} cached goals)")
+    return 0

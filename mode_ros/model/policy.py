@@ -1,0 +1,338 @@
+"""``MoDEPolicy``: the one API between the floors.
+
+    policy = MoDEPolicy.from_pretrained("ckpt/")            # config.yaml + model.safetensors + …
+    actions = policy.predict_chunk([img_static, img_wrist], "open the drawer")   # (10, A) robot units
+
+Inside: per-camera FiLM-ResNet (conditioned on the CLIP goal embedding) -> camera tokens; MoDE
+denoiser sampled with the cached-routing DDIM sampler; actions de-normalised with the checkpoint's
+statistics. Training uses ``policy.loss(batch)``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .config import PolicyConfig, preset
+from .denoiser import EDMPrecond, MoDEDenoiser
+from .encoders import GoalError, TextEncoder, build_vision_encoder, preprocess_images
+from .expert_cache import CachedSampler
+from .sampling import make_schedule, sample_ddim, sample_training_sigmas
+
+log = logging.getLogger("mode_ros.policy")
+
+CONFIG_FILE, WEIGHTS_FILE, NORM_FILE, GOALS_FILE = (
+    "config.yaml", "model.safetensors", "normalization.json", "goal_embeddings.safetensors")
+
+
+class Affine:
+    """Per-dimension affine normalisation: normalised = (x - offset) / scale (maps to about [-1, 1])."""
+
+    def __init__(self, offset: Sequence[float], scale: Sequence[float]):
+        self.offset = np.asarray(offset, dtype=np.float32)
+        self.scale = np.asarray(scale, dtype=np.float32)
+        if self.offset.shape != self.scale.shape or np.any(~np.isfinite(self.scale)) or np.any(self.scale <= 0):
+            raise ValueError("normalisation: offset/scale must have equal shapes and positive finite scales")
+
+    @classmethod
+    def identity(cls, dim: int) -> "Affine":
+        return cls(np.zeros(dim), np.ones(dim))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Affine":
+        return cls(d["offset"], d["scale"])
+
+    def to_dict(self) -> dict:
+        return {"offset": self.offset.tolist(), "scale": self.scale.tolist()}
+
+    def normalize(self, x):
+        return (x - self.offset) / self.scale
+
+    def denormalize(self, x):
+        return x * self.scale + self.offset
+
+
+class MoDEPolicy(nn.Module):
+    def __init__(self, config: PolicyConfig, action_norm: Affine | None = None, state_norm: Affine | None = None):
+        super().__init__()
+        self.config = config.validate()
+        c = config
+        self.denoiser = MoDEDenoiser(c.model, c.action_dim, c.chunk_size, c.n_cameras, c.state_dim)
+        self.encoders = nn.ModuleDict(
+            {name: build_vision_encoder(c.vision.arch, c.vision.weights) for name in c.camera_names})
+        self.precond = EDMPrecond(c.diffusion.sigma_data)
+        self.text = TextEncoder(c.text.arch, c.text.weights, c.text.random_init_seed, c.text.cache_size)
+        self.action_norm = action_norm or Affine.identity(c.action_dim)
+        self.state_norm = state_norm or (Affine.identity(c.state_dim) if c.state_dim else None)
+        self.num_steps = c.diffusion.num_steps
+        self.sampler = CachedSampler(self.denoiser, self.precond, make_schedule(c.diffusion, self.num_steps))
+        self.use_cache = True
+        self._graph = None  # optional CUDA graph runner (mode_ros.model.graph)
+
+    # ---- properties of the I/O contract -----------------------------------------------------
+    camera_names = property(lambda self: list(self.config.camera_names))
+    chunk_size = property(lambda self: self.config.chunk_size)
+    action_dim = property(lambda self: self.config.action_dim)
+    state_dim = property(lambda self: self.config.state_dim)
+    action_names = property(lambda self: list(self.config.action_names))
+    known_goals = property(lambda self: sorted(self.text.pinned))
+
+    @property
+    def device(self) -> torch.device:
+        return self.denoiser.out.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.denoiser.out.weight.dtype
+
+    # ---- construction / io --------------------------------------------------------------------
+    @classmethod
+    def from_preset(cls, name: str, seed: int = 0, **overrides) -> "MoDEPolicy":
+        cfg = preset(name).to_dict()
+        for k, v in overrides.items():
+            cfg[k] = v
+        torch.manual_seed(seed)
+        return cls(PolicyConfig.from_dict(cfg))
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        """Write config.yaml, model.safetensors, normalization.json, goal_embeddings.safetensors
+        (atomically: into a temp dir renamed over the target)."""
+        import shutil
+        import tempfile
+
+        import yaml
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp_ckpt_", dir=path.parent))
+        (tmp / CONFIG_FILE).write_text(yaml.safe_dump(self.config.to_dict(), sort_keys=False))
+        sd = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
+        save_file(sd, str(tmp / WEIGHTS_FILE), metadata={"format": "mode_ros", "version": "1"})
+        norm = {"action": self.action_norm.to_dict()}
+        if self.state_norm is not None:
+            norm["state"] = self.state_norm.to_dict()
+        (tmp / NORM_FILE).write_text(json.dumps(norm, indent=1))
+        goals = sorted(self.text.pinned)
+        emb = torch.stack([self.text.pinned[g] for g in goals]) if goals else torch.zeros(0, 512)
+        save_file({"embeddings": emb.contiguous()}, str(tmp / GOALS_FILE), metadata={"goals": json.dumps(goals)})
+        if path.exists():
+            old = path.with_name(path.name + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            path.rename(old)
+            tmp.rename(path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(path)
+        return path
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str = "cpu", dtype: torch.dtype | str | None = None,
+                        num_steps: int | None = None) -> "MoDEPolicy":
+        import yaml
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        if not (path / CONFIG_FILE).is_file():
+            raise FileNotFoundError(f"{path} is not a mode_ros checkpoint (no {CONFIG_FILE})")
+        cfg = PolicyConfig.from_dict(yaml.safe_load((path / CONFIG_FILE).read_text()))
+        if cfg.text.weights and not Path(cfg.text.weights).is_absolute():
+            cfg.text.weights = str(path / cfg.text.weights)
+        cfg.vision.weights = None  # backbone init weights are already inside model.safetensors
+        norm = json.loads((path / NORM_FILE).read_text()) if (path / NORM_FILE).is_file() else {}
+        policy = cls(cfg, Affine.from_dict(norm["action"]) if "action" in norm else None,
+                     Affine.from_dict(norm["state"]) if "state" in norm else None)
+        policy.load_state_dict(load_file(str(path / WEIGHTS_FILE)), strict=True)
+        if (path / GOALS_FILE).is_file():
+            with safe_open(str(path / GOALS_FILE), "pt") as f:
+                goals = json.loads(f.metadata()["goals"])
+                emb = f.get_tensor("embeddings")
+            policy.text.pin(dict(zip(goals, emb)))
+        policy.eval()
+        if num_steps:
+            policy.set_num_steps(num_steps)
+        return policy.to_device(device, dtype)
+
+    def to_device(self, device: str = "cpu", dtype: torch.dtype | str | None = None) -> "MoDEPolicy":
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if isinstance(dtype, str):
+            dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+                     "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[dtype]
+        self.to(device)
+        if dtype is not None:
+            self.denoiser.to(dtype)   # encoders stay fp32 unless a graph runner says otherwise
+        if self.text.model is not None:
+            self.text.model.to(device)
+        self._graph = None
+        return self
+
+    def set_num_steps(self, n: int) -> None:
+        self.num_steps = int(n)
+        self.sampler.set_schedule(make_schedule(self.config.diffusion, self.num_steps))
+        self._graph = None
+
+    def set_goal_embeddings(self, goals: dict[str, torch.Tensor]) -> None:
+        """Ship instruction embeddings with the checkpoint (computed once, e.g. by the trainer)."""
+        self.text.pin(goals)
+
+    # ---- tensors -> tensors -------------------------------------------------------------------
+    def encode_observation(self, images: torch.Tensor | None, goal_emb: torch.Tensor) -> torch.Tensor | None:
+        """images: (B, C, 3, H, W) uint8/float; goal_emb (B, 512) -> camera tokens (B, C, obs_dim)."""
+        if not self.config.camera_names:
+            return None
+        size = self.config.vision.image_size
+        toks = []
+        for i, name in enumerate(self.config.camera_names):
+            x = preprocess_images(images[:, i], size)
+            toks.append(self.encoders[name](x, goal_emb.float()))
+        return torch.stack(toks, dim=1)
+
+    def loss(self, batch: dict, sigma: torch.Tensor | None = None, noise: torch.Tensor | None = None):
+        """batch: images (B,C,3,H,W) uint8 (already augmented), goal_emb (B,512), actions (B,K,A)
+        normalised, optional state (B,S) normalised, optional mask (B,K). Returns (loss, aux)."""
+        actions = batch["actions"].float()
+        b = actions.shape[0]
+        goal = batch["goal_emb"].float()
+        obs = self.encode_observation(batch.get("images"), goal)
+        if sigma is None:
+            sigma = sample_training_sigmas(self.config.diffusion, b, device=actions.device)
+        loss, aux = self.precond.loss(self.denoiser, actions, sigma, goal, obs, batch.get("state"),
+                                      noise=noise, weight=batch.get("mask"))
+        return loss, aux
+
+    @torch.no_grad()
+    def sample_normalized(self, images, goal_emb, state=None, noise=None, cached: bool | None = None,
+                          generator: torch.Generator | None = None) -> torch.Tensor:
+        """Normalised action chunks (B, K, A) from tensors already on the device."""
+        b = goal_emb.shape[0]
+        dev = self.device
+        if noise is None:
+            noise = torch.randn(b, self.chunk_size, self.action_dim, device=dev, generator=generator)
+        dt = self.dtype
+        obs = self.encode_observation(images, goal_emb)
+        obs = obs.to(dt) if obs is not None else None
+        goal = goal_emb.to(dt)
+        st = state.to(dt) if state is not None else None
+        sigmas_max = self.config.diffusion.sigma_max
+        x_T = noise.float() * sigmas_max
+        if cached if cached is not None else self.use_cache:
+            return self.sampler.sample(x_T, goal, obs, st)
+        sig = self.sampler._sigmas_cpu.to(dev, torch.float32)
+
+        def fn(x, s):
+            return self.precond.denoise(self.denoiser, x.to(dt), s.to(dt), goal, obs, st, mode="sync").float()
+        return sample_ddim(fn, x_T, sig)
+
+    # ---- numpy API used by the ROS node, replay and sim --------------------------------------------
+    def _images_to_tensor(self, images, batched: bool) -> torch.Tensor | None:
+        names = self.config.camera_names
+        if not names:
+            return None
+        if isinstance(images, dict):
+            missing = [n for n in names if n not in images]
+            if missing:
+                raise ValueError(f"missing camera image(s) {missing}; expected {names}")
+            images = [images[n] for n in names]
+        if images is None or len(images) != len(names):
+            raise ValueError(f"expected {len(names)} camera image(s) {names}, got {0 if images is None else len(images)}")
+        arrs = []
+        for n, im in zip(names, images):
+            a = np.asarray(im)
+            want = 4 if batched else 3
+            if a.ndim != want or a.shape[-1] != 3 or a.dtype != np.uint8 or 0 in a.shape:
+                raise ValueError(f"camera {n!r}: expected {'B x ' if batched else ''}H x W x 3 uint8 RGB, "
+                                 f"got shape {a.shape} dtype {a.dtype}")
+            arrs.append(a if batched else a[None])
+        size = self.config.vision.image_size
+        out = []
+        for a in arrs:  # resize per camera on the device (cameras may differ in size)
+            t = torch.from_numpy(np.ascontiguousarray(a)).to(self.device).permute(0, 3, 1, 2)
+            if tuple(t.shape[-2:]) != tuple(size):
+                t = torch.nn.functional.interpolate(t.float(), size=tuple(size), mode="bilinear",
+                                                    antialias=True, align_corners=False).round().clamp(0, 255).to(torch.uint8)
+            out.append(t)
+        return torch.stack(out, dim=1)
+
+    def _state_to_tensor(self, state, b: int, batched: bool) -> torch.Tensor | None:
+        if self.state_dim == 0:
+            return None
+        if state is None:
+            raise ValueError(f"this policy needs a state vector of length {self.state_dim}")
+        s = np.asarray(state, dtype=np.float32)
+        want = (b, self.state_dim) if batched else (self.state_dim,)
+        if s.shape != want:
+            raise ValueError(f"state: expected shape {want}, got {s.shape}")
+        if not np.all(np.isfinite(s)):
+            raise ValueError("state contains NaN or Inf")
+        s = self.state_norm.normalize(s) if self.state_norm is not None else s
+        return torch.from_numpy(np.atleast_2d(s)).to(self.device)
+
+    def encode_goal(self, text: str) -> np.ndarray:
+        return self.text.encode([text])[0].numpy()
+
+    def predict_chunk(self, images, goal_text: str, state=None, seed: int | None = None) -> np.ndarray:
+        """One chunk (chunk_size, action_dim) float32 in robot units for one observation."""
+        out = self.predict_chunk_batch(
+            None if images is None else ({k: np.asarray(v)[None] for k, v in images.items()} if isinstance(images, dict)
+                                         else [np.asarray(v)[None] for v in images]),
+            [goal_text], None if state is None else np.asarray(state, dtype=np.float32)[None], seed=seed)
+        return out[0]
+
+    def predict_chunk_batch(self, images, goal_texts: Sequence[str], states=None, seed: int | None = None) -> np.ndarray:
+        b = len(goal_texts)
+        img = self._images_to_tensor(images, batched=True)
+        if img is not None and img.shape[0] != b:
+            raise ValueError(f"{b} goals but {img.shape[0]} images per camera")
+        st = self._state_to_tensor(states, b, batched=True)
+        goal = self.text.encode(list(goal_texts)).to(self.device)
+        gen = None
+        if seed is not None:
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(int(seed))
+        noise = torch.randn(b, self.chunk_size, self.action_dim, device=self.device, generator=gen)
+        if self._graph is not None:
+            a = self._graph(img, goal, st, noise)
+        else:
+            a = self.sample_normalized(img, goal, st, noise)
+        return self.postprocess(a)
+
+    def postprocess(self, a_norm: torch.Tensor) -> np.ndarray:
+        a = self.action_norm.denormalize(a_norm.float().cpu().numpy()).astype(np.float32)
+        for g in self.config.gripper_dims:
+            a[..., g] = np.where(a[..., g] >= 0, 1.0, -1.0) if self.action_norm.offset[g] == 0 else a[..., g]
+        return a
+
+    def warmup(self, runs: int = 2) -> float:
+        """Build the routing cache and run a few chunks so the first real call is as fast as the rest.
+        Returns the last warm-up latency in seconds."""
+        self.eval()
+        self.sampler.ensure()
+        imgs = None
+        if self.config.camera_names:
+            h, w = self.config.vision.image_size
+            imgs = [np.zeros((h, w, 3), np.uint8) for _ in self.config.camera_names]
+        st = np.zeros(self.state_dim, np.float32) if self.state_dim else None
+        goal = self.known_goals[0] if self.known_goals else None
+        dt = 0.0
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            if goal is None:
+                emb = torch.zeros(1, 512, device=self.device)
+                self.sample_normalized(self._images_to_tensor(imgs, False), emb, self._state_to_tensor(st, 1, False))
+            else:
+                self.predict_chunk(imgs, goal, st)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+        return dt
+
+
+__all__ = ["MoDEPolicy", "Affine", "GoalError"]
