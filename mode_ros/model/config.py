@@ -155,7 +155,8 @@ class PolicyConfig:
         for g in self.gripper_dims:
             if not 0 <= g < self.action_dim:
                 raise ConfigError(f"gripper_dims entry {g} out of range for action_dim {self.action_dim}")
-        if len(self.vision.random_shift_pad) not in (1, max(1, self.n_cameras)):
+        if self.n_cameras and len(self.vision.random_shift_pad) not in (1,) and \
+                len(self.vision.random_shift_pad) < self.n_cameras:
             raise ConfigError("vision.random_shift_pad needs one entry or one per camera")
         return self
 

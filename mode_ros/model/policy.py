@@ -305,10 +305,12 @@ class MoDEPolicy(nn.Module):
         return self.postprocess(a)
 
     def postprocess(self, a_norm: torch.Tensor) -> np.ndarray:
-        a = self.action_norm.denormalize(a_norm.float().cpu().numpy()).astype(np.float32)
+        """Normalised (…, K, A) -> robot units; gripper dims binarised by sign in normalised space
+        (so they land exactly on the recorded open/closed values)."""
+        a = a_norm.float().cpu().numpy()
         for g in self.config.gripper_dims:
-            a[..., g] = np.where(a[..., g] >= 0, 1.0, -1.0) if self.action_norm.offset[g] == 0 else a[..., g]
-        return a
+            a[..., g] = np.where(a[..., g] >= 0, 1.0, -1.0)
+        return self.action_norm.denormalize(a).astype(np.float32)
 
     def warmup(self, runs: int = 2) -> float:
         """Build the routing cache and run a few chunks so the first real call is as fast as the rest.
