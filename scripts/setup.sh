@@ -12,6 +12,27 @@ PY="${PYTHON:-python3}"
 REQ="$ROOT/scripts/requirements.txt"
 
 log() { printf '[setup %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+# pip, minus its noise about the ROS wheels (e.g. "... is ignored" lines); keeps pip's exit status
+pip_quiet() {
+  "$VENV/bin/python" -m pip "$@" 2>&1 | { grep -v -E "is ignored|^[[:space:]]*$" || true; } >&2
+  return "${PIPESTATUS[0]}"
+}
+
+# ---- 0. system libraries for headless MuJoCo rendering (Meta-World sim, mode_ros/sim) ----------
+# EGL + Mesa's software rasteriser, used through MUJOCO_GL=egl. Installs only what is missing (root).
+sim_missing=""
+if command -v dpkg >/dev/null 2>&1; then
+  for p in libegl1 libgl1-mesa-dri; do dpkg -s "$p" >/dev/null 2>&1 || sim_missing="$sim_missing $p"; done
+fi
+if [ -n "$sim_missing" ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    log "installing$sim_missing (headless MuJoCo rendering)"
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $sim_missing; } \
+      || log "warning: could not install$sim_missing; 'mode-ros sim' rendering will fail"
+  else
+    log "warning: missing$sim_missing (apt-get install$sim_missing); 'mode-ros sim' rendering will fail"
+  fi
+fi
 
 # ---- 1. virtual environment -------------------------------------------------------------------
 stamp="$VENV/.mode_ros_requirements.sha"
@@ -23,9 +44,9 @@ fi
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   t0=$(date +%s)
   log "installing requirements (torch, open_clip, ROS 2 wheels; first run takes a few minutes)"
-  "$VENV/bin/python" -m pip install -q --upgrade pip
+  pip_quiet install -q --upgrade pip
   # setuptools: torch wants >=77.0.3, colcon-core wants <80 -> pin the overlap in the same command
-  "$VENV/bin/python" -m pip install -q -r "$REQ"
+  pip_quiet install -q -r "$REQ"
   echo "$want" > "$stamp"
   log "requirements installed in $(( $(date +%s) - t0 )) s"
 fi

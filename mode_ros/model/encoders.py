@@ -23,9 +23,20 @@ def preprocess_images(images: torch.Tensor, size: tuple[int, int]) -> torch.Tens
         x = x / 255.0
     if tuple(x.shape[-2:]) != tuple(size):
         x = F.interpolate(x, size=tuple(size), mode="bilinear", antialias=True, align_corners=False)
-    mean = x.new_tensor(CLIP_MEAN).view(1, 3, 1, 1)
-    std = x.new_tensor(CLIP_STD).view(1, 3, 1, 1)
+    mean, std = _mean_std(x.device)
     return (x - mean) / std
+
+
+_MEAN_STD: dict = {}
+
+
+def _mean_std(device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Device-resident CLIP mean/std, created once per device (no host copies in a captured graph)."""
+    key = str(device)
+    if key not in _MEAN_STD:
+        _MEAN_STD[key] = (torch.tensor(CLIP_MEAN, device=device).view(1, 3, 1, 1),
+                          torch.tensor(CLIP_STD, device=device).view(1, 3, 1, 1))
+    return _MEAN_STD[key]
 
 
 def _load_backbone_weights(module: nn.Module, path: str | None, drop_prefixes=("fc.",)) -> None:

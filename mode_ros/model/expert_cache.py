@@ -49,6 +49,24 @@ class RoutingTable:
         return out.scatter(-1, self.indices_t.cpu(), self.gates.float().cpu())
 
 
+def _routing_fp32(net: MoDEDenoiser, sigma: torch.Tensor):
+    """Noise embeddings and top-k routing computed in float32 from the current weights."""
+    import torch.nn.functional as F
+    from .moe import topk_gates
+
+    s = (sigma.reshape(-1, 1).float().log() / 4)
+    c = F.linear(F.linear(s, net.sigma_emb.weight.float(), net.sigma_emb.bias.float()), net.sigma_linear.weight.float())
+    probs = []
+    for blk in net.blocks:
+        r = blk.router
+        logits = F.linear(F.gelu(F.linear(c, r.fc1.weight.float(), r.fc1.bias.float())), r.fc2.weight.float(), r.fc2.bias.float())
+        shifted = (logits - logits.amax(-1, keepdim=True)) / r.temperature
+        probs.append(shifted.softmax(-1).clamp(1e-9, 1 - 1e-9))
+    probs = torch.stack(probs, 1)
+    idx, gates = topk_gates(probs, net.cfg.top_k)
+    return idx, gates, probs, c.unsqueeze(1)
+
+
 def _weights_key(net: MoDEDenoiser) -> tuple:
     params = [net.sigma_emb.weight, net.sigma_emb.bias, net.sigma_linear.weight]
     for blk in net.blocks:
@@ -79,8 +97,7 @@ class CachedSampler:
         sig64 = self._sigmas_cpu
         sig = sig64.to(dev, torch.float32)
         steps = sig[:-1]
-        idx, gates, probs = net.routing(steps)
-        c = net.noise_embedding(steps)                       # (S, 1, d)
+        idx, gates, probs, c = _routing_fp32(net, steps)     # same routing whatever the model dtype
         c_skip, c_out, c_in = self.precond.scalings(steps)
         ratio = sig[1:] / sig[:-1]
         idx_cpu = idx.cpu()                                  # the one sync, at build time

@@ -21,6 +21,8 @@ class ChunkGraph:
         cfg = policy.config
         dev = policy.device
         policy.sampler.ensure()
+        from .encoders import _mean_std
+        _mean_std(dev)
         self.key = policy.sampler.table.key
         h, w = cfg.vision.image_size
         self.images = (torch.zeros(batch, cfg.n_cameras, 3, h, w, dtype=torch.uint8, device=dev)

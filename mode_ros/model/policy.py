@@ -191,8 +191,11 @@ class MoDEPolicy(nn.Module):
         size = self.config.vision.image_size
         toks = []
         for i, name in enumerate(self.config.camera_names):
-            x = preprocess_images(images[:, i], size)
-            toks.append(self.encoders[name](x, goal_emb.float()))
+            enc = self.encoders[name]
+            edt = enc.fc.weight.dtype if hasattr(enc, "fc") and isinstance(enc.fc, nn.Linear) else \
+                next(enc.parameters()).dtype
+            x = preprocess_images(images[:, i], size).to(edt)
+            toks.append(enc(x, goal_emb.to(edt)))
         return torch.stack(toks, dim=1)
 
     def loss(self, batch: dict, sigma: torch.Tensor | None = None, noise: torch.Tensor | None = None):

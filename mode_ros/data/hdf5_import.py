@@ -1,0 +1,188 @@
+"""LIBERO / robomimic HDF5 -> our episode format (``mode-ros convert hdf5``).
+
+Input layout: ``data/demo_N/obs/<key>`` and ``data/demo_N/actions``; the language instruction comes
+from ``--language``, the demo attr ``language_instruction``, ``data.attrs["problem_info"]`` (LIBERO,
+JSON with ``language_instruction``), or the file name (LIBERO names files after the task:
+``pick_up_the_black_bowl_..._demo.hdf5``). LIBERO renders images upside-down: ``flip="vertical"``
+(or ``"rot180"``) fixes them while copying. Frames are copied in blocks, never a whole episode.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from .episodes import EpisodeWriter, _attr_str, demo_sort_key
+
+__all__ = ["import_hdf5", "DEFAULT_CAMERA_MAPS", "language_from_filename", "FLIPS"]
+
+# known obs keys -> our camera slots (first map whose keys are all present wins)
+DEFAULT_CAMERA_MAPS = [
+    {"agentview_rgb": "static", "eye_in_hand_rgb": "gripper"},                 # LIBERO
+    {"agentview_image": "static", "robot0_eye_in_hand_image": "gripper"},      # robomimic
+    {"agentview_rgb": "static"},
+    {"agentview_image": "static"},
+]
+FLIPS = ("none", "vertical", "horizontal", "rot180")
+BLOCK = 64
+
+
+def language_from_filename(path: str | os.PathLike) -> str:
+    """LIBERO file name -> instruction: ``KITCHEN_SCENE3_turn_on_the_stove_demo.hdf5`` -> 'turn on the stove'."""
+    stem = Path(path).stem
+    stem = re.sub(r"_demo$", "", stem)
+    stem = re.sub(r"^([A-Z0-9_]+?_SCENE\d+_)", "", stem)  # LIBERO-90/10 scene prefix
+    return stem.replace("_", " ").strip()
+
+
+def _flip(block: np.ndarray, flip: str) -> np.ndarray:
+    if flip == "vertical":
+        return block[:, ::-1]
+    if flip == "horizontal":
+        return block[:, :, ::-1]
+    if flip == "rot180":
+        return block[:, ::-1, ::-1]
+    return block
+
+
+def _language(f, demo, path, override: str | None, from_filename: bool) -> str:
+    if override:
+        return override
+    s = _attr_str(demo.attrs.get("language_instruction"))
+    if s:
+        return s
+    pi = f["data"].attrs.get("problem_info")
+    if pi is not None:
+        try:
+            s = str(json.loads(_attr_str(pi)).get("language_instruction", "")).strip()
+        except (ValueError, AttributeError):
+            s = ""
+        if s:
+            return s
+    if from_filename:
+        return language_from_filename(path)
+    return ""
+
+
+def import_hdf5(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, *,
+                camera_map: Mapping[str, str] | None = None, state_keys: Sequence[str] = (),
+                actions_key: str = "actions", language: str | None = None, language_from_file: bool = True,
+                flip: str = "none", control_rate_hz: float | None = None, overwrite: bool = False,
+                progress: bool = True, resize: tuple[int, int] | None = None) -> dict:
+    """Convert LIBERO/robomimic files into one episode file. Returns a report dict.
+
+    ``camera_map``: obs key -> camera slot (default: LIBERO/robomimic names -> static/gripper, else
+    every 4-D uint8 obs key under its own name). ``state_keys``: obs keys copied as float32 state.
+    """
+    import h5py
+
+    if flip not in FLIPS:
+        raise ValueError(f"flip must be one of {FLIPS}, got {flip!r}")
+    inputs = [Path(p) for p in inputs]
+    for p in inputs:
+        if not p.exists():
+            raise FileNotFoundError(f"input {p} does not exist")
+    # camera map from the first demo of the first file
+    with h5py.File(inputs[0], "r") as f:
+        if "data" not in f:
+            raise ValueError(f"{inputs[0]}: no 'data' group (not a robomimic/LIBERO file)")
+        demos = sorted(f["data"].keys(), key=demo_sort_key)
+        if not demos:
+            raise ValueError(f"{inputs[0]}: no demos under data/")
+        obs_keys = list(f["data"][demos[0]]["obs"].keys()) if "obs" in f["data"][demos[0]] else []
+        if camera_map is None:
+            camera_map = next((m for m in DEFAULT_CAMERA_MAPS if all(k in obs_keys for k in m)), None)
+            if camera_map is None:
+                camera_map = {k: k for k in obs_keys
+                              if f["data"][demos[0]]["obs"][k].ndim == 4 and f["data"][demos[0]]["obs"][k].dtype == np.uint8}
+        missing = [k for k in camera_map if k not in obs_keys]
+        if missing:
+            raise ValueError(f"{inputs[0]}: obs keys {missing} not found (has {obs_keys})")
+        missing = [k for k in state_keys if k not in obs_keys]
+        if missing:
+            raise ValueError(f"{inputs[0]}: state keys {missing} not found (has {obs_keys})")
+        if not camera_map:
+            raise ValueError(f"{inputs[0]}: no image obs keys found (has {obs_keys}); pass --map key=camera")
+        rate = control_rate_hz
+        if rate is None:
+            env_args = f["data"].attrs.get("env_args")
+            try:
+                rate = float(json.loads(_attr_str(env_args))["env_kwargs"]["control_freq"])
+            except (TypeError, ValueError, KeyError):
+                rate = 20.0  # LIBERO / robomimic default control frequency
+    cams = list(camera_map.values())
+    if len(set(cams)) != len(cams):
+        raise ValueError(f"camera map assigns one slot twice: {dict(camera_map)}")
+    report = {"output": str(out), "inputs": [], "camera_map": dict(camera_map), "flip": flip,
+              "control_rate_hz": rate, "episodes": 0, "frames": 0}
+    bar = None
+    if progress:
+        try:
+            from tqdm import tqdm
+
+            bar = tqdm(desc="import", unit="demo", file=sys.stderr, leave=False)
+        except ImportError:  # pragma: no cover
+            bar = None
+    with EpisodeWriter(out, cams, (), control_rate_hz=rate, source="hdf5:" + ",".join(p.name for p in inputs),
+                       state_keys=list(state_keys), overwrite=overwrite) as w:
+        for path in inputs:
+            irep = {"path": str(path), "demos": 0, "skipped": {}}
+            report["inputs"].append(irep)
+            with h5py.File(path, "r") as f:
+                for dname in sorted(f["data"].keys(), key=demo_sort_key):
+                    demo = f["data"][dname]
+                    if actions_key not in demo or "obs" not in demo:
+                        irep["skipped"][dname] = f"no {actions_key!r} or obs"
+                        continue
+                    acts = np.asarray(demo[actions_key][:], np.float32)
+                    if acts.ndim == 1:
+                        acts = acts[:, None]
+                    T = acts.shape[0]
+                    if not np.all(np.isfinite(acts)):
+                        irep["skipped"][dname] = "non-finite actions"
+                        continue
+                    lang = _language(f, demo, path, language, language_from_file)
+                    shapes = {}
+                    bad = None
+                    for key, cam in camera_map.items():
+                        ds = demo["obs"].get(key)
+                        if ds is None or ds.shape[0] != T or ds.ndim != 4 or ds.shape[3] != 3:
+                            bad = f"obs/{key} missing or not [T={T},H,W,3]"
+                            break
+                        shapes[cam] = tuple(resize) if resize else ds.shape[1:3]
+                    if bad:
+                        irep["skipped"][dname] = bad
+                        continue
+                    states = {}
+                    for k in state_keys:
+                        v = np.asarray(demo["obs"][k][:], np.float32).reshape(T, -1)
+                        states[k] = v
+                    b = w.begin_episode(T, shapes, acts.shape[1], {k: v.shape[1] for k, v in states.items()})
+                    b.set_arrays(acts, np.arange(T, dtype=np.float64) / rate, states)
+                    for key, cam in camera_map.items():
+                        ds = demo["obs"][key]
+                        for s in range(0, T, BLOCK):
+                            block = _flip(ds[s:s + BLOCK], flip)
+                            if block.dtype != np.uint8:
+                                block = np.clip(block, 0, 255).astype(np.uint8)
+                            if resize and block.shape[1:3] != tuple(resize):
+                                from PIL import Image
+
+                                block = np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(im)).resize(
+                                    (resize[1], resize[0]), Image.BILINEAR)) for im in block])
+                            for i, frame in enumerate(block):
+                                b.set_image(cam, s + i, frame)
+                    b.finish(lang, attrs={"source_file": str(path), "source_demo": dname})
+                    irep["demos"] += 1
+                    report["episodes"] += 1
+                    report["frames"] += T
+                    if bar is not None:
+                        bar.update(1)
+    if bar is not None:
+        bar.close()
+    return report

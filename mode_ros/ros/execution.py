@@ -1,0 +1,165 @@
+"""Executing action chunks at the control rate (ROS-free, shared by the node and bag replay).
+
+Time convention: a chunk computed from an observation stamped ``t_obs`` has row ``i`` meant for the
+control slot ``[t_obs + i*period, t_obs + (i+1)*period)``. At a control tick at time ``now`` the row
+to execute is ``floor((now - t_obs) / period)``: with ``latency_compensation`` the rows overtaken by
+inference latency (and camera delay) are skipped. Without it, a new chunk starts at its row 0 on
+the first tick after it arrived and advances one row per tick.
+
+Re-planning: the current chunk is executed up to row ``replan_every`` (1 … chunk_size, 0 =
+chunk_size); the next one is requested early by the expected inference latency (plus one tick of
+margin) so that it is ready by then. A chunk that arrives early waits as ``pending`` and replaces the
+current plan at the tick where the current plan reaches row ``replan_every`` (or runs out); one that
+arrives late starts at once. With ``temporal_ensembling`` every chunk is used as soon as it arrives and
+every chunk that still covers a slot contributes to it with ACT-style weights ``exp(-m*i)`` (i = 0 for
+the oldest).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["Plan", "Step", "ChunkExecutor"]
+
+_EPS = 1e-6  # slots are computed from float seconds: forgive rounding right at a slot boundary
+
+
+@dataclass
+class Plan:
+    actions: np.ndarray      # [chunk_size, action_dim] in robot units
+    obs_time: float          # seconds (node clock): stamp of the observation the chunk came from
+    ready_time: float        # seconds (node clock) when the chunk became available
+    sequence: int = 0        # number of the inference that produced it
+    goal: str = ""
+    latency: float = 0.0     # seconds the inference took
+    start_tick: int = 0      # executor tick counter when adopted (for latency_compensation=False)
+    stamp: object = None     # the observation's original stamp (e.g. builtin_interfaces/Time), untouched
+
+
+@dataclass
+class Step:
+    actions: np.ndarray      # [n, action_dim]: row 0 is the action for this tick
+    first_index: int         # index of row 0 within the newest plan's chunk
+    plan: Plan               # the newest plan (its obs_time is the header stamp)
+    n_ensembled: int = 1     # how many chunks contributed to row 0
+
+
+class ChunkExecutor:
+    def __init__(self, chunk_size: int, action_dim: int, period: float, replan_every: int = 0,
+                 latency_compensation: bool = True, temporal_ensembling: bool = False,
+                 ensembling_decay: float = 0.01):
+        if chunk_size < 1 or action_dim < 1:
+            raise ValueError(f"chunk_size and action_dim must be >= 1, got {chunk_size}, {action_dim}")
+        if not period > 0:
+            raise ValueError(f"period must be > 0, got {period}")
+        if not 0 <= replan_every <= chunk_size:
+            raise ValueError(f"replan_every must be in [0, {chunk_size}], got {replan_every}")
+        self.chunk_size = int(chunk_size)
+        self.action_dim = int(action_dim)
+        self.period = float(period)
+        self.replan_every = int(replan_every) or self.chunk_size
+        self.latency_compensation = bool(latency_compensation)
+        self.temporal_ensembling = bool(temporal_ensembling)
+        self.ensembling_decay = float(ensembling_decay)
+        self.plans: list[Plan] = []
+        self.pending: Plan | None = None
+        self.ticks = 0
+
+    # ---- plan management ---------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Drop every plan (goal change, stale input, disable)."""
+        self.plans.clear()
+        self.pending = None
+
+    def add(self, plan: Plan, now: float | None = None) -> None:
+        """A new chunk: used at once (no plan yet, ensembling, or the current plan is due for
+        replacement at ``now``), else kept as ``pending`` until the current plan reaches replan_every."""
+        a = np.asarray(plan.actions)
+        if a.shape != (self.chunk_size, self.action_dim):
+            raise ValueError(f"chunk has shape {a.shape}, expected ({self.chunk_size}, {self.action_dim})")
+        cur = self.newest
+        if self.temporal_ensembling or cur is None or (now is not None and self._due(cur, now)):
+            self._adopt(plan)
+        else:
+            self.pending = plan
+
+    def _adopt(self, plan: Plan) -> None:
+        plan.start_tick = self.ticks
+        self.pending = None
+        if self.temporal_ensembling:
+            self.plans.append(plan)
+            del self.plans[:-self.chunk_size]  # more than chunk_size plans never overlap one slot
+        else:
+            self.plans = [plan]
+
+    def _due(self, plan: Plan, now: float) -> bool:
+        return self.row_index(plan, now) >= self.replan_every
+
+    @property
+    def newest(self) -> Plan | None:
+        return self.plans[-1] if self.plans else None
+
+    def row_index(self, plan: Plan, now: float) -> int:
+        if self.latency_compensation:
+            return max(0, math.floor((now - plan.obs_time) / self.period + _EPS))
+        return self.ticks - plan.start_tick
+
+    def remaining(self, now: float) -> int:
+        """Rows of the newest plan still ahead (0 when none)."""
+        p = self.newest
+        return 0 if p is None else max(0, self.chunk_size - self.row_index(p, now))
+
+    # ---- per tick ------------------------------------------------------------------------------------
+    def needs_replan(self, now: float, expected_latency: float = 0.0) -> bool:
+        """True when a new chunk should be requested now so that it is ready at row ``replan_every``
+        (``expected_latency``: seconds an inference is expected to take; one tick of margin is added)."""
+        if self.pending is not None:
+            return False
+        p = self.newest
+        if p is None:
+            return True
+        lead = math.ceil(max(0.0, expected_latency) / self.period - _EPS) + 1
+        return self.row_index(p, now) + lead >= self.replan_every
+
+    def step(self, now: float) -> Step | None:
+        """The actions for the tick at ``now`` (None: no plan covers it), then advance one tick."""
+        try:
+            return self._step(now)
+        finally:
+            self.ticks += 1
+
+    def _step(self, now: float) -> Step | None:
+        p = self.newest
+        if self.pending is not None and (p is None or self._due(p, now)):
+            self._adopt(self.pending)
+            p = self.newest
+        if p is None:
+            return None
+        k = self.row_index(p, now)
+        if k >= self.chunk_size:
+            self.plans.clear()
+            return None
+        rows = np.array(p.actions[k:], dtype=np.float64)
+        n_ens = 1
+        if self.temporal_ensembling and len(self.plans) > 1:
+            idx = [self.row_index(q, now) for q in self.plans]
+            # plans that no longer cover this tick are done
+            keep = [i for i, j in enumerate(idx) if j < self.chunk_size]
+            self.plans = [self.plans[i] for i in keep]
+            idx = [idx[i] for i in keep]
+            for r in range(rows.shape[0]):
+                acc = np.zeros(self.action_dim)
+                wsum = 0.0
+                n = 0
+                for q, j in zip(self.plans, idx):  # oldest first: weight exp(-m * n)
+                    if j + r < self.chunk_size:
+                        w = math.exp(-self.ensembling_decay * n)
+                        acc += w * np.asarray(q.actions[j + r], dtype=np.float64)
+                        wsum += w
+                        n += 1
+                rows[r] = acc / wsum
+                if r == 0:
+                    n_ens = n
+        return Step(actions=rows, first_index=k, plan=p, n_ensembled=n_ens)

@@ -1,0 +1,295 @@
+"""The policy node's parameters: one table with type, default, range and description (ROS-free).
+
+The node declares every entry with a ``ParameterDescriptor`` built from this table, ``config/policy.yaml``
+documents the same defaults (a test keeps both equal), and :func:`validate` is the one check used at
+start-up, on ``ros2 param set`` and on configure, so an invalid value is refused with a message naming
+the parameter.
+
+Array parameters cannot be empty in a ROS parameter file (the rcl YAML parser turns ``[]`` into
+"not set"), so "no bounds" is written ``[-.inf]``/``[.inf]`` and "no names" ``[""]``; a list of length
+1 is broadcast to every action dimension.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+__all__ = ["ParamSpec", "PARAMS", "PARAMS_BY_NAME", "NodeParams", "ParameterError", "validate",
+           "render_yaml", "broadcast"]
+
+NODE_NAME = "mode_policy"
+
+
+class ParameterError(ValueError):
+    """A parameter value is invalid; the message starts with the parameter's name."""
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    name: str
+    type: str                      # bool | int | double | string | double_array | string_array
+    default: Any
+    description: str
+    min: float | None = None       # numeric range (inclusive), for int/double
+    max: float | None = None
+    choices: tuple[str, ...] = ()  # allowed strings (exact) for string parameters
+    pattern: str | None = None     # alternative to choices: a regular expression to fullmatch
+    live: bool = False             # True: takes effect at once; False: read on configure
+
+
+PARAMS: tuple[ParamSpec, ...] = (
+    ParamSpec("checkpoint", "string", "",
+              "Checkpoint folder (config.yaml, model.safetensors, normalization.json, goal_embeddings). "
+              "Required: configure fails without it."),
+    ParamSpec("device", "string", "auto",
+              "Torch device: auto (CUDA when present, else CPU), cpu, cuda or cuda:N.",
+              pattern=r"auto|cpu|cuda(:\d+)?"),
+    ParamSpec("dtype", "string", "auto",
+              "Inference dtype: auto (the checkpoint's choice for the device), float32, float16, bfloat16.",
+              choices=("auto", "float32", "float16", "bfloat16")),
+    ParamSpec("goal", "string", "",
+              "Initial language goal, used until one arrives on ~/goal (empty: wait for ~/goal).",
+              live=True),
+    ParamSpec("control_rate_hz", "double", 10.0,
+              "Rate of ActionChunk messages (one per control tick); also the period between chunk rows.",
+              min=0.1, max=1000.0),
+    ParamSpec("replan_every", "int", 0,
+              "Compute a new chunk every N ticks (1..chunk_size); 0 = chunk_size (open-loop execution "
+              "of whole chunks, as in the MoDE paper).", min=0, max=10000),
+    ParamSpec("latency_compensation", "bool", True,
+              "Skip the rows of a new chunk that its inference latency already overtook (row i is meant "
+              "for observation stamp + i * period)."),
+    ParamSpec("temporal_ensembling", "bool", False,
+              "Average the rows of all overlapping chunks that cover a control tick (ACT-style "
+              "exponential weights, older chunks weigh more); best with replan_every: 1."),
+    ParamSpec("ensembling_decay", "double", 0.01,
+              "Temporal ensembling weight decay m in w_i = exp(-m * i), i = 0 for the oldest chunk.",
+              min=0.0, max=100.0),
+    ParamSpec("max_observation_age", "double", 0.5,
+              "Seconds (node clock, so use_sim_time works): a camera or state older than this stops the "
+              "output until fresh data arrives.", min=0.001, max=3600.0, live=True),
+    ParamSpec("camera_sync_tolerance", "double", 0.02,
+              "Seconds: images of different cameras belong to one observation when their header stamps "
+              "differ by at most this.", min=0.0, max=10.0, live=True),
+    ParamSpec("sync_queue_size", "int", 10,
+              "Recent images kept per camera for stamp matching.", min=1, max=1000),
+    ParamSpec("image_transport", "string", "raw",
+              "raw: sensor_msgs/Image on ~/image_<camera>; compressed: sensor_msgs/CompressedImage on "
+              "~/image_<camera>/compressed.", choices=("raw", "compressed")),
+    ParamSpec("action_lower_bounds", "double_array", [-math.inf],
+              "Per-dimension lower bounds (robot units); one value applies to all dimensions; "
+              "[-.inf] = unbounded."),
+    ParamSpec("action_upper_bounds", "double_array", [math.inf],
+              "Per-dimension upper bounds (robot units); one value applies to all dimensions; "
+              "[.inf] = unbounded."),
+    ParamSpec("max_action_delta", "double_array", [math.inf],
+              "Per-dimension rate limit: largest change between consecutive actions (per tick); "
+              "one value applies to all dimensions; [.inf] = no limit."),
+    ParamSpec("action_frame_id", "string", "",
+              "header.frame_id of the published ActionChunk / JointTrajectory."),
+    ParamSpec("state_joint_names", "string_array", [""],
+              "Joints of ~/joint_states forming the state vector, in order (used only when the "
+              "checkpoint takes a state); [\"\"] = the first state_dim joints in message order."),
+    ParamSpec("state_field", "string", "position",
+              "JointState field(s) forming the state: position, velocity or position_velocity.",
+              choices=("position", "velocity", "position_velocity")),
+    ParamSpec("publish_joint_trajectory", "bool", False,
+              "Also publish the plan as trajectory_msgs/JointTrajectory on ~/joint_trajectory "
+              "(for a joint_trajectory_controller)."),
+    ParamSpec("trajectory_joint_names", "string_array", [""],
+              "Joint names of the JointTrajectory, one per action dimension; [\"\"] = the checkpoint's "
+              "action_names (or a0, a1, ...)."),
+    ParamSpec("seed", "int", -1,
+              "Seed of the diffusion sampler noise for every inference; -1 = random.",
+              min=-1, max=2**31 - 1),
+    ParamSpec("autostart", "bool", True,
+              "Configure and activate the lifecycle node at start-up (false: wait for a lifecycle "
+              "manager / `ros2 lifecycle set`)."),
+    ParamSpec("start_enabled", "bool", True,
+              "Output enabled after activation; toggle with the ~/enable service (std_srvs/SetBool)."),
+    ParamSpec("warmup", "bool", True,
+              "Build the expert cache and run one inference during configure, so the first chunk is as "
+              "fast as the rest."),
+    ParamSpec("torch_threads", "int", 0,
+              "torch.set_num_threads for inference on the CPU; 0 = torch's default.", min=0, max=1024),
+    ParamSpec("max_goal_length", "int", 1000,
+              "Goals longer than this many characters are rejected.", min=1, max=1000000),
+    ParamSpec("diagnostics_period", "double", 1.0,
+              "Seconds between /diagnostics messages.", min=0.05, max=3600.0),
+    ParamSpec("log_throttle_period", "double", 2.0,
+              "Seconds: each kind of rejected input is logged at most once per period (with a count "
+              "of the suppressed repeats).", min=0.0, max=3600.0, live=True),
+    ParamSpec("stats_window", "int", 200,
+              "Inference latencies / tick times kept for the statistics in /diagnostics.",
+              min=2, max=100000),
+)
+PARAMS_BY_NAME = {p.name: p for p in PARAMS}
+
+_PY_TYPES = {"bool": bool, "int": int, "double": float, "string": str}
+
+
+def _type_error(spec: ParamSpec, value: Any) -> ParameterError:
+    return ParameterError(f"{spec.name}: expected {spec.type}, got {value!r} ({type(value).__name__})")
+
+
+def validate(name: str, value: Any) -> Any:
+    """Check one value and return it normalised (lists as lists, ints as floats for doubles).
+
+    Raises :class:`ParameterError` whose message starts with the parameter name.
+    """
+    spec = PARAMS_BY_NAME.get(name)
+    if spec is None:
+        raise ParameterError(f"{name}: unknown parameter (known: {', '.join(sorted(PARAMS_BY_NAME))})")
+    if spec.type.endswith("_array"):
+        if value is None:                        # `[]` in a params file arrives as "not set"
+            value = list(spec.default)
+        if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+            raise _type_error(spec, value)
+        value = list(value)
+        if not value:
+            value = list(spec.default)
+        if spec.type == "double_array":
+            try:
+                value = [float(v) for v in value]
+            except (TypeError, ValueError):
+                raise _type_error(spec, value) from None
+            if any(math.isnan(v) for v in value):
+                raise ParameterError(f"{name}: NaN is not allowed ({value})")
+        else:
+            if not all(isinstance(v, str) for v in value):
+                raise _type_error(spec, value)
+        return value
+    py = _PY_TYPES[spec.type]
+    if spec.type == "double" and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, py) or (py is int and isinstance(value, bool)):
+        raise _type_error(spec, value)
+    if spec.type in ("int", "double"):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ParameterError(f"{name}: must be finite, got {value}")
+        if spec.min is not None and value < spec.min or spec.max is not None and value > spec.max:
+            raise ParameterError(f"{name}: {value} is out of range [{spec.min}, {spec.max}]")
+    if spec.type == "string":
+        if spec.choices and value not in spec.choices:
+            raise ParameterError(f"{name}: {value!r} is not one of {', '.join(spec.choices)}")
+        if spec.pattern and not re.fullmatch(spec.pattern, value):
+            raise ParameterError(f"{name}: {value!r} does not match {spec.pattern}")
+    return value
+
+
+@dataclass
+class NodeParams:
+    """All parameter values, validated. ``from_mapping`` fills defaults for missing keys."""
+    checkpoint: str = ""
+    device: str = "auto"
+    dtype: str = "auto"
+    goal: str = ""
+    control_rate_hz: float = 10.0
+    replan_every: int = 0
+    latency_compensation: bool = True
+    temporal_ensembling: bool = False
+    ensembling_decay: float = 0.01
+    max_observation_age: float = 0.5
+    camera_sync_tolerance: float = 0.02
+    sync_queue_size: int = 10
+    image_transport: str = "raw"
+    action_lower_bounds: list = field(default_factory=lambda: [-math.inf])
+    action_upper_bounds: list = field(default_factory=lambda: [math.inf])
+    max_action_delta: list = field(default_factory=lambda: [math.inf])
+    action_frame_id: str = ""
+    state_joint_names: list = field(default_factory=lambda: [""])
+    state_field: str = "position"
+    publish_joint_trajectory: bool = False
+    trajectory_joint_names: list = field(default_factory=lambda: [""])
+    seed: int = -1
+    autostart: bool = True
+    start_enabled: bool = True
+    warmup: bool = True
+    torch_threads: int = 0
+    max_goal_length: int = 1000
+    diagnostics_period: float = 1.0
+    log_throttle_period: float = 2.0
+    stats_window: int = 200
+
+    @classmethod
+    def from_mapping(cls, values: dict[str, Any]) -> "NodeParams":
+        unknown = set(values) - set(PARAMS_BY_NAME)
+        if unknown:
+            raise ParameterError(f"{sorted(unknown)[0]}: unknown parameter")
+        out = {}
+        for spec in PARAMS:
+            out[spec.name] = validate(spec.name, values.get(spec.name, spec.default))
+        return cls(**out)
+
+    def check_against_policy(self, chunk_size: int, action_dim: int) -> None:
+        """Cross-checks that need the loaded checkpoint (raises ParameterError)."""
+        if self.replan_every > chunk_size:
+            raise ParameterError(f"replan_every: {self.replan_every} > chunk_size {chunk_size} of the checkpoint")
+        for name in ("action_lower_bounds", "action_upper_bounds", "max_action_delta"):
+            v = getattr(self, name)
+            if len(v) not in (1, action_dim):
+                raise ParameterError(f"{name}: has {len(v)} values, need 1 or action_dim = {action_dim}")
+        lo = broadcast(self.action_lower_bounds, action_dim)
+        hi = broadcast(self.action_upper_bounds, action_dim)
+        bad = [i for i in range(action_dim) if not lo[i] <= hi[i]]
+        if bad:
+            raise ParameterError(f"action_lower_bounds: lower > upper bound in dimension(s) {bad}")
+        if any(d <= 0 for d in self.max_action_delta):
+            raise ParameterError(f"max_action_delta: values must be > 0 (use .inf for no limit), got "
+                                 f"{self.max_action_delta}")
+        names = [n for n in self.trajectory_joint_names if n]
+        if self.publish_joint_trajectory and names and len(names) != action_dim:
+            raise ParameterError(f"trajectory_joint_names: has {len(names)} names, need action_dim = {action_dim}")
+
+
+def broadcast(values: list, n: int) -> list:
+    """A length-1 list repeated to n entries; other lists unchanged."""
+    return list(values) * n if len(values) == 1 else list(values)
+
+
+def _yaml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float):
+        if math.isinf(v):
+            return ".inf" if v > 0 else "-.inf"
+        return repr(v)
+    if isinstance(v, str):
+        return '""' if v == "" else ('"' + v.replace('"', '\\"') + '"')
+    if isinstance(v, list):
+        return "[" + ", ".join(_yaml_value(x) for x in v) + "]"
+    return str(v)
+
+
+def render_yaml(node_name: str = NODE_NAME) -> str:
+    """config/policy.yaml as generated from the table (a test compares the file with this)."""
+    import textwrap
+
+    lines = [
+        "# Parameters of the mode_ros policy node (executable `policy_node`, node name `mode_policy`).",
+        "# Every parameter with its default. Generated from mode_ros/ros/params.py; tests keep both equal.",
+        "# Parameters marked (live) take effect at once; the others are read when the lifecycle node is",
+        "# configured (ros2 lifecycle set /mode_policy cleanup, then configure, to apply changes).",
+        "# `/**` matches the node under any name/namespace, so launch remappings do not break it.",
+        "/**:",
+        "  ros__parameters:",
+    ]
+    for spec in PARAMS:
+        desc = spec.description + (" (live)" if spec.live else "")
+        rng = ""
+        if spec.min is not None or spec.max is not None:
+            rng = f" Range [{spec.min:g}, {spec.max:g}]."
+        for ln in textwrap.wrap(desc + rng, 96):
+            lines.append(f"    # {ln}")
+        lines.append(f"    {spec.name}: {_yaml_value(spec.default)}")
+    return "\n".join(lines) + "\n"
+
+
+def _check_dataclass_matches_table() -> None:
+    names = [f.name for f in fields(NodeParams)]
+    assert names == [p.name for p in PARAMS], "NodeParams fields and PARAMS differ"
+
+
+_check_dataclass_matches_table()

@@ -1,0 +1,727 @@
+"""The MoDE policy node: cameras + language goal in, ``mode_ros/ActionChunk`` out at the control rate.
+
+A thin shell over ``MoDEPolicy`` (docs/CONTRACTS.md): messages are converted to arrays
+(``mode_ros.data.images``), the policy computes chunks in its own thread, and the pure logic lives in
+ROS-free modules shared with replay: ``execution`` (which row to publish at each tick, latency
+skipping, re-planning, temporal ensembling), ``safety`` (finite check, bounds, rate limit), ``sync``
+(multi-camera stamp matching), ``stats`` (latency/rate statistics, rate-limited logs), ``params``
+(the parameter table).
+
+Lifecycle (rclpy.lifecycle): configure = read/validate parameters, load the checkpoint, warm up,
+create subscriptions/publishers and the inference thread; activate = start the control timer;
+deactivate = stop publishing; cleanup = release everything. With ``autostart`` (default) the node
+configures and activates itself. Topics (relative to the node): ``~/image_<camera>`` (or
+``~/image_<camera>/compressed``), ``~/goal``, ``~/joint_states`` (only for checkpoints with a state),
+``~/action_chunk``, ``~/joint_trajectory`` (optional), ``/diagnostics``; service ``~/enable``.
+"""
+from __future__ import annotations
+
+import array
+import math
+import re
+import sys
+import threading
+import time
+from typing import Any
+
+import numpy as np
+import rclpy
+from builtin_interfaces.msg import Duration, Time
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from rcl_interfaces.msg import (FloatingPointRange, IntegerRange, ParameterDescriptor, ParameterType,
+                                SetParametersResult)
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
+from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
+from rclpy.qos import (DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy,
+                       qos_profile_sensor_data)
+from sensor_msgs.msg import CompressedImage, Image, JointState
+from std_msgs.msg import String
+from std_srvs.srv import SetBool
+from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
+
+from mode_ros.msg import ActionChunk
+from mode_ros.ros.execution import ChunkExecutor, Plan
+from mode_ros.ros.params import NODE_NAME, PARAMS, NodeParams, ParameterError, validate
+from mode_ros.ros.safety import ActionSafety, NonFiniteActionError
+from mode_ros.ros.stats import Counters, RateLimitedLog, RateMeter, WindowStats
+from mode_ros.ros.sync import StampBuffer, match_stamps
+
+_ROS_TYPES = {
+    "bool": ParameterType.PARAMETER_BOOL, "int": ParameterType.PARAMETER_INTEGER,
+    "double": ParameterType.PARAMETER_DOUBLE, "string": ParameterType.PARAMETER_STRING,
+    "double_array": ParameterType.PARAMETER_DOUBLE_ARRAY,
+    "string_array": ParameterType.PARAMETER_STRING_ARRAY,
+}
+
+GOAL_QOS = QoSProfile(depth=1, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE,
+                      durability=DurabilityPolicy.TRANSIENT_LOCAL)
+OUTPUT_QOS = QoSProfile(depth=10, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE)
+
+
+def descriptor(spec) -> ParameterDescriptor:
+    """ParameterDescriptor (type, description, range, constraints) of one entry of the table."""
+    d = ParameterDescriptor(name=spec.name, type=_ROS_TYPES[spec.type], description=spec.description)
+    extra = []
+    if spec.choices:
+        extra.append("one of: " + ", ".join(spec.choices))
+    if spec.pattern:
+        extra.append("pattern: " + spec.pattern)
+    extra.append("applies at once" if spec.live else "read on configure")
+    d.additional_constraints = "; ".join(extra)
+    if spec.type == "int" and spec.min is not None:
+        d.integer_range = [IntegerRange(from_value=int(spec.min), to_value=int(spec.max), step=0)]
+    elif spec.type == "double" and spec.min is not None:
+        d.floating_point_range = [FloatingPointRange(from_value=float(spec.min), to_value=float(spec.max),
+                                                     step=0.0)]
+    return d
+
+
+def stamp_to_sec(t) -> float:
+    return t.sec + t.nanosec * 1e-9
+
+
+def sec_to_duration(s: float) -> Duration:
+    ns = max(0, int(round(s * 1e9)))
+    return Duration(sec=ns // 1_000_000_000, nanosec=ns % 1_000_000_000)
+
+
+class _Observation:
+    __slots__ = ("images", "stamp", "stamp_sec", "state", "goal", "generation")
+
+
+class PolicyNode(LifecycleNode):
+    """See the module docstring."""
+
+    def __init__(self, node_name: str = NODE_NAME, **kwargs):
+        self.lock = threading.RLock()  # executor, goal, enabled, plan state
+        self._tick_timer = None
+        self._infer_thread: threading.Thread | None = None
+        self._entities: list[Any] = []
+        self._chunk_pub = self._traj_pub = None
+        self.executor_: ChunkExecutor | None = None
+        super().__init__(node_name, **kwargs)
+        for spec in PARAMS:
+            self.declare_parameter(spec.name, spec.default, descriptor(spec))
+        self.add_on_set_parameters_callback(self._validate_parameters)
+        self.p = self._read_params()
+        self._log = RateLimitedLog(self.p.log_throttle_period)
+        self.counters = Counters()
+        self.latency = WindowStats(self.p.stats_window)
+        self.rate = RateMeter(self.p.stats_window)
+
+        self.policy = None
+        self.safety: ActionSafety | None = None
+        self.enabled = bool(self.p.start_enabled)
+        self.goal = ""
+        self.goal_generation = 0
+        self.active = False
+        self.buffers: dict[str, StampBuffer] = {}
+        self.state: tuple[float, np.ndarray] | None = None
+        self.reason = "unconfigured"
+        self.last_failure = ""
+        self.sequence = 0
+        self.tick_count = 0
+        self._expected_latency = 0.0
+        self._zero_stamp_warned: set[str] = set()
+
+        self._infer_stop = threading.Event()
+        self._infer_request = threading.Event()
+        self._inflight = False
+
+        self.cb_inputs = MutuallyExclusiveCallbackGroup()
+        self.cb_tick = MutuallyExclusiveCallbackGroup()
+        self.cb_misc = MutuallyExclusiveCallbackGroup()
+        self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        self._diag_timer = self.create_timer(self.p.diagnostics_period, self._publish_diagnostics,
+                                             callback_group=self.cb_misc)
+        self.create_service(SetBool, "~/enable", self._on_enable, callback_group=self.cb_misc)
+        if hasattr(self, "add_post_set_parameters_callback"):
+            self.add_post_set_parameters_callback(self._apply_live_parameters)
+        if self.p.goal:
+            self._set_goal(self.p.goal, source="parameter goal")
+        if self.p.autostart:
+            self._autostart_timer = self.create_timer(0.0, self._autostart)
+
+    # ---- parameters ---------------------------------------------------------------------------------
+    def _read_params(self) -> NodeParams:
+        return NodeParams.from_mapping({s.name: self.get_parameter(s.name).value for s in PARAMS})
+
+    def _validate_parameters(self, params) -> SetParametersResult:
+        for prm in params:
+            if prm.name not in {s.name for s in PARAMS}:
+                continue  # use_sim_time etc.
+            try:
+                validate(prm.name, prm.value)
+            except ParameterError as exc:
+                self.get_logger().error(f"refused parameter: {exc}")
+                return SetParametersResult(successful=False, reason=str(exc))
+        return SetParametersResult(successful=True)
+
+    def _apply_live_parameters(self, params) -> None:
+        for prm in params:
+            spec = next((s for s in PARAMS if s.name == prm.name), None)
+            if spec is None or not spec.live:
+                continue
+            value = validate(prm.name, prm.value)
+            setattr(self.p, prm.name, value)
+            if prm.name == "log_throttle_period":
+                self._log.period = value
+            elif prm.name == "goal":
+                self._set_goal(value, source="parameter goal")
+
+    # ---- logging helpers ------------------------------------------------------------------------------
+    def _emit(self, level: str, message: str) -> None:
+        # one call site per severity: rclpy refuses a call site whose severity changes between calls
+        lg = self.get_logger()
+        if level == "error":
+            lg.error(message)
+        elif level == "warning":
+            lg.warning(message)
+        else:
+            lg.info(message)
+
+    def _ratelimited(self, key: str, level: str, message: str) -> None:
+        self._log(key, lambda m: self._emit(level, m), message)
+
+    def _reject(self, kind: str, message: str) -> None:
+        """An input was rejected: count it per kind and log it, rate-limited per kind of input and
+        reason (numbers ignored), so a flood of one bad input cannot hide a different problem."""
+        self.counters.inc(f"rejected.{kind}")
+        key = f"rejected.{kind}:" + re.sub(r"[\d.]+", "#", message)[:80]
+        self._ratelimited(key, "warning", message)
+
+    def _suppress(self, key: str, message: str, level: str = "warning") -> None:
+        """A tick published nothing: count it, remember why, log (rate-limited per reason)."""
+        self.counters.inc(f"suppressed.{key}")
+        self.reason = message
+        self._ratelimited(f"suppressed.{key}", level, f"not publishing: {message}")
+
+    # ---- lifecycle ------------------------------------------------------------------------------------
+    def _autostart(self) -> None:
+        self.destroy_timer(self._autostart_timer)
+        if self.trigger_configure() == TransitionCallbackReturn.SUCCESS:
+            self.trigger_activate()
+
+    def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
+        t0 = time.perf_counter()
+        try:
+            self._configure()
+        except Exception as exc:  # noqa: BLE001 - any failure leaves the node unconfigured, with the reason
+            self.get_logger().error(f"configure failed: {exc}")
+            self.reason = f"configure failed: {exc}"
+            self._release()
+            return TransitionCallbackReturn.FAILURE
+        self.reason = "configured"
+        self.get_logger().info(f"configured in {time.perf_counter() - t0:.1f} s: cameras "
+                               f"{self.policy.camera_names}, chunk {self.policy.chunk_size}x"
+                               f"{self.policy.action_dim}, state_dim {self.policy.state_dim}, "
+                               f"{self.p.control_rate_hz:g} Hz, replan every {self.executor_.replan_every}")
+        return TransitionCallbackReturn.SUCCESS
+
+    def _configure(self) -> None:
+        self.p = self._read_params()
+        self._log.period = self.p.log_throttle_period
+        if not self.p.checkpoint:
+            raise ParameterError("checkpoint: not set (the checkpoint folder to load)")
+        import torch
+
+        from mode_ros.model.policy import MoDEPolicy
+
+        if self.p.torch_threads > 0:
+            torch.set_num_threads(self.p.torch_threads)
+        dtype = None if self.p.dtype == "auto" else self.p.dtype
+        policy = MoDEPolicy.from_pretrained(self.p.checkpoint, device=self.p.device, dtype=dtype)
+        self.p.check_against_policy(policy.chunk_size, policy.action_dim)
+        self.policy = policy
+        if self.p.warmup:
+            self._expected_latency = float(policy.warmup())
+            try:  # build the text tower now, so that a new goal costs one encoding, not a model build
+                policy.encode_goal(self.goal or "warm up")
+            except ValueError as exc:
+                self.get_logger().info(f"text encoder not available ({exc}): only the checkpoint's cached "
+                                       f"goals can be used: {policy.known_goals}")
+        period = 1.0 / self.p.control_rate_hz
+        self.executor_ = ChunkExecutor(policy.chunk_size, policy.action_dim, period, self.p.replan_every,
+                                       self.p.latency_compensation, self.p.temporal_ensembling,
+                                       self.p.ensembling_decay)
+        self.safety = ActionSafety(policy.action_dim, self.p.action_lower_bounds, self.p.action_upper_bounds,
+                                   self.p.max_action_delta)
+        names = [n for n in self.p.trajectory_joint_names if n]
+        self.joint_names = names or (policy.action_names if len(policy.action_names) == policy.action_dim
+                                     else [f"a{i}" for i in range(policy.action_dim)])
+        self.action_names = policy.action_names if len(policy.action_names) == policy.action_dim else []
+        self.state_names = [n for n in self.p.state_joint_names if n]
+        self.latency = WindowStats(self.p.stats_window)
+        self.rate = RateMeter(self.p.stats_window)
+
+        # outputs (lifecycle publishers: they only publish while active)
+        self._chunk_pub = self.create_lifecycle_publisher(ActionChunk, "~/action_chunk", OUTPUT_QOS)
+        if self.p.publish_joint_trajectory:
+            self._traj_pub = self.create_lifecycle_publisher(JointTrajectory, "~/joint_trajectory", OUTPUT_QOS)
+        # inputs
+        self.buffers = {c: StampBuffer(self.p.sync_queue_size) for c in policy.camera_names}
+        for cam in policy.camera_names:
+            if self.p.image_transport == "compressed":
+                sub = self.create_subscription(CompressedImage, f"~/image_{cam}/compressed",
+                                               lambda m, c=cam: self._on_compressed(c, m),
+                                               qos_profile_sensor_data, callback_group=self.cb_inputs)
+            else:
+                sub = self.create_subscription(Image, f"~/image_{cam}", lambda m, c=cam: self._on_image(c, m),
+                                               qos_profile_sensor_data, callback_group=self.cb_inputs)
+            self._entities.append(sub)
+        self._entities.append(self.create_subscription(String, "~/goal", self._on_goal, GOAL_QOS,
+                                                       callback_group=self.cb_inputs))
+        if policy.state_dim > 0:
+            self._entities.append(self.create_subscription(JointState, "~/joint_states", self._on_joint_state,
+                                                           qos_profile_sensor_data,
+                                                           callback_group=self.cb_inputs))
+        self._infer_stop.clear()
+        self._infer_thread = threading.Thread(target=self._inference_loop, name="mode_ros_inference",
+                                              daemon=True)
+        self._infer_thread.start()
+
+    def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        with self.lock:
+            self.executor_.reset()
+            self.safety.reset()
+            self.active = True
+        self.rate.reset()
+        self._tick_timer = self.create_timer(1.0 / self.p.control_rate_hz, self._on_tick,
+                                             callback_group=self.cb_tick)
+        self.reason = "active"
+        self.get_logger().info("active: publishing ~/action_chunk" + ("" if self.enabled else
+                                                                      " (disabled: call ~/enable)"))
+        return super().on_activate(state)
+
+    def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._stop_ticking()
+        self.reason = "inactive"
+        self.get_logger().info("inactive: output stopped")
+        return super().on_deactivate(state)
+
+    def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._stop_ticking()
+        self._release()
+        self.reason = "unconfigured"
+        self.get_logger().info("cleaned up: policy released")
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._stop_ticking()
+        self._release()
+        self.reason = "finalized"
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_error(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._stop_ticking()
+        self._release()
+        return TransitionCallbackReturn.SUCCESS
+
+    def _stop_ticking(self) -> None:
+        with self.lock:
+            self.active = False
+            if self.executor_ is not None:
+                self.executor_.reset()
+        if self._tick_timer is not None:
+            self.destroy_timer(self._tick_timer)
+            self._tick_timer = None
+
+    def _release(self) -> None:
+        if not hasattr(self, "_infer_stop"):  # the constructor failed early
+            return
+        self._infer_stop.set()
+        self._infer_request.set()
+        if self._infer_thread is not None:
+            self._infer_thread.join(timeout=30.0)
+            self._infer_thread = None
+        for e in self._entities:
+            self.destroy_subscription(e)
+        self._entities.clear()
+        for pub in (self._chunk_pub, self._traj_pub):
+            if pub is not None:
+                self.destroy_lifecycle_publisher(pub)
+        self._chunk_pub = self._traj_pub = None
+        self.buffers = {}
+        self.state = None
+        self.policy = None
+        self.executor_ = None
+        self.safety = None
+
+    def destroy_node(self):
+        self._stop_ticking()
+        self._release()
+        return super().destroy_node()
+
+    # ---- inputs -----------------------------------------------------------------------------------------
+    def _stamp(self, key: str, header) -> tuple[float, Time] | None:
+        """(seconds, original stamp) of a message; a zero stamp is replaced by the receive time (logged
+        once); a stamp further in the future than max_observation_age is rejected."""
+        now = self.get_clock().now()
+        t = stamp_to_sec(header.stamp)
+        if t == 0.0:
+            if key not in self._zero_stamp_warned:
+                self._zero_stamp_warned.add(key)
+                self.get_logger().warning(f"{key}: header stamp is zero; using the receive time instead")
+            return now.nanoseconds * 1e-9, now.to_msg()
+        ahead = t - now.nanoseconds * 1e-9
+        if ahead > self.p.max_observation_age:
+            self._reject(f"{key}.future_stamp", f"{key}: header stamp is {ahead:.3f} s in the future "
+                                                f"(clock mismatch? use_sim_time?)")
+            return None
+        return t, header.stamp
+
+    def _on_image(self, cam: str, msg: Image) -> None:
+        from mode_ros.data.images import ImageDecodeError, decode_image
+
+        st = self._stamp(f"image_{cam}", msg.header)
+        if st is None:
+            return
+        try:
+            img = decode_image(msg.encoding, msg.height, msg.width, msg.step, msg.data,
+                               is_bigendian=bool(msg.is_bigendian))
+        except ImageDecodeError as exc:
+            self._reject(f"image_{cam}", f"camera {cam}: image rejected: {exc}")
+            return
+        self.buffers[cam].add(st[0], (st[1], img))
+
+    def _on_compressed(self, cam: str, msg: CompressedImage) -> None:
+        from mode_ros.data.images import ImageDecodeError, decode_compressed
+
+        st = self._stamp(f"image_{cam}", msg.header)
+        if st is None:
+            return
+        try:
+            img = decode_compressed(msg.format, msg.data)
+        except ImageDecodeError as exc:
+            self._reject(f"image_{cam}", f"camera {cam}: compressed image rejected: {exc}")
+            return
+        self.buffers[cam].add(st[0], (st[1], img))
+
+    def _on_joint_state(self, msg: JointState) -> None:
+        st = self._stamp("joint_states", msg.header)
+        if st is None:
+            return
+        n = self.policy.state_dim if self.policy is not None else 0
+        fields = {"position": ["position"], "velocity": ["velocity"],
+                  "position_velocity": ["position", "velocity"]}[self.p.state_field]
+        per = n // len(fields)
+        try:
+            if self.state_names:
+                idx = [list(msg.name).index(j) for j in self.state_names]
+            else:
+                idx = list(range(per))
+            parts = []
+            for f in fields:
+                vals = np.asarray(getattr(msg, f), dtype=np.float64)
+                parts.append(vals[idx])
+            vec = np.concatenate(parts)
+        except ValueError as exc:
+            self._reject("joint_states", f"joint_states rejected: joint missing ({exc}); "
+                                         f"state_joint_names={self.state_names}")
+            return
+        except IndexError:
+            self._reject("joint_states", f"joint_states rejected: fewer values than needed for state_dim {n} "
+                                         f"({self.p.state_field})")
+            return
+        if vec.shape != (n,):
+            self._reject("joint_states", f"joint_states rejected: state has {vec.size} values, the checkpoint "
+                                         f"needs {n}")
+            return
+        if not np.isfinite(vec).all():
+            self._reject("joint_states", "joint_states rejected: contains NaN or Inf")
+            return
+        self.state = (st[0], vec.astype(np.float32))
+
+    def _on_goal(self, msg: String) -> None:
+        self._set_goal(msg.data, source="~/goal")
+
+    def _set_goal(self, text: str, source: str) -> None:
+        clean = " ".join(str(text).split())
+        with self.lock:
+            if not clean:
+                reason = "empty goal"
+            elif len(clean) > self.p.max_goal_length:
+                reason = f"goal of {len(clean)} characters exceeds max_goal_length {self.p.max_goal_length}"
+            else:
+                reason = ""
+            if reason:
+                # a rejected goal stops the output: continuing the previous task is not what was asked
+                self.goal = ""
+                self.goal_generation += 1
+                if self.executor_ is not None:
+                    self.executor_.reset()
+                self._reject("goal", f"{source}: {reason}; output stopped until a valid goal arrives")
+                return
+            if clean == self.goal:
+                return
+            self.goal = clean
+            self.goal_generation += 1
+            if self.executor_ is not None:
+                self.executor_.reset()  # the old plan is discarded; the next chunk answers the new goal
+        self.get_logger().info(f"new goal from {source}: {clean[:200]!r}")
+
+    def _on_enable(self, request: SetBool.Request, response: SetBool.Response) -> SetBool.Response:
+        with self.lock:
+            changed = self.enabled != bool(request.data)
+            self.enabled = bool(request.data)
+            if not self.enabled and self.executor_ is not None:
+                self.executor_.reset()
+                self.safety.reset()
+        response.success = True
+        response.message = ("enabled" if self.enabled else "disabled") + ("" if changed else " (unchanged)")
+        self.get_logger().info(f"~/enable: {response.message}")
+        return response
+
+    # ---- the control tick ---------------------------------------------------------------------------------
+    def _gate(self, now: float) -> tuple[str, str] | None:
+        """Why nothing may be published now: (key, message), or None."""
+        if not self.enabled:
+            return "disabled", "disabled (call ~/enable with data: true)"
+        if not self.goal:
+            return "no_goal", "no goal (publish one on ~/goal)"
+        for cam, buf in self.buffers.items():
+            t = buf.latest_stamp()
+            if t is None:
+                return "no_image", f"no image from camera {cam!r} yet"
+            if now - t > self.p.max_observation_age:
+                return "stale", (f"camera {cam!r} is stale: last image {now - t:.3f} s old "
+                                 f"> max_observation_age {self.p.max_observation_age:g} s")
+        if self.policy.state_dim > 0:
+            if self.state is None:
+                return "no_state", "no joint_states yet"
+            if now - self.state[0] > self.p.max_observation_age:
+                return "stale", f"joint_states stale ({now - self.state[0]:.3f} s old)"
+        return None
+
+    def _on_tick(self) -> None:
+        now_t = self.get_clock().now()
+        now = now_t.nanoseconds * 1e-9
+        with self.lock:
+            if not self.active or self.executor_ is None:
+                return
+            gate = self._gate(now)
+            if gate is not None:
+                self.executor_.reset()
+                self.safety.reset()
+                self._suppress(*gate, level="info" if gate[0] in ("disabled", "no_goal") else "warning")
+                return
+            if not self._inflight and self.executor_.needs_replan(now, self._expected_latency):
+                self._inflight = True
+                self._infer_request.set()
+            step = self.executor_.step(now)
+            if step is None:
+                why = self.last_failure or "waiting for the first chunk"
+                self._suppress("no_plan", f"no plan for this tick ({why})",
+                               level="warning" if self.last_failure else "info")
+                return
+            try:
+                actions = self.safety.apply(step.actions)
+            except (NonFiniteActionError, ValueError) as exc:
+                self.executor_.reset()
+                self._suppress("unsafe", f"unsafe actions dropped: {exc}", level="error")
+                return
+            self.tick_count += 1
+            tick = self.tick_count
+        self._publish(now_t, step, actions, tick)
+        self.rate.tick(time.monotonic())
+        self.counters.inc("published")
+        self.reason = "publishing"
+
+    def _publish(self, now_t, step, actions: np.ndarray, tick: int) -> None:
+        period = 1.0 / self.p.control_rate_hz
+        plan = step.plan
+        msg = ActionChunk()
+        msg.header.stamp = plan.stamp
+        msg.header.frame_id = self.p.action_frame_id
+        msg.control_period = sec_to_duration(period)
+        msg.chunk_size = int(actions.shape[0])
+        msg.action_dim = int(actions.shape[1])
+        msg.action_names = list(self.action_names)
+        msg.actions = array.array("f", np.ascontiguousarray(actions, dtype=np.float32).tobytes())
+        msg.first_index = int(step.first_index)
+        msg.sequence = int(plan.sequence)
+        msg.tick = int(tick)
+        msg.goal = plan.goal
+        msg.inference_latency = sec_to_duration(plan.latency)
+        self._chunk_pub.publish(msg)
+        if self._traj_pub is not None:
+            traj = JointTrajectory()
+            traj.header.stamp = now_t.to_msg()
+            traj.header.frame_id = self.p.action_frame_id
+            traj.joint_names = list(self.joint_names)
+            for j, row in enumerate(actions):
+                pt = JointTrajectoryPoint()
+                pt.positions = [float(v) for v in row]
+                pt.time_from_start = sec_to_duration((j + 1) * period)
+                traj.points.append(pt)
+            self._traj_pub.publish(traj)
+
+    # ---- inference thread ------------------------------------------------------------------------------------
+    def _observation(self, now: float) -> _Observation | str:
+        """The newest complete observation, or the reason why there is none."""
+        with self.lock:
+            goal, gen = self.goal, self.goal_generation
+            state = self.state
+        if not goal:
+            return "no goal"
+        snaps = {c: b.snapshot() for c, b in self.buffers.items()}
+        if not snaps:
+            # a checkpoint without cameras: the observation time is now
+            obs = _Observation()
+            obs.images, obs.stamp_sec, obs.stamp = [], now, self.get_clock().now().to_msg()
+        else:
+            idx = match_stamps({c: [s for s, _ in v] for c, v in snaps.items()}, self.p.camera_sync_tolerance)
+            if idx is None:
+                latest = ", ".join(f"{c}@{v[-1][0]:.3f}" if v else f"{c}: none" for c, v in snaps.items())
+                self.counters.inc("rejected.unsynchronised")
+                return (f"no set of camera images within camera_sync_tolerance "
+                        f"{self.p.camera_sync_tolerance:g} s (latest: {latest})")
+            ref = next(iter(snaps))
+            obs = _Observation()
+            obs.stamp_sec = snaps[ref][idx[ref]][0]
+            obs.stamp = snaps[ref][idx[ref]][1][0]
+            obs.images = [snaps[c][idx[c]][1][1] for c in snaps]
+            oldest = min(snaps[c][idx[c]][0] for c in snaps)
+            if now - oldest > self.p.max_observation_age:
+                return f"newest synchronised observation is {now - oldest:.3f} s old (stale)"
+        obs.state = None
+        if self.policy.state_dim > 0:
+            if state is None:
+                return "no joint_states yet"
+            obs.state = state[1]
+        obs.goal, obs.generation = goal, gen
+        return obs
+
+    def _inference_loop(self) -> None:
+        while not self._infer_stop.is_set():
+            if not self._infer_request.wait(timeout=0.2):
+                continue
+            self._infer_request.clear()
+            if self._infer_stop.is_set():
+                break
+            try:
+                self._infer_once()
+            except Exception as exc:  # noqa: BLE001 - the thread must survive anything
+                self.last_failure = f"inference failed: {type(exc).__name__}: {exc}"
+                self.counters.inc("inference_failures")
+                self._ratelimited("inference", "error", self.last_failure)
+            finally:
+                with self.lock:
+                    self._inflight = False
+
+    def _infer_once(self) -> None:
+        policy = self.policy
+        if policy is None:
+            return
+        now = self.get_clock().now().nanoseconds * 1e-9
+        obs = self._observation(now)
+        if isinstance(obs, str):
+            self.last_failure = obs
+            self._ratelimited("observation", "warning", f"no inference: {obs}")
+            return
+        seed = None if self.p.seed < 0 else self.p.seed
+        t0 = time.perf_counter()
+        try:
+            actions = policy.predict_chunk(obs.images, obs.goal, state=obs.state, seed=seed)
+        except ValueError as exc:  # GoalError, bad image/state: the policy names the problem
+            self.last_failure = f"inference refused: {exc}"
+            self.counters.inc("inference_failures")
+            self._ratelimited("inference", "error", self.last_failure)
+            return
+        latency = time.perf_counter() - t0
+        self.latency.add(latency)
+        self.counters.inc("inferences")
+        actions = np.asarray(actions, dtype=np.float32)
+        if actions.shape != (policy.chunk_size, policy.action_dim) or not np.isfinite(actions).all():
+            self.last_failure = (f"inference produced an invalid chunk (shape {actions.shape}, "
+                                 f"{int((~np.isfinite(actions)).sum())} non-finite values): dropped")
+            self.counters.inc("inference_failures")
+            self._ratelimited("inference", "error", self.last_failure)
+            return
+        q = self.latency.percentile(90) if len(self.latency) >= 5 else max(self.latency.values())
+        with self.lock:
+            self._expected_latency = q
+            if obs.generation != self.goal_generation or not self.active or self.executor_ is None:
+                self.counters.inc("dropped_results")  # goal changed (or deactivated) meanwhile
+                return
+            self.sequence += 1
+            plan = Plan(actions=actions, obs_time=obs.stamp_sec, ready_time=now + latency,
+                        sequence=self.sequence, goal=obs.goal, latency=latency, stamp=obs.stamp)
+            self.executor_.add(plan, self.get_clock().now().nanoseconds * 1e-9)
+            self.last_failure = ""
+
+    # ---- diagnostics -----------------------------------------------------------------------------------------
+    def _publish_diagnostics(self) -> None:
+        c = self.counters.snapshot()
+        state = self._state_machine.current_state[1] if hasattr(self, "_state_machine") else "?"
+        lat = self.latency
+        periods = self.rate.periods()
+        values = {
+            "lifecycle_state": state,
+            "enabled": self.enabled,
+            "goal": self.goal,
+            "checkpoint": self.p.checkpoint,
+            "device": str(self.policy.device) if self.policy is not None else "",
+            "control_rate_hz": self.p.control_rate_hz,
+            "achieved_rate_hz": round(self.rate.rate(), 3),
+            "period_jitter_ms": round(float(periods.std()) * 1e3, 3) if periods.size > 1 else 0.0,
+            "inference_latency_median_ms": round(lat.median() * 1e3, 2) if len(lat) else "",
+            "inference_latency_p99_ms": round(lat.percentile(99) * 1e3, 2) if len(lat) else "",
+            "inferences": c.get("inferences", 0),
+            "inference_failures": c.get("inference_failures", 0),
+            "ticks_published": c.get("published", 0),
+            "ticks_suppressed": sum(v for k, v in c.items() if k.startswith("suppressed.")),
+            "stale": c.get("suppressed.stale", 0),
+            "dropped_results": c.get("dropped_results", 0),
+            "images_received": sum(b.received for b in self.buffers.values()),
+            "rejected": sum(v for k, v in c.items() if k.startswith("rejected.")),
+            "reason": self.reason,
+            "last_failure": self.last_failure,
+        }
+        values.update({k: v for k, v in c.items() if k.startswith(("rejected.", "suppressed."))})
+        st = DiagnosticStatus()
+        st.name = f"{self.get_fully_qualified_name()}: MoDE policy"
+        st.hardware_id = values["device"]
+        if self.reason == "publishing":
+            st.level, st.message = DiagnosticStatus.OK, "publishing"
+        elif self.reason.startswith(("configure failed", "unsafe")) or self.last_failure:
+            st.level, st.message = DiagnosticStatus.ERROR, self.last_failure or self.reason
+        else:
+            st.level, st.message = DiagnosticStatus.WARN, self.reason
+        st.values = [KeyValue(key=k, value=str(v)) for k, v in values.items()]
+        arr = DiagnosticArray()
+        arr.header.stamp = self.get_clock().now().to_msg()
+        arr.status = [st]
+        self._diag_pub.publish(arr)
+
+
+def main(args=None) -> int:
+    # The inference thread runs Python (torch dispatch) most of the time; a shorter GIL switch interval
+    # (default 5 ms) lets the control tick run closer to its due time.
+    sys.setswitchinterval(0.001)
+    rclpy.init(args=sys.argv if args is None else args)
+    try:
+        node = PolicyNode()
+    except Exception as exc:  # noqa: BLE001 - e.g. an invalid parameter in the params file
+        print(f"[mode_ros policy_node] cannot start: {type(exc).__name__}: {exc}", file=sys.stderr)
+        try:
+            rclpy.try_shutdown()
+        except Exception:  # noqa: BLE001 - a half-built node may fail to destroy; we exit anyway
+            pass
+        return 2
+    executor = MultiThreadedExecutor(num_threads=3)
+    executor.add_node(node)
+    try:
+        executor.spin()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        executor.shutdown(timeout_sec=1.0)
+        node.destroy_node()
+        rclpy.try_shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

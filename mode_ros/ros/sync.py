@@ -1,0 +1,79 @@
+"""Matching images of several cameras into one observation by header stamp (ROS-free)."""
+from __future__ import annotations
+
+import bisect
+import threading
+from collections import deque
+from typing import Any, Mapping, Sequence
+
+__all__ = ["match_stamps", "StampBuffer"]
+
+
+def _nearest(sorted_stamps: Sequence[float], t: float) -> int:
+    i = bisect.bisect_left(sorted_stamps, t)
+    if i == 0:
+        return 0
+    if i == len(sorted_stamps):
+        return i - 1
+    return i if sorted_stamps[i] - t < t - sorted_stamps[i - 1] else i - 1
+
+
+def match_stamps(stamps: Mapping[str, Sequence[float]], tolerance: float,
+                 reference: str | None = None) -> dict[str, int] | None:
+    """Pick one entry per camera so that all stamps lie within ``tolerance`` of the reference camera's.
+
+    ``stamps``: camera -> stamps in ascending order. Tries the reference camera's newest stamp first
+    and goes back in time; returns camera -> index of the newest matching set, or None.
+    """
+    if not stamps or any(len(s) == 0 for s in stamps.values()):
+        return None
+    ref = reference if reference is not None else next(iter(stamps))
+    ref_stamps = stamps[ref]
+    for ri in range(len(ref_stamps) - 1, -1, -1):
+        t = ref_stamps[ri]
+        out = {ref: ri}
+        for cam, s in stamps.items():
+            if cam == ref:
+                continue
+            j = _nearest(s, t)
+            if abs(s[j] - t) > tolerance:
+                break
+            out[cam] = j
+        else:
+            return out
+    return None
+
+
+class StampBuffer:
+    """Recent (stamp, payload) entries of one camera, kept sorted by stamp (thread-safe)."""
+
+    def __init__(self, maxlen: int = 10):
+        self._items: deque[tuple[float, Any]] = deque(maxlen=max(1, int(maxlen)))
+        self._lock = threading.Lock()
+        self.received = 0
+
+    def add(self, stamp: float, payload: Any) -> None:
+        with self._lock:
+            self.received += 1
+            if self._items and stamp < self._items[-1][0]:   # out of order: insert sorted
+                items = sorted([*self._items, (stamp, payload)], key=lambda x: x[0])
+                self._items.clear()
+                self._items.extend(items[-self._items.maxlen:])
+            else:
+                self._items.append((stamp, payload))
+
+    def snapshot(self) -> list[tuple[float, Any]]:
+        with self._lock:
+            return list(self._items)
+
+    def latest_stamp(self) -> float | None:
+        with self._lock:
+            return self._items[-1][0] if self._items else None
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._items)

@@ -1,0 +1,117 @@
+"""``mode-ros sim record|eval``: Meta-World demonstrations as rosbag2, closed-loop evaluation."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _tasks(spec: str) -> list[str]:
+    from .metaworld_env import resolve_tasks
+    try:
+        return resolve_tasks(spec)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _cams(spec: str) -> list[str]:
+    from .metaworld_env import camera_for
+    names = [c.strip() for c in spec.split(",") if c.strip()]
+    try:
+        return [camera_for(c) for c in names]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("sim", help="Meta-World MT10 simulation: record demos as rosbag2, evaluate policies",
+                              description="Meta-World MT10 simulation (MuJoCo, CPU rendering).")
+    sub = p.add_subparsers(dest="sim_command", metavar="SIM_COMMAND")
+
+    r = sub.add_parser("record", help="record scripted-expert demonstrations as rosbag2 (one bag per episode)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    r.add_argument("--tasks", type=_tasks, default="all", help="'all' (MT10) or a comma list, e.g. reach,push")
+    r.add_argument("--episodes-per-task", type=int, default=10, help="successful episodes to record per task")
+    r.add_argument("--seed", type=int, default=0, help="training-layout seed (held-out eval layouts never overlap)")
+    r.add_argument("--out", required=True, help="output folder (bags under OUT/<task>/)")
+    r.add_argument("--image-size", type=int, default=64, help="square image size in pixels")
+    r.add_argument("--cameras", type=_cams, default="corner,gripperPOV", help="MuJoCo cameras to record")
+    r.add_argument("--noise", type=float, default=0.0, help="std of Gaussian noise added to expert actions")
+    r.add_argument("--rate", type=float, default=20.0, help="control rate (Hz) = sim-clock ticks per env step")
+    r.add_argument("--max-steps", type=int, default=500, help="episode step limit (<= 500)")
+    r.add_argument("--storage", choices=["mcap", "sqlite3"], default="mcap")
+    r.add_argument("--keep-failures", action="store_true", help="also write episodes the expert failed")
+    r.add_argument("--max-attempts", type=int, default=None, help="per task (default 2N+10)")
+    r.add_argument("--post-success-steps", type=int, default=0, help="steps recorded after the first success")
+    r.add_argument("--overwrite", action="store_true", help="replace existing bags of the same name")
+    r.set_defaults(func=_cmd_record)
+
+    e = sub.add_parser("eval", help="closed-loop success per task on held-out layouts",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    src = e.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="checkpoint folder (MoDEPolicy.from_pretrained)")
+    src.add_argument("--expert", action="store_true", help="evaluate the scripted experts (baseline)")
+    e.add_argument("--tasks", type=_tasks, default="all")
+    e.add_argument("--episodes", type=int, default=20, help="held-out episodes per task")
+    e.add_argument("--seed", type=int, default=0, help="held-out layout seed (split 'eval')")
+    e.add_argument("--replan-every", type=int, default=None, help="rows of each chunk executed (default: all)")
+    e.add_argument("--max-steps", type=int, default=500)
+    e.add_argument("--image-size", type=int, default=64, help="rendered image size (match the training data)")
+    e.add_argument("--batch", type=int, default=0, help="episodes run side by side per task (0 = all)")
+    e.add_argument("--device", default="auto", help="policy device: auto|cpu|cuda")
+    e.add_argument("--noise", type=float, default=0.0, help="--expert only: action noise std")
+    e.add_argument("--policy-seed", type=int, default=0, help="base seed of the diffusion sampler")
+    e.add_argument("--json", dest="json_path", default=None, help="write the report here")
+    e.add_argument("--gif-dir", default=None, help="write one GIF (first episode) per task here")
+    e.add_argument("--ros", action="store_true",
+                   help="run through ROS 2: policy node + sim bridge as processes (needs the colcon build)")
+    e.add_argument("--ros-mode", choices=["lockstep", "realtime"], default="lockstep",
+                   help="--ros: the bridge waits for each action (lockstep) or paces ticks by the wall clock")
+    e.add_argument("--rate", type=float, default=20.0, help="--ros: control rate (Hz) of bridge and policy node")
+    e.add_argument("--cameras", type=_cams, default="corner,gripperPOV", help="--ros: cameras the bridge publishes")
+    e.set_defaults(func=_cmd_eval)
+    p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
+
+
+def _cmd_record(args) -> int:
+    from .record import RecordConfig, record
+    cfg = RecordConfig(out=args.out, tasks=args.tasks if isinstance(args.tasks, list) else _tasks(args.tasks),
+                       episodes_per_task=args.episodes_per_task, seed=args.seed, image_size=args.image_size,
+                       cameras=args.cameras if isinstance(args.cameras, list) else _cams(args.cameras),
+                       noise=args.noise, control_rate_hz=args.rate, max_steps=args.max_steps,
+                       storage=args.storage, keep_failures=args.keep_failures, max_attempts=args.max_attempts,
+                       post_success_steps=args.post_success_steps, overwrite=args.overwrite)
+    summary = record(cfg)
+    complete = all(v["recorded"] >= cfg.episodes_per_task for v in summary["tasks"].values())
+    return 0 if complete else 1  # 1: some task has fewer successful demos than asked
+
+
+def _cmd_eval(args) -> int:
+    from .evaluate import EvalConfig, ExpertPolicy, evaluate
+    tasks = args.tasks if isinstance(args.tasks, list) else _tasks(args.tasks)
+    cfg = EvalConfig(tasks=tasks, episodes=args.episodes, seed=args.seed, replan_every=args.replan_every,
+                     max_steps=args.max_steps, image_size=args.image_size, batch=args.batch,
+                     gif_dir=args.gif_dir, json_path=args.json_path, policy_seed=args.policy_seed)
+    if args.ros:
+        try:
+            from .ros_eval import evaluate_ros
+        except ImportError as exc:
+            print(f"mode-ros sim eval --ros: unavailable ({exc})", file=sys.stderr)
+            return 2
+        report = evaluate_ros(args, cfg)
+        return 0 if report is not None else 1
+    if args.expert:
+        policy, label = ExpertPolicy(noise=args.noise, seed=args.policy_seed), "scripted expert"
+    else:
+        from mode_ros.model.policy import MoDEPolicy
+        policy = MoDEPolicy.from_pretrained(args.checkpoint, device=args.device)
+        label = f"MoDE {args.checkpoint}"
+        if hasattr(policy, "warmup"):
+            policy.warmup()
+    report = evaluate(policy, cfg, label=label)
+    if args.json_path:
+        print(f"report: {args.json_path}")
+    else:
+        print(json.dumps({"mean_success": report["mean_success"],
+                          "success": {t: v["success_rate"] for t, v in report["tasks"].items()}}))
+    return 0

@@ -1,0 +1,224 @@
+"""Closed-loop evaluation on Meta-World without DDS: any object with the policy API drives the sim.
+
+The policy API is the one of docs/CONTRACTS.md (``camera_names``, ``state_dim``, ``chunk_size``,
+``predict_chunk(images, goal_text, state, seed)`` and, when present, ``predict_chunk_batch``).
+Per task, ``episodes`` held-out layouts (split ``eval`` of :mod:`mode_ros.sim.metaworld_env`,
+layout indices ``0 … episodes-1`` of ``seed``) run until success or ``max_steps``; from each chunk
+the first ``replan_every`` rows are executed open loop, each clipped to [-1, 1]. Episodes of one
+task run side by side (``batch`` environments) so a model evaluates them in one batched call.
+
+:class:`ExpertPolicy` puts the scripted experts behind the same API (chunk of 1 row, computed from
+the 21-d state alone), so the expert baseline is measured by this same loop.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from .metaworld_env import (ACTION_DIM, ACTION_NAMES, MAX_EPISODE_STEPS, MT10, MT10_TASKS, STATE_DIM,
+                            MetaWorldSim, ScriptedExpert, camera_for, instruction_for, layout,
+                            task_for_instruction)
+
+
+class ExpertPolicy:
+    """The Meta-World scripted experts with the MoDE policy API (state-only, chunk of 1 action)."""
+
+    camera_names: list[str] = []
+    chunk_size = 1
+    action_dim = ACTION_DIM
+    state_dim = STATE_DIM
+    action_names = list(ACTION_NAMES)
+    known_goals = list(MT10_TASKS.values())
+
+    def __init__(self, noise: float = 0.0, seed: int = 0):
+        self.noise = float(noise)
+        self._rng = np.random.default_rng(seed)
+        self._experts: dict[str, ScriptedExpert] = {}
+
+    def _expert(self, goal_text: str) -> ScriptedExpert:
+        try:
+            task = task_for_instruction(goal_text)
+        except KeyError as exc:
+            raise ValueError(str(exc)) from None
+        if task not in self._experts:
+            self._experts[task] = ScriptedExpert(task, noise=self.noise, rng=self._rng)
+        return self._experts[task]
+
+    def encode_goal(self, text: str) -> np.ndarray:
+        self._expert(text)
+        return np.zeros(512, np.float32)
+
+    def predict_chunk(self, images, goal_text: str, state=None, seed=None) -> np.ndarray:
+        if state is None:
+            raise ValueError("the scripted expert needs the 21-d state")
+        return self._expert(goal_text).act_from_state(np.asarray(state))[None, :]
+
+    def predict_chunk_batch(self, images, goal_texts, states=None, seed=None) -> np.ndarray:
+        if states is None:
+            raise ValueError("the scripted expert needs the 21-d state")
+        return np.stack([self.predict_chunk(None, g, s) for g, s in zip(goal_texts, states)])
+
+    def warmup(self) -> None:
+        pass
+
+
+@dataclass
+class EvalConfig:
+    tasks: list[str] = field(default_factory=lambda: list(MT10))
+    episodes: int = 20
+    seed: int = 0
+    replan_every: int | None = None  # rows executed per chunk; None -> the whole chunk
+    max_steps: int = MAX_EPISODE_STEPS
+    image_size: int = 64
+    batch: int = 0                   # environments run side by side per task; 0 -> all episodes
+    gif_dir: str | None = None       # one GIF (first episode) per task when set
+    gif_cameras: list[str] = field(default_factory=lambda: ["corner"])
+    gif_size: int = 128
+    json_path: str | None = None
+    policy_seed: int = 0             # base seed of the policy's sampler (per call: derived)
+
+
+def _policy_cameras(policy) -> list[str]:
+    return [camera_for(c) for c in (getattr(policy, "camera_names", None) or [])]
+
+
+def _call_policy(policy, images: list[list[np.ndarray]], goals: list[str], states: list[np.ndarray] | None,
+                 seed: int) -> np.ndarray:
+    """[B, chunk, A] from the policy; images: per camera a list of B frames."""
+    batch_fn = getattr(policy, "predict_chunk_batch", None)
+    if batch_fn is not None and len(goals) > 1:
+        imgs = [np.stack(frames) for frames in images]
+        st = None if states is None else np.stack(states).astype(np.float32)
+        out = batch_fn(imgs, goals, st, seed=seed)
+    else:
+        out = np.stack([policy.predict_chunk([cam[b] for cam in images], goals[b],
+                                             None if states is None else states[b], seed=seed + b)
+                        for b in range(len(goals))])
+    out = np.asarray(out, dtype=np.float32)
+    if out.ndim != 3 or out.shape[0] != len(goals) or out.shape[2] != ACTION_DIM:
+        raise ValueError(f"policy returned shape {out.shape}; expected [{len(goals)}, chunk, {ACTION_DIM}]")
+    return out
+
+
+def _gif_frame(images: dict[str, np.ndarray], cams: Sequence[str], size: int) -> np.ndarray:
+    from PIL import Image
+    tiles = [np.asarray(Image.fromarray(images[c]).resize((size, size), Image.NEAREST)) for c in cams if c in images]
+    return np.concatenate(tiles, axis=1)
+
+
+def _save_gif(path: Path, frames: list[np.ndarray], fps: float = 20.0) -> None:
+    from PIL import Image
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ims = [Image.fromarray(f) for f in frames[::2]] or [Image.fromarray(frames[0])]
+    ims[0].save(path, save_all=True, append_images=ims[1:], duration=int(2000 / fps), loop=0)
+
+
+def evaluate_task(policy, task: str, cfg: EvalConfig, task_index: int = 0,
+                  log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    cams = _policy_cameras(policy)
+    state_dim = int(getattr(policy, "state_dim", 0) or 0)
+    if state_dim not in (0, STATE_DIM):
+        raise ValueError(f"policy.state_dim is {state_dim}; the Meta-World state has {STATE_DIM} values")
+    chunk = int(getattr(policy, "chunk_size", 1))
+    replan = max(1, min(cfg.replan_every or chunk, chunk))
+    goal = instruction_for(task)
+    batch = cfg.batch if cfg.batch > 0 else cfg.episodes
+    results: list[dict] = []
+    gif_frames: list[np.ndarray] = []
+    t_policy = t_sim = 0.0
+    calls = 0
+    for start in range(0, cfg.episodes, batch):
+        idx = list(range(start, min(cfg.episodes, start + batch)))
+        sims = []
+        for j, i in enumerate(idx):
+            extra = [c for c in cfg.gif_cameras if cfg.gif_dir and i == 0 and c not in cams]
+            sims.append(MetaWorldSim(task, cameras=cams + extra, image_size=cfg.image_size,
+                                     max_steps=cfg.max_steps))
+        try:
+            t0 = time.perf_counter()
+            obs = [s.reset("eval", cfg.seed, i) for s, i in zip(sims, idx)]
+            t_sim += time.perf_counter() - t0
+            active = list(range(len(sims)))
+            done_steps: dict[int, tuple[bool, int]] = {}
+            if cfg.gif_dir and idx[0] == 0:
+                gif_frames.append(_gif_frame(obs[0].images, cfg.gif_cameras, cfg.gif_size))
+            while active:
+                seed = (cfg.policy_seed * 1_000_003 + task_index * 10_007 + start * 101 + calls) % (2 ** 31)
+                t0 = time.perf_counter()
+                actions = _call_policy(policy, [[obs[b].images[c] for b in active] for c in cams], [goal] * len(active),
+                                       [obs[b].state for b in active] if state_dim else None, seed)
+                t_policy += time.perf_counter() - t0
+                calls += 1
+                t0 = time.perf_counter()
+                still = []
+                for row_b, b in enumerate(active):
+                    for r in range(replan):
+                        res = sims[b].step(np.clip(actions[row_b, r], -1.0, 1.0))
+                        obs[b] = res.obs
+                        if cfg.gif_dir and idx[b] == 0:
+                            gif_frames.append(_gif_frame(res.obs.images, cfg.gif_cameras, cfg.gif_size))
+                        if res.done:
+                            done_steps[b] = (res.success, sims[b].steps)
+                            break
+                    if b not in done_steps:
+                        still.append(b)
+                active = still
+                t_sim += time.perf_counter() - t0
+            for b, i in enumerate(idx):
+                success, steps = done_steps[b]
+                results.append({"layout": layout(task, "eval", cfg.seed, i).as_dict(), "success": bool(success),
+                                "steps": int(steps)})
+                if log:
+                    log(f"  {task} episode {i}: {'success' if success else 'failure'} after {steps} steps")
+        finally:
+            for s in sims:
+                s.close()
+    n_succ = sum(r["success"] for r in results)
+    out = {"instruction": goal, "episodes": len(results), "successes": n_succ,
+           "success_rate": n_succ / len(results) if results else 0.0,
+           "mean_steps_success": float(np.mean([r["steps"] for r in results if r["success"]])) if n_succ else None,
+           "replan_every": replan, "policy_calls": calls, "policy_seconds": t_policy, "sim_seconds": t_sim,
+           "episode_results": results}
+    if cfg.gif_dir and gif_frames:
+        gif = Path(cfg.gif_dir) / f"{task}.gif"
+        _save_gif(gif, gif_frames)
+        out["gif"] = str(gif)
+    return out
+
+
+def evaluate(policy, cfg: EvalConfig, log: Callable[[str], None] | None = print, label: str = "policy") -> dict:
+    """Evaluate ``policy`` on ``cfg.tasks``; returns the report (also written to ``cfg.json_path``)."""
+    t0 = time.perf_counter()
+    report: dict[str, Any] = {"label": label, "config": asdict(cfg), "split": "eval", "tasks": {}}
+    for ti, task in enumerate(cfg.tasks):
+        t_task = time.perf_counter()
+        r = evaluate_task(policy, task, cfg, task_index=ti, log=None)
+        r["seconds"] = time.perf_counter() - t_task
+        report["tasks"][task] = r
+        if log:
+            log(f"{task:26s} success {r['successes']:3d}/{r['episodes']:<3d} = {r['success_rate']:.2f}"
+                f"   ({r['seconds']:.1f} s)")
+    rates = [v["success_rate"] for v in report["tasks"].values()]
+    report["mean_success"] = float(np.mean(rates)) if rates else 0.0
+    report["seconds"] = time.perf_counter() - t0
+    if log:
+        log(format_table(report))
+    if cfg.json_path:
+        Path(cfg.json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(cfg.json_path).write_text(json.dumps(report, indent=2))
+    return report
+
+
+def format_table(report: dict) -> str:
+    lines = [f"{'task':26s} {'success':>8s} {'episodes':>9s} {'mean steps':>11s}", "-" * 57]
+    for task, r in report["tasks"].items():
+        ms = r.get("mean_steps_success")
+        lines.append(f"{task:26s} {r['success_rate']:8.2f} {r['episodes']:9d} {ms if ms is None else round(ms, 1)!s:>11s}")
+    lines.append("-" * 57)
+    lines.append(f"{'mean (' + report.get('label', 'policy') + ')':26s} {report['mean_success']:8.2f}")
+    return "\n".join(lines)

@@ -1,0 +1,150 @@
+"""Static checks of the package (no ROS needed): the core imports without rclpy, package.xml /
+CMakeLists.txt / launch file / config agree with each other."""
+from __future__ import annotations
+
+import ast
+import json
+import os
+import re
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_core_imports_without_rclpy():
+    """A fresh interpreter imports the ground floor (and the ROS-free parts of mode_ros.ros) without
+    pulling in rclpy or any ROS Python package."""
+    mods = ["mode_ros", "mode_ros.model", "mode_ros.data", "mode_ros.train", "mode_ros.ros",
+            "mode_ros.ros.params", "mode_ros.ros.execution", "mode_ros.ros.safety", "mode_ros.ros.sync",
+            "mode_ros.ros.stats"]
+    code = (
+        "import importlib, json, sys\n"
+        f"for m in {mods!r}:\n"
+        "    importlib.import_module(m)\n"
+        "ros = sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('rclpy', 'rosidl_runtime_py', 'rcl_interfaces', 'std_msgs', 'sensor_msgs', 'builtin_interfaces'))\n"
+        "import mode_ros\n"
+        "print(json.dumps({'ros': ros, 'file': mode_ros.__file__}))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=os.environ.get("TMPDIR", "/tmp"))
+    assert out.returncode == 0, out.stderr
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["ros"] == [], f"ROS modules imported by the core: {res['ros']}"
+
+
+def test_package_xml():
+    root = ET.parse(ROOT / "package.xml").getroot()
+    assert root.get("format") == "3"
+    assert root.findtext("name") == "mode_ros"
+    assert root.find("export/build_type").text == "ament_cmake"
+    deps = {e.text for e in root if e.tag.endswith("depend")}
+    for d in ("ament_cmake", "rosidl_default_generators", "rosidl_default_runtime", "rclpy", "std_msgs",
+              "sensor_msgs", "trajectory_msgs", "std_srvs", "diagnostic_msgs", "builtin_interfaces",
+              "rosgraph_msgs", "lifecycle_msgs"):
+        assert d in deps, d
+    assert root.findtext("member_of_group") == "rosidl_interface_packages"
+
+
+def _cmake_launchers() -> dict[str, str]:
+    text = (ROOT / "CMakeLists.txt").read_text()
+    return {m.group(1): f"{m.group(2)}:{m.group(3)}"
+            for m in re.finditer(r"^mode_ros_add_launcher\((\w+) ([\w.]+) (\w+)\)", text, re.M)}
+
+
+def test_cmake_executables_and_entry_points():
+    launchers = _cmake_launchers()
+    assert launchers == {"policy_node": "mode_ros.ros.policy_node:main",
+                         "metaworld_sim": "mode_ros.sim.bridge_node:main"}
+    text = (ROOT / "CMakeLists.txt").read_text()
+    assert re.search(r'rosidl_generate_interfaces\(\$\{PROJECT_NAME\}\s+"msg/ActionChunk.msg"', text)
+    assert text.index("rosidl_generate_interfaces") < text.index("install(DIRECTORY mode_ros/")
+    assert "ament_python_install_package" not in text.split("#")[0]
+    assert "install(DIRECTORY launch config DESTINATION share/${PROJECT_NAME})" in text
+
+
+def test_action_chunk_msg_documents_every_field():
+    lines = (ROOT / "msg" / "ActionChunk.msg").read_text().splitlines()
+    fields = {}
+    for i, ln in enumerate(lines):
+        s = ln.strip()
+        if s and not s.startswith("#"):
+            typ, name = s.split()[:2]
+            fields[name] = typ
+            assert i > 0 and lines[i - 1].strip().startswith("#"), f"field {name} has no comment above it"
+    assert fields == {"header": "std_msgs/Header", "control_period": "builtin_interfaces/Duration",
+                      "chunk_size": "uint32", "action_dim": "uint32", "action_names": "string[]",
+                      "actions": "float32[]", "first_index": "uint32", "sequence": "uint64", "tick": "uint64",
+                      "goal": "string", "inference_latency": "builtin_interfaces/Duration"}
+
+
+def test_policy_yaml_matches_parameter_table():
+    import yaml
+
+    from mode_ros.ros.params import PARAMS, render_yaml
+
+    text = (ROOT / "config" / "policy.yaml").read_text()
+    assert text == render_yaml(), "config/policy.yaml is stale: regenerate with mode_ros.ros.params.render_yaml()"
+    params = yaml.safe_load(text)["/**"]["ros__parameters"]
+    assert list(params) == [p.name for p in PARAMS]
+    for p in PARAMS:
+        assert params[p.name] == p.default, p.name
+
+
+# ---- launch file --------------------------------------------------------------------------------------
+LAUNCH = ROOT / "launch" / "policy.launch.py"
+LAUNCH_ARGS = {"checkpoint", "params_file", "device", "namespace", "use_sim_time", "node_name",
+               "goal_topic", "action_chunk_topic", "joint_trajectory_topic", "joint_states_topic",
+               "camera_remappings", "log_level"}
+
+
+def _calls(tree, name):
+    return [n for n in ast.walk(tree) if isinstance(n, ast.Call)
+            and (getattr(n.func, "id", None) == name or getattr(n.func, "attr", None) == name)]
+
+
+def test_launch_file_structure_static():
+    tree = ast.parse(LAUNCH.read_text())
+    funcs = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
+    assert "generate_launch_description" in funcs
+    declared = {c.args[0].value for c in _calls(tree, "DeclareLaunchArgument")}
+    assert LAUNCH_ARGS <= declared, LAUNCH_ARGS - declared
+    used = set()
+    for c in _calls(tree, "arg") + _calls(tree, "LaunchConfiguration"):
+        if c.args and isinstance(c.args[0], ast.Constant):
+            used.add(c.args[0].value)
+    assert declared <= used, f"declared but never read: {declared - used}"
+    nodes = _calls(tree, "Node")
+    assert len(nodes) == 1
+    consts = {t.id: n.value.value for n in tree.body if isinstance(n, ast.Assign)
+              and isinstance(n.value, ast.Constant) for t in n.targets if isinstance(t, ast.Name)}
+
+    def const(node):
+        return consts[node.id] if isinstance(node, ast.Name) else node.value
+
+    kw = {k.arg: k.value for k in nodes[0].keywords}
+    assert const(kw["package"]) == "mode_ros"
+    assert const(kw["executable"]) in _cmake_launchers()
+    assert const(kw["executable"]) == "policy_node"
+    for k in ("name", "namespace", "parameters", "remappings", "output"):
+        assert k in kw, k
+
+
+def test_launch_description_with_launch_ros():
+    pytest.importorskip("launch_ros", reason="launch_ros is not installable here (no PyPI wheel)")
+    import importlib.util
+
+    from launch import LaunchDescription
+    from launch.actions import DeclareLaunchArgument
+
+    spec = importlib.util.spec_from_file_location("policy_launch", LAUNCH)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    ld = mod.generate_launch_description()
+    assert isinstance(ld, LaunchDescription)
+    names = {a.name for a in ld.entities if isinstance(a, DeclareLaunchArgument)}
+    assert LAUNCH_ARGS <= names

@@ -1,0 +1,232 @@
+"""Unit tests of the ROS-free logic behind the policy node (mode_ros.ros.execution/safety/sync/stats/params)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from mode_ros.ros.execution import ChunkExecutor, Plan
+from mode_ros.ros.params import PARAMS, NodeParams, ParameterError, render_yaml, validate
+from mode_ros.ros.safety import ActionSafety, NonFiniteActionError
+from mode_ros.ros.stats import Counters, RateLimitedLog, RateMeter, WindowStats
+from mode_ros.ros.sync import StampBuffer, match_stamps
+
+T, A, DT = 10, 3, 0.1
+
+
+def chunk(base: float) -> np.ndarray:
+    """Row i = base + i in every dimension (so the row index can be read back from the value)."""
+    return np.repeat((base + np.arange(T, dtype=np.float64))[:, None], A, axis=1)
+
+
+def plan(base, obs_time, seq=1):
+    return Plan(actions=chunk(base), obs_time=obs_time, ready_time=obs_time, sequence=seq)
+
+
+# ---- execution ------------------------------------------------------------------------------------------
+def test_latency_compensation_skips_overtaken_rows():
+    ex = ChunkExecutor(T, A, DT)
+    ex.add(plan(0, obs_time=10.0))
+    s = ex.step(10.25)            # 0.25 s after the observation: rows 0, 1 are overtaken
+    assert s.first_index == 2 and s.actions[0, 0] == 2 and s.actions.shape == (T - 2, A)
+    assert ex.step(10.35).first_index == 3
+    assert ex.step(10.999).first_index == 9
+    assert ex.step(11.0) is None  # exhausted
+    assert ex.newest is None
+
+
+def test_slot_boundary_rounding():
+    ex = ChunkExecutor(T, A, DT)
+    ex.add(plan(0, obs_time=0.0))
+    assert ex.step(0.3).first_index == 3   # 0.3/0.1 = 2.9999999999999996 in floating point
+
+
+def test_without_latency_compensation_rows_advance_per_tick():
+    ex = ChunkExecutor(T, A, DT, latency_compensation=False)
+    ex.step(0.0)                          # ticks without a plan
+    ex.add(plan(0, obs_time=-5.0))        # very old observation: still starts at row 0
+    assert [ex.step(100.0).first_index for _ in range(3)] == [0, 1, 2]
+
+
+def test_replan_request_time_and_pending_switch():
+    ex = ChunkExecutor(T, A, DT, replan_every=5)
+    assert ex.needs_replan(0.0)
+    ex.add(plan(0, obs_time=0.0))
+    # expected latency 0.15 s -> 2 ticks lead + 1 margin: request once row 2 is reached
+    assert not ex.needs_replan(0.15, 0.15)
+    assert ex.needs_replan(0.25, 0.15)
+    ex.add(plan(100, obs_time=0.25, seq=2), now=0.32)   # early: pending until row 5 of the old plan
+    assert ex.pending is not None and not ex.needs_replan(0.32, 0.15)
+    assert ex.step(0.45).actions[0, 0] == 4              # still the old plan (row 4)
+    s = ex.step(0.55)                                     # old plan at row 5 -> switch
+    assert s.plan.sequence == 2 and s.first_index == 3 and s.actions[0, 0] == 103
+
+
+def test_late_chunk_is_used_at_once_and_default_replan_is_chunk_size():
+    ex = ChunkExecutor(T, A, DT)
+    assert ex.replan_every == T
+    ex.add(plan(0, obs_time=0.0))
+    ex.add(plan(100, obs_time=0.9, seq=2), now=1.05)      # old plan already exhausted at 1.05
+    assert ex.pending is None and ex.step(1.05).actions[0, 0] == 101
+
+
+def test_reset_discards_plans():
+    ex = ChunkExecutor(T, A, DT, replan_every=2)
+    ex.add(plan(0, 0.0))
+    ex.add(plan(1, 0.0), now=0.0)
+    ex.reset()
+    assert ex.newest is None and ex.pending is None and ex.step(0.0) is None
+
+
+def test_temporal_ensembling_weights_older_chunks_more():
+    m = 0.5
+    ex = ChunkExecutor(T, A, DT, replan_every=1, temporal_ensembling=True, ensembling_decay=m)
+    ex.add(plan(0, 0.0))                 # covers slot 0.2 with row 2 -> value 2
+    ex.add(plan(100, 0.1, seq=2))        # row 1 -> 101
+    s = ex.step(0.2)
+    w0, w1 = 1.0, math.exp(-m)
+    assert s.n_ensembled == 2
+    assert s.actions[0, 0] == pytest.approx((w0 * 2 + w1 * 101) / (w0 + w1))
+    # row j of the output ensembles the slot now + j*dt (both plans cover up to row 9 of plan 1)
+    assert s.actions[1, 0] == pytest.approx((w0 * 3 + w1 * 102) / (w0 + w1))
+    assert s.actions[-1, 0] == pytest.approx(109)        # slot only covered by the newer chunk
+    assert s.plan.sequence == 2 and s.first_index == 1
+
+
+def test_executor_validates_arguments():
+    with pytest.raises(ValueError):
+        ChunkExecutor(T, A, DT, replan_every=T + 1)
+    with pytest.raises(ValueError):
+        ChunkExecutor(T, A, 0.0)
+    ex = ChunkExecutor(T, A, DT)
+    with pytest.raises(ValueError):
+        ex.add(Plan(actions=np.zeros((T, A + 1)), obs_time=0, ready_time=0))
+
+
+# ---- safety --------------------------------------------------------------------------------------------------
+def test_clipping_and_rate_limit_stay_in_bounds():
+    s = ActionSafety(2, lower=[-1.0, 0.0], upper=[1.0, 0.5], max_delta=[0.1])
+    out = s.apply(np.array([[5.0, -3.0], [5.0, 5.0]]))
+    np.testing.assert_allclose(out, [[1.0, 0.0], [1.0, 0.1]], atol=1e-7)  # no previous: row 0 unlimited
+    out = s.apply(np.array([[-5.0, 0.5], [-5.0, 0.5]]))
+    np.testing.assert_allclose(out, [[0.9, 0.1], [0.8, 0.2]], atol=1e-6)  # from the executed [1, 0]
+    assert out.dtype == np.float32
+    assert (out >= np.float32([-1.0, 0.0])).all() and (out <= np.float32([1.0, 0.5])).all()
+    s.reset()
+    np.testing.assert_allclose(s.apply(np.array([[-5.0, 0.0]])), [[-1.0, 0.0]])
+
+
+def test_float32_rounding_never_leaves_bounds():
+    lo, hi = 0.1, 0.30000000000000004
+    s = ActionSafety(1, lower=[lo], upper=[hi])
+    out = s.apply(np.array([[1.0], [-1.0]]))
+    assert out.max() <= np.float32(hi) and out.min() >= np.float32(lo)
+
+
+def test_non_finite_chunks_are_rejected_whole():
+    s = ActionSafety(2)
+    with pytest.raises(NonFiniteActionError):
+        s.apply(np.array([[0.0, np.nan]]))
+    with pytest.raises(NonFiniteActionError):
+        s.apply(np.array([[np.inf, 0.0]]))
+    assert s.last is None
+
+
+def test_safety_argument_checks():
+    with pytest.raises(ValueError, match="lower bound > upper"):
+        ActionSafety(2, lower=[1.0], upper=[0.0])
+    with pytest.raises(ValueError, match="max_action_delta"):
+        ActionSafety(2, max_delta=[0.0])
+    with pytest.raises(ValueError, match="need 1 or 2"):
+        ActionSafety(2, lower=[0, 0, 0])
+
+
+# ---- sync --------------------------------------------------------------------------------------------------------
+def test_match_stamps_picks_newest_consistent_set():
+    stamps = {"static": [1.00, 1.10, 1.20], "gripper": [1.01, 1.11, 1.35]}
+    assert match_stamps(stamps, 0.02) == {"static": 1, "gripper": 1}
+    assert match_stamps(stamps, 0.2) == {"static": 2, "gripper": 1}   # nearest, not newest
+    assert match_stamps({"a": [1.0], "b": [2.0]}, 0.5) is None
+    assert match_stamps({"a": [1.0], "b": []}, 0.5) is None
+    assert match_stamps({"a": [3.0]}, 0.0) == {"a": 0}
+
+
+def test_stamp_buffer_sorted_and_bounded():
+    b = StampBuffer(3)
+    for t in (1.0, 3.0, 2.0, 4.0):
+        b.add(t, t)
+    assert [s for s, _ in b.snapshot()] == [2.0, 3.0, 4.0]
+    assert b.latest_stamp() == 4.0 and b.received == 4
+
+
+# ---- stats ----------------------------------------------------------------------------------------------------------
+def test_window_stats_and_rate_meter():
+    w = WindowStats(100)
+    for x in range(1, 101):
+        w.add(x / 1000)
+    assert w.median() == pytest.approx(0.0505)
+    assert w.percentile(99) == pytest.approx(0.09901)
+    r = RateMeter(50)
+    for i in range(50):
+        r.tick(i * 0.1 + (0.001 if i % 2 else 0.0))
+    assert r.rate() == pytest.approx(10.0, rel=0.01)
+    assert 0.0005 < r.jitter() < 0.0015
+
+
+def test_rate_limited_log_counts_suppressed():
+    t = [0.0]
+    out = []
+    log = RateLimitedLog(2.0, clock=lambda: t[0])
+    assert log("a", out.append, "first")
+    assert not log("a", out.append, "again")
+    assert log("b", out.append, "other key")
+    t[0] = 2.5
+    assert log("a", out.append, "later")
+    assert out == ["first", "other key", "later (1 similar suppressed)"]
+
+
+def test_counters():
+    c = Counters()
+    c.inc("rejected.x")
+    c.inc("rejected.y", 2)
+    assert c.total("rejected.") == 3 and c.get("nope") == 0
+
+
+# ---- params -------------------------------------------------------------------------------------------------------------
+def test_every_parameter_documented_and_defaults_valid():
+    for p in PARAMS:
+        assert p.description and validate(p.name, p.default) == p.default
+    assert NodeParams.from_mapping({}) == NodeParams()
+    text = render_yaml()
+    for p in PARAMS:
+        assert f"    {p.name}: " in text
+
+
+@pytest.mark.parametrize("name,value,match", [
+    ("control_rate_hz", 0.0, "control_rate_hz: 0.0 is out of range"),
+    ("control_rate_hz", "fast", "control_rate_hz: expected double"),
+    ("replan_every", True, "replan_every: expected int"),
+    ("device", "gpu0", "device: 'gpu0' does not match"),
+    ("image_transport", "theora", "image_transport: 'theora' is not one of"),
+    ("action_lower_bounds", [0.0, float("nan")], "action_lower_bounds: NaN"),
+    ("max_observation_age", float("inf"), "max_observation_age: must be finite"),
+    ("nonexistent", 1, "nonexistent: unknown parameter"),
+])
+def test_invalid_parameter_values_name_the_parameter(name, value, match):
+    with pytest.raises(ParameterError, match=match):
+        validate(name, value)
+
+
+def test_cross_checks_against_the_checkpoint():
+    p = NodeParams.from_mapping({"replan_every": 11})
+    with pytest.raises(ParameterError, match="replan_every"):
+        p.check_against_policy(10, 7)
+    p = NodeParams.from_mapping({"action_lower_bounds": [0.0, 0.0]})
+    with pytest.raises(ParameterError, match="action_lower_bounds: has 2 values"):
+        p.check_against_policy(10, 7)
+    p = NodeParams.from_mapping({"action_lower_bounds": [1.0], "action_upper_bounds": [0.0]})
+    with pytest.raises(ParameterError, match="lower > upper"):
+        p.check_against_policy(10, 7)
+    NodeParams.from_mapping({"action_lower_bounds": [-1.0] * 7, "max_action_delta": [0.5]}).check_against_policy(10, 7)
+    assert validate("state_joint_names", None) == [""]   # `[]` in a params file arrives as "not set"
