@@ -30,6 +30,9 @@ def main() -> int:
     ap.add_argument("--fixture", default=None)
     ap.add_argument("--out", required=True)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--presets", default="paper-8l,pretrain-12l,small")
+    ap.add_argument("--paths", default="uncached,cached,graph,fused-graph,compiled-graph,dense")
+    ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--skip", default="", help="comma list of sections to skip: ref,graph,bench,train,compile")
     a = ap.parse_args()
     out = Path(a.out)
@@ -78,6 +81,8 @@ def main() -> int:
         pol.to_device("cuda", torch.bfloat16)
         pol.encoders.to(torch.bfloat16)
         from mode_ros.model.graph import ChunkGraph
+        torch.backends.cudnn.benchmark = True
+        pol.enable_fast(fused=True, compile=True)
         g = ChunkGraph(pol, 1)
         gout = g(imgs, goal, None, noise).float().clone()
         idx16 = pol.sampler.ensure().indices_t.clone()
@@ -97,9 +102,10 @@ def main() -> int:
         section("bench")
         rows = []
         runs = 20 if a.quick else 50
-        plan = [("paper-8l", ["fp32", "bf16"], ["uncached", "cached", "graph", "dense"], [1, 8, 32]),
-                ("pretrain-12l", ["fp32", "bf16"], ["uncached", "cached", "graph"], [1]),
-                ("small", ["fp32", "bf16"], ["uncached", "cached", "graph"], [1])]
+        plan = [("paper-8l", ["fp32", "bf16"], a.paths.split(","), [int(x) for x in a.batches.split(",")]),
+                ("pretrain-12l", ["fp32", "bf16"], ["uncached", "cached", "graph", "fused-graph", "compiled-graph"], [1]),
+                ("small", ["fp32", "bf16"], ["uncached", "cached", "graph", "fused-graph"], [1])]
+        plan = [p for p in plan if p[0] in a.presets.split(",")]
         for name, dts, paths, bs in plan:
             t0 = time.time()
             rows += bench_preset(name, "cuda", dts, paths, bs, runs=runs, warmup=5, log=print)

@@ -281,3 +281,21 @@ def test_flop_count_matches_torch_counter():
     no_sdpa = analytic["total"] - analytic["attention_scores"]
     assert abs((counted_step + ctx_flops) - no_sdpa) / no_sdpa < 0.02 or \
         abs((counted_step + ctx_flops) - analytic["total"]) / analytic["total"] < 0.02
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_fused_sampler_equals_cached(batch):
+    from mode_ros.model.fast import FusedSampler
+    net = small_net(state_dim=2)
+    pre = EDMPrecond(0.5)
+    cached = CachedSampler(net, pre, make_schedule(preset("tiny").diffusion))
+    fused = FusedSampler(cached)
+    g = torch.Generator().manual_seed(5)
+    goal, obs, st = torch.randn(batch, 512, generator=g), torch.randn(batch, 2, 512, generator=g), torch.randn(batch, 2, generator=g)
+    x_T = 80 * torch.randn(batch, 10, 7, generator=g)
+    a = cached.sample(x_T, goal, obs, st)
+    b = fused.sample(x_T, goal, obs, st)
+    assert torch.allclose(a, b, atol=1e-5, rtol=0), (a - b).abs().max()
+    # only the distinct expert sets of the table are fused (<= C(4,2) per layer)
+    per_layer = cached.table.distinct_pairs()
+    assert len(fused.experts) == sum(per_layer)

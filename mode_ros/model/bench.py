@@ -57,6 +57,8 @@ def bench_preset(name: str, device: str, dtypes: list[str], paths: list[str], ba
     from .policy import MoDEPolicy
 
     dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True
     cfg = preset(name)
     cfg.diffusion.num_steps = steps
     rows = []
@@ -85,11 +87,18 @@ def bench_preset(name: str, device: str, dtypes: list[str], paths: list[str], ba
                 for path in variants:
                     if path == "uncached" and dtype != "fp32" and "fp32" in dtypes:
                         continue
-                    if path == "graph" and dev.type != "cuda":
+                    if path.endswith("graph") and dev.type != "cuda":
                         continue
+                    if path == "compiled-graph" and dtype == "fp32" and len(dtypes) > 1:
+                        continue  # compile once per batch size, in the low-precision dtype
                     fn = None
+                    policy.fused = None
                     try:
-                        if path in ("cached", "dense"):
+                        if path in ("fused", "fused-graph"):
+                            policy.enable_fast(fused=True)
+                        elif path == "compiled-graph":
+                            policy.enable_fast(fused=True, compile=True)
+                        if path in ("cached", "dense", "fused"):
                             fn = lambda: policy.sample_normalized(imgs, goal, None, noise, cached=True)  # noqa: E731
                         elif path == "uncached":
                             fn = lambda: policy.sample_normalized(imgs, goal, None, noise, cached=False)  # noqa: E731
@@ -99,7 +108,7 @@ def bench_preset(name: str, device: str, dtypes: list[str], paths: list[str], ba
                             orig = policy.sampler.denoise_step
                             policy.sampler.denoise_step = step
                             fn = lambda: policy.sample_normalized(imgs, goal, None, noise, cached=True)  # noqa: E731
-                        elif path == "graph":
+                        elif path.endswith("graph"):
                             from .graph import ChunkGraph
                             g = ChunkGraph(policy, b)
                             fn = lambda: g(imgs, goal, None, noise)  # noqa: E731
@@ -113,7 +122,7 @@ def bench_preset(name: str, device: str, dtypes: list[str], paths: list[str], ba
                         if path == "compiled" and fn is not None:
                             policy.sampler.denoise_step = orig
                     enc_ms = None
-                    if c.n_cameras and path in ("cached", "graph"):
+                    if c.n_cameras and path in ("cached", "graph", "fused-graph", "compiled-graph"):
                         enc = _time(lambda: policy.encode_observation(imgs, goal), dev, max(10, runs // 5), 2)
                         enc_ms = statistics.median(enc)
                     itemsize = torch.tensor([], dtype=tdt).element_size()
@@ -126,10 +135,12 @@ def bench_preset(name: str, device: str, dtypes: list[str], paths: list[str], ba
                            "weight_bytes_per_chunk": bytes_chunk,
                            "achieved_bandwidth_GBps": bytes_chunk / (med / 1e3) / 1e9,
                            "bandwidth_fraction": (bytes_chunk / (med / 1e3)) / bw if bw else None,
-                           "peak_mem_MB": torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else None}
+                           "peak_mem_MB": torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else None,
+                           "fused_extra_params": policy.fused.extra_parameters() if policy.fused is not None else 0}
                     rows.append(row)
                     log(f"  {name:>12} {dtype:>4} {path:>9} b={b:<3} median {med:8.2f} ms  p95 {row['p95_ms']:8.2f} ms"
                         + (f"  encoders {enc_ms:.2f} ms" if enc_ms is not None else ""))
+        policy.fused = None
         del policy
         if dev.type == "cuda":
             torch.cuda.empty_cache()

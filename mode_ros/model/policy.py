@@ -73,6 +73,7 @@ class MoDEPolicy(nn.Module):
         self.num_steps = c.diffusion.num_steps
         self.sampler = CachedSampler(self.denoiser, self.precond, make_schedule(c.diffusion, self.num_steps))
         self.use_cache = True
+        self.fused = None   # optional FusedSampler (mode_ros.model.fast), see enable_fast()
         self._graph = None  # optional CUDA graph runner (mode_ros.model.graph)
 
     # ---- properties of the I/O contract -----------------------------------------------------
@@ -174,6 +175,26 @@ class MoDEPolicy(nn.Module):
         self._graph = None
         return self
 
+    def enable_fast(self, fused: bool = True, compile: bool = False, graph: bool = False, logger=None) -> dict:
+        """Inference speed-ups: fused QKV/expert kernels, torch.compile of the layer, whole-chunk
+        CUDA graph. Each falls back with a logged reason. Returns what is active."""
+        from .fast import FusedSampler
+        state = {"fused": False, "compiled": False, "graph": False}
+        self.eval()
+        if fused or compile:
+            try:
+                self.fused = FusedSampler(self.sampler, compile=compile)
+                self.fused.build()
+                state["fused"], state["compiled"] = True, compile
+            except Exception as exc:  # noqa: BLE001
+                self.fused = None
+                if logger:
+                    logger.warning("fused sampler unavailable (%s); using the cached eager sampler", exc)
+        if graph:
+            from .graph import enable_graph
+            state["graph"] = enable_graph(self, 1, logger)
+        return state
+
     def set_num_steps(self, n: int) -> None:
         self.num_steps = int(n)
         self.sampler.set_schedule(make_schedule(self.config.diffusion, self.num_steps))
@@ -227,6 +248,8 @@ class MoDEPolicy(nn.Module):
         sigmas_max = self.config.diffusion.sigma_max
         x_T = noise.float() * sigmas_max
         if cached if cached is not None else self.use_cache:
+            if self.fused is not None:
+                return self.fused.sample(x_T, goal, obs, st)
             return self.sampler.sample(x_T, goal, obs, st)
         sig = self.sampler._sigmas_cpu.to(dev, torch.float32)
 
