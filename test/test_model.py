@@ -299,3 +299,19 @@ def test_fused_sampler_equals_cached(batch):
     # only the distinct expert sets of the table are fused (<= C(4,2) per layer)
     per_layer = cached.table.distinct_pairs()
     assert len(fused.experts) == sum(per_layer)
+
+
+def test_fused_whole_step_equals_cached():
+    from mode_ros.model.fast import FusedSampler
+    net = small_net()
+    pre = EDMPrecond(0.5)
+    cached = CachedSampler(net, pre, make_schedule(preset("tiny").diffusion))
+    g = torch.Generator().manual_seed(9)
+    goal, obs = torch.randn(2, 512, generator=g), torch.randn(2, 2, 512, generator=g)
+    x_T = 80 * torch.randn(2, 10, 7, generator=g)
+    a = cached.sample(x_T, goal, obs)
+    for manual in (False, True):
+        fused = FusedSampler(cached, whole_step=True)
+        fused.compile = manual  # the flag also selects the hand-written attention used under compile
+        b = fused.sample(x_T, goal, obs)
+        assert torch.allclose(a, b, atol=1e-5, rtol=0), (manual, (a - b).abs().max())

@@ -252,6 +252,17 @@ def preset(name: str) -> PolicyConfig:
             model=DenoiserConfig(embed_dim=64, n_layers=2, n_heads=2, keep_gripper_embed=False),
             vision=VisionConfig(image_size=[32, 32], random_shift_pad=[2, 1]),
             text=TextConfig(arch="tiny", random_init_seed=0, cache_size=256))
+    elif name == "metaworld":
+        # Meta-World MT10 from state + language (docs/SIM.md): no cameras, the 21-d sim state as a
+        # token, 4-d actions; ~2 M parameters (a few MB). The text tower is the small random "tiny"
+        # one: the checkpoint's goal-embedding cache holds the 10 MT10 instructions, so no CLIP
+        # weights are needed (other goals are refused once random_init_seed is cleared).
+        cfg = PolicyConfig(
+            camera_names=[], action_dim=4, state_dim=21, chunk_size=10,
+            model=DenoiserConfig(embed_dim=128, n_layers=4, n_heads=4, num_experts=4, top_k=2, mlp_ratio=2,
+                                 attn_pdrop=0.1, mlp_pdrop=0.05, goal_drop=0.0, keep_gripper_embed=False),
+            vision=VisionConfig(arch="none", image_size=[64, 64], random_shift_pad=[0]),
+            text=TextConfig(arch="tiny", random_init_seed=0, cache_size=256))
     elif name == "reference-small":
         # the layout of shared/fixtures/mode_reference_small (d=128, 3 layers, 4 heads)
         cfg = PolicyConfig(model=DenoiserConfig(embed_dim=128, n_layers=3, n_heads=4))
@@ -260,4 +271,4 @@ def preset(name: str) -> PolicyConfig:
     return cfg.validate()
 
 
-PRESETS = ("paper-8l", "paper-8l-r50", "pretrain-12l", "small", "tiny", "reference-small")
+PRESETS = ("paper-8l", "paper-8l-r50", "pretrain-12l", "small", "tiny", "reference-small", "metaworld")

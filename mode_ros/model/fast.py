@@ -24,7 +24,7 @@ def _rms(x: torch.Tensor, g: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def fused_layer(h, c, ln1_g, wqkv, bqkv, qg, kg, wproj, ln2_g, w1f, b1f, w2f, gates,
-                n_heads: int, eps: float, reference_residual: bool):
+                n_heads: int, eps: float, reference_residual: bool, manual_attention: bool = False):
     b, t, d = h.shape
     hd = d // n_heads
     u = _rms(h, ln1_g, eps) + c
@@ -32,7 +32,12 @@ def fused_layer(h, c, ln1_g, wqkv, bqkv, qg, kg, wproj, ln2_g, w1f, b1f, w2f, ga
     q = _rms(q.view(b, t, n_heads, hd), qg, eps).transpose(1, 2)
     k = _rms(k.view(b, t, n_heads, hd), kg, eps).transpose(1, 2)
     v = v.view(b, t, n_heads, hd).transpose(1, 2)
-    a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    if manual_attention:  # T is ~14 tokens: plain math fuses better than an SDPA kernel launch
+        scores = (q.float() @ k.float().transpose(-1, -2)) * (hd ** -0.5)
+        mask = torch.ones(t, t, dtype=torch.bool, device=h.device).tril()
+        a = scores.masked_fill(~mask, float("-inf")).softmax(-1).to(v.dtype) @ v
+    else:
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
     h = h + F.linear(a.transpose(1, 2).reshape(b, t, d), wproj)
     y = _rms(h, ln2_g, eps)
     z = F.linear(y, w1f, b1f)                        # (b, t, k * 2H): [v_1, g_1, v_2, g_2, …]
@@ -43,19 +48,38 @@ def fused_layer(h, c, ln1_g, wqkv, bqkv, qg, kg, wproj, ln2_g, w1f, b1f, w2f, ga
     return (y if reference_residual else h) + out
 
 
+def fused_step(x, ctx, c, c_in, c_skip, c_out, ratio, action_w, action_pos, lnf_g, out_w, out_b,
+               layers, n_heads: int, eps: float, reference_residual: bool, manual_attention: bool):
+    """One DDIM step (denoise + update) as one function of tensors: compiled once for all steps."""
+    b = x.shape[0]
+    cc = c.expand(b, 1, -1)
+    a_in = (x * c_in).to(ctx.dtype)
+    h = torch.cat([cc, ctx, F.linear(a_in, action_w) + action_pos], dim=1)
+    for L in layers:
+        h = fused_layer(h, cc, *L, n_heads=n_heads, eps=eps, reference_residual=reference_residual,
+                        manual_attention=manual_attention)
+    k = action_pos.shape[1]
+    f = F.linear(_rms(h[:, -k:], lnf_g, eps), out_w, out_b).float()
+    d = c_skip * x + c_out * f
+    return d + ratio * (x - d)
+
+
 class FusedSampler:
     """Drop-in replacement of ``CachedSampler.sample`` (same table, fused kernels)."""
 
-    def __init__(self, cached: CachedSampler, compile: bool = False):
+    def __init__(self, cached: CachedSampler, compile: bool = False, whole_step: bool | None = None):
         self.cached = cached
         self.net = cached.net
         self.compile = compile
+        self.whole_step = compile if whole_step is None else whole_step
         self._key = None
         self._fn = fused_layer
+        self._step = fused_step
         if compile:
             import torch._dynamo
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
             self._fn = torch.compile(fused_layer, dynamic=False, fullgraph=True)
+            self._step = torch.compile(fused_step, dynamic=False, fullgraph=True)
 
     @torch.no_grad()
     def build(self) -> None:
@@ -112,8 +136,23 @@ class FusedSampler:
     def sample(self, x_T: torch.Tensor, goal: torch.Tensor, obs=None, state=None, return_trajectory: bool = False):
         self.ensure()
         t = self.cached.table
-        ctx = self.net.context_tokens(goal, obs, state)
+        net = self.net
+        ctx = net.context_tokens(goal, obs, state)
         x = x_T
+        if not self.whole_step:
+            for i in range(len(t.indices)):
+                x = ddim_step(x, self.denoise_step(i, x, ctx), t.ratio[i])
+            return x
+        cfg = net.cfg
+        start = cfg.goal_seq_len + cfg.obs_seq_len - 1
+        pos = net.pos_emb[:, start: start + net.chunk_size]
         for i in range(len(t.indices)):
-            x = ddim_step(x, self.denoise_step(i, x, ctx), t.ratio[i])
+            layers = []
+            for l, L in enumerate(self.layers):
+                w1f, b1f, w2f = self.experts[(l, t.indices[i][l])]
+                layers.append((L["ln1_g"], L["wqkv"], L["bqkv"], L["qg"], L["kg"], L["wproj"], L["ln2_g"],
+                               w1f, b1f, w2f, t.gates[i, l]))
+            x = self._step(x, ctx, t.noise_emb[i], t.c_in[i], t.c_skip[i], t.c_out[i], t.ratio[i],
+                           net.action_emb.weight, pos, net.ln.g, net.out.weight, net.out.bias, layers,
+                           cfg.n_heads, cfg.norm_eps, cfg.residual == "reference", self.compile)
         return x
