@@ -119,3 +119,30 @@ def test_layout_split_addressing_and_heldout_layouts_differ():
     assert dist.min() > 1e-3, "a held-out layout repeats a training layout"
     with pytest.raises(ValueError):
         mw.layout("push-v3", "test", 0, 0)
+
+
+def test_rendering_then_importing_triton_does_not_crash(tmp_path):
+    """Regression: Mesa's llvmpipe (EGL on a CPU) loads the system libLLVM globally; Triton's private
+    LLVM loaded after it (torchvision -> torch._dynamo -> triton) segfaulted the process. The renderer
+    preloads libtriton before the first GL context. Run in a fresh interpreter: a crash would kill
+    this one."""
+    import subprocess
+    import sys
+    import textwrap
+    pytest.importorskip("torchvision")
+    code = textwrap.dedent("""
+        import mode_ros.sim
+        from mode_ros.sim.metaworld_env import MetaWorldSim
+        s = MetaWorldSim("reach-v3", cameras=["corner"], image_size=16)
+        s.reset()
+        s.step([0, 0, 0, 0])
+        s.close()
+        import torchvision, torch  # imports triton (through torch._dynamo) after the GL context
+        s = MetaWorldSim("reach-v3", cameras=["corner"], image_size=16)
+        s.reset()
+        assert s.render()["corner"].shape == (16, 16, 3)
+        s.close()
+        print("OK")
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180, cwd=tmp_path)
+    assert r.returncode == 0 and "OK" in r.stdout, f"exit {r.returncode}\n{r.stdout}\n{r.stderr[-3000:]}"

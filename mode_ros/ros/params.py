@@ -49,6 +49,10 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("dtype", "string", "auto",
               "Inference dtype: auto (the checkpoint's choice for the device), float32, float16, bfloat16.",
               choices=("auto", "float32", "float16", "bfloat16")),
+    ParamSpec("fast_inference", "string", "auto",
+              "Inference speed-ups: auto (CUDA: fused kernels + torch.compile + whole-chunk CUDA graph; "
+              "CPU: off), off, fused, compiled, graph (fused + CUDA graph, no compile). Each falls back "
+              "with a logged reason.", choices=("auto", "off", "fused", "compiled", "graph")),
     ParamSpec("goal", "string", "",
               "Initial language goal, used until one arrives on ~/goal (empty: wait for ~/goal).",
               live=True),
@@ -185,6 +189,7 @@ class NodeParams:
     checkpoint: str = ""
     device: str = "auto"
     dtype: str = "auto"
+    fast_inference: str = "auto"
     goal: str = ""
     control_rate_hz: float = 10.0
     replan_every: int = 0

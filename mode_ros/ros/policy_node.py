@@ -86,6 +86,16 @@ def sec_to_duration(s: float) -> Duration:
     return Duration(sec=ns // 1_000_000_000, nanosec=ns % 1_000_000_000)
 
 
+class _StdLogger:
+    """logging-style .warning() for the policy's fallbacks, routed to the rclpy logger."""
+
+    def __init__(self, logger):
+        self._l = logger
+
+    def warning(self, msg, *args):
+        self._l.warning(msg % args if args else msg)
+
+
 class _Observation:
     __slots__ = ("images", "stamp", "stamp_sec", "state", "goal", "generation")
 
@@ -234,6 +244,13 @@ class PolicyNode(LifecycleNode):
         policy = MoDEPolicy.from_pretrained(self.p.checkpoint, device=self.p.device, dtype=dtype)
         self.p.check_against_policy(policy.chunk_size, policy.action_dim)
         self.policy = policy
+        mode = self.p.fast_inference
+        if mode == "auto":
+            mode = "compiled" if policy.device.type == "cuda" else "off"
+        if mode != "off":
+            active = policy.enable_fast(fused=True, compile=mode == "compiled",
+                                        graph=mode in ("compiled", "graph"), logger=_StdLogger(self.get_logger()))
+            self.get_logger().info(f"fast inference: {active}")
         if self.p.warmup:
             self._expected_latency = float(policy.warmup())
             try:  # build the text tower now, so that a new goal costs one encoding, not a model build

@@ -207,6 +207,42 @@ def layout_vector(lay: Layout) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 # Rendering
 # --------------------------------------------------------------------------------------------
+_LLVM_PRELOADED = False
+
+
+def preload_llvm_libraries() -> None:
+    """Load Triton's ``libtriton.so`` (private LLVM inside) before the first GL context is made.
+
+    With ``MUJOCO_GL=egl``/``osmesa`` on a CPU, Mesa's llvmpipe dlopens the system ``libLLVM-1x.so``
+    into the global symbol scope. Triton's ``libtriton.so`` embeds another LLVM whose symbols are
+    exported too; loaded *after* Mesa (torchvision -> torch._dynamo -> triton), its LLVM references
+    bind to Mesa's LLVM and its static initialisers segfault the process. Loaded *before* the GL
+    context (here, ``RTLD_LOCAL``), it binds to its own copy and Mesa's later load is harmless; a
+    later ``import triton`` reuses the already loaded library. Costs ~20 ms (an mmap); a no-op
+    without Triton. ``MODE_ROS_NO_TRITON_PRELOAD=1`` turns it off.
+    """
+    global _LLVM_PRELOADED
+    if _LLVM_PRELOADED or os.environ.get("MODE_ROS_NO_TRITON_PRELOAD"):
+        return
+    _LLVM_PRELOADED = True
+    import sys
+    if "triton._C.libtriton" in sys.modules:
+        return
+    try:
+        import ctypes
+        import importlib.util
+        spec = importlib.util.find_spec("triton")
+        if spec is None or not spec.submodule_search_locations:
+            return
+        for loc in spec.submodule_search_locations:
+            lib = os.path.join(loc, "_C", "libtriton.so")
+            if os.path.isfile(lib):
+                ctypes.CDLL(lib, mode=getattr(os, "RTLD_LOCAL", 0) | getattr(os, "RTLD_NOW", 2))
+                return
+    except Exception as exc:  # noqa: BLE001 - never fatal: worst case is the old behaviour
+        warnings.warn(f"could not preload Triton before the GL context: {exc}", RuntimeWarning)
+
+
 class FastRenderer:
     """Off-screen RGB renderer: shadows, reflections and MSAA off; ``size`` x ``size`` uint8 frames.
 
@@ -226,6 +262,7 @@ class FastRenderer:
                 raise ValueError(f"unknown camera {cam!r}; Meta-World cameras: {', '.join(CAMERAS)}")
         self.cameras = list(cameras)
         self.size = int(size)
+        preload_llvm_libraries()  # before the first GL context (see there: Mesa/Triton LLVM clash)
         model.vis.quality.offsamples = 0  # MSAA off (the renderer's framebuffer reads it)
         # the off-screen buffer must hold the frame
         model.vis.global_.offwidth = max(model.vis.global_.offwidth, self.size)
