@@ -33,6 +33,14 @@ def register(sub) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_check_reference)
 
+    p = sub.add_parser("import-reference", help="convert an authors'-layout checkpoint into a mode_ros checkpoint")
+    p.add_argument("file", help=".ckpt / .pt / .safetensors with model.inner_model.*, static_resnet.*, gripper_resnet.* keys")
+    p.add_argument("--preset", default="pretrain-12l", help="architecture of the file (paper-8l, pretrain-12l, …)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--goals", default="", help="';'-separated instructions to embed now (needs --text-weights)")
+    p.add_argument("--text-weights", default=None, help="local open_clip checkpoint for the goal embeddings")
+    p.set_defaults(func=cmd_import_reference)
+
     p = sub.add_parser("init", help="write a randomly initialised checkpoint (for tests and demos)")
     p.add_argument("--preset", default="tiny")
     p.add_argument("--out", required=True)
@@ -135,4 +143,27 @@ def cmd_init(args) -> int:
     policy.save_pretrained(args.out)
     print(f"wrote {args.out} ({cfg.n_cameras} cameras, action_dim {cfg.action_dim}, state_dim {cfg.state_dim}, "
           f"{len(goals)} cached goals)")
+    return 0
+
+
+def cmd_import_reference(args) -> int:
+    from .config import preset
+    from .policy import MoDEPolicy
+    from .reference import load_reference_into
+
+    cfg = preset(args.preset)
+    if args.text_weights:
+        cfg.text.weights, cfg.text.random_init_seed = args.text_weights, None
+    policy = MoDEPolicy(cfg)
+    rep = load_reference_into(policy, args.file)
+    print(json.dumps(rep, indent=1))
+    if rep["denoiser_missing"]:
+        print(f"mode-ros import-reference: {len(rep['denoiser_missing'])} denoiser tensors missing from {args.file} "
+              f"(wrong --preset?): {rep['denoiser_missing'][:5]}", file=sys.stderr)
+        return 1
+    goals = [g.strip() for g in args.goals.split(";") if g.strip()]
+    if goals:
+        policy.set_goal_embeddings(dict(zip(goals, policy.text.encode(goals))))
+    policy.save_pretrained(args.out)
+    print(f"wrote {args.out}")
     return 0

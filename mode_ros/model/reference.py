@@ -197,3 +197,35 @@ def check_reference(fixture_dir: str | Path, tol: float = 1e-5, device: str = "c
         rows.append({"key": key, "max_abs_diff": diff, "ok": bool(passed), "note": ""})
         ok &= bool(passed)
     return ok, rows
+
+
+def read_state_dict(path) -> dict:
+    """A state dict from .safetensors, or a torch/Lightning checkpoint (``state_dict`` inside)."""
+    from pathlib import Path as _P
+
+    p = _P(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"no such checkpoint file: {p}")
+    if p.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        return load_file(str(p))
+    sd = torch.load(str(p), map_location="cpu", weights_only=False)
+    return sd.get("state_dict", sd) if isinstance(sd, dict) else sd
+
+
+def load_reference_into(policy, path) -> dict:
+    """Load an authors'-layout checkpoint into a ``MoDEPolicy``: the denoiser (strictly by shape) and,
+    when present, ``static_resnet.*`` / ``gripper_resnet.*`` into the first two cameras' encoders.
+    Returns a report of what was loaded, missing and skipped."""
+    groups = split_agent_state_dict(read_state_dict(path))
+    den = convert_denoiser_state_dict(groups["denoiser"])
+    own = policy.denoiser.state_dict()
+    shaped = {k: v for k, v in den.items() if k in own and own[k].shape == v.shape}
+    report = {"denoiser_loaded": len(shaped), "denoiser_skipped": sorted(set(den) - set(shaped)),
+              "denoiser_missing": sorted(set(own) - set(shaped)), "encoders": {}, "ignored": len(groups["other"])}
+    policy.denoiser.load_state_dict(shaped, strict=False)
+    for cam, key in zip(policy.config.camera_names, ("static_resnet", "gripper_resnet")):
+        if groups[key]:
+            m, u = policy.encoders[cam].load_state_dict(groups[key], strict=False)
+            report["encoders"][cam] = {"from": key, "missing": len(m), "unexpected": len(u)}
+    return report

@@ -134,7 +134,7 @@ class Trainer:
 
     # ---- init from pretrained ---------------------------------------------------------------------
     def _init_from(self, path: str) -> None:
-        from ..model.reference import convert_denoiser_state_dict, split_agent_state_dict
+        from ..model.reference import load_reference_into
 
         p = Path(path)
         if (p / "config.yaml").is_file():
@@ -142,26 +142,10 @@ class Trainer:
             missing, unexpected = self.policy.load_state_dict(src.state_dict(), strict=False)
             self._say(f"init_from {p}: {len(missing)} missing, {len(unexpected)} unexpected keys")
             return
-        if p.suffix == ".safetensors":
-            from safetensors.torch import load_file
-            sd = load_file(str(p))
-        else:
-            sd = torch.load(str(p), map_location="cpu", weights_only=False)
-            sd = sd.get("state_dict", sd)
-        groups = split_agent_state_dict(sd)
-        den = convert_denoiser_state_dict(groups["denoiser"])
-        own = self.policy.denoiser.state_dict()
-        shaped = {k: v for k, v in den.items() if k in own and own[k].shape == v.shape}
-        skipped = sorted(set(den) - set(shaped))
-        missing, _ = self.policy.denoiser.load_state_dict(shaped, strict=False)
-        msg = f"init_from {p} (authors' layout): {len(shaped)} denoiser tensors loaded, {len(missing)} missing"
-        if skipped:
-            msg += f", {len(skipped)} skipped for shape/name ({skipped[:3]}…)"
-        for cam, key in zip(self.cameras, ("static_resnet", "gripper_resnet")):
-            if groups[key]:
-                m, u = self.policy.encoders[cam].load_state_dict(groups[key], strict=False)
-                msg += f"; {key}->{cam}: {len(m)} missing, {len(u)} unexpected"
-        self._say(msg)
+        rep = load_reference_into(self.policy, p)
+        self._say(f"init_from {p} (authors' layout): {rep['denoiser_loaded']} denoiser tensors loaded, "
+                  f"{len(rep['denoiser_missing'])} missing, {len(rep['denoiser_skipped'])} skipped "
+                  f"{rep['denoiser_skipped'][:3]}; encoders {rep['encoders']}")
 
     # ---- data ---------------------------------------------------------------------------------------
     def _perm(self, epoch: int) -> np.ndarray:
