@@ -72,6 +72,8 @@ class Trainer:
         else:
             dev = cfg.device
         self.device = torch.device(dev)
+        if self.device.type == "cuda" and self.device.index is None:  # "cuda" -> this rank's GPU
+            self.device = torch.device("cuda", self.local_rank)
         if self.world > 1 and not torch.distributed.is_initialized():
             backend = "nccl" if self.device.type == "cuda" else "gloo"
             torch.distributed.init_process_group(backend)
@@ -110,6 +112,9 @@ class Trainer:
         self.goal_table = goal_emb.to(self.device)
         self.policy.set_goal_embeddings(dict(zip(ds.instructions, goal_emb)))
 
+        if self.world > 1 and self.cameras and self.device.type == "cuda":
+            # BatchNorm statistics over the global batch, as the reference does under DDP
+            self.policy.encoders = nn.SyncBatchNorm.convert_sync_batchnorm(self.policy.encoders)
         self.module = _LossModule(self.policy, cfg.optim.load_balance_weight)
         if self.world > 1:
             unused = pcfg.model.keep_gripper_embed
