@@ -148,3 +148,14 @@ def test_launch_description_with_launch_ros():
     assert isinstance(ld, LaunchDescription)
     names = {a.name for a in ld.entities if isinstance(a, DeclareLaunchArgument)}
     assert LAUNCH_ARGS <= names
+
+
+def test_mode_ros_command_is_installed():
+    """After sourcing the install (scripts/env.sh), `mode-ros` is on PATH and dispatches subcommands."""
+    import shutil
+    import subprocess
+    exe = shutil.which("mode-ros")
+    if exe is None:
+        pytest.skip("mode-ros not on PATH (run through scripts/test.sh, which sources the colcon install)")
+    r = subprocess.run([exe, "check-reference", "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "fixture" in r.stdout
