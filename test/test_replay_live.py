@@ -1,0 +1,138 @@
+"""Bag replay through a REAL policy_node process over real DDS (issue 6): `mode-ros replay` starts the
+installed node with use_sim_time (or attaches to one), drives /clock from the bag and scores the chunks.
+Checked against a checkpoint whose output is known (constant), against the offline mode (same chunks,
+bit for bit, when every tick can be computed), and for /clock-driven staleness at two playback rates."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import replay_helpers as H
+from replay_helpers import bags, const_ckpt, rand_ckpt  # noqa: F401 - session fixtures
+from ros_helpers import executable, share_file
+
+pytestmark = pytest.mark.ros
+
+NAMES = ("x", "y", "gripper")
+
+
+def test_live_replay_scores_a_known_policy(bags, const_ckpt, tmp_path):  # noqa: F811
+    out = tmp_path / "live"
+    rc, so, se = H.run_cli([str(bags["sqlite3"]), "--checkpoint", str(const_ckpt), "--topics", str(bags["map"]),
+                            "--out", str(out), "--gripper-dims", "2", "--gripper-thresholds", "0",
+                            "-p", "torch_threads=1", "--quiet"])
+    assert rc == 0, so + se
+    rep = H.load_report(out)
+    assert rep["mode"] == "live" and rep["ok"], rep["problems"]
+    assert rep["live"]["started"] and rep["live"]["node_alive_at_end"]
+    assert (out / "node.log").read_text().count("active: publishing") == 1
+    chunks = H.chunks_from_bag(out / "chunks")          # everything the node published, as recorded
+    assert len(chunks) == rep["live"]["chunks_received"] == rep["ticks"]["published"] >= 20
+    assert all(np.allclose(c["actions"], H.CONST, atol=1e-4) for c in chunks)
+    stamps = {H.cam_stamp(k) for k in range(60)}
+    assert all(c["stamp"] in stamps for c in chunks)     # header stamp = the bag image's stamp (sim time)
+    exp = H.expected_scores(chunks, 3.0)
+    s = rep["scores"]
+    assert s["first_action"]["n"] == exp["n_first"] and s["chunk"]["n"] == exp["n_chunk"]
+    assert np.allclose([s["first_action"]["per_dim"][n]["mae"] for n in NAMES], exp["first"], atol=1e-6)
+    assert np.allclose([s["chunk"]["per_dim"][n]["mae"] for n in NAMES], exp["chunk"], atol=1e-6)
+    assert 0 < s["gripper"]["first_action"]["gripper"]["sign_accuracy"] < 1
+    lat = s["latency"]
+    assert lat["inferences"] >= 2 and lat["inference_latency_s"]["median"] > 0
+    assert lat["end_to_end_s"]["median"] > lat["inference_latency_s"]["median"]
+    t = rep["ticks"]
+    assert t["expected"] == t["published"] + t["without_output"]
+    # start-up ticks (no goal / image / first chunk yet) and, on a loaded machine, a few slow inferences
+    assert set(t["without_output_by_reason"]) <= {"no_goal", "no_image", "no_plan"}, t
+    assert rep["live"]["chunks_not_matched_to_a_tick"] == 0
+    for p in rep["outputs"]["plots"]:
+        assert Path(p).stat().st_size > 5000
+    # the recorded chunks re-score to the same numbers without a policy (the `ros2 bag record` path)
+    rc, so, se = H.run_cli([str(bags["sqlite3"]), "--score", str(out / "chunks"), "--checkpoint", str(const_ckpt),
+                            "--topics", str(bags["map"]), "--out", str(tmp_path / "score"), "--gripper-dims", "2",
+                            "--gripper-thresholds", "0", "--quiet"])
+    assert rc == 0, so + se
+    again = H.load_report(tmp_path / "score")["scores"]
+    for part in ("first_action", "chunk"):
+        assert again[part]["n"] == s[part]["n"] and again[part]["mae_mean"] == pytest.approx(s[part]["mae_mean"])
+
+
+def test_live_matches_offline_when_every_tick_is_computed(bags, rand_ckpt, tmp_path):  # noqa: F811
+    """Random-init network (output depends on the images and the joint state), fixed sampler seed, a new
+    chunk every tick, at half speed so that inference (~30-100 ms here) finishes within one control period
+    of bag time: the live node and the offline emulation publish the same chunks. Stated tolerance: >= 90 %
+    of the chunks have the same (stamp, first_index), their actions agree within 5e-3 (usually bit for
+    bit; the residue is the node's inference thread occasionally reading a joint state that arrived a few
+    ms after the tick), first-action and chunk MAE within 1e-3."""
+    common = ["--checkpoint", str(rand_ckpt), "--topics", str(bags["map"]), "-p", "torch_threads=1",
+              "-p", "seed=0", "-p", "replan_every=1", "--quiet"]
+    rc, so, se = H.run_cli([str(bags["mcap"]), "--offline", "--latency", "0", "--out", str(tmp_path / "off"), *common])
+    assert rc == 0, so + se
+    rc, so, se = H.run_cli([str(bags["mcap"]), "--rate", "0.5", "--out", str(tmp_path / "live"), *common])
+    assert rc == 0, so + se
+    off, live = H.load_report(tmp_path / "off"), H.load_report(tmp_path / "live")
+    a = {(c["stamp"], c["first_index"]): c["actions"] for c in H.chunks_from_bag(tmp_path / "off" / "chunks")}
+    b = {(c["stamp"], c["first_index"]): c["actions"] for c in H.chunks_from_bag(tmp_path / "live" / "chunks")}
+    both = set(a) & set(b)
+    assert len(both) >= 0.9 * max(len(a), len(b)) and len(both) >= 20, (sorted(set(a) ^ set(b)), live["ticks"])
+    assert max(float(np.abs(a[k] - b[k]).max()) for k in both) < 5e-3
+    for part in ("first_action", "chunk"):
+        assert abs(off["scores"][part]["mae_mean"] - live["scores"][part]["mae_mean"]) < 1e-3
+    assert abs(off["ticks"]["published"] - live["ticks"]["published"]) <= 2
+    assert off["scores"]["first_action"]["mae_mean"] > 0.01      # a random policy: far from the recording
+
+
+def _stale_ticks_expected(seconds: float, gap, max_age: float = 0.5) -> int:
+    """Ticks (every 100 ms of bag time) at which the newest camera stamp is older than max_age."""
+    recv = [(H.cam_recv(k), H.cam_stamp(k)) for k in range(int(seconds * H.CAM_HZ))
+            if not gap[0] <= (H.cam_recv(k) - H.T0) / H.S < gap[1]]
+    n = 0
+    for g in range(H.T0, H.T0 + int(seconds * H.S) + 1, H.S // 10):
+        seen = [st for r, st in recv if r <= g]
+        if seen and (g - max(seen)) / H.S > max_age:
+            n += 1
+    return n
+
+
+def test_use_sim_time_drives_staleness_at_any_rate(const_ckpt, tmp_path, start_node):  # noqa: F811
+    """Cameras pause from 1.2 s to 2.4 s of bag time while the recording goes on: the node's staleness
+    decisions follow /clock (bag time), so at 0.5x and at 2x speed the same ticks are stale - those an
+    independent computation on bag time predicts (and the offline emulation says the same). The first
+    run attaches to a node started here with use_sim_time, the second lets replay start its own."""
+    gap, secs = (1.2, 2.4), 3.5
+    bag = H.write_bag(tmp_path / "gap", "mcap", seconds=secs, cam_gap=gap)
+    import yaml
+
+    (tmp_path / "map.yaml").write_text(yaml.safe_dump(H.TOPIC_MAP))
+    want = _stale_ticks_expected(secs, gap)
+    assert 6 <= want <= 10
+    node = start_node(executable("policy_node"), params_file=share_file("config", "policy.yaml"),
+                      name="replay_attached",
+                      params={"checkpoint": str(const_ckpt), "use_sim_time": True, "torch_threads": 1,
+                              "device": "cpu", "max_observation_age": 0.5})
+    node.wait_for_output("active: publishing", timeout=180)
+    base = [str(bag), "--topics", str(tmp_path / "map.yaml"), "--quiet"]
+    rc, so, se = H.run_cli([*base, "--attach", "--node-name", "replay_attached", "--rate", "0.5",
+                            "--out", str(tmp_path / "slow")])
+    assert rc == 0, so + se + node.tail()
+    rc, so, se = H.run_cli([*base, "--checkpoint", str(const_ckpt), "-p", "torch_threads=1", "--rate", "2.0",
+                            "--out", str(tmp_path / "fast")])
+    assert rc == 0, so + se
+    rc, so, se = H.run_cli([*base, "--checkpoint", str(const_ckpt), "--offline", "-p", "torch_threads=1",
+                            "--out", str(tmp_path / "off")])
+    assert rc == 0, so + se
+    for name in ("slow", "fast", "off"):
+        rep = H.load_report(tmp_path / name)
+        stale = rep["ticks"]["without_output_by_reason"].get("stale", 0)
+        assert stale == want, (name, rep["ticks"])
+        if name != "off":
+            # no chunk published for a tick inside the stale window; the node's own counter agrees
+            lo, hi = H.T0 + int(1.7 * H.S), H.T0 + int(2.4 * H.S)
+            chunks = H.chunks_from_bag(tmp_path / name / "chunks")
+            assert not [c for c in chunks if lo <= c["stamp"] + c["first_index"] * c["period"] <= hi]
+            nd = rep.get("node_diagnostics") or {}
+            if "suppressed.stale" in nd and nd.get("at_bag_time_s", 0) >= 1002.5:
+                assert abs(int(nd["suppressed.stale"]) - want) <= 1, nd
+    assert H.load_report(tmp_path / "slow")["mode"] == "live (attached)"
