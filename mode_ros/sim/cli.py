@@ -49,7 +49,8 @@ def register(subparsers) -> None:
     e = sub.add_parser("eval", help="closed-loop success per task on held-out layouts",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     src = e.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", help="checkpoint folder (MoDEPolicy.from_pretrained)")
+    src.add_argument("--checkpoint", help="checkpoint folder (MoDEPolicy.from_pretrained); 'bundled' = the "
+                     "MT10 checkpoint shipped in the package (mode_ros/assets/metaworld_mt10)")
     src.add_argument("--expert", action="store_true", help="evaluate the scripted experts (baseline)")
     e.add_argument("--tasks", type=_tasks, default="all")
     e.add_argument("--episodes", type=int, default=20, help="held-out episodes per task")
@@ -68,7 +69,9 @@ def register(subparsers) -> None:
     e.add_argument("--ros-mode", choices=["lockstep", "realtime"], default="lockstep",
                    help="--ros: the bridge waits for each action (lockstep) or paces ticks by the wall clock")
     e.add_argument("--rate", type=float, default=20.0, help="--ros: control rate (Hz) of bridge and policy node")
-    e.add_argument("--cameras", type=_cams, default="corner,gripperPOV", help="--ros: cameras the bridge publishes")
+    e.add_argument("--cameras", type=_cams, default=None,
+                   help="--ros: cameras the bridge publishes (default: none for a checkpoint without cameras, "
+                        "else corner,gripperPOV)")
     e.set_defaults(func=_cmd_eval)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 
@@ -86,8 +89,16 @@ def _cmd_record(args) -> int:
     return 0 if complete else 1  # 1: some task has fewer successful demos than asked
 
 
+def bundled_checkpoint():
+    """The Meta-World MT10 checkpoint shipped inside the package (docs/SIM.md "Results")."""
+    from pathlib import Path
+    return Path(__file__).resolve().parents[1] / "assets" / "metaworld_mt10"
+
+
 def _cmd_eval(args) -> int:
     from .evaluate import EvalConfig, ExpertPolicy, evaluate
+    if args.checkpoint in ("bundled", "metaworld_mt10"):
+        args.checkpoint = str(bundled_checkpoint())
     tasks = args.tasks if isinstance(args.tasks, list) else _tasks(args.tasks)
     cfg = EvalConfig(tasks=tasks, episodes=args.episodes, seed=args.seed, replan_every=args.replan_every,
                      max_steps=args.max_steps, image_size=args.image_size, batch=args.batch,

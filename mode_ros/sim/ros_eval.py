@@ -51,6 +51,19 @@ def policy_remaps(node: str = POLICY_NODE) -> list[str]:
     return out
 
 
+def checkpoint_cameras(checkpoint: str, default: list[str]) -> list[str]:
+    """MuJoCo cameras the checkpoint's camera slots read ([] for a state-only policy)."""
+    try:
+        import yaml
+
+        from .metaworld_env import camera_for
+        cfg = yaml.safe_load((Path(checkpoint) / "config.yaml").read_text()) or {}
+        slots = cfg.get("camera_names", None)
+        return default if slots is None else [camera_for(s) for s in slots]
+    except Exception:  # noqa: BLE001 - unreadable/unknown: publish the default cameras
+        return default
+
+
 def _installed_executable(name: str) -> list[str] | None:
     try:
         from ament_index_python.packages import get_package_prefix
@@ -111,12 +124,16 @@ def evaluate_ros(args, cfg: EvalConfig, log=print) -> dict | None:
     work = Path(tempfile.mkdtemp(prefix="mode_ros_sim_eval_"))
     summary_path = work / "summary.json"
     rate = float(getattr(args, "rate", None) or 20.0)
-    cameras = getattr(args, "cameras", None) or list(DEFAULT_CAMERAS)
+    cameras = getattr(args, "cameras", None)
+    if cameras is None:  # default: what the policy reads (none for a state-only checkpoint)
+        cameras = list(DEFAULT_CAMERAS)
+        if not getattr(args, "expert", False):
+            cameras = checkpoint_cameras(args.checkpoint, cameras)
     bridge_cmd = (_installed_executable("metaworld_sim") or [sys.executable, "-m", "mode_ros.sim.bridge_node"]) + [
         "--ros-args",
         "-p", f"tasks:={','.join(cfg.tasks)}", "-p", f"episodes:={cfg.episodes}", "-p", f"seed:={cfg.seed}",
         "-p", "split:=eval", "-p", f"max_steps:={cfg.max_steps}", "-p", f"image_size:={cfg.image_size}",
-        "-p", f"cameras:={','.join(cameras)}", "-p", f"control_rate_hz:={rate}",
+        "-p", f"cameras:={','.join(cameras) or chr(39) * 2}", "-p", f"control_rate_hz:={rate}",
         "-p", f"summary_path:={summary_path}", "-p", f"mode:={getattr(args, 'ros_mode', 'lockstep')}",
         "-p", f"action_topic:={POLICY_NODE}/action_chunk",
     ]

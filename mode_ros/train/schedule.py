@@ -60,7 +60,9 @@ class EMA:
         return {"shadow": self.shadow, "updates": self.updates}
 
     def load_state_dict(self, d: dict) -> None:
-        self.shadow = {k: v.clone() for k, v in d["shadow"].items()}
+        # keep each shadow tensor on the device it lives on (a resume loads the state on the CPU)
+        self.shadow = {k: v.to(self.shadow[k].device, copy=True) if k in self.shadow else v.clone()
+                       for k, v in d["shadow"].items()}
         self.updates = int(d["updates"])
 
     def copy_to(self, model: torch.nn.Module) -> None:
