@@ -32,7 +32,7 @@ import numpy as np
 from mode_ros.data.images import ImageDecodeError, check_image, compressed_size, decode_compressed, decode_image
 from mode_ros.ros.execution import ChunkExecutor, Plan
 from mode_ros.ros.params import NodeParams
-from mode_ros.ros.safety import ActionSafety, NonFiniteActionError
+from mode_ros.ros.safety import ActionSafety, NonFiniteActionError, output_gate
 from mode_ros.ros.scoring import ChunkRecord
 from mode_ros.ros.sync import StampBuffer, match_stamps
 
@@ -151,23 +151,9 @@ class NodeEmulator:
 
     # ---- the control tick (PolicyNode._gate / _on_tick) ------------------------------------------------
     def gate(self, now: float) -> tuple[str, str] | None:
-        if not self.enabled:
-            return "disabled", "disabled (call ~/enable with data: true)"
-        if not self.goal:
-            return "no_goal", "no goal (publish one on ~/goal)"
-        for cam, buf in self.buffers.items():
-            t = buf.latest_stamp()
-            if t is None:
-                return "no_image", f"no image from camera {cam!r} yet"
-            if now - t > self.p.max_observation_age:
-                return "stale", (f"camera {cam!r} is stale: last image {now - t:.3f} s old "
-                                 f"> max_observation_age {self.p.max_observation_age:g} s")
-        if self.state_dim > 0:
-            if self.state is None:
-                return "no_state", "no joint_states yet"
-            if now - self.state[0] > self.p.max_observation_age:
-                return "stale", f"joint_states stale ({now - self.state[0]:.3f} s old)"
-        return None
+        return output_gate(self.enabled, self.goal, {c: b.latest_stamp() for c, b in self.buffers.items()},
+                           None if self.state is None else self.state[0], self.state_dim > 0,
+                           now, self.p.max_observation_age)
 
     def _suppress(self, key: str, message: str) -> tuple[None, str, str]:
         self.counters[f"suppressed.{key}"] += 1

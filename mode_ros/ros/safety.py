@@ -79,3 +79,26 @@ class ActionSafety:
         if commit:
             self.last = out[0].astype(np.float64)
         return out
+
+
+def output_gate(enabled: bool, goal: str, camera_stamps: dict, state_stamp: float | None, needs_state: bool,
+                now: float, max_age: float) -> tuple[str, str] | None:
+    """Why no action may be published at time ``now``: (reason key, message), or None.
+    ``camera_stamps``: camera -> newest image stamp (None before the first image). Shared by the
+    policy node and offline replay so both gate ticks identically."""
+    if not enabled:
+        return "disabled", "disabled (call ~/enable with data: true)"
+    if not goal:
+        return "no_goal", "no goal (publish one on ~/goal)"
+    for cam, t in camera_stamps.items():
+        if t is None:
+            return "no_image", f"no image from camera {cam!r} yet"
+        if now - t > max_age:
+            return "stale", (f"camera {cam!r} is stale: last image {now - t:.3f} s old "
+                             f"> max_observation_age {max_age:g} s")
+    if needs_state:
+        if state_stamp is None:
+            return "no_state", "no joint_states yet"
+        if now - state_stamp > max_age:
+            return "stale", f"joint_states stale ({now - state_stamp:.3f} s old)"
+    return None
