@@ -22,8 +22,9 @@ setup(
     ],
     extras_require={
         "clip": ["open-clip-torch>=2.24"],
-        "data": ["h5py>=3.10", "rosbags>=0.10"],
-        "train": ["h5py>=3.10", "rosbags>=0.10", "tensorboard>=2.15", "tqdm>=4.66", "matplotlib>=3.8"],
+        "data": ["h5py>=3.10", "rosbags>=0.10", "pillow>=10", "tqdm>=4.66"],
+        "train": ["h5py>=3.10", "rosbags>=0.10", "pillow>=10", "tensorboard>=2.15", "tqdm>=4.66",
+                  "matplotlib>=3.8"],
         "sim": ["metaworld==3.1.1", "mujoco", "packaging"],
     },
     entry_points={"console_scripts": ["mode-ros=mode_ros.cli:main"]},
