@@ -340,7 +340,7 @@ class MoDEPolicy(nn.Module):
 
     def warmup(self, runs: int = 2) -> float:
         """Build the routing cache and run a few chunks so the first real call is as fast as the rest.
-        Returns the last warm-up latency in seconds."""
+        Returns the median warm-up latency in seconds (robust to one slow first call)."""
         self.eval()
         self.sampler.ensure()
         imgs = None
@@ -349,8 +349,8 @@ class MoDEPolicy(nn.Module):
             imgs = [np.zeros((h, w, 3), np.uint8) for _ in self.config.camera_names]
         st = np.zeros(self.state_dim, np.float32) if self.state_dim else None
         goal = self.known_goals[0] if self.known_goals else None
-        dt = 0.0
-        for _ in range(runs):
+        times = []
+        for _ in range(max(1, runs)):
             t0 = time.perf_counter()
             if goal is None:
                 emb = torch.zeros(1, 512, device=self.device)
@@ -359,8 +359,8 @@ class MoDEPolicy(nn.Module):
                 self.predict_chunk(imgs, goal, st)
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
-            dt = time.perf_counter() - t0
-        return dt
+            times.append(time.perf_counter() - t0)
+        return float(sorted(times)[len(times) // 2])
 
 
 __all__ = ["MoDEPolicy", "Affine", "GoalError"]

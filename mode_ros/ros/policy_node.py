@@ -252,7 +252,7 @@ class PolicyNode(LifecycleNode):
                                         graph=mode in ("compiled", "graph"), logger=_StdLogger(self.get_logger()))
             self.get_logger().info(f"fast inference: {active}")
         if self.p.warmup:
-            self._expected_latency = float(policy.warmup())
+            self._expected_latency = float(policy.warmup(runs=3))  # median of 3 calls
             try:  # build the text tower now, so that a new goal costs one encoding, not a model build
                 policy.encode_goal(self.goal or "warm up")
             except ValueError as exc:
