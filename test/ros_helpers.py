@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import subprocess
 import threading
 import time
@@ -127,10 +128,19 @@ class NodeProcess:
         """SIGINT (clean rclpy shutdown), then SIGTERM, then SIGKILL, to the whole process group."""
         if self.proc is None:
             return None
-        from mode_ros.ros.processes import stop_process_group
-        code = stop_process_group(self.proc, timeout)
+        for sig, wait in ((signal.SIGINT, timeout), (signal.SIGTERM, 3.0), (signal.SIGKILL, 3.0)):
+            if self.proc.poll() is not None:
+                break
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                self.proc.wait(wait)
+            except subprocess.TimeoutExpired:
+                continue
         self._log.close()
-        return code
+        return self.proc.poll()
 
 
 class Collector:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import queue
+import signal
 import subprocess
 import threading
 import time
@@ -21,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 
-from mode_ros.ros.processes import stop_process_group
 from mode_ros.ros.scoring import ChunkRecord
 
 __all__ = ["run_live"]
@@ -71,9 +71,19 @@ class _Node:
             return ""
 
     def stop(self, timeout: float = 10.0):
-        code = stop_process_group(self.proc, timeout)
+        for sig, wait in ((signal.SIGINT, timeout), (signal.SIGTERM, 3.0), (signal.SIGKILL, 3.0)):
+            if self.proc.poll() is not None:
+                break
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                self.proc.wait(wait)
+            except subprocess.TimeoutExpired:
+                continue
         self._log.close()
-        return code
+        return self.proc.poll()
 
 
 def _executable() -> Path:
