@@ -338,3 +338,109 @@ def test_import_reference_agent_checkpoint(tmp_path):
     r = subprocess.run([sys.executable, "-m", "mode_ros.cli", "import-reference", str(tmp_path / "agent.safetensors"),
                         "--preset", "reference-small", "--out", str(tmp_path / "ck2")], capture_output=True, text=True)
     assert r.returncode == 1 and "wrong --preset" in r.stderr
+
+
+# ---- weight-only quantised experts (issue 8, item 2) -----------------------------------------------
+@pytest.mark.parametrize("kind,rel", [("int8", 1 / 254), ("fp8", 1 / 16)])
+def test_quantize_rows_error_bound(kind, rel):
+    """Per-row scales: every weight is within half a step of its row's grid (int8: amax/254;
+    fp8 e4m3: 3 mantissa bits -> relative error <= 2^-4 of the value, or the subnormal step)."""
+    from mode_ros.model.fast import dequantize_rows, quantize_rows
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 48, generator=g) * torch.logspace(-3, 0, 64)[:, None]   # rows of very different scale
+    q, s = quantize_rows(w, kind, torch.float32)
+    assert q.dtype == (torch.int8 if kind == "int8" else torch.float8_e4m3fn) and s.shape == (64,)
+    err = (dequantize_rows(q, s) - w).abs()
+    amax = w.abs().amax(1, keepdim=True)
+    if kind == "int8":
+        assert (err <= amax * rel * 1.0001).all()
+    else:
+        assert (err <= torch.maximum(w.abs() * rel, amax * 2.0 ** -9 / 448 * 1.0001 + 1e-12)).all()
+    # the stored scale is rounded first, so the grid the kernel uses is the grid the weights were put on
+    q2, s2 = quantize_rows(w, kind, torch.bfloat16)
+    assert s2.dtype == torch.bfloat16
+    assert ((dequantize_rows(q2, s2) - w).abs() <= err.max() * 1.05 + 1e-9).all()
+
+
+@pytest.mark.parametrize("kind", ["int8", "fp8"])
+def test_quantised_fused_sampler_close_to_fp32_with_same_routing(kind):
+    from mode_ros.model.fast import FusedSampler
+    net = small_net(d=64)
+    cached = CachedSampler(net, EDMPrecond(0.5), make_schedule(preset("tiny").diffusion))
+    g = torch.Generator().manual_seed(3)
+    goal, obs = torch.randn(2, 512, generator=g), torch.randn(2, 2, 512, generator=g)
+    x_T = 80 * torch.randn(2, 10, 7, generator=g)
+    ref = cached.sample(x_T, goal, obs)
+    table = cached.table
+    q = FusedSampler(cached, weight_quant=kind)
+    out = q.sample(x_T, goal, obs)
+    assert cached.table is table                     # routing untouched: the same table, not rebuilt
+    d = (out - ref).abs().max().item()
+    assert 0 < d < (5e-3 if kind == "int8" else 3e-2), d   # quantised (not a copy), and close
+    w1, b1, w2, s1, s2 = next(iter(q.experts.values()))
+    assert w1.dtype == w2.dtype == (torch.int8 if kind == "int8" else torch.float8_e4m3fn)
+    assert s1 is not None and b1.dtype == torch.float32
+    # ~4x fewer expert bytes than fp32; the non-expert weights are unchanged
+    plain = FusedSampler(cached)
+    assert q.weight_bytes_per_chunk() < 0.5 * plain.weight_bytes_per_chunk()
+    # the whole-step function (compiled on GPUs) computes the same thing
+    q2 = FusedSampler(cached, whole_step=True, weight_quant=kind)
+    assert torch.allclose(q2.sample(x_T, goal, obs), out, atol=1e-5, rtol=0)
+
+
+def test_int8_kernel_matches_widened_weights():
+    """torch._weight_int8pack_mm (CPU int8 kernel) and the generic widen-and-scale path agree."""
+    from mode_ros.model.fast import int8_kernel_available, qlinear, quantize_rows
+    if not int8_kernel_available(torch.device("cpu")):
+        pytest.skip("torch._weight_int8pack_mm not available in this torch build")
+    g = torch.Generator().manual_seed(1)
+    w, b, x = torch.randn(96, 64, generator=g), torch.randn(96, generator=g), torch.randn(3, 5, 64, generator=g)
+    q, s = quantize_rows(w, "int8", torch.bfloat16)
+    k = qlinear(x, q, s, b, int8_kernel=True)
+    r = qlinear(x, q, s, b, int8_kernel=False)
+    assert k.shape == (3, 5, 96) and k.dtype == torch.float32
+    # the kernel computes in bf16 activations: agreement to bf16 precision of the outputs
+    assert ((k - r).abs() <= 2e-2 * r.abs().max()).all()
+    assert ((r - torch.nn.functional.linear(x, w, b)).abs() <= 0.05 * r.abs().max()).all()
+
+
+def test_policy_weight_quant_option(caplog):
+    import logging
+    torch.manual_seed(0)
+    pol = MoDEPolicy(preset("tiny")).eval()
+    imgs = [np.full((32, 32, 3), 60 * i, np.uint8) for i in range(len(pol.camera_names))]
+    pol.set_goal_embeddings({"go": torch.randn(512)})
+    a = pol.predict_chunk(imgs, "go", seed=1)
+    with pytest.raises(ValueError, match="weight_quant"):
+        pol.enable_fast(weight_quant="int4")
+    log = logging.getLogger("test_quant")
+    with caplog.at_level(logging.WARNING, logger="test_quant"):
+        state = pol.enable_fast(fused=True, weight_quant="fp8", logger=log)
+    assert state["weight_quant"] == "none" and "needs a CUDA device" in caplog.text   # CPU: fp8 refused, logged
+    state = pol.enable_fast(fused=True, weight_quant="int8")
+    assert state == {"fused": True, "compiled": False, "graph": False, "weight_quant": "int8"}
+    b = pol.predict_chunk(imgs, "go", seed=1)
+    assert b.shape == a.shape and np.isfinite(b).all()
+    assert 0 < np.abs(b - a).max() < 1e-2 * max(1.0, np.abs(a).max())
+
+
+def test_bench_command_reports_accuracy_and_routing(tmp_path):
+    """`mode-ros bench` on CPU: JSON + table + PNG; each path's actions vs eager uncached fp32."""
+    import json
+    out = tmp_path / "bench"
+    r = subprocess.run([sys.executable, "-m", "mode_ros.cli", "bench", "--presets", "tiny", "--paths",
+                        "uncached,cached,fused,int8,fp8,graph,dense", "--runs", "2", "--warmup", "1",
+                        "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads((out / "bench.json").read_text())["rows"]
+    by = {x["path"]: x for x in rows}
+    assert set(by) == {"uncached", "cached", "fused", "int8", "dense"}   # fp8 / graph: CUDA only, skipped
+    assert by["uncached"]["max_abs_diff_vs_fp32"] == 0.0
+    for p in ("cached", "fused"):
+        assert by[p]["max_abs_diff_vs_fp32"] < 1e-5 and by[p]["same_routing_as_fp32"] is True
+    assert 0 < by["int8"]["max_abs_diff_vs_fp32"] < 5e-3 and by["int8"]["same_routing_as_fp32"] is True
+    assert by["int8"]["weight_bytes_per_chunk"] < 0.5 * by["fused"]["weight_bytes_per_chunk"]
+    assert by["dense"]["max_abs_diff_vs_fp32"] is None
+    for x in rows:
+        assert x["median_ms"] > 0 and x["p99_ms"] >= x["median_ms"] and x["device"] == "cpu"
+    assert "int8" in (out / "bench.txt").read_text() and (out / "bench.png").stat().st_size > 1000

@@ -158,6 +158,16 @@ def wait_chunks(rig, pred, timeout, what):
     return wait_until(lambda: [m for m in rig.chunks.msgs() if pred(m)], timeout, what, on_fail=rig.node.tail)
 
 
+def wait_until_soft(pred, timeout, period=0.02) -> bool:
+    """Poll ``pred`` for up to ``timeout`` seconds; False (no failure) when it never held."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(period)
+    return bool(pred())
+
+
 def wait_new(rig, t0, pred, timeout, what):
     """Chunks received after monotonic time t0 that satisfy pred (waits for at least one)."""
     return wait_until(lambda: [m for t, m in rig.chunks.stamped() if t > t0 and pred(m)], timeout, what,
@@ -282,23 +292,31 @@ def test_bad_inputs_are_rejected_and_logged(rig):
 
     h, feed = rig.h, rig.feed
     pub = feed.pubs["static"]
+    # the camera and state feeds reach the node (it publishes from them) before anything bad is sent
+    wait_new(rig, time.monotonic(), lambda m: True, 30, "output from the live feed")
     now = lambda: h.node.get_clock().now().to_msg()  # noqa: E731
+
+    def state(names, pos):
+        js = JointState()
+        js.header.stamp = now()
+        js.name, js.position = names, pos
+        return js
+
+    # each bad input is sent (best effort, like a camera driver) until the node has logged why it was
+    # rejected: a burst beside the live feed may be overwritten in the reader's queue, which is fine
     bad = [
-        feed.image(now(), encoding="yuv422"),                      # unsupported encoding
-        feed.image(now(), data=b"\x00" * 100),                     # shorter than height*step
-        feed.image(now(), height=0, width=0, step=0, data=b""),    # zero size
-        feed.image(now(), step=10),                                # step < width*3
+        (pub, lambda: feed.image(now(), encoding="yuv422"), "unsupported image encoding"),
+        (pub, lambda: feed.image(now(), data=b"\x00" * 100), "shorter than height*step"),
+        (pub, lambda: feed.image(now(), height=0, width=0, step=0, data=b""), "zero size"),
+        (pub, lambda: feed.image(now(), step=10), "step 10 <"),
+        (feed.state_pub, lambda: state(["j0", "j1", "j2"], [float("nan"), 0.0, 0.0]), "contains NaN"),
+        (feed.state_pub, lambda: state(["x"], [1.0]), "joint missing"),
     ]
-    for m in bad:
-        pub.publish(m)
-    js = JointState()
-    js.header.stamp = now()
-    js.name, js.position = ["j0", "j1", "j2"], [float("nan"), 0.0, 0.0]
-    feed.state_pub.publish(js)
-    js2 = JointState()
-    js2.header.stamp = now()
-    js2.name, js2.position = ["x"], [1.0]
-    feed.state_pub.publish(js2)
+    for p, make, text in bad:
+        def sent_and_logged(p=p, make=make, text=text):
+            p.publish(make())
+            return wait_until_soft(lambda: text in rig.node.output(), 0.3)
+        wait_until(sent_and_logged, 15, f"log line containing {text!r}", period=0.0, on_fail=rig.node.tail)
     rig.goal("")                      # empty goal: output stops, says why
     t_empty = time.monotonic()
     wait_until(lambda: "empty goal" in rig.node.output(), 5, "log of the empty goal", on_fail=rig.node.tail)

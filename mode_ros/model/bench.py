@@ -1,9 +1,13 @@
 """``mode-ros bench``: latency of one action chunk per preset / dtype / path / batch.
 
 Paths: ``uncached`` (router every step, experts dispatched after a host read — the reference's
-behaviour, fp32 by default), ``cached`` (routing table, eager), ``compiled`` (cached + torch.compile),
-``graph`` (cached + whole-chunk CUDA graph, CUDA only), ``dense`` (a same-size model with all experts
-active). Also the encoders' share and, on CUDA, achieved weight bandwidth and peak memory.
+behaviour, fp32 by default), ``cached`` (routing table, eager), ``fused`` (fused QKV / expert GEMMs),
+``compiled`` (cached + torch.compile), ``graph`` / ``fused-graph`` / ``compiled-graph`` (whole-chunk
+CUDA graph, CUDA only), ``int8`` / ``fp8`` (fused with weight-only quantised experts; ``-graph``
+suffix: compiled + CUDA graph), ``dense`` (a same-size model with all experts active).
+Every row also reports the largest difference of its normalised actions from the eager uncached fp32
+path on the same inputs (``max_abs_diff_vs_fp32``) and whether its routing table equals the fp32
+one; plus the encoders' share and, on CUDA, achieved weight bandwidth and peak memory.
 """
 from __future__ import annotations
 
@@ -72,33 +76,48 @@ def bench_preset(name: str, device: str, dtypes: list[str], paths: list[str], ba
             policy = MoDEPolicy(c).eval()
         policy.to(dev)
         counts = denoiser_counts(policy.denoiser)
+        h, w = c.vision.image_size
+        inputs, ref_routing = {}, None
+        for b in batches:   # fixed inputs per batch size; every path and dtype sees the same ones
+            g = torch.Generator(device=dev).manual_seed(b)
+            imgs = (torch.randint(0, 255, (b, c.n_cameras, 3, h, w), dtype=torch.uint8, device=dev, generator=g)
+                    if c.n_cameras else None)
+            goal = torch.randn(b, 512, device=dev, generator=g)
+            noise = torch.randn(b, c.chunk_size, c.action_dim, device=dev, generator=g)
+            # eager uncached fp32 (TF32 off) on the same inputs: what every path is compared with
+            ref = None if dense else _reference(policy, imgs, goal, noise)
+            inputs[b] = (imgs, goal, noise, ref)
+        if not dense:
+            policy.sampler.ensure()
+            ref_routing = list(policy.sampler.table.indices)
         for dtype in dtypes:
             tdt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
             policy.to_device(device, tdt)
             if dev.type == "cuda" and dtype != "fp32":
                 policy.encoders.to(tdt)
             for b in batches:
-                h, w = c.vision.image_size
-                imgs = (torch.randint(0, 255, (b, c.n_cameras, 3, h, w), dtype=torch.uint8, device=dev)
-                        if c.n_cameras else None)
-                goal = torch.randn(b, 512, device=dev)
-                noise = torch.randn(b, c.chunk_size, c.action_dim, device=dev)
+                imgs, goal, noise, ref = inputs[b]
                 variants = ["dense"] if dense else [p for p in paths if p != "dense"]
                 for path in variants:
                     if path == "uncached" and dtype != "fp32" and "fp32" in dtypes:
                         continue
                     if path.endswith("graph") and dev.type != "cuda":
                         continue
+                    quant = path.split("-")[0] if path.split("-")[0] in ("int8", "fp8") else "none"
+                    if quant == "fp8" and dev.type != "cuda":
+                        continue
                     if path == "compiled-graph" and dtype == "fp32" and len(dtypes) > 1:
                         continue  # compile once per batch size, in the low-precision dtype
                     fn = None
                     policy.fused = None
                     try:
-                        if path in ("fused", "fused-graph"):
-                            policy.enable_fast(fused=True)
-                        elif path == "compiled-graph":
-                            policy.enable_fast(fused=True, compile=True)
-                        if path in ("cached", "dense", "fused"):
+                        if path in ("fused", "fused-graph", "int8", "fp8"):
+                            policy.enable_fast(fused=True, weight_quant=quant)
+                        elif path in ("compiled-graph", "int8-graph", "fp8-graph"):
+                            policy.enable_fast(fused=True, compile=True, weight_quant=quant)
+                        if quant != "none" and (policy.fused is None or policy.fused.weight_quant != quant):
+                            raise RuntimeError(f"weight_quant {quant} unavailable")
+                        if path in ("cached", "dense", "fused", "int8", "fp8"):
                             fn = lambda: policy.sample_normalized(imgs, goal, None, noise, cached=True)  # noqa: E731
                         elif path == "uncached":
                             fn = lambda: policy.sample_normalized(imgs, goal, None, noise, cached=False)  # noqa: E731
@@ -115,6 +134,7 @@ def bench_preset(name: str, device: str, dtypes: list[str], paths: list[str], ba
                         if dev.type == "cuda":
                             torch.cuda.reset_peak_memory_stats()
                         ts = _time(fn, dev, runs, warmup)
+                        out = fn().float()
                     except Exception as exc:  # noqa: BLE001
                         log(f"  {name} {dtype} {path} b={b}: failed: {exc}")
                         continue
@@ -127,7 +147,10 @@ def bench_preset(name: str, device: str, dtypes: list[str], paths: list[str], ba
                         enc_ms = statistics.median(enc)
                     itemsize = torch.tensor([], dtype=tdt).element_size()
                     executed = counts["executed_cached"] if path != "uncached" else counts["executed_uncached"]
-                    bytes_chunk = executed * itemsize * steps
+                    bytes_chunk = (policy.fused.weight_bytes_per_chunk() if policy.fused is not None
+                                   else executed * itemsize * steps)
+                    diff = None if ref is None else float((out - ref).abs().max())
+                    same_routing = None if dense else list(policy.sampler.table.indices) == ref_routing
                     med = statistics.median(ts)
                     row = {"preset": name, "device": str(dev), "dtype": dtype, "path": path, "batch": b,
                            "steps": steps, "median_ms": med, "p95_ms": float(np.percentile(ts, 95)),
@@ -136,10 +159,12 @@ def bench_preset(name: str, device: str, dtypes: list[str], paths: list[str], ba
                            "achieved_bandwidth_GBps": bytes_chunk / (med / 1e3) / 1e9,
                            "bandwidth_fraction": (bytes_chunk / (med / 1e3)) / bw if bw else None,
                            "peak_mem_MB": torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else None,
-                           "fused_extra_params": policy.fused.extra_parameters() if policy.fused is not None else 0}
+                           "fused_extra_params": policy.fused.extra_parameters() if policy.fused is not None else 0,
+                           "weight_quant": quant, "max_abs_diff_vs_fp32": diff, "same_routing_as_fp32": same_routing}
                     rows.append(row)
                     log(f"  {name:>12} {dtype:>4} {path:>9} b={b:<3} median {med:8.2f} ms  p95 {row['p95_ms']:8.2f} ms"
-                        + (f"  encoders {enc_ms:.2f} ms" if enc_ms is not None else ""))
+                        + (f"  encoders {enc_ms:.2f} ms" if enc_ms is not None else "")
+                        + (f"  max|a-a_fp32| {diff:.2e}" if diff is not None else ""))
         policy.fused = None
         del policy
         if dev.type == "cuda":
@@ -147,14 +172,31 @@ def bench_preset(name: str, device: str, dtypes: list[str], paths: list[str], ba
     return rows
 
 
+def _reference(policy, imgs, goal, noise):
+    """Eager uncached fp32 actions (the reference-like baseline, TF32 off) for these inputs."""
+    fused, graph = policy.fused, policy._graph
+    policy.fused = policy._graph = None
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        return policy.sample_normalized(imgs, goal, None, noise, cached=False).float()
+    finally:
+        policy.fused, policy._graph = fused, graph
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+
+
 def table(rows: list[dict]) -> str:
-    head = f"{'preset':>12} {'dtype':>5} {'path':>9} {'batch':>5} {'median ms':>10} {'p95 ms':>9} {'enc ms':>7} {'GB/s':>8} {'peak MB':>8}"
+    head = (f"{'preset':>12} {'dtype':>5} {'path':>14} {'batch':>5} {'median ms':>10} {'p99 ms':>9} {'enc ms':>7} "
+            f"{'GB/s':>8} {'BW frac':>7} {'peak MB':>8} {'max|da|':>8} {'route':>5}")
     lines = [head, "-" * len(head)]
     for r in rows:
         enc = f"{r['encoders_ms']:.2f}" if r["encoders_ms"] is not None else "-"
         pk = f"{r['peak_mem_MB']:.0f}" if r["peak_mem_MB"] is not None else "-"
-        lines.append(f"{r['preset']:>12} {r['dtype']:>5} {r['path']:>9} {r['batch']:>5} {r['median_ms']:>10.2f} "
-                     f"{r['p95_ms']:>9.2f} {enc:>7} {r['achieved_bandwidth_GBps']:>8.1f} {pk:>8}")
+        fr = f"{r['bandwidth_fraction']:.2f}" if r.get("bandwidth_fraction") is not None else "-"
+        da = f"{r['max_abs_diff_vs_fp32']:.1e}" if r.get("max_abs_diff_vs_fp32") is not None else "-"
+        rt = {True: "same", False: "DIFF", None: "-"}[r.get("same_routing_as_fp32")]
+        lines.append(f"{r['preset']:>12} {r['dtype']:>5} {r['path']:>14} {r['batch']:>5} {r['median_ms']:>10.2f} "
+                     f"{r['p99_ms']:>9.2f} {enc:>7} {r['achieved_bandwidth_GBps']:>8.1f} {fr:>7} {pk:>8} {da:>8} {rt:>5}")
     return "\n".join(lines)
 
 

@@ -17,7 +17,9 @@ def register(sub) -> None:
     p.add_argument("--presets", default="small", help="comma list of presets")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtypes", default=None, help="comma list of fp32,bf16,fp16 (default: fp32 on CPU, fp32,bf16 on CUDA)")
-    p.add_argument("--paths", default="uncached,cached,dense", help="uncached,cached,compiled,graph,dense")
+    p.add_argument("--paths", default="uncached,cached,dense",
+                   help="comma list of uncached, cached, fused, compiled, int8, fp8 (CUDA), dense; CUDA only: "
+                        "graph, fused-graph, compiled-graph, int8-graph, fp8-graph")
     p.add_argument("--batches", default="1")
     p.add_argument("--runs", type=int, default=50)
     p.add_argument("--warmup", type=int, default=5)

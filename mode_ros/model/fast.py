@@ -6,7 +6,11 @@ Built on the routing table of ``CachedSampler`` (same routing, same math):
     fused weights are built only for the DISTINCT expert sets that occur in the table (the reference
     copied two experts for every (sigma, layer) pair), and the gates scale the SwiGLU hidden state;
   * optionally one ``torch.compile``d layer function (weights are arguments, so a single compilation
-    serves every layer and step; Inductor fuses the RMSNorms, SiLU·v and residual adds).
+    serves every layer and step; Inductor fuses the RMSNorms, SiLU·v and residual adds);
+  * optionally weight-only int8 or fp8 (e4m3) copies of the fused expert weights, one scale per
+    output row (the experts are ~85 % of the weights a step reads, so at batch 1 — bound by reading
+    weights — this cuts the bytes per chunk by about 2x against bf16). Activations, attention, norms
+    and the accumulation stay in the model dtype / fp32; see ``quantize_rows`` and ``qlinear``.
 The result is a fixed kernel sequence that ``mode_ros.model.graph.ChunkGraph`` captures whole.
 """
 from __future__ import annotations
@@ -23,8 +27,67 @@ def _rms(x: torch.Tensor, g: torch.Tensor, eps: float) -> torch.Tensor:
     return (g * (x.float() / rms)).to(x.dtype)
 
 
+WEIGHT_QUANT = ("none", "int8", "fp8")
+_QMAX = {"int8": 127.0, "fp8": 448.0}
+
+
+def quantize_rows(w: torch.Tensor, kind: str, scale_dtype: torch.dtype = torch.bfloat16):
+    """Weight-only quantisation of an ``F.linear`` weight (N, K), one scale per output row.
+
+    The scale is rounded to ``scale_dtype`` BEFORE the weights are divided by it, so the stored
+    values and the scale the kernel multiplies by agree exactly. int8: symmetric, [-127, 127];
+    fp8: float8_e4m3fn, row maximum mapped to 448. Returns (q (N, K), scale (N,))."""
+    if kind not in _QMAX:
+        raise ValueError(f"weight_quant: {kind!r} is not one of {WEIGHT_QUANT}")
+    w32 = w.detach().float()
+    scale = (w32.abs().amax(dim=1) / _QMAX[kind]).clamp_min(1e-12).to(scale_dtype)
+    x = w32 / scale.float()[:, None]
+    if kind == "int8":
+        q = x.round().clamp(-127, 127).to(torch.int8)
+    else:
+        q = x.clamp(-448, 448).to(torch.float8_e4m3fn)
+    return q.contiguous(), scale.contiguous()
+
+
+def dequantize_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return q.float() * scale.float()[:, None]
+
+
+def int8_kernel_available(device: torch.device) -> bool:
+    """Whether ``torch._weight_int8pack_mm`` (int8 weights read directly, bf16 activations) runs on
+    this device. Probed once per build, outside any graph capture."""
+    fn = getattr(torch, "_weight_int8pack_mm", None)
+    if fn is None:
+        return False
+    try:
+        x = torch.zeros(2, 32, dtype=torch.bfloat16, device=device)
+        w = torch.zeros(8, 32, dtype=torch.int8, device=device)
+        fn(x, w, torch.ones(8, dtype=torch.bfloat16, device=device))
+        return True
+    except (RuntimeError, NotImplementedError):
+        return False
+
+
+def qlinear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None = None,
+            int8_kernel: bool = False) -> torch.Tensor:
+    """``F.linear`` for plain or row-quantised weights (``scale`` not None). With ``int8_kernel`` the
+    int8 weights are read by ``torch._weight_int8pack_mm`` (activations in bf16, output cast back);
+    otherwise the weights are widened to the activation dtype and the row scales applied to the
+    output — under torch.compile Inductor fuses the widening into the matmul's weight load."""
+    if scale is None:
+        return F.linear(x, w, bias)
+    if int8_kernel and w.dtype == torch.int8:
+        shp = x.shape
+        y = torch._weight_int8pack_mm(x.reshape(-1, shp[-1]).to(torch.bfloat16), w, scale)
+        y = y.reshape(*shp[:-1], -1).to(x.dtype)
+    else:
+        y = F.linear(x, w.to(x.dtype)) * scale.to(x.dtype)
+    return y if bias is None else y + bias
+
+
 def fused_layer(h, c, ln1_g, wqkv, bqkv, qg, kg, wproj, ln2_g, w1f, b1f, w2f, gates,
-                n_heads: int, eps: float, reference_residual: bool, manual_attention: bool = False):
+                n_heads: int, eps: float, reference_residual: bool, manual_attention: bool = False,
+                w1s=None, w2s=None, int8_kernel: bool = False):
     b, t, d = h.shape
     hd = d // n_heads
     u = _rms(h, ln1_g, eps) + c
@@ -40,24 +103,25 @@ def fused_layer(h, c, ln1_g, wqkv, bqkv, qg, kg, wproj, ln2_g, w1f, b1f, w2f, ga
         a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
     h = h + F.linear(a.transpose(1, 2).reshape(b, t, d), wproj)
     y = _rms(h, ln2_g, eps)
-    z = F.linear(y, w1f, b1f)                        # (b, t, k * 2H): [v_1, g_1, v_2, g_2, …]
+    z = qlinear(y, w1f, w1s, b1f, int8_kernel)       # (b, t, k * 2H): [v_1, g_1, v_2, g_2, …]
     kk = gates.shape[0]
     z = z.view(b, t, kk, 2, -1)
     hid = z[..., 0, :] * F.silu(z[..., 1, :]) * gates.view(1, 1, kk, 1)
-    out = F.linear(hid.reshape(b, t, -1), w2f)
+    out = qlinear(hid.reshape(b, t, -1), w2f, w2s, None, int8_kernel)
     return (y if reference_residual else h) + out
 
 
 def fused_step(x, ctx, c, c_in, c_skip, c_out, ratio, action_w, action_pos, lnf_g, out_w, out_b,
-               layers, n_heads: int, eps: float, reference_residual: bool, manual_attention: bool):
+               layers, n_heads: int, eps: float, reference_residual: bool, manual_attention: bool,
+               int8_kernel: bool = False):
     """One DDIM step (denoise + update) as one function of tensors: compiled once for all steps."""
     b = x.shape[0]
     cc = c.expand(b, 1, -1)
     a_in = (x * c_in).to(ctx.dtype)
     h = torch.cat([cc, ctx, F.linear(a_in, action_w) + action_pos], dim=1)
     for L in layers:
-        h = fused_layer(h, cc, *L, n_heads=n_heads, eps=eps, reference_residual=reference_residual,
-                        manual_attention=manual_attention)
+        h = fused_layer(h, cc, *L[:11], n_heads=n_heads, eps=eps, reference_residual=reference_residual,
+                        manual_attention=manual_attention, w1s=L[11], w2s=L[12], int8_kernel=int8_kernel)
     k = action_pos.shape[1]
     f = F.linear(_rms(h[:, -k:], lnf_g, eps), out_w, out_b).float()
     d = c_skip * x + c_out * f
@@ -67,7 +131,12 @@ def fused_step(x, ctx, c, c_in, c_skip, c_out, ratio, action_w, action_pos, lnf_
 class FusedSampler:
     """Drop-in replacement of ``CachedSampler.sample`` (same table, fused kernels)."""
 
-    def __init__(self, cached: CachedSampler, compile: bool = False, whole_step: bool | None = None):
+    def __init__(self, cached: CachedSampler, compile: bool = False, whole_step: bool | None = None,
+                 weight_quant: str = "none"):
+        if weight_quant not in WEIGHT_QUANT:
+            raise ValueError(f"weight_quant: {weight_quant!r} is not one of {WEIGHT_QUANT}")
+        self.weight_quant = weight_quant
+        self.int8_kernel = False
         self.cached = cached
         self.net = cached.net
         self.compile = compile
@@ -95,23 +164,60 @@ class FusedSampler:
                 "wproj": a.c_proj.weight})
         # fused expert weights, one per distinct (layer, expert tuple) in the routing table
         self.experts: dict[tuple, tuple] = {}
+        quant = self.weight_quant != "none"
+        dev = net.blocks[0].moe.w1.device
+        self.int8_kernel = self.weight_quant == "int8" and int8_kernel_available(dev)
+        # the int8 kernel wants scales in its activation dtype (bf16); the generic path keeps fp32
+        sdt = torch.bfloat16 if self.int8_kernel else torch.float32
         for s in range(len(t.indices)):
             for l, sel in enumerate(t.indices[s]):
                 key = (l, tuple(sel))
                 if key in self.experts:
                     continue
                 moe = net.blocks[l].moe
-                self.experts[key] = (torch.cat([moe.w1[e] for e in sel]).contiguous(),
-                                     torch.cat([moe.b1[e] for e in sel]).contiguous(),
-                                     torch.cat([moe.w2[e] for e in sel], dim=1).contiguous())
+                w1 = torch.cat([moe.w1[e] for e in sel]).contiguous()
+                w2 = torch.cat([moe.w2[e] for e in sel], dim=1).contiguous()
+                b1 = torch.cat([moe.b1[e] for e in sel]).contiguous()
+                if quant:
+                    (w1, s1), (w2, s2) = quantize_rows(w1, self.weight_quant, sdt), quantize_rows(w2, self.weight_quant, sdt)
+                else:
+                    s1 = s2 = None
+                self.experts[key] = (w1, b1, w2, s1, s2)
         self._key = t.key
 
     def extra_parameters(self) -> int:
         """Parameters held in fused copies (memory cost of the fusion)."""
         if self._key is None:
             self.build()
-        n = sum(w.numel() + b.numel() + w2.numel() for w, b, w2 in self.experts.values())
+        n = sum(w.numel() + b.numel() + w2.numel() for w, b, w2, _, _ in self.experts.values())
         return n + sum(L["wqkv"].numel() + L["bqkv"].numel() for L in self.layers)
+
+    def extra_bytes(self) -> int:
+        """Bytes held in fused copies (quantised experts count at their storage size)."""
+        if self._key is None:
+            self.build()
+        n = sum(sum(x.numel() * x.element_size() for x in e if x is not None) for e in self.experts.values())
+        return n + sum(L[k].numel() * L[k].element_size() for L in self.layers for k in ("wqkv", "bqkv"))
+
+    def weight_bytes_per_chunk(self) -> int:
+        """Bytes of weights the denoiser reads for one chunk on this path (every step: the layers'
+        attention weights and norms, the selected experts at their storage size, the action
+        embedding and head); context embeddings are computed once per chunk and counted once."""
+        self.ensure()
+        t, net = self.cached.table, self.net
+
+        def nb(*xs):
+            return sum(x.numel() * x.element_size() for x in xs if x is not None)
+        per_layer = sum(nb(L["ln1_g"], L["ln2_g"], L["qg"], L["kg"], L["wqkv"], L["bqkv"], L["wproj"])
+                        for L in self.layers)
+        fixed = nb(net.action_emb.weight, net.ln.g, net.out.weight, net.out.bias)
+        total = 0
+        for i in range(len(t.indices)):
+            total += per_layer + fixed
+            total += sum(nb(*self.experts[(l, t.indices[i][l])]) for l in range(len(self.layers)))
+        ctx = sum(p.numel() * p.element_size() for n, p in net.named_parameters()
+                  if n.split(".")[0] in ("goal_emb", "tok_emb", "gripper_embed", "state_emb", "pos_emb"))
+        return total + ctx
 
     def ensure(self) -> None:
         t = self.cached.ensure()
@@ -127,9 +233,10 @@ class FusedSampler:
         cfg = net.cfg
         ref = cfg.residual == "reference"
         for l, L in enumerate(self.layers):
-            w1f, b1f, w2f = self.experts[(l, t.indices[i][l])]
+            w1f, b1f, w2f, s1, s2 = self.experts[(l, t.indices[i][l])]
             h = self._fn(h, c, L["ln1_g"], L["wqkv"], L["bqkv"], L["qg"], L["kg"], L["wproj"], L["ln2_g"],
-                         w1f, b1f, w2f, t.gates[i, l], cfg.n_heads, cfg.norm_eps, ref)
+                         w1f, b1f, w2f, t.gates[i, l], cfg.n_heads, cfg.norm_eps, ref,
+                         w1s=s1, w2s=s2, int8_kernel=self.int8_kernel)
         f = net.head(h).float()
         return t.c_skip[i] * x + t.c_out[i] * f
 
@@ -149,10 +256,11 @@ class FusedSampler:
         for i in range(len(t.indices)):
             layers = []
             for l, L in enumerate(self.layers):
-                w1f, b1f, w2f = self.experts[(l, t.indices[i][l])]
+                w1f, b1f, w2f, s1, s2 = self.experts[(l, t.indices[i][l])]
                 layers.append((L["ln1_g"], L["wqkv"], L["bqkv"], L["qg"], L["kg"], L["wproj"], L["ln2_g"],
-                               w1f, b1f, w2f, t.gates[i, l]))
+                               w1f, b1f, w2f, t.gates[i, l], s1, s2))
             x = self._step(x, ctx, t.noise_emb[i], t.c_in[i], t.c_skip[i], t.c_out[i], t.ratio[i],
                            net.action_emb.weight, pos, net.ln.g, net.out.weight, net.out.bias, layers,
-                           cfg.n_heads, cfg.norm_eps, cfg.residual == "reference", self.compile)
+                           cfg.n_heads, cfg.norm_eps, cfg.residual == "reference", self.compile,
+                           self.int8_kernel)
         return x

@@ -175,17 +175,28 @@ class MoDEPolicy(nn.Module):
         self._graph = None
         return self
 
-    def enable_fast(self, fused: bool = True, compile: bool = False, graph: bool = False, logger=None) -> dict:
+    def enable_fast(self, fused: bool = True, compile: bool = False, graph: bool = False, logger=None,
+                    weight_quant: str = "none") -> dict:
         """Inference speed-ups: fused QKV/expert kernels, torch.compile of the layer, whole-chunk
-        CUDA graph. Each falls back with a logged reason. Returns what is active."""
-        from .fast import FusedSampler
-        state = {"fused": False, "compiled": False, "graph": False}
+        CUDA graph, weight-only int8/fp8 experts (``weight_quant``; needs the fused sampler). Each
+        falls back with a logged reason, except an unknown ``weight_quant`` (ValueError). Returns
+        what is active."""
+        from .fast import WEIGHT_QUANT, FusedSampler
+        if weight_quant not in WEIGHT_QUANT:
+            raise ValueError(f"weight_quant: {weight_quant!r} is not one of {WEIGHT_QUANT}")
+        state = {"fused": False, "compiled": False, "graph": False, "weight_quant": "none"}
         self.eval()
-        if fused or compile:
+        if weight_quant == "fp8" and self.device.type != "cuda":
+            if logger:
+                logger.warning("weight_quant fp8: needs a CUDA device (a CPU has no fp8 matmul; widening "
+                               "the weights every step is slower than fp32), experts stay unquantised; "
+                               "use int8 on CPU")
+            weight_quant = "none"
+        if fused or compile or weight_quant != "none":
             try:
-                self.fused = FusedSampler(self.sampler, compile=compile)
+                self.fused = FusedSampler(self.sampler, compile=compile, weight_quant=weight_quant)
                 self.fused.build()
-                state["fused"], state["compiled"] = True, compile
+                state["fused"], state["compiled"], state["weight_quant"] = True, compile, weight_quant
             except Exception as exc:  # noqa: BLE001
                 self.fused = None
                 if logger:

@@ -53,6 +53,11 @@ PARAMS: tuple[ParamSpec, ...] = (
               "Inference speed-ups: auto (CUDA: fused kernels + torch.compile + whole-chunk CUDA graph; "
               "CPU: off), off, fused, compiled, graph (fused + CUDA graph, no compile). Each falls back "
               "with a logged reason.", choices=("auto", "off", "fused", "compiled", "graph")),
+    ParamSpec("weight_quant", "string", "none",
+              "Weight-only quantisation of the experts (fused sampler, one scale per output row): none, "
+              "int8 (CPU: int8 matmul kernel, ~3-4x faster than fp32 for the paper-size model; actions "
+              "within 5e-3 of fp32, docs/measurements/int8_tolerance.json), fp8 (CUDA only). Falls back "
+              "to unquantised with a logged reason.", choices=("none", "int8", "fp8")),
     ParamSpec("goal", "string", "",
               "Initial language goal, used until one arrives on ~/goal (empty: wait for ~/goal).",
               live=True),
@@ -190,6 +195,7 @@ class NodeParams:
     device: str = "auto"
     dtype: str = "auto"
     fast_inference: str = "auto"
+    weight_quant: str = "none"
     goal: str = ""
     control_rate_hz: float = 10.0
     replan_every: int = 0

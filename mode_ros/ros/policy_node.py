@@ -86,6 +86,22 @@ def sec_to_duration(s: float) -> Duration:
     return Duration(sec=ns // 1_000_000_000, nanosec=ns % 1_000_000_000)
 
 
+
+def _with_timer_info(fn):
+    """Wrap a timer callback ``fn(info)`` so that rclpy hands it the ``TimerInfo`` (scheduled and
+    actual call time). rclpy passes it only to a parameter annotated with the class itself; with
+    ``from __future__ import annotations`` the annotation would be a string, so set it here. Older
+    rclpy without TimerInfo: ``fn()`` is called and falls back to the clock's now."""
+    try:
+        from rclpy.timer import TimerInfo
+    except ImportError:
+        return fn
+
+    def cb(info):
+        return fn(info)
+    cb.__annotations__ = {"info": TimerInfo}
+    return cb
+
 class _StdLogger:
     """logging-style .warning() for the policy's fallbacks, routed to the rclpy logger."""
 
@@ -247,9 +263,10 @@ class PolicyNode(LifecycleNode):
         mode = self.p.fast_inference
         if mode == "auto":
             mode = "compiled" if policy.device.type == "cuda" else "off"
-        if mode != "off":
+        if mode != "off" or self.p.weight_quant != "none":
             active = policy.enable_fast(fused=True, compile=mode == "compiled",
-                                        graph=mode in ("compiled", "graph"), logger=_StdLogger(self.get_logger()))
+                                        graph=mode in ("compiled", "graph"), logger=_StdLogger(self.get_logger()),
+                                        weight_quant=self.p.weight_quant)
             self.get_logger().info(f"fast inference: {active}")
         if self.p.warmup:
             self._expected_latency = float(policy.warmup(runs=3))  # median of 3 calls
@@ -304,7 +321,7 @@ class PolicyNode(LifecycleNode):
             self.safety.reset()
             self.active = True
         self.rate.reset()
-        self._tick_timer = self.create_timer(1.0 / self.p.control_rate_hz, self._on_tick,
+        self._tick_timer = self.create_timer(1.0 / self.p.control_rate_hz, _with_timer_info(self._on_tick),
                                              callback_group=self.cb_tick)
         self.reason = "active"
         self.get_logger().info("active: publishing ~/action_chunk" + ("" if self.enabled else
@@ -497,8 +514,17 @@ class PolicyNode(LifecycleNode):
                            None if self.state is None else self.state[0], self.policy.state_dim > 0,
                            now, self.p.max_observation_age)
 
-    def _on_tick(self) -> None:
+    def _on_tick(self, info=None) -> None:
+        # The tick's time is the timer's scheduled time, not the moment the callback got a thread:
+        # under load (or with sim time, when the next /clock arrives first) the callback can run late,
+        # and rows chosen for "now" would belong to a later tick. The chunk is stamped for its tick.
         now_t = self.get_clock().now()
+        if info is not None:
+            sched = info.expected_call_time
+            if 0 < sched.nanoseconds <= now_t.nanoseconds:
+                if now_t.nanoseconds - sched.nanoseconds > 0.5e9 / self.p.control_rate_hz:
+                    self.counters.inc("late_ticks")
+                now_t = sched
         now = now_t.nanoseconds * 1e-9
         with self.lock:
             if not self.active or self.executor_ is None:
@@ -674,6 +700,7 @@ class PolicyNode(LifecycleNode):
             "inferences": c.get("inferences", 0),
             "inference_failures": c.get("inference_failures", 0),
             "ticks_published": c.get("published", 0),
+            "late_ticks": c.get("late_ticks", 0),
             "ticks_suppressed": sum(v for k, v in c.items() if k.startswith("suppressed.")),
             "stale": c.get("suppressed.stale", 0),
             "dropped_results": c.get("dropped_results", 0),

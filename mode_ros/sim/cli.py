@@ -72,6 +72,8 @@ def register(subparsers) -> None:
     e.add_argument("--cameras", type=_cams, default=None,
                    help="--ros: cameras the bridge publishes (default: none for a checkpoint without cameras, "
                         "else corner,gripperPOV)")
+    e.add_argument("--weight-quant", choices=["none", "int8", "fp8"], default="none",
+                   help="in-process policy: fused sampler with weight-only int8/fp8 experts (fp8: CUDA only)")
     e.set_defaults(func=_cmd_eval)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 
@@ -117,6 +119,12 @@ def _cmd_eval(args) -> int:
         from mode_ros.model.policy import MoDEPolicy
         policy = MoDEPolicy.from_pretrained(args.checkpoint, device=args.device)
         label = f"MoDE {args.checkpoint}"
+        if args.weight_quant != "none":
+            import logging
+            state = policy.enable_fast(fused=True, weight_quant=args.weight_quant, logger=logging.getLogger("mode_ros"))
+            if state["weight_quant"] != args.weight_quant:
+                raise SystemExit(f"--weight-quant {args.weight_quant}: not available here (see the warning above)")
+            label += f" (experts {args.weight_quant})"
         if hasattr(policy, "warmup"):
             policy.warmup()
     report = evaluate(policy, cfg, label=label)
