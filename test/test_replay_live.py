@@ -134,5 +134,6 @@ def test_use_sim_time_drives_staleness_at_any_rate(const_ckpt, tmp_path, start_n
             assert not [c for c in chunks if lo <= c["stamp"] + c["first_index"] * c["period"] <= hi]
             nd = rep.get("node_diagnostics") or {}
             if "suppressed.stale" in nd and nd.get("at_bag_time_s", 0) >= 1002.5:
+                print("NDDEBUG", name, nd, flush=True)
                 assert abs(int(nd["suppressed.stale"]) - want) <= 1, nd
     assert H.load_report(tmp_path / "slow")["mode"] == "live (attached)"

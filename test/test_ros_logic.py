@@ -49,6 +49,70 @@ def test_without_latency_compensation_rows_advance_per_tick():
     assert [ex.step(100.0).first_index for _ in range(3)] == [0, 1, 2]
 
 
+def test_restep_serves_the_same_tick_once():
+    """A tick stepped without a plan, then served late from a plan that arrived meanwhile: the tick
+    counter is not advanced twice (without latency compensation the next tick gets row 1, not row 0)."""
+    ex = ChunkExecutor(T, A, DT, latency_compensation=False)
+    assert ex.step(1.0) is None
+    ex.add(plan(0, obs_time=1.0))
+    assert ex.restep(1.0).first_index == 0
+    assert [ex.step(1.1).first_index, ex.step(1.2).first_index] == [1, 2]
+
+
+class _ConstPolicy:
+    """What NodeEmulator needs of MoDEPolicy: a chunk whose row i is i, every call counted."""
+    camera_names, state_dim = ["cam"], 0
+
+    def __init__(self):
+        self.calls = 0
+
+    def predict_chunk(self, images, goal, state=None, seed=None):
+        self.calls += 1
+        return chunk(0)
+
+
+def _image_msg():
+    from types import SimpleNamespace
+    return SimpleNamespace(encoding="rgb8", height=2, width=2, step=6, data=bytes(12), is_bigendian=0)
+
+
+@pytest.mark.parametrize("serve_late,image_at,served", [
+    (True, 1.0, True),      # the image for the tick came just after the tick: served late, for that tick
+    (True, 1.03, False),    # an image taken after the tick cannot serve it: the next tick uses it
+    (False, 1.0, False),    # serve_late_ticks off: the tick stays empty
+])
+def test_unserved_tick_is_served_when_its_input_arrives(serve_late, image_at, served):
+    """NodeEmulator mirrors PolicyNode._kick_unserved/_serve_unserved: a tick that published nothing
+    for want of an image is published as soon as the image arrives and the inference lands, before
+    the next tick (this is what a lockstep simulator waits for)."""
+    from mode_ros.ros.replay_offline import NodeEmulator
+    NS = 1_000_000_000
+    p = NodeParams.from_mapping({"checkpoint": "x", "goal": "go", "serve_late_ticks": serve_late,
+                                 "control_rate_hz": 10.0})
+    pol = _ConstPolicy()
+    emu = NodeEmulator(p, ["cam"], 0, T, A, policy=pol, latency=0.01)
+    emu.set_clock(1 * NS)
+    rec, key, _ = emu.tick()
+    assert rec is None and key == "no_image"
+    emu.set_clock(int(1.005 * NS))
+    from mode_ros.ros.replay_offline import IMAGE
+    emu.on_image("cam", int(image_at * NS), IMAGE, _image_msg())
+    assert pol.calls == (1 if serve_late else 0)          # the arrival requested the inference
+    emu.set_clock(int(1.02 * NS))
+    rec = emu.complete()
+    if served:
+        assert rec is not None and rec.tick_ns == 1 * NS and rec.first_index == 0
+        assert rec.stamp_ns == 1 * NS and emu.counters["late_served"] == 1
+    else:
+        assert rec is None
+    emu.set_clock(int(1.1 * NS))
+    nxt, key, _ = emu.tick()
+    if serve_late:
+        assert nxt is not None and nxt.first_index == (1 if image_at <= 1.0 else 0)
+    else:
+        assert nxt is None and key == "no_plan"   # requested at this tick, ready for the next
+
+
 def test_replan_request_time_and_pending_switch():
     ex = ChunkExecutor(T, A, DT, replan_every=5)
     assert ex.needs_replan(0.0)

@@ -130,6 +130,15 @@ class ChunkExecutor:
         finally:
             self.ticks += 1
 
+    def restep(self, now: float) -> Step | None:
+        """Step the tick just stepped once more (it went unserved, and a plan has arrived since):
+        the tick counter is not advanced twice, so without latency compensation the late plan
+        starts at row 0 for that tick and at row 1 on the next one."""
+        self.ticks = max(0, self.ticks - 1)
+        for p in self.plans:              # adopted after that tick was stepped: it starts at that tick
+            p.start_tick = min(p.start_tick, self.ticks)
+        return self.step(now)
+
     def _step(self, now: float) -> Step | None:
         p = self.newest
         if self.pending is not None and (p is None or self._due(p, now)):

@@ -55,9 +55,9 @@ PARAMS: tuple[ParamSpec, ...] = (
               "with a logged reason.", choices=("auto", "off", "fused", "compiled", "graph")),
     ParamSpec("weight_quant", "string", "none",
               "Weight-only quantisation of the experts (fused sampler, one scale per output row): none, "
-              "int8 (CPU: int8 matmul kernel, ~3-4x faster than fp32 for the paper-size model; actions "
-              "within 5e-3 of fp32, docs/measurements/int8_tolerance.json), fp8 (CUDA only). Falls back "
-              "to unquantised with a logged reason.", choices=("none", "int8", "fp8")),
+              "int8 (CPU: int8 matmul kernel; paper-size model 1.4x faster than fp32, normalised actions "
+              "within 2e-3 of fp32: docs/measurements/cpu_int8), fp8 (CUDA only). Falls back to "
+              "unquantised with a logged reason.", choices=("none", "int8", "fp8")),
     ParamSpec("goal", "string", "",
               "Initial language goal, used until one arrives on ~/goal (empty: wait for ~/goal).",
               live=True),
@@ -67,6 +67,11 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("replan_every", "int", 0,
               "Compute a new chunk every N ticks (1..chunk_size); 0 = chunk_size (open-loop execution "
               "of whole chunks, as in the MoDE paper).", min=0, max=10000),
+    ParamSpec("serve_late_ticks", "bool", True,
+              "When a control tick published nothing (no plan yet, or an input missing at the tick) and an "
+              "inference result lands before the next tick, publish that tick at once, stamped and stepped "
+              "for it. A lockstep simulator (sim time advances only after an action) needs this; on a robot "
+              "the first chunk after start, a goal change or a gap goes out up to one period sooner."),
     ParamSpec("latency_compensation", "bool", True,
               "Skip the rows of a new chunk that its inference latency already overtook (row i is meant "
               "for observation stamp + i * period)."),
@@ -199,6 +204,7 @@ class NodeParams:
     goal: str = ""
     control_rate_hz: float = 10.0
     replan_every: int = 0
+    serve_late_ticks: bool = True
     latency_compensation: bool = True
     temporal_ensembling: bool = False
     ensembling_decay: float = 0.01

@@ -87,21 +87,6 @@ def sec_to_duration(s: float) -> Duration:
 
 
 
-def _with_timer_info(fn):
-    """Wrap a timer callback ``fn(info)`` so that rclpy hands it the ``TimerInfo`` (scheduled and
-    actual call time). rclpy passes it only to a parameter annotated with the class itself; with
-    ``from __future__ import annotations`` the annotation would be a string, so set it here. Older
-    rclpy without TimerInfo: ``fn()`` is called and falls back to the clock's now."""
-    try:
-        from rclpy.timer import TimerInfo
-    except ImportError:
-        return fn
-
-    def cb(info):
-        return fn(info)
-    cb.__annotations__ = {"info": TimerInfo}
-    return cb
-
 class _StdLogger:
     """logging-style .warning() for the policy's fallbacks, routed to the rclpy logger."""
 
@@ -148,12 +133,16 @@ class PolicyNode(LifecycleNode):
         self.last_failure = ""
         self.sequence = 0
         self.tick_count = 0
+        self._last_tick_ns = -1
         self._expected_latency = 0.0
         self._zero_stamp_warned: set[str] = set()
 
         self._infer_stop = threading.Event()
         self._infer_request = threading.Event()
         self._inflight = False
+        # the last tick, when it published nothing and may still be served (serve_late_ticks):
+        # (its scheduled time, whether the executor already stepped it)
+        self._unserved: tuple[Any, bool] | None = None
 
         self.cb_inputs = MutuallyExclusiveCallbackGroup()
         self.cb_tick = MutuallyExclusiveCallbackGroup()
@@ -321,7 +310,7 @@ class PolicyNode(LifecycleNode):
             self.safety.reset()
             self.active = True
         self.rate.reset()
-        self._tick_timer = self.create_timer(1.0 / self.p.control_rate_hz, _with_timer_info(self._on_tick),
+        self._tick_timer = self.create_timer(1.0 / self.p.control_rate_hz, self._on_tick,
                                              callback_group=self.cb_tick)
         self.reason = "active"
         self.get_logger().info("active: publishing ~/action_chunk" + ("" if self.enabled else
@@ -418,6 +407,7 @@ class PolicyNode(LifecycleNode):
             self._reject(f"image_{cam}", f"camera {cam}: image rejected: {exc}")
             return
         self.buffers[cam].add(st[0], (st[1], img))
+        self._kick_unserved()
 
     def _on_compressed(self, cam: str, msg: CompressedImage) -> None:
         from mode_ros.data.images import ImageDecodeError, decode_compressed
@@ -431,6 +421,7 @@ class PolicyNode(LifecycleNode):
             self._reject(f"image_{cam}", f"camera {cam}: compressed image rejected: {exc}")
             return
         self.buffers[cam].add(st[0], (st[1], img))
+        self._kick_unserved()
 
     def _on_joint_state(self, msg: JointState) -> None:
         st = self._stamp("joint_states", msg.header)
@@ -466,6 +457,7 @@ class PolicyNode(LifecycleNode):
             self._reject("joint_states", "joint_states rejected: contains NaN or Inf")
             return
         self.state = (st[0], vec.astype(np.float32))
+        self._kick_unserved()
 
     def _on_goal(self, msg: String) -> None:
         self._set_goal(msg.data, source="~/goal")
@@ -494,6 +486,7 @@ class PolicyNode(LifecycleNode):
             if self.executor_ is not None:
                 self.executor_.reset()  # the old plan is discarded; the next chunk answers the new goal
         self.get_logger().info(f"new goal from {source}: {clean[:200]!r}")
+        self._kick_unserved()
 
     def _on_enable(self, request: SetBool.Request, response: SetBool.Response) -> SetBool.Response:
         with self.lock:
@@ -514,19 +507,18 @@ class PolicyNode(LifecycleNode):
                            None if self.state is None else self.state[0], self.policy.state_dim > 0,
                            now, self.p.max_observation_age)
 
-    def _on_tick(self, info=None) -> None:
-        # The tick's time is the timer's scheduled time, not the moment the callback got a thread:
-        # under load (or with sim time, when the next /clock arrives first) the callback can run late,
-        # and rows chosen for "now" would belong to a later tick. The chunk is stamped for its tick.
+    def _on_tick(self) -> None:
         now_t = self.get_clock().now()
-        if info is not None:
-            sched = info.expected_call_time
-            if 0 < sched.nanoseconds <= now_t.nanoseconds:
-                if now_t.nanoseconds - sched.nanoseconds > 0.5e9 / self.p.control_rate_hz:
-                    self.counters.inc("late_ticks")
-                now_t = sched
         now = now_t.nanoseconds * 1e-9
         with self.lock:
+            if now_t.nanoseconds == self._last_tick_ns:
+                # a timer callback that ran late, after the next one was already due (sim time: the
+                # next /clock came first): the tick at this clock reading has been handled; a second
+                # chunk for the same instant would only duplicate it
+                self.counters.inc("late_ticks_merged")
+                return
+            self._last_tick_ns = now_t.nanoseconds
+            self._unserved = None
             if not self.active or self.executor_ is None:
                 return
             gate = self._gate(now)
@@ -534,6 +526,8 @@ class PolicyNode(LifecycleNode):
                 self.executor_.reset()
                 self.safety.reset()
                 self._suppress(*gate, level="info" if gate[0] in ("disabled", "no_goal") else "warning")
+                if self.p.serve_late_ticks and gate[0] != "disabled":
+                    self._unserved = (now_t, False)
                 return
             if not self._inflight and self.executor_.needs_replan(now, self._expected_latency):
                 self._inflight = True
@@ -543,6 +537,8 @@ class PolicyNode(LifecycleNode):
                 why = self.last_failure or "waiting for the first chunk"
                 self._suppress("no_plan", f"no plan for this tick ({why})",
                                level="warning" if self.last_failure else "info")
+                if self.p.serve_late_ticks:
+                    self._unserved = (now_t, True)
                 return
             try:
                 actions = self.safety.apply(step.actions)
@@ -555,6 +551,55 @@ class PolicyNode(LifecycleNode):
         self._publish(now_t, step, actions, tick)
         self.rate.tick(time.monotonic())
         self.counters.inc("published")
+        self.reason = "publishing"
+
+    def _kick_unserved(self) -> None:
+        """An input arrived: if the last tick went unserved for want of it and could now be served,
+        request the inference (serve_late_ticks; a lockstep simulator waits for exactly this)."""
+        if self._unserved is None or self._inflight:
+            return
+        with self.lock:
+            if self._unserved is None or self._inflight or not self.active or self.executor_ is None:
+                return
+            if self._gate(self._unserved[0].nanoseconds * 1e-9) is not None:
+                return
+            self._inflight = True
+            self._infer_request.set()
+
+    def _serve_unserved(self) -> None:
+        """A plan was added: publish the last tick now if it went unserved and the next one is not
+        due yet (stamped and stepped for that tick: the same rows, safety and message as on time)."""
+        with self.lock:
+            u = self._unserved
+            if u is None or not self.active or self.executor_ is None:
+                return
+            tick_t, stepped = u
+            if self.get_clock().now().nanoseconds - tick_t.nanoseconds >= 1e9 / self.p.control_rate_hz:
+                self._unserved = None          # the next tick is due: it serves itself
+                return
+            t = tick_t.nanoseconds * 1e-9
+            if self._gate(t) is not None:
+                return
+            newest = self.executor_.newest
+            if newest is None or newest.obs_time > t + 1e-6:
+                return   # a plan from an observation taken after the tick: it serves the next tick
+            step = self.executor_.restep(t) if stepped else self.executor_.step(t)
+            self._unserved = (tick_t, True)
+            if step is None:
+                return
+            try:
+                actions = self.safety.apply(step.actions)
+            except (NonFiniteActionError, ValueError) as exc:
+                self.executor_.reset()
+                self._unserved = None
+                self._suppress("unsafe", f"unsafe actions dropped: {exc}", level="error")
+                return
+            self._unserved = None
+            self.tick_count += 1
+            self._publish(tick_t, step, actions, self.tick_count)   # under the lock: before the next tick's
+        self.rate.tick(time.monotonic())
+        self.counters.inc("published")
+        self.counters.inc("late_served")
         self.reason = "publishing"
 
     def _publish(self, now_t, step, actions: np.ndarray, tick: int) -> None:
@@ -679,6 +724,8 @@ class PolicyNode(LifecycleNode):
                         sequence=self.sequence, goal=obs.goal, latency=latency, stamp=obs.stamp)
             self.executor_.add(plan, self.get_clock().now().nanoseconds * 1e-9)
             self.last_failure = ""
+        if self.p.serve_late_ticks:
+            self._serve_unserved()
 
     # ---- diagnostics -----------------------------------------------------------------------------------------
     def _publish_diagnostics(self) -> None:
@@ -700,7 +747,8 @@ class PolicyNode(LifecycleNode):
             "inferences": c.get("inferences", 0),
             "inference_failures": c.get("inference_failures", 0),
             "ticks_published": c.get("published", 0),
-            "late_ticks": c.get("late_ticks", 0),
+            "late_served": c.get("late_served", 0),
+            "late_ticks_merged": c.get("late_ticks_merged", 0),
             "ticks_suppressed": sum(v for k, v in c.items() if k.startswith("suppressed.")),
             "stale": c.get("suppressed.stale", 0),
             "dropped_results": c.get("dropped_results", 0),

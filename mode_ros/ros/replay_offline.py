@@ -86,6 +86,7 @@ class NodeEmulator:
         self.rate = float(rate)
         self.clock_ns = 0
         self.inflight: _Pending | None = None
+        self.unserved: tuple[int, bool] | None = None   # PolicyNode._unserved: (tick ns, stepped)
         if p.goal:
             self.set_goal(p.goal)
 
@@ -121,6 +122,7 @@ class NodeEmulator:
             self.counters[f"rejected.image_{cam}:{exc.reason}"] += 1
             return
         self.buffers[cam].add(st[0], (st[1], (msgtype, msg)))
+        self._kick()
 
     def set_goal(self, text: str) -> None:
         clean = " ".join(str(text).split())
@@ -135,6 +137,7 @@ class NodeEmulator:
         self.goal = clean
         self.goal_generation += 1
         self.executor_.reset()
+        self._kick()
 
     def on_state(self, stamp_ns: int, vec: np.ndarray) -> None:
         st = self._stamp("joint_states", stamp_ns)
@@ -148,6 +151,7 @@ class NodeEmulator:
             self.counters["rejected.joint_states"] += 1
             return
         self.state = (st[0], vec.astype(np.float32))
+        self._kick()
 
     # ---- the control tick (PolicyNode._gate / _on_tick) ------------------------------------------------
     def gate(self, now: float) -> tuple[str, str] | None:
@@ -163,10 +167,13 @@ class NodeEmulator:
     def tick(self):
         """One control tick at the current clock -> (ChunkRecord | None, reason key, reason message)."""
         now = self.now()
+        self.unserved = None
         gate = self.gate(now)
         if gate is not None:
             self.executor_.reset()
             self.safety.reset()
+            if self.p.serve_late_ticks and gate[0] != "disabled":
+                self.unserved = (self.clock_ns, False)
             return self._suppress(*gate)
         if self.inflight is None and self.policy is not None and \
                 self.executor_.needs_replan(now, self._expected_latency):
@@ -174,20 +181,61 @@ class NodeEmulator:
         step = self.executor_.step(now)
         if step is None:
             why = self.last_failure or "waiting for the first chunk"
+            if self.p.serve_late_ticks:
+                self.unserved = (self.clock_ns, True)
             return self._suppress("no_plan", f"no plan for this tick ({why})")
         try:
             actions = self.safety.apply(step.actions)
         except (NonFiniteActionError, ValueError) as exc:
             self.executor_.reset()
             return self._suppress("unsafe", f"unsafe actions dropped: {exc}")
+        return self._record(step, actions, self.clock_ns), "published", ""
+
+    def _record(self, step, actions, tick_ns: int) -> ChunkRecord:
         self.tick_count += 1
         self.counters["published"] += 1
         self.reason = "publishing"
         plan = step.plan
-        rec = ChunkRecord(stamp_ns=int(plan.stamp), first_index=int(step.first_index), period_ns=self.period_ns,
-                          actions=actions, sequence=int(plan.sequence), tick=self.tick_count, goal=plan.goal,
-                          latency_s=float(plan.latency), tick_ns=self.clock_ns)
-        return rec, "published", ""
+        return ChunkRecord(stamp_ns=int(plan.stamp), first_index=int(step.first_index), period_ns=self.period_ns,
+                           actions=actions, sequence=int(plan.sequence), tick=self.tick_count, goal=plan.goal,
+                           latency_s=float(plan.latency), tick_ns=int(tick_ns))
+
+    # ---- late service of an unserved tick (PolicyNode._kick_unserved / _serve_unserved) -----------------
+    def _kick(self) -> None:
+        if self.unserved is None or self.inflight is not None or self.policy is None:
+            return
+        if self.gate(_stamp_sec(self.unserved[0])) is not None:
+            return
+        self._request(self.now())
+
+    def serve_unserved(self) -> ChunkRecord | None:
+        u = self.unserved
+        if u is None:
+            return None
+        tick_ns, stepped = u
+        if self.clock_ns - tick_ns >= self.period_ns:
+            self.unserved = None
+            return None
+        t = _stamp_sec(tick_ns)
+        if self.gate(t) is not None:
+            return None
+        newest = self.executor_.newest
+        if newest is None or newest.obs_time > t + 1e-6:
+            return None
+        step = self.executor_.restep(t) if stepped else self.executor_.step(t)
+        self.unserved = (tick_ns, True)
+        if step is None:
+            return None
+        try:
+            actions = self.safety.apply(step.actions)
+        except (NonFiniteActionError, ValueError) as exc:
+            self.executor_.reset()
+            self.unserved = None
+            self._suppress("unsafe", f"unsafe actions dropped: {exc}")
+            return None
+        self.unserved = None
+        self.counters["late_served"] += 1
+        return self._record(step, actions, tick_ns)
 
     # ---- inference (PolicyNode._observation / _infer_once) ---------------------------------------------
     def _observation(self, now: float):
@@ -255,18 +303,20 @@ class NodeEmulator:
         done = self.clock_ns + int(round(latency * self.rate * 1e9))
         self.inflight = _Pending(done, plan, gen, latency)
 
-    def complete(self) -> None:
-        """The in-flight inference finishes now (the clock is the last value the node saw)."""
+    def complete(self) -> ChunkRecord | None:
+        """The in-flight inference finishes now (the clock is the last value the node saw). Returns the
+        record of the unserved tick it serves late (serve_late_ticks), if any."""
         pend, self.inflight = self.inflight, None
         if pend is None or pend.plan is None:
-            return
+            return None
         if pend.generation != self.goal_generation:
             self.counters["dropped_results"] += 1
-            return
+            return None
         self.sequence += 1
         pend.plan.sequence = self.sequence
         self.executor_.add(pend.plan, self.now())
         self.last_failure = ""
+        return self.serve_unserved() if self.p.serve_late_ticks else None
 
 
 def _calibrate(policy, goal: str | None, runs: int = 5) -> float:
@@ -349,10 +399,26 @@ def run_offline(sess) -> None:
                 sec=int(rec.latency_s), nanosec=int(round((rec.latency_s % 1) * 1e9)) % NS))
         writer.write(topic, ACTION_CHUNK_TYPE, msg, rec.tick_ns)
 
+    unserved: list = []   # (key, message) of the last tick while it may still be served late
+
+    def settle() -> None:
+        for key, message in unserved:
+            ticks.reasons[key] += 1
+            ticks.details[_reason_detail(key, message)] += 1
+        unserved.clear()
+
+    def publish(rec: ChunkRecord) -> None:
+        ticks.published += 1
+        scorer.add(rec)
+        write_chunk(rec)
+
     def before(t_ns: int) -> None:
         # an inference that finishes before this moment is added with the clock the node had then
         if emu.inflight is not None and emu.inflight.done_ns <= t_ns:
-            emu.complete()
+            rec = emu.complete()
+            if rec is not None:      # the last tick, served late from this plan
+                unserved.clear()
+                publish(rec)
 
     read_ns = None
     for kind, x in schedule(sess.events(), P):
@@ -361,16 +427,14 @@ def run_offline(sess) -> None:
         if kind == "clock":
             emu.set_clock(x)
         elif kind == "tick":
+            settle()
             rec, key, message = emu.tick()
             ticks.expected += 1
             scorer.trace_tick(x)
             if rec is not None:
-                ticks.published += 1
-                scorer.add(rec)
-                write_chunk(rec)
+                publish(rec)
             else:
-                ticks.reasons[key] += 1
-                ticks.details[_reason_detail(key, message)] += 1
+                unserved.append((key, message))
         else:
             ev = x
             read_ns = ev.t
@@ -385,6 +449,8 @@ def run_offline(sess) -> None:
                 scorer.rec.add(ev.source, ev.stamp_ns, ev.vec)
             if read_ns is not None:
                 scorer.advance(read_ns)
+    before(2 ** 62)
+    settle()
     sess.extra["run_wall_s"] = time.perf_counter() - t_run
     scorer.finish(sess.last_ns)
     sess.close_writer()
