@@ -31,7 +31,7 @@ def main() -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--presets", default="paper-8l,pretrain-12l,small")
-    ap.add_argument("--paths", default="uncached,cached,graph,fused-graph,compiled-graph,dense")
+    ap.add_argument("--paths", default="uncached,cached,graph,fused-graph,compiled-graph,int8-graph,fp8-graph,dense")
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--skip", default="", help="comma list of sections to skip: ref,graph,bench,train,compile")
     a = ap.parse_args()

