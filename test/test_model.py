@@ -444,3 +444,22 @@ def test_bench_command_reports_accuracy_and_routing(tmp_path):
     for x in rows:
         assert x["median_ms"] > 0 and x["p99_ms"] >= x["median_ms"] and x["device"] == "cpu"
     assert "int8" in (out / "bench.txt").read_text() and (out / "bench.png").stat().st_size > 1000
+
+
+def test_torch_compile_on_cpu_matches_eager():
+    """The compiled whole-step function (what the GPU graph path captures) also compiles and runs on a
+    CPU (Inductor C++ backend): same actions as the eager reference path, plain and with int8 experts."""
+    torch.manual_seed(0)
+    pol = MoDEPolicy(preset("tiny")).eval()
+    g = torch.Generator().manual_seed(2)
+    imgs = torch.randint(0, 255, (1, pol.config.n_cameras, 3, *pol.config.vision.image_size), dtype=torch.uint8,
+                         generator=g)
+    goal, noise = torch.randn(1, 512, generator=g), torch.randn(1, 10, pol.action_dim, generator=g)
+    ref = pol.sample_normalized(imgs, goal, None, noise, cached=False)
+    state = pol.enable_fast(fused=True, compile=True)
+    assert state["compiled"] and pol.fused.whole_step
+    a = pol.sample_normalized(imgs, goal, None, noise, cached=True)
+    assert (a - ref).abs().max() < 1e-5
+    pol.enable_fast(fused=True, compile=True, weight_quant="int8")
+    b = pol.sample_normalized(imgs, goal, None, noise, cached=True)
+    assert 0 < (b - ref).abs().max() < 5e-3
