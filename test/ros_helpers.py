@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import subprocess
 import threading
 import time
@@ -128,19 +127,10 @@ class NodeProcess:
         """SIGINT (clean rclpy shutdown), then SIGTERM, then SIGKILL, to the whole process group."""
         if self.proc is None:
             return None
-        for sig, wait in ((signal.SIGINT, timeout), (signal.SIGTERM, 3.0), (signal.SIGKILL, 3.0)):
-            if self.proc.poll() is not None:
-                break
-            try:
-                os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                self.proc.wait(wait)
-            except subprocess.TimeoutExpired:
-                continue
+        from mode_ros.ros.processes import stop_process_group
+        code = stop_process_group(self.proc, timeout)
         self._log.close()
-        return self.proc.poll()
+        return code
 
 
 class Collector:

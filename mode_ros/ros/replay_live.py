@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import queue
-import signal
 import subprocess
 import threading
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mode_ros.ros.processes import stop_process_group
 from mode_ros.ros.scoring import ChunkRecord
 
 __all__ = ["run_live"]
@@ -71,19 +71,9 @@ class _Node:
             return ""
 
     def stop(self, timeout: float = 10.0):
-        for sig, wait in ((signal.SIGINT, timeout), (signal.SIGTERM, 3.0), (signal.SIGKILL, 3.0)):
-            if self.proc.poll() is not None:
-                break
-            try:
-                os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                self.proc.wait(wait)
-            except subprocess.TimeoutExpired:
-                continue
+        code = stop_process_group(self.proc, timeout)
         self._log.close()
-        return self.proc.poll()
+        return code
 
 
 def _executable() -> Path:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
 import tempfile
@@ -94,20 +93,11 @@ class _Proc:
                                   start_new_session=True)
 
     def stop(self, timeout: float = 10.0) -> int | None:
-        if self.p.poll() is None:
-            for sig, wait in ((signal.SIGINT, timeout), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
-                try:
-                    os.killpg(self.p.pid, sig)
-                except ProcessLookupError:
-                    break
-                try:
-                    self.p.wait(wait)
-                    break
-                except subprocess.TimeoutExpired:
-                    continue
+        from mode_ros.ros.processes import stop_process_group
+        code = stop_process_group(self.p, timeout, grace=5.0)
         if self._out:
             self._out.close()
-        return self.p.poll()
+        return code
 
     def tail(self, n: int = 40) -> str:
         if not self.log_path or not self.log_path.exists():
