@@ -20,9 +20,11 @@ NAMES = ("x", "y", "gripper")
 
 def test_live_replay_scores_a_known_policy(bags, const_ckpt, tmp_path):  # noqa: F811
     out = tmp_path / "live"
+    # half speed: a tick callback delayed by the inference thread (GIL) shifts by half as much bag time,
+    # so on a slow machine it still lands in its own control period
     rc, so, se = H.run_cli([str(bags["sqlite3"]), "--checkpoint", str(const_ckpt), "--topics", str(bags["map"]),
                             "--out", str(out), "--gripper-dims", "2", "--gripper-thresholds", "0",
-                            "-p", "torch_threads=1", "--quiet"])
+                            "-p", "torch_threads=1", "--rate", "0.5", "--quiet"])
     assert rc == 0, so + se
     rep = H.load_report(out)
     assert rep["mode"] == "live" and rep["ok"], rep["problems"]
@@ -61,8 +63,8 @@ def test_live_replay_scores_a_known_policy(bags, const_ckpt, tmp_path):  # noqa:
 
 def test_live_matches_offline_when_every_tick_is_computed(bags, rand_ckpt, tmp_path):  # noqa: F811
     """Random-init network (output depends on the images and the joint state), fixed sampler seed, a new
-    chunk every tick, at half speed so that inference (~30-100 ms here) finishes within one control period
-    of bag time: the live node and the offline emulation publish the same chunks. Stated tolerance: >= 90 %
+    chunk every tick, at quarter speed so that inference (~30-300 ms here) finishes within one control
+    period of bag time: the live node and the offline emulation publish the same chunks. Stated tolerance: >= 90 %
     of the chunks have the same (stamp, first_index), their actions agree within 5e-3 (usually bit for
     bit; the residue is the node's inference thread occasionally reading a joint state that arrived a few
     ms after the tick), first-action and chunk MAE within 1.5 % of each other."""
@@ -70,7 +72,7 @@ def test_live_matches_offline_when_every_tick_is_computed(bags, rand_ckpt, tmp_p
               "-p", "seed=0", "-p", "replan_every=1", "--quiet"]
     rc, so, se = H.run_cli([str(bags["mcap"]), "--offline", "--latency", "0", "--out", str(tmp_path / "off"), *common])
     assert rc == 0, so + se
-    rc, so, se = H.run_cli([str(bags["mcap"]), "--rate", "0.5", "--out", str(tmp_path / "live"), *common])
+    rc, so, se = H.run_cli([str(bags["mcap"]), "--rate", "0.25", "--out", str(tmp_path / "live"), *common])
     assert rc == 0, so + se
     off, live = H.load_report(tmp_path / "off"), H.load_report(tmp_path / "live")
     a = {(c["stamp"], c["first_index"]): c["actions"] for c in H.chunks_from_bag(tmp_path / "off" / "chunks")}
