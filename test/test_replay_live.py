@@ -48,7 +48,8 @@ def test_live_replay_scores_a_known_policy(bags, const_ckpt, tmp_path):  # noqa:
     assert t["expected"] == t["published"] + t["without_output"]
     # start-up ticks (no goal / image / first chunk yet) and, on a loaded machine, a few slow inferences
     assert set(t["without_output_by_reason"]) <= {"no_goal", "no_image", "no_plan"}, t
-    assert rep["live"]["chunks_not_matched_to_a_tick"] == 0
+    assert rep["live"]["chunks_not_matched_to_a_tick"] == 0, (
+        t, [(c["t"], c["stamp"], c["first_index"]) for c in chunks])
     for p in rep["outputs"]["plots"]:
         assert Path(p).stat().st_size > 5000
     # the recorded chunks re-score to the same numbers without a policy (the `ros2 bag record` path)
@@ -139,5 +140,6 @@ def test_use_sim_time_drives_staleness_at_any_rate(const_ckpt, tmp_path, start_n
             assert not [c for c in chunks if lo <= c["stamp"] + c["first_index"] * c["period"] <= hi]
             nd = rep.get("node_diagnostics") or {}
             if "suppressed.stale" in nd and nd.get("at_bag_time_s", 0) >= 1002.5:
-                assert abs(int(nd["suppressed.stale"]) - want) <= 1, nd
+                # ticks the node's timer skipped while it ran late (loaded machine) are in no counter
+                assert abs(int(nd["suppressed.stale"]) - want) <= 1 + int(nd.get("missed_ticks", 0)), nd
     assert H.load_report(tmp_path / "slow")["mode"] == "live (attached)"

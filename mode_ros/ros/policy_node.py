@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import rclpy
+import rclpy.time
 from builtin_interfaces.msg import Duration, Time
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import (FloatingPointRange, IntegerRange, ParameterDescriptor, ParameterType,
@@ -87,6 +88,22 @@ def sec_to_duration(s: float) -> Duration:
 
 
 
+
+def _with_timer_info(fn):
+    """Wrap a timer callback ``fn(info)`` so that rclpy hands it the ``TimerInfo`` (scheduled and actual
+    call time): rclpy passes it only to a parameter annotated with the class itself, and with
+    ``from __future__ import annotations`` an annotation is a string. Without TimerInfo (older rclpy)
+    ``fn()`` is called and the tick is the clock's now."""
+    try:
+        from rclpy.timer import TimerInfo
+    except ImportError:
+        return fn
+
+    def cb(info):
+        return fn(info)
+    cb.__annotations__ = {"info": TimerInfo}
+    return cb
+
 class _StdLogger:
     """logging-style .warning() for the policy's fallbacks, routed to the rclpy logger."""
 
@@ -129,6 +146,9 @@ class PolicyNode(LifecycleNode):
         self.active = False
         self.buffers: dict[str, StampBuffer] = {}
         self.state: tuple[float, np.ndarray] | None = None
+        # (stamp, receive time) of the newest and the previous joint state (for _gate at a past tick)
+        self._state_recv: tuple[float, float] | None = None
+        self._state_prev: tuple[float, float] | None = None
         self.reason = "unconfigured"
         self.last_failure = ""
         self.sequence = 0
@@ -310,7 +330,7 @@ class PolicyNode(LifecycleNode):
             self.safety.reset()
             self.active = True
         self.rate.reset()
-        self._tick_timer = self.create_timer(1.0 / self.p.control_rate_hz, self._on_tick,
+        self._tick_timer = self.create_timer(1.0 / self.p.control_rate_hz, _with_timer_info(self._on_tick),
                                              callback_group=self.cb_tick)
         self.reason = "active"
         self.get_logger().info("active: publishing ~/action_chunk" + ("" if self.enabled else
@@ -367,6 +387,7 @@ class PolicyNode(LifecycleNode):
         self._chunk_pub = self._traj_pub = None
         self.buffers = {}
         self.state = None
+        self._state_recv = self._state_prev = None
         self.policy = None
         self.executor_ = None
         self.safety = None
@@ -406,7 +427,7 @@ class PolicyNode(LifecycleNode):
         except ImageDecodeError as exc:
             self._reject(f"image_{cam}", f"camera {cam}: image rejected: {exc}")
             return
-        self.buffers[cam].add(st[0], (st[1], img))
+        self.buffers[cam].add(st[0], (st[1], img), recv=self._clock_s())
         self._kick_unserved()
 
     def _on_compressed(self, cam: str, msg: CompressedImage) -> None:
@@ -420,7 +441,7 @@ class PolicyNode(LifecycleNode):
         except ImageDecodeError as exc:
             self._reject(f"image_{cam}", f"camera {cam}: compressed image rejected: {exc}")
             return
-        self.buffers[cam].add(st[0], (st[1], img))
+        self.buffers[cam].add(st[0], (st[1], img), recv=self._clock_s())
         self._kick_unserved()
 
     def _on_joint_state(self, msg: JointState) -> None:
@@ -456,7 +477,10 @@ class PolicyNode(LifecycleNode):
         if not np.isfinite(vec).all():
             self._reject("joint_states", "joint_states rejected: contains NaN or Inf")
             return
-        self.state = (st[0], vec.astype(np.float32))
+        with self.lock:
+            self._state_prev = self._state_recv
+            self._state_recv = (st[0], self._clock_s())
+            self.state = (st[0], vec.astype(np.float32))
         self._kick_unserved()
 
     def _on_goal(self, msg: String) -> None:
@@ -501,14 +525,37 @@ class PolicyNode(LifecycleNode):
         return response
 
     # ---- the control tick ---------------------------------------------------------------------------------
-    def _gate(self, now: float) -> tuple[str, str] | None:
-        """Why nothing may be published now: (key, message), or None."""
-        return output_gate(self.enabled, self.goal, {c: b.latest_stamp() for c, b in self.buffers.items()},
-                           None if self.state is None else self.state[0], self.policy.state_dim > 0,
-                           now, self.p.max_observation_age)
+    def _gate(self, now: float, as_received_by_now: bool = True) -> tuple[str, str] | None:
+        """Why nothing may be published at ``now``: (key, message), or None. Inputs count as they
+        had been received by ``now`` (a late tick callback), unless ``as_received_by_now`` is False
+        (serving a past tick late from inputs that arrived after it)."""
+        state_stamp = None if self.state is None else self.state[0]
+        if as_received_by_now and self._state_recv is not None and self._state_recv[1] > now:
+            state_stamp = self._state_prev[0] if self._state_prev is not None else None
+        rb = now if as_received_by_now else None
+        return output_gate(self.enabled, self.goal,
+                           {c: b.latest_stamp(received_by=rb) for c, b in self.buffers.items()},
+                           state_stamp, self.policy.state_dim > 0, now, self.p.max_observation_age)
 
-    def _on_tick(self) -> None:
+    def _clock_s(self) -> float:
+        return self.get_clock().now().nanoseconds * 1e-9
+
+    def _on_tick(self, info=None) -> None:
+        # A tick stands for a point of the timer's grid, not for the moment its callback got a thread:
+        # when it runs late (the executor thread waited for the GIL while the inference thread ran;
+        # with sim time the next /clock may have come first) it chooses its row and judges its inputs
+        # (as received by then) for the newest grid point not after now, as if on time. If that point
+        # was handled already (two late callbacks), the second one is merged below.
         now_t = self.get_clock().now()
+        if info is not None:
+            sched = info.expected_call_time.nanoseconds
+            late = now_t.nanoseconds - sched
+            if sched > 0 and late > 0:
+                period_ns = round(1e9 / self.p.control_rate_hz)
+                missed = late // period_ns   # grid points skipped (callback late or clock jumped): no chunk
+                if missed and self._last_tick_ns >= 0:
+                    self.counters.inc("missed_ticks", int(missed))
+                now_t = rclpy.time.Time(nanoseconds=sched + missed * period_ns, clock_type=now_t.clock_type)
         now = now_t.nanoseconds * 1e-9
         with self.lock:
             if now_t.nanoseconds == self._last_tick_ns:
@@ -561,7 +608,7 @@ class PolicyNode(LifecycleNode):
         with self.lock:
             if self._unserved is None or self._inflight or not self.active or self.executor_ is None:
                 return
-            if self._gate(self._unserved[0].nanoseconds * 1e-9) is not None:
+            if self._gate(self._unserved[0].nanoseconds * 1e-9, as_received_by_now=False) is not None:
                 return
             self._inflight = True
             self._infer_request.set()
@@ -578,7 +625,7 @@ class PolicyNode(LifecycleNode):
                 self._unserved = None          # the next tick is due: it serves itself
                 return
             t = tick_t.nanoseconds * 1e-9
-            if self._gate(t) is not None:
+            if self._gate(t, as_received_by_now=False) is not None:
                 return
             newest = self.executor_.newest
             if newest is None or newest.obs_time > t + 1e-6:
@@ -749,6 +796,7 @@ class PolicyNode(LifecycleNode):
             "ticks_published": c.get("published", 0),
             "late_served": c.get("late_served", 0),
             "late_ticks_merged": c.get("late_ticks_merged", 0),
+            "missed_ticks": c.get("missed_ticks", 0),
             "ticks_suppressed": sum(v for k, v in c.items() if k.startswith("suppressed.")),
             "stale": c.get("suppressed.stale", 0),
             "dropped_results": c.get("dropped_results", 0),

@@ -526,7 +526,7 @@ def _replay(sess, node, fqn, proc):
     if diag_last:
         keep = ("ticks_published", "ticks_suppressed", "stale", "inferences", "inference_failures", "dropped_results",
                 "rejected", "images_received", "inference_latency_median_ms", "inference_latency_p99_ms",
-                "achieved_rate_hz", "reason", "last_failure")
+                "achieved_rate_hz", "missed_ticks", "late_ticks_merged", "late_served", "reason", "last_failure")
         nd = {k: diag_last.get(k) for k in keep if k in diag_last}
         nd.update({k: v for k, v in diag_last.items() if k.startswith(("suppressed.", "rejected."))})
         nd["at_bag_time_s"] = round(diag_last.get("_stamp", 0) / NS, 3)
