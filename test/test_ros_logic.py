@@ -225,6 +225,21 @@ def test_stamp_buffer_sorted_and_bounded():
 
 
 # ---- stats ----------------------------------------------------------------------------------------------------------
+def test_stamp_buffer_as_received_by():
+    """A late tick judges freshness from the images it had received by its scheduled time."""
+    b = StampBuffer(3)
+    b.add(1.00, "a", recv=1.01)
+    b.add(1.10, "b", recv=1.12)
+    b.add(1.05, "late", recv=1.20)        # out of order: sorted by stamp, received last
+    assert b.latest_stamp() == 1.10
+    assert b.latest_stamp(received_by=1.11) == 1.00
+    assert b.latest_stamp(received_by=1.15) == 1.10
+    b.add(1.30, "c", recv=1.31)           # evicts 1.00
+    assert b.latest_stamp(received_by=1.11) == 1.05    # nothing kept is that old: the oldest kept
+    b.add(1.40, "d")                      # no receive time: counts as received
+    assert b.latest_stamp(received_by=0.0) == 1.40 and len(b) == 3
+
+
 def test_window_stats_and_rate_meter():
     w = WindowStats(100)
     for x in range(1, 101):

@@ -50,30 +50,24 @@ class StampBuffer:
     callback ran late can still judge its inputs as they were at its scheduled time."""
 
     def __init__(self, maxlen: int = 10):
-        self._items: deque[tuple[float, Any]] = deque(maxlen=max(1, int(maxlen)))
-        self._recv: dict[int, float] = {}
+        self._items: deque[tuple[float, Any, float | None]] = deque(maxlen=max(1, int(maxlen)))
         self._lock = threading.Lock()
         self.received = 0
 
     def add(self, stamp: float, payload: Any, recv: float | None = None) -> None:
         with self._lock:
             self.received += 1
-            item = (stamp, payload)
-            if recv is not None:
-                self._recv[id(item)] = recv
+            item = (stamp, payload, recv)
             if self._items and stamp < self._items[-1][0]:   # out of order: insert sorted
                 items = sorted([*self._items, item], key=lambda x: x[0])
                 self._items.clear()
                 self._items.extend(items[-self._items.maxlen:])
             else:
                 self._items.append(item)
-            if len(self._recv) > 2 * self._items.maxlen:
-                keep = {id(x) for x in self._items}
-                self._recv = {k: v for k, v in self._recv.items() if k in keep}
 
     def snapshot(self) -> list[tuple[float, Any]]:
         with self._lock:
-            return list(self._items)
+            return [(st, pl) for st, pl, _ in self._items]
 
     def latest_stamp(self, received_by: float | None = None) -> float | None:
         """Newest stamp; with ``received_by``, among the entries received by then (an entry without
@@ -83,10 +77,9 @@ class StampBuffer:
                 return None
             if received_by is None:
                 return self._items[-1][0]
-            for item in reversed(self._items):
-                r = self._recv.get(id(item))
+            for st, _, r in reversed(self._items):
                 if r is None or r <= received_by:
-                    return item[0]
+                    return st
             return self._items[0][0]
 
     def clear(self) -> None:
