@@ -190,18 +190,33 @@ class Harness:
         self.node = rclpy.create_node(name)
         self.executor = MultiThreadedExecutor(num_threads=2)
         self.executor.add_node(self.node)
+        self._closing = False
+        self.spin_errors: list[str] = []
         self._thread = threading.Thread(target=self._spin, daemon=True, name="harness-spin")
         self._thread.start()
 
     def _spin(self):
+        """Spin until closed. The harness lives for the whole session: an exception out of the
+        executor (e.g. a subscription destroyed by ``drop`` while the executor was taking from it)
+        is recorded and spinning goes on, instead of silently leaving every later test without
+        callbacks."""
+        import rclpy
         from rclpy.executors import ExternalShutdownException
 
-        try:
-            self.executor.spin()
-        except (ExternalShutdownException, Exception):  # noqa: BLE001 - teardown races
-            pass
+        while not self._closing and rclpy.ok():
+            try:
+                self.executor.spin()
+                return
+            except ExternalShutdownException:
+                return
+            except Exception as exc:  # noqa: BLE001
+                if self._closing:
+                    return
+                self.spin_errors.append(f"{type(exc).__name__}: {exc}")
+                time.sleep(0.01)
 
     def close(self):
+        self._closing = True
         self.executor.shutdown(timeout_sec=2.0)
         self.node.destroy_node()
         self._thread.join(2.0)
