@@ -380,6 +380,14 @@ def write_plots(scorer: Scorer, out_dir, t0_ns: int, title: str = "") -> list[st
 
     out_dir = Path(out_dir)
     paths = []
+
+    def save(fig, name: str) -> None:
+        fig.tight_layout()
+        p = out_dir / name
+        fig.savefig(p, dpi=90)
+        plt.close(fig)
+        paths.append(str(p))
+
     a = scorer.a
     rec = scorer.rec
     # 1) predicted vs recorded
@@ -404,11 +412,7 @@ def write_plots(scorer: Scorer, out_dir, t0_ns: int, title: str = "") -> list[st
         axes[0, 0].legend(loc="upper right", fontsize=7)
     axes[-1, 0].set_xlabel("bag time (s); thin blue: each new chunk over its slots")
     fig.suptitle(f"predicted vs recorded actions {title}", fontsize=10)
-    fig.tight_layout()
-    p = out_dir / "actions.png"
-    fig.savefig(p, dpi=90)
-    plt.close(fig)
-    paths.append(str(p))
+    save(fig, "actions.png")
     # 2) error per chunk step
     fig, ax = plt.subplots(1, 2, figsize=(11, 3.6))
     for j, (acc, label) in enumerate(((scorer.by_row, "row of the published chunk (0 = executed now)"),
@@ -433,11 +437,7 @@ def write_plots(scorer: Scorer, out_dir, t0_ns: int, title: str = "") -> list[st
     if ax[0].get_legend_handles_labels()[0]:
         ax[0].legend(fontsize=6, ncol=2)
     fig.suptitle(f"error per chunk step {title}", fontsize=10)
-    fig.tight_layout()
-    p = out_dir / "error_per_step.png"
-    fig.savefig(p, dpi=90)
-    plt.close(fig)
-    paths.append(str(p))
+    save(fig, "error_per_step.png")
     # 3) latency
     lat = np.array([v["latency"] for v in scorer.sequences.values()
                     if v["latency"] is not None and math.isfinite(v["latency"])]) * 1e3
@@ -447,11 +447,7 @@ def write_plots(scorer: Scorer, out_dir, t0_ns: int, title: str = "") -> list[st
         ax.set_xlabel("inference latency (ms)")
         ax.set_ylabel("inferences")
         ax.set_title(f"median {np.median(lat):.1f} ms, p99 {np.percentile(lat, 99):.1f} ms", fontsize=9)
-        fig.tight_layout()
-        p = out_dir / "latency.png"
-        fig.savefig(p, dpi=90)
-        plt.close(fig)
-        paths.append(str(p))
+        save(fig, "latency.png")
     return paths
 
 
