@@ -185,10 +185,13 @@ class Harness:
 
     def __init__(self, name: str = "mode_ros_test_harness"):
         import rclpy
-        from rclpy.executors import MultiThreadedExecutor
+        from rclpy.executors import SingleThreadedExecutor
 
         self.node = rclpy.create_node(name)
-        self.executor = MultiThreadedExecutor(num_threads=2)
+        # single-threaded: rclpy's MultiThreadedExecutor (< 10.0.4, ros2/rclpy#1452) re-queues callbacks
+        # that have not started yet and its spin loop then holds the GIL; on 2 cores that stalled this
+        # process (the camera feed of the node tests) for up to 2 s
+        self.executor = SingleThreadedExecutor()
         self.executor.add_node(self.node)
         self._closing = False
         self.spin_errors: list[str] = []
