@@ -6,7 +6,8 @@
 1. reference fixture on CUDA (TF32 off): max |diff| per key
 2. graph (bf16) vs eager fp32 actions and routing identity, 8-layer preset
 3. mode-ros bench: presets x dtypes x paths x batch 1/8/32 (JSON + table + PNG)
-4. training throughput of the 8-layer preset (bf16 autocast, synthetic batches on the device)
+4. torch.compile path; fused-step variants: attention formulation x Inductor mode (paper-8l bf16 b1)
+5. training throughput of the 8-layer preset (bf16 autocast, synthetic batches on the device)
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ def main() -> int:
     ap.add_argument("--presets", default="paper-8l,pretrain-12l,small")
     ap.add_argument("--paths", default="uncached,cached,graph,fused-graph,compiled-graph,int8-graph,fp8-graph,dense")
     ap.add_argument("--batches", default="1,8,32")
-    ap.add_argument("--skip", default="", help="comma list of sections to skip: ref,graph,bench,train,compile")
+    ap.add_argument("--skip", default="", help="comma list of sections to skip: ref,graph,bench,compile,attention,train")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -123,6 +124,51 @@ def main() -> int:
             print(f"compile section {time.time() - t0:.0f} s")
         except Exception as exc:  # noqa: BLE001
             print("compile failed", exc)
+
+    if "attention" not in skip:
+        section("fused step variants (paper-8l bf16 b1, compiled, whole-chunk graph)")
+        # attention formulation x Inductor mode; every variant: latency, |a - a_fp32|, same routing
+        from mode_ros.model.fast import FusedSampler
+        from mode_ros.model.graph import ChunkGraph
+        from mode_ros.model.bench import _reference, _time
+        import statistics
+        torch.manual_seed(0)
+        with torch.device(dev):
+            pol = MoDEPolicy(preset("paper-8l")).eval()
+        pol.to(dev)
+        imgs = torch.randint(0, 255, (1, 2, 3, 224, 224), dtype=torch.uint8, device=dev)
+        goal = torch.randn(1, 512, device=dev)
+        noise = torch.randn(1, 10, 7, device=dev)
+        ref = _reference(pol, imgs, goal, noise)
+        idx32 = pol.sampler.ensure().indices_t.clone()
+        pol.to_device("cuda", torch.bfloat16)
+        pol.encoders.to(torch.bfloat16)
+        variants = [(att, None) for att in ("matmul", "elementwise", "sdpa")]
+        variants += [("matmul", "max-autotune-no-cudagraphs"), ("elementwise", "max-autotune-no-cudagraphs")]
+        for att, mode in variants:
+            t0 = time.time()
+            try:
+                pol._graph = None
+                pol.fused = FusedSampler(pol.sampler, compile=True, attention=att, compile_mode=mode)
+                pol.fused.build()
+                g = ChunkGraph(pol, 1)
+                fn = lambda: g(imgs, goal, None, noise)  # noqa: E731
+                ts = _time(fn, dev, 100, 5)
+                out = fn().float()
+                enc = statistics.median(_time(lambda: pol.encode_observation(imgs, goal), dev, 20, 2))
+                r = {"attention": att, "compile_mode": mode, "median_ms": statistics.median(ts),
+                     "p99_ms": sorted(ts)[int(0.99 * (len(ts) - 1))], "encoders_ms": enc,
+                     "max_abs_diff_vs_fp32": (out - ref).abs().max().item(),
+                     "same_routing": bool(torch.equal(pol.sampler.ensure().indices_t, idx32)),
+                     "build_s": time.time() - t0}
+            except Exception as exc:  # noqa: BLE001
+                r = {"attention": att, "compile_mode": mode, "failed": f"{type(exc).__name__}: {exc}"[:500]}
+            print(json.dumps(r), flush=True)
+            res["sections"].setdefault("step_variants", []).append(r)
+            out.joinpath("gpu_results.json").write_text(json.dumps(res, indent=1, default=str))
+        pol.fused = pol._graph = None
+        del pol
+        torch.cuda.empty_cache()
 
     if "train" not in skip:
         section("training throughput paper-8l (bf16 autocast, synthetic on-device batches)")

@@ -310,11 +310,31 @@ def test_fused_whole_step_equals_cached():
     goal, obs = torch.randn(2, 512, generator=g), torch.randn(2, 2, 512, generator=g)
     x_T = 80 * torch.randn(2, 10, 7, generator=g)
     a = cached.sample(x_T, goal, obs)
-    for manual in (False, True):
-        fused = FusedSampler(cached, whole_step=True)
-        fused.compile = manual  # the flag also selects the hand-written attention used under compile
+    for attention in ("sdpa", "matmul", "elementwise"):
+        fused = FusedSampler(cached, whole_step=True, attention=attention)
         b = fused.sample(x_T, goal, obs)
-        assert torch.allclose(a, b, atol=1e-5, rtol=0), (manual, (a - b).abs().max())
+        assert torch.allclose(a, b, atol=1e-5, rtol=0), (attention, (a - b).abs().max())
+    with pytest.raises(ValueError, match="attention"):
+        FusedSampler(cached, attention="flash")
+
+
+def test_causal_attention_forms_agree():
+    """The three attention formulations of the fused sampler: the same causal softmax attention
+    (each query sees itself and earlier tokens only), in bf16 within bf16 rounding."""
+    from mode_ros.model.fast import causal_attention
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 4, 14, 16, generator=g) for _ in range(3))
+    ref = causal_attention(q, k, v, "sdpa")
+    # a future key changed: the earlier queries' outputs do not move
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, 9:], v2[:, :, 9:] = 5.0, -5.0
+    for kind in ("matmul", "elementwise"):
+        out = causal_attention(q, k, v, kind)
+        assert (out - ref).abs().max() < 1e-5, kind
+        assert torch.equal(causal_attention(q, k2, v2, kind)[:, :, :9], out[:, :, :9])
+        assert not torch.allclose(causal_attention(q, k2, v2, kind)[:, :, 9:], out[:, :, 9:])
+        ob = causal_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), kind)
+        assert ob.dtype == torch.bfloat16 and (ob.float() - ref).abs().max() < 3e-2, kind
 
 
 def test_import_reference_agent_checkpoint(tmp_path):
@@ -463,3 +483,10 @@ def test_torch_compile_on_cpu_matches_eager():
     pol.enable_fast(fused=True, compile=True, weight_quant="int8")
     b = pol.sample_normalized(imgs, goal, None, noise, cached=True)
     assert 0 < (b - ref).abs().max() < 5e-3
+    # the GEMM-free attention formulation compiles too (Inductor generates its reductions)
+    state = pol.enable_fast(fused=True, compile=True, attention="elementwise")
+    assert state["compiled"] and pol.fused.attention == "elementwise"
+    c = pol.sample_normalized(imgs, goal, None, noise, cached=True)
+    assert (c - ref).abs().max() < 1e-5
+    with pytest.raises(ValueError, match="attention"):
+        pol.enable_fast(fused=True, attention="flash")

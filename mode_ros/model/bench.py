@@ -57,7 +57,10 @@ def copy_bandwidth(dev) -> float | None:
 
 
 def bench_preset(name: str, device: str, dtypes: list[str], paths: list[str], batches: list[int],
-                 runs: int = 50, warmup: int = 5, steps: int = 10, log=print) -> list[dict]:
+                 runs: int = 50, warmup: int = 5, steps: int = 10, log=print,
+                 attention: str | None = None) -> list[dict]:
+    """``attention``: the fused paths' attention kernel (``mode_ros.model.fast.ATTENTION``; default
+    the fused sampler's own choice); recorded in every row."""
     from .policy import MoDEPolicy
 
     dev = torch.device(device)
@@ -112,9 +115,9 @@ def bench_preset(name: str, device: str, dtypes: list[str], paths: list[str], ba
                     policy.fused = None
                     try:
                         if path in ("fused", "fused-graph", "int8", "fp8"):
-                            policy.enable_fast(fused=True, weight_quant=quant)
+                            policy.enable_fast(fused=True, weight_quant=quant, attention=attention)
                         elif path in ("compiled-graph", "int8-graph", "fp8-graph"):
-                            policy.enable_fast(fused=True, compile=True, weight_quant=quant)
+                            policy.enable_fast(fused=True, compile=True, weight_quant=quant, attention=attention)
                         if quant != "none" and (policy.fused is None or policy.fused.weight_quant != quant):
                             raise RuntimeError(f"weight_quant {quant} unavailable")
                         if path in ("cached", "dense", "fused", "int8", "fp8"):
@@ -160,7 +163,8 @@ def bench_preset(name: str, device: str, dtypes: list[str], paths: list[str], ba
                            "bandwidth_fraction": (bytes_chunk / (med / 1e3)) / bw if bw else None,
                            "peak_mem_MB": torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else None,
                            "fused_extra_params": policy.fused.extra_parameters() if policy.fused is not None else 0,
-                           "weight_quant": quant, "max_abs_diff_vs_fp32": diff, "same_routing_as_fp32": same_routing}
+                           "weight_quant": quant, "max_abs_diff_vs_fp32": diff, "same_routing_as_fp32": same_routing,
+                           "attention": policy.fused.attention if policy.fused is not None else None}
                     rows.append(row)
                     log(f"  {name:>12} {dtype:>4} {path:>9} b={b:<3} median {med:8.2f} ms  p95 {row['p95_ms']:8.2f} ms"
                         + (f"  encoders {enc_ms:.2f} ms" if enc_ms is not None else "")

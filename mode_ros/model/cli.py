@@ -25,6 +25,8 @@ def register(sub) -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--attention", default=None, choices=("sdpa", "matmul", "elementwise"),
+                   help="attention formulation of the fused paths (default: matmul when compiled, else sdpa)")
     p.add_argument("--out", default=None, help="folder for bench.json, bench.txt, bench.png")
     p.set_defaults(func=cmd_bench)
 
@@ -91,7 +93,7 @@ def cmd_bench(args) -> int:
         print(f"[bench] {name} on {device}", file=sys.stderr)
         rows += bench_preset(name, device, dtypes, args.paths.split(","), [int(b) for b in args.batches.split(",")],
                              runs=args.runs, warmup=args.warmup, steps=args.steps,
-                             log=lambda m: print(m, file=sys.stderr))
+                             log=lambda m: print(m, file=sys.stderr), attention=args.attention)
     meta = {"device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
             "torch": torch.__version__, "threads": torch.get_num_threads()}
     print(table(rows))

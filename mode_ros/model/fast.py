@@ -85,8 +85,31 @@ def qlinear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, bias: 
     return y if bias is None else y + bias
 
 
+ATTENTION = ("sdpa", "matmul", "elementwise")
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kind: str) -> torch.Tensor:
+    """Causal attention over (b, heads, t, hd) for the ~14 tokens of a MoDE step, three ways:
+    ``sdpa`` (one library kernel), ``matmul`` (scores and weighted sum as two batched GEMMs, fp32
+    scores) and ``elementwise`` (both products as broadcast multiply + reduction, fp32: no GEMM at all,
+    so that under torch.compile Inductor can generate them, with the softmax, as its own kernels
+    instead of two cuBLAS calls per layer). All three compute the same function."""
+    if kind == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    t, hd = q.shape[-2], q.shape[-1]
+    mask = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+    if kind == "matmul":
+        scores = (q.float() @ k.float().transpose(-1, -2)) * (hd ** -0.5)
+        return scores.masked_fill(~mask, float("-inf")).softmax(-1).to(v.dtype) @ v
+    if kind == "elementwise":
+        scores = (q.float().unsqueeze(-2) * k.float().unsqueeze(-3)).sum(-1) * (hd ** -0.5)
+        p = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+        return (p.unsqueeze(-1) * v.float().unsqueeze(-3)).sum(-2).to(v.dtype)
+    raise ValueError(f"attention: {kind!r} is not one of {ATTENTION}")
+
+
 def fused_layer(h, c, ln1_g, wqkv, bqkv, qg, kg, wproj, ln2_g, w1f, b1f, w2f, gates,
-                n_heads: int, eps: float, reference_residual: bool, manual_attention: bool = False,
+                n_heads: int, eps: float, reference_residual: bool, attention: str = "sdpa",
                 w1s=None, w2s=None, int8_kernel: bool = False):
     b, t, d = h.shape
     hd = d // n_heads
@@ -95,12 +118,7 @@ def fused_layer(h, c, ln1_g, wqkv, bqkv, qg, kg, wproj, ln2_g, w1f, b1f, w2f, ga
     q = _rms(q.view(b, t, n_heads, hd), qg, eps).transpose(1, 2)
     k = _rms(k.view(b, t, n_heads, hd), kg, eps).transpose(1, 2)
     v = v.view(b, t, n_heads, hd).transpose(1, 2)
-    if manual_attention:  # T is ~14 tokens: plain math fuses better than an SDPA kernel launch
-        scores = (q.float() @ k.float().transpose(-1, -2)) * (hd ** -0.5)
-        mask = torch.ones(t, t, dtype=torch.bool, device=h.device).tril()
-        a = scores.masked_fill(~mask, float("-inf")).softmax(-1).to(v.dtype) @ v
-    else:
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    a = causal_attention(q, k, v, attention)
     h = h + F.linear(a.transpose(1, 2).reshape(b, t, d), wproj)
     y = _rms(h, ln2_g, eps)
     z = qlinear(y, w1f, w1s, b1f, int8_kernel)       # (b, t, k * 2H): [v_1, g_1, v_2, g_2, …]
@@ -112,7 +130,7 @@ def fused_layer(h, c, ln1_g, wqkv, bqkv, qg, kg, wproj, ln2_g, w1f, b1f, w2f, ga
 
 
 def fused_step(x, ctx, c, c_in, c_skip, c_out, ratio, action_w, action_pos, lnf_g, out_w, out_b,
-               layers, n_heads: int, eps: float, reference_residual: bool, manual_attention: bool,
+               layers, n_heads: int, eps: float, reference_residual: bool, attention: str,
                int8_kernel: bool = False):
     """One DDIM step (denoise + update) as one function of tensors: compiled once for all steps."""
     b = x.shape[0]
@@ -121,7 +139,7 @@ def fused_step(x, ctx, c, c_in, c_skip, c_out, ratio, action_w, action_pos, lnf_
     h = torch.cat([cc, ctx, F.linear(a_in, action_w) + action_pos], dim=1)
     for L in layers:
         h = fused_layer(h, cc, *L[:11], n_heads=n_heads, eps=eps, reference_residual=reference_residual,
-                        manual_attention=manual_attention, w1s=L[11], w2s=L[12], int8_kernel=int8_kernel)
+                        attention=attention, w1s=L[11], w2s=L[12], int8_kernel=int8_kernel)
     k = action_pos.shape[1]
     f = F.linear(_rms(h[:, -k:], lnf_g, eps), out_w, out_b).float()
     d = c_skip * x + c_out * f
@@ -132,9 +150,13 @@ class FusedSampler:
     """Drop-in replacement of ``CachedSampler.sample`` (same table, fused kernels)."""
 
     def __init__(self, cached: CachedSampler, compile: bool = False, whole_step: bool | None = None,
-                 weight_quant: str = "none"):
+                 weight_quant: str = "none", attention: str | None = None, compile_mode: str | None = None):
         if weight_quant not in WEIGHT_QUANT:
             raise ValueError(f"weight_quant: {weight_quant!r} is not one of {WEIGHT_QUANT}")
+        if attention is not None and attention not in ATTENTION:
+            raise ValueError(f"attention: {attention!r} is not one of {ATTENTION}")
+        # default: the measured choice so far (H100, compiled: matmul beat one SDPA launch per layer)
+        self.attention = attention or ("matmul" if compile else "sdpa")
         self.weight_quant = weight_quant
         self.int8_kernel = False
         self.cached = cached
@@ -147,8 +169,10 @@ class FusedSampler:
         if compile:
             import torch._dynamo
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-            self._fn = torch.compile(fused_layer, dynamic=False, fullgraph=True)
-            self._step = torch.compile(fused_step, dynamic=False, fullgraph=True)
+            # compile_mode: e.g. "max-autotune-no-cudagraphs" (Inductor times Triton GEMM templates
+            # against cuBLAS for these small-M shapes; the chunk graph captures the result anyway)
+            self._fn = torch.compile(fused_layer, dynamic=False, fullgraph=True, mode=compile_mode)
+            self._step = torch.compile(fused_step, dynamic=False, fullgraph=True, mode=compile_mode)
 
     @torch.no_grad()
     def build(self) -> None:
@@ -236,7 +260,7 @@ class FusedSampler:
             w1f, b1f, w2f, s1, s2 = self.experts[(l, t.indices[i][l])]
             h = self._fn(h, c, L["ln1_g"], L["wqkv"], L["bqkv"], L["qg"], L["kg"], L["wproj"], L["ln2_g"],
                          w1f, b1f, w2f, t.gates[i, l], cfg.n_heads, cfg.norm_eps, ref,
-                         w1s=s1, w2s=s2, int8_kernel=self.int8_kernel)
+                         attention=self.attention, w1s=s1, w2s=s2, int8_kernel=self.int8_kernel)
         f = net.head(h).float()
         return t.c_skip[i] * x + t.c_out[i] * f
 
@@ -261,6 +285,6 @@ class FusedSampler:
                                w1f, b1f, w2f, t.gates[i, l], s1, s2))
             x = self._step(x, ctx, t.noise_emb[i], t.c_in[i], t.c_skip[i], t.c_out[i], t.ratio[i],
                            net.action_emb.weight, pos, net.ln.g, net.out.weight, net.out.bias, layers,
-                           cfg.n_heads, cfg.norm_eps, cfg.residual == "reference", self.compile,
+                           cfg.n_heads, cfg.norm_eps, cfg.residual == "reference", self.attention,
                            self.int8_kernel)
         return x

@@ -176,14 +176,17 @@ class MoDEPolicy(nn.Module):
         return self
 
     def enable_fast(self, fused: bool = True, compile: bool = False, graph: bool = False, logger=None,
-                    weight_quant: str = "none") -> dict:
+                    weight_quant: str = "none", attention: str | None = None) -> dict:
         """Inference speed-ups: fused QKV/expert kernels, torch.compile of the layer, whole-chunk
-        CUDA graph, weight-only int8/fp8 experts (``weight_quant``; needs the fused sampler). Each
-        falls back with a logged reason, except an unknown ``weight_quant`` (ValueError). Returns
-        what is active."""
-        from .fast import WEIGHT_QUANT, FusedSampler
+        CUDA graph, weight-only int8/fp8 experts (``weight_quant``; needs the fused sampler), the fused
+        sampler's attention formulation (``attention``: sdpa / matmul / elementwise, default by
+        ``compile``). Each falls back with a logged reason, except an unknown ``weight_quant`` or
+        ``attention`` (ValueError). Returns what is active."""
+        from .fast import ATTENTION, WEIGHT_QUANT, FusedSampler
         if weight_quant not in WEIGHT_QUANT:
             raise ValueError(f"weight_quant: {weight_quant!r} is not one of {WEIGHT_QUANT}")
+        if attention is not None and attention not in ATTENTION:
+            raise ValueError(f"attention: {attention!r} is not one of {ATTENTION}")
         state = {"fused": False, "compiled": False, "graph": False, "weight_quant": "none"}
         self.eval()
         if weight_quant == "fp8" and self.device.type != "cuda":
@@ -194,7 +197,8 @@ class MoDEPolicy(nn.Module):
             weight_quant = "none"
         if fused or compile or weight_quant != "none":
             try:
-                self.fused = FusedSampler(self.sampler, compile=compile, weight_quant=weight_quant)
+                self.fused = FusedSampler(self.sampler, compile=compile, weight_quant=weight_quant,
+                                          attention=attention)
                 self.fused.build()
                 state["fused"], state["compiled"], state["weight_quant"] = True, compile, weight_quant
             except Exception as exc:  # noqa: BLE001

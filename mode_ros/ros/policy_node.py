@@ -144,10 +144,8 @@ class PolicyNode(LifecycleNode):
         self.goal_generation = 0
         self.active = False
         self.buffers: dict[str, StampBuffer] = {}
-        self.state: tuple[float, np.ndarray] | None = None
-        # (stamp, receive time) of the newest and the previous joint state (for _gate at a past tick)
-        self._state_recv: tuple[float, float] | None = None
-        self._state_prev: tuple[float, float] | None = None
+        self.state: tuple[float, np.ndarray, float] | None = None   # (stamp, vector, receive time)
+        self._state_prev_stamp: float | None = None   # stamp of the state before it (_gate at a past tick)
         self.reason = "unconfigured"
         self.last_failure = ""
         self.sequence = 0
@@ -379,7 +377,7 @@ class PolicyNode(LifecycleNode):
         self._chunk_pub = self._traj_pub = None
         self.buffers = {}
         self.state = None
-        self._state_recv = self._state_prev = None
+        self._state_prev_stamp = None
         self.policy = None
         self.executor_ = None
         self.safety = None
@@ -470,9 +468,8 @@ class PolicyNode(LifecycleNode):
             self._reject("joint_states", "joint_states rejected: contains NaN or Inf")
             return
         with self.lock:
-            self._state_prev = self._state_recv
-            self._state_recv = (st[0], self._clock_s())
-            self.state = (st[0], vec.astype(np.float32))
+            self._state_prev_stamp = None if self.state is None else self.state[0]
+            self.state = (st[0], vec.astype(np.float32), self._clock_s())
         self._kick_unserved()
 
     def _on_goal(self, msg: String) -> None:
@@ -522,8 +519,8 @@ class PolicyNode(LifecycleNode):
         had been received by ``now`` (a late tick callback), unless ``as_received_by_now`` is False
         (serving a past tick late from inputs that arrived after it)."""
         state_stamp = None if self.state is None else self.state[0]
-        if as_received_by_now and self._state_recv is not None and self._state_recv[1] > now:
-            state_stamp = self._state_prev[0] if self._state_prev is not None else None
+        if as_received_by_now and self.state is not None and self.state[2] > now:
+            state_stamp = self._state_prev_stamp   # the newest state had not arrived by then
         rb = now if as_received_by_now else None
         return output_gate(self.enabled, self.goal,
                            {c: b.latest_stamp(received_by=rb) for c, b in self.buffers.items()},
@@ -579,18 +576,7 @@ class PolicyNode(LifecycleNode):
                 if self.p.serve_late_ticks:
                     self._unserved = (now_t, True)
                 return
-            try:
-                actions = self.safety.apply(step.actions)
-            except (NonFiniteActionError, ValueError) as exc:
-                self.executor_.reset()
-                self._suppress("unsafe", f"unsafe actions dropped: {exc}", level="error")
-                return
-            self.tick_count += 1
-            tick = self.tick_count
-        self._publish(now_t, step, actions, tick)
-        self.rate.tick(time.monotonic())
-        self.counters.inc("published")
-        self.reason = "publishing"
+            self._publish_step(now_t, step)
 
     def _kick_unserved(self) -> None:
         """An input arrived: if the last tick went unserved for want of it and could now be served,
@@ -626,20 +612,26 @@ class PolicyNode(LifecycleNode):
             self._unserved = (tick_t, True)
             if step is None:
                 return
-            try:
-                actions = self.safety.apply(step.actions)
-            except (NonFiniteActionError, ValueError) as exc:
-                self.executor_.reset()
-                self._unserved = None
-                self._suppress("unsafe", f"unsafe actions dropped: {exc}", level="error")
-                return
             self._unserved = None
-            self.tick_count += 1
-            self._publish(tick_t, step, actions, self.tick_count)   # under the lock: before the next tick's
+            if self._publish_step(tick_t, step):
+                self.counters.inc("late_served")
+
+    def _publish_step(self, tick_t, step) -> bool:
+        """Safety filter, then publish ``step`` as the chunk of the tick at ``tick_t`` (called under
+        the lock by the timer and by the late-serving inference thread, so that chunks leave in tick
+        order). False when the actions were unsafe (dropped, plan discarded)."""
+        try:
+            actions = self.safety.apply(step.actions)
+        except (NonFiniteActionError, ValueError) as exc:
+            self.executor_.reset()
+            self._suppress("unsafe", f"unsafe actions dropped: {exc}", level="error")
+            return False
+        self.tick_count += 1
+        self._publish(tick_t, step, actions, self.tick_count)
         self.rate.tick(time.monotonic())
         self.counters.inc("published")
-        self.counters.inc("late_served")
         self.reason = "publishing"
+        return True
 
     def _publish(self, now_t, step, actions: np.ndarray, tick: int) -> None:
         period = 1.0 / self.p.control_rate_hz
