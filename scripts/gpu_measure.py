@@ -26,6 +26,20 @@ def section(t):
     print(f"\n===== {t} =====", flush=True)
 
 
+def paper8l_case(dev):
+    """The paper's 8-layer policy (seeded random weights, fp32) and one batch-1 input on ``dev``."""
+    from mode_ros.model.config import preset
+    from mode_ros.model.policy import MoDEPolicy
+    torch.manual_seed(0)
+    with torch.device(dev):
+        pol = MoDEPolicy(preset("paper-8l")).eval()
+    pol.to(dev)
+    imgs = torch.randint(0, 255, (1, 2, 3, 224, 224), dtype=torch.uint8, device=dev)
+    goal = torch.randn(1, 512, device=dev)
+    noise = torch.randn(1, 10, 7, device=dev)
+    return pol, imgs, goal, noise
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--fixture", default=None)
@@ -65,13 +79,7 @@ def main() -> int:
 
     if "graph" not in skip:
         section("graph bf16 vs eager fp32 (paper-8l, batch 1)")
-        torch.manual_seed(0)
-        with torch.device(dev):
-            pol = MoDEPolicy(preset("paper-8l")).eval()
-        pol.to(dev)
-        imgs = torch.randint(0, 255, (1, 2, 3, 224, 224), dtype=torch.uint8, device=dev)
-        goal = torch.randn(1, 512, device=dev)
-        noise = torch.randn(1, 10, 7, device=dev)
+        pol, imgs, goal, noise = paper8l_case(dev)
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
         ref = pol.sample_normalized(imgs, goal, None, noise, cached=False).float()
@@ -132,13 +140,7 @@ def main() -> int:
         from mode_ros.model.graph import ChunkGraph
         from mode_ros.model.bench import _reference, _time
         import statistics
-        torch.manual_seed(0)
-        with torch.device(dev):
-            pol = MoDEPolicy(preset("paper-8l")).eval()
-        pol.to(dev)
-        imgs = torch.randint(0, 255, (1, 2, 3, 224, 224), dtype=torch.uint8, device=dev)
-        goal = torch.randn(1, 512, device=dev)
-        noise = torch.randn(1, 10, 7, device=dev)
+        pol, imgs, goal, noise = paper8l_case(dev)
         ref = _reference(pol, imgs, goal, noise)
         idx32 = pol.sampler.ensure().indices_t.clone()
         pol.to_device("cuda", torch.bfloat16)
