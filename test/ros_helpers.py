@@ -8,14 +8,14 @@
 """
 from __future__ import annotations
 
-import json
-import math
 import os
 import subprocess
 import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
+
+from mode_ros.ros.processes import ros_arg_value
 
 PACKAGE = "mode_ros"
 
@@ -51,19 +51,6 @@ def share_file(*parts: str) -> Path:
     from ament_index_python.packages import get_package_share_directory
 
     return Path(get_package_share_directory(PACKAGE), *parts)
-
-
-def ros_arg_value(v: Any) -> str:
-    """A value for ``-p name:=value`` (rcl parses it as YAML)."""
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, float) and math.isinf(v):
-        return ".inf" if v > 0 else "-.inf"
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(ros_arg_value(x) for x in v) + "]"
-    if isinstance(v, str):
-        return json.dumps(v)
-    return repr(v)
 
 
 class NodeProcess:

@@ -309,3 +309,16 @@ def test_cross_checks_against_the_checkpoint():
         p.check_against_policy(10, 7)
     NodeParams.from_mapping({"action_lower_bounds": [-1.0] * 7, "max_action_delta": [0.5]}).check_against_policy(10, 7)
     assert validate("state_joint_names", None) == [""]   # `[]` in a params file arrives as "not set"
+
+
+def test_ros_arg_value_round_trips_through_yaml():
+    """``-p name:=value`` arguments of started nodes: rcl reads the value as YAML, so every value
+    must come back as the same type (a goal with ':' stays a string, inf stays a float)."""
+    import yaml
+
+    from mode_ros.ros.processes import ros_arg_value
+    cases = [True, False, 3, 0.25, float("inf"), -float("inf"), "open the drawer: now", "true", "",
+             [0.5, -1.0], ["static", "gripper"], [1, 2]]
+    for v in cases:
+        got = yaml.safe_load(ros_arg_value(v))
+        assert got == v and type(got) is type(v), (v, ros_arg_value(v), got)

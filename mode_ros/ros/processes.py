@@ -1,9 +1,26 @@
-"""Stopping node subprocesses (ROS-free): one escalation used by replay, sim eval and the tests."""
+"""Node subprocesses (ROS-free): ``-p name:=value`` arguments and one stop escalation, used by
+replay, sim eval and the tests."""
 from __future__ import annotations
 
+import json
+import math
 import os
 import signal
 import subprocess
+from typing import Any
+
+
+def ros_arg_value(v: Any) -> str:
+    """A parameter value for ``--ros-args -p name:=value`` (rcl parses it as YAML)."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float) and math.isinf(v):
+        return ".inf" if v > 0 else "-.inf"
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(ros_arg_value(x) for x in v) + "]"
+    if isinstance(v, str):
+        return json.dumps(v)
+    return repr(v)
 
 
 def stop_process_group(proc: subprocess.Popen, timeout: float = 10.0, grace: float = 3.0) -> int | None:

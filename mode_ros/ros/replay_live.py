@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mode_ros.ros.processes import stop_process_group
+from mode_ros.ros.processes import ros_arg_value, stop_process_group
 from mode_ros.ros.scoring import ChunkRecord
 
 __all__ = ["run_live"]
@@ -30,21 +30,6 @@ NS = 1_000_000_000
 MIN_GAP_S = 0.002     # wall gap between a message and the next /clock (DDS delivers topics independently)
 # default wall time after a tick's /clock before the next message: the node's tick callback and its
 # inference thread (which reads the newest images and joint state) run first (ReplayOptions.tick_settle_s)
-
-
-def _ros_value(v) -> str:
-    import json
-    import math
-
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, float) and math.isinf(v):
-        return ".inf" if v > 0 else "-.inf"
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_ros_value(x) for x in v) + "]"
-    if isinstance(v, str):
-        return json.dumps(v)
-    return repr(v)
 
 
 class _Node:
@@ -232,7 +217,7 @@ def _run(sess, node):
         if pfile:
             cmd += ["--params-file", str(pfile)]
         for k, v in overrides.items():
-            cmd += ["-p", f"{k}:={_ros_value(v)}"]
+            cmd += ["-p", f"{k}:={ros_arg_value(v)}"]
         cmd += ["-r", f"__node:={opts.node_name}"]
         if opts.namespace.strip("/"):
             cmd += ["-r", f"__ns:=/{opts.namespace.strip('/')}"]
