@@ -149,7 +149,7 @@ def main() -> int:
         # SiLU*v*gate, residual) and, for int8/fp8, the widening of the weights into Triton GEMMs
         ma = "max-autotune-no-cudagraphs"
         variants = [(att, None, "none") for att in ("matmul", "elementwise", "sdpa")]
-        variants += [("matmul", ma, "none"), ("elementwise", ma, "none"), ("elementwise", None, "int8"),
+        variants += [("matmul", ma, "none"), ("elementwise", ma, "none"), ("elementwise", "default", "int8"),
                      ("elementwise", ma, "int8"), ("elementwise", ma, "fp8")]
         for att, mode, quant in variants:
             t0 = time.time()
@@ -163,7 +163,7 @@ def main() -> int:
                 ts = _time(fn, dev, 100, 5)
                 out = fn().float()
                 enc = statistics.median(_time(lambda: pol.encode_observation(imgs, goal), dev, 20, 2))
-                r = {"attention": att, "compile_mode": mode, "weight_quant": quant, "median_ms": statistics.median(ts),
+                r = {"attention": att, "compile_mode": pol.fused.compile_mode, "weight_quant": quant, "median_ms": statistics.median(ts),
                      "p99_ms": sorted(ts)[int(0.99 * (len(ts) - 1))], "encoders_ms": enc,
                      "max_abs_diff_vs_fp32": (out - ref).abs().max().item(),
                      "same_routing": bool(torch.equal(pol.sampler.ensure().indices_t, idx32)),

@@ -164,7 +164,8 @@ def bench_preset(name: str, device: str, dtypes: list[str], paths: list[str], ba
                            "peak_mem_MB": torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else None,
                            "fused_extra_params": policy.fused.extra_parameters() if policy.fused is not None else 0,
                            "weight_quant": quant, "max_abs_diff_vs_fp32": diff, "same_routing_as_fp32": same_routing,
-                           "attention": policy.fused.attention if policy.fused is not None else None}
+                           "attention": policy.fused.attention if policy.fused is not None else None,
+                           "compile_mode": policy.fused.compile_mode if policy.fused is not None else None}
                     rows.append(row)
                     log(f"  {name:>12} {dtype:>4} {path:>9} b={b:<3} median {med:8.2f} ms  p95 {row['p95_ms']:8.2f} ms"
                         + (f"  encoders {enc_ms:.2f} ms" if enc_ms is not None else "")

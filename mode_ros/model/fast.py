@@ -162,6 +162,7 @@ class FusedSampler:
         self.cached = cached
         self.net = cached.net
         self.compile = compile
+        self.compile_mode = None
         self.whole_step = compile if whole_step is None else whole_step
         self._key = None
         self._fn = fused_layer
@@ -170,7 +171,15 @@ class FusedSampler:
             import torch._dynamo
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
             # compile_mode: e.g. "max-autotune-no-cudagraphs" (Inductor times Triton GEMM templates
-            # against cuBLAS for these small-M shapes; the chunk graph captures the result anyway)
+            # against cuBLAS for these small-M shapes; the chunk graph captures the result anyway).
+            # Quantised experts on CUDA default to it: only a Triton template can fuse the widening of
+            # int8/fp8 weights into its loads (Inductor's prologue fusion; its old mixed-mm path is
+            # gone), while the default mode widens the weights into a bf16 copy that cuBLAS then reads
+            # (more bytes than bf16 weights). An inference from Inductor's design, to be confirmed by
+            # scripts/gpu_measure.py, which also times the "default" mode explicitly.
+            if compile_mode is None and weight_quant != "none" and next(cached.net.parameters()).is_cuda:
+                compile_mode = "max-autotune-no-cudagraphs"
+            self.compile_mode = compile_mode
             self._fn = torch.compile(fused_layer, dynamic=False, fullgraph=True, mode=compile_mode)
             self._step = torch.compile(fused_step, dynamic=False, fullgraph=True, mode=compile_mode)
 
