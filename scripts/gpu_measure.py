@@ -134,48 +134,16 @@ def main() -> int:
             print("compile failed", exc)
 
     if "attention" not in skip:
-        section("fused step variants (paper-8l bf16 b1, compiled, whole-chunk graph)")
-        # attention formulation x Inductor mode; every variant: latency, |a - a_fp32|, same routing
-        from mode_ros.model.fast import FusedSampler
-        from mode_ros.model.graph import ChunkGraph
-        from mode_ros.model.bench import _reference, _time
-        import statistics
-        pol, imgs, goal, noise = paper8l_case(dev)
-        ref = _reference(pol, imgs, goal, noise)
-        idx32 = pol.sampler.ensure().indices_t.clone()
-        pol.to_device("cuda", torch.bfloat16)
-        pol.encoders.to(torch.bfloat16)
-        # (attention, Inductor mode, expert weights): max-autotune lets Inductor fuse epilogues (bias,
-        # SiLU*v*gate, residual) and, for int8/fp8, the widening of the weights into Triton GEMMs
-        ma = "max-autotune-no-cudagraphs"
-        variants = [(att, None, "none") for att in ("matmul", "elementwise", "sdpa")]
-        variants += [("matmul", ma, "none"), ("elementwise", ma, "none"), ("elementwise", "default", "int8"),
-                     ("elementwise", ma, "int8"), ("elementwise", ma, "fp8")]
-        for att, mode, quant in variants:
-            t0 = time.time()
-            try:
-                pol._graph = None
-                pol.fused = FusedSampler(pol.sampler, compile=True, attention=att, compile_mode=mode,
-                                         weight_quant=quant)
-                pol.fused.build()
-                g = ChunkGraph(pol, 1)
-                fn = lambda: g(imgs, goal, None, noise)  # noqa: E731
-                ts = _time(fn, dev, 100, 5)
-                out = fn().float()
-                enc = statistics.median(_time(lambda: pol.encode_observation(imgs, goal), dev, 20, 2))
-                r = {"attention": att, "compile_mode": pol.fused.compile_mode, "weight_quant": quant, "median_ms": statistics.median(ts),
-                     "p99_ms": sorted(ts)[int(0.99 * (len(ts) - 1))], "encoders_ms": enc,
-                     "max_abs_diff_vs_fp32": (out - ref).abs().max().item(),
-                     "same_routing": bool(torch.equal(pol.sampler.ensure().indices_t, idx32)),
-                     "build_s": time.time() - t0}
-            except Exception as exc:  # noqa: BLE001
-                r = {"attention": att, "compile_mode": mode, "weight_quant": quant,
-                     "failed": f"{type(exc).__name__}: {exc}"[:500]}
-            print(json.dumps(r), flush=True)
-            res["sections"].setdefault("step_variants", []).append(r)
-            out.joinpath("gpu_results.json").write_text(json.dumps(res, indent=1, default=str))
-        pol.fused = pol._graph = None
-        del pol
+        section("step variants (paper-8l bf16 b1, compiled, whole-chunk graph)")
+        # attention formulation x Inductor mode x expert weights (mode_ros.model.bench.STEP_VARIANTS):
+        # max-autotune lets Inductor fuse epilogues (bias, SiLU*v*gate, residual) and, for int8/fp8,
+        # the widening of the weights into its Triton GEMMs
+        from mode_ros.model.bench import step_variants
+
+        def save(rows):
+            res["sections"]["step_variants"] = rows
+            (out / "gpu_results.json").write_text(json.dumps(res, indent=1, default=str))
+        step_variants("paper-8l", "cuda", "bf16", runs=100, on_row=save)
         torch.cuda.empty_cache()
 
     if "train" not in skip:

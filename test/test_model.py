@@ -491,3 +491,23 @@ def test_torch_compile_on_cpu_matches_eager():
     assert (c - ref).abs().max() < 1e-5
     with pytest.raises(ValueError, match="attention"):
         pol.enable_fast(fused=True, attention="flash")
+
+
+def test_step_variants_harness_runs_on_cpu():
+    """The GPU script's step-variant section (mode_ros.model.bench.step_variants) on a CPU with the tiny
+    preset: each variant gives a timed row with its accuracy and routing, and a bad variant is a
+    ``failed`` row that does not stop the others (a GPU session has minutes only)."""
+    from mode_ros.model.bench import MAX_AUTOTUNE, step_variants
+    seen = []
+    rows = step_variants("tiny", "cpu", "fp32", runs=3, warmup=1, log=lambda m: None,
+                         variants=[("elementwise", None, "none"), ("flash", None, "none"),
+                                   ("matmul", MAX_AUTOTUNE, "int8")],
+                         on_row=lambda r: seen.append(len(r)))
+    assert seen == [1, 2, 3]
+    ok1, bad, ok2 = rows
+    assert "attention" in bad["failed"] and "median_ms" not in bad
+    for r, tol in ((ok1, 1e-5), (ok2, 5e-3)):
+        assert "failed" not in r, r.get("failed")
+        assert r["median_ms"] > 0 and r["p99_ms"] >= r["median_ms"] and r["same_routing_as_fp32"]
+        assert r["max_abs_diff_vs_fp32"] < tol
+    assert ok2["compile_mode"] == MAX_AUTOTUNE and ok2["max_abs_diff_vs_fp32"] > 0

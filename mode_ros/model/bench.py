@@ -177,6 +177,74 @@ def bench_preset(name: str, device: str, dtypes: list[str], paths: list[str], ba
     return rows
 
 
+MAX_AUTOTUNE = "max-autotune-no-cudagraphs"
+# (attention, Inductor compile mode, expert weights) of ``step_variants``' default list
+STEP_VARIANTS = [("matmul", None, "none"), ("elementwise", None, "none"), ("sdpa", None, "none"),
+                 ("matmul", MAX_AUTOTUNE, "none"), ("elementwise", MAX_AUTOTUNE, "none"),
+                 ("elementwise", "default", "int8"), ("elementwise", MAX_AUTOTUNE, "int8"),
+                 ("elementwise", MAX_AUTOTUNE, "fp8")]
+
+
+def step_variants(name: str, device: str, dtype: str = "bf16", variants=None, runs: int = 100, warmup: int = 5,
+                  log=print, on_row=None) -> list[dict]:
+    """Chunk latency of the compiled fused step for each (attention, compile mode, weight quant)
+    variant at batch 1: on CUDA through the whole-chunk graph, elsewhere eager. Every row: median / p99,
+    encoders, the largest action difference from eager uncached fp32 and whether the routing is the
+    same; a variant that fails is a row with ``failed`` (the others still run)."""
+    from .fast import FusedSampler
+    from .graph import ChunkGraph
+    from .policy import MoDEPolicy
+
+    dev = torch.device(device)
+    tdt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    torch.manual_seed(0)
+    with torch.device(dev):
+        pol = MoDEPolicy(preset(name)).eval()
+    c = pol.config
+    g = torch.Generator(device=dev).manual_seed(0)
+    imgs = (torch.randint(0, 255, (1, c.n_cameras, 3, *c.vision.image_size), dtype=torch.uint8, device=dev,
+                          generator=g) if c.n_cameras else None)
+    goal = torch.randn(1, 512, device=dev, generator=g)
+    noise = torch.randn(1, c.chunk_size, c.action_dim, device=dev, generator=g)
+    ref = _reference(pol, imgs, goal, noise)
+    routing = pol.sampler.ensure().indices_t.clone()
+    pol.to_device(dev.type, tdt)
+    if dev.type == "cuda":
+        pol.encoders.to(tdt)
+    rows = []
+    for att, mode, quant in (STEP_VARIANTS if variants is None else variants):
+        t0 = time.time()
+        row = {"preset": name, "device": str(dev), "dtype": dtype, "attention": att, "compile_mode": mode,
+               "weight_quant": quant}
+        try:
+            pol._graph = None
+            pol.fused = FusedSampler(pol.sampler, compile=True, attention=att, compile_mode=mode,
+                                     weight_quant=quant)
+            pol.fused.build()
+            if dev.type == "cuda":
+                graph = ChunkGraph(pol, 1)
+                fn = lambda: graph(imgs, goal, None, noise)  # noqa: E731
+            else:
+                fn = lambda: pol.sample_normalized(imgs, goal, None, noise, cached=True)  # noqa: E731
+            ts = _time(fn, dev, runs, warmup)
+            acts = fn().float()
+            enc = (statistics.median(_time(lambda: pol.encode_observation(imgs, goal), dev, 20, 2))
+                   if c.n_cameras else None)
+            row.update({"compile_mode": pol.fused.compile_mode, "median_ms": statistics.median(ts),
+                        "p99_ms": float(np.percentile(ts, 99)), "encoders_ms": enc,
+                        "max_abs_diff_vs_fp32": float((acts - ref).abs().max()),
+                        "same_routing_as_fp32": bool(torch.equal(pol.sampler.ensure().indices_t, routing)),
+                        "build_s": time.time() - t0})
+        except Exception as exc:  # noqa: BLE001 - one variant failing must not lose the others
+            row["failed"] = f"{type(exc).__name__}: {exc}"[:500]
+        log(json.dumps(row))
+        rows.append(row)
+        if on_row is not None:
+            on_row(rows)
+    pol.fused = pol._graph = None
+    return rows
+
+
 def _reference(policy, imgs, goal, noise):
     """Eager uncached fp32 actions (the reference-like baseline, TF32 off) for these inputs."""
     fused, graph = policy.fused, policy._graph
