@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from mode_ros.ros.processes import ros_arg_value
+from mode_ros.ros.processes import ros_arg_value, stop_process_group
 
 PACKAGE = "mode_ros"
 
@@ -114,7 +114,6 @@ class NodeProcess:
         """SIGINT (clean rclpy shutdown), then SIGTERM, then SIGKILL, to the whole process group."""
         if self.proc is None:
             return None
-        from mode_ros.ros.processes import stop_process_group
         code = stop_process_group(self.proc, timeout)
         self._log.close()
         return code

@@ -86,8 +86,6 @@ def sec_to_duration(s: float) -> Duration:
     return Duration(sec=ns // 1_000_000_000, nanosec=ns % 1_000_000_000)
 
 
-
-
 def _with_timer_info(fn):
     """Wrap a timer callback ``fn(info)`` so that rclpy hands it the ``TimerInfo`` (scheduled and actual
     call time): rclpy passes it only to a parameter annotated with the class itself, and with
@@ -388,22 +386,24 @@ class PolicyNode(LifecycleNode):
         return super().destroy_node()
 
     # ---- inputs -----------------------------------------------------------------------------------------
-    def _stamp(self, key: str, header) -> tuple[float, Time] | None:
-        """(seconds, original stamp) of a message; a zero stamp is replaced by the receive time (logged
-        once); a stamp further in the future than max_observation_age is rejected."""
+    def _stamp(self, key: str, header) -> tuple[float, Time, float] | None:
+        """(seconds, original stamp, receive time in seconds) of a message; a zero stamp is replaced
+        by the receive time (logged once); a stamp further in the future than max_observation_age is
+        rejected."""
         now = self.get_clock().now()
+        recv = now.nanoseconds * 1e-9
         t = stamp_to_sec(header.stamp)
         if t == 0.0:
             if key not in self._zero_stamp_warned:
                 self._zero_stamp_warned.add(key)
                 self.get_logger().warning(f"{key}: header stamp is zero; using the receive time instead")
-            return now.nanoseconds * 1e-9, now.to_msg()
-        ahead = t - now.nanoseconds * 1e-9
+            return recv, now.to_msg(), recv
+        ahead = t - recv
         if ahead > self.p.max_observation_age:
             self._reject(f"{key}.future_stamp", f"{key}: header stamp is {ahead:.3f} s in the future "
                                                 f"(clock mismatch? use_sim_time?)")
             return None
-        return t, header.stamp
+        return t, header.stamp, recv
 
     def _on_image(self, cam: str, msg: Image) -> None:
         from mode_ros.data.images import ImageDecodeError, decode_image
@@ -417,7 +417,7 @@ class PolicyNode(LifecycleNode):
         except ImageDecodeError as exc:
             self._reject(f"image_{cam}", f"camera {cam}: image rejected: {exc}")
             return
-        self.buffers[cam].add(st[0], (st[1], img), recv=self._clock_s())
+        self.buffers[cam].add(st[0], (st[1], img), recv=st[2])
         self._kick_unserved()
 
     def _on_compressed(self, cam: str, msg: CompressedImage) -> None:
@@ -431,7 +431,7 @@ class PolicyNode(LifecycleNode):
         except ImageDecodeError as exc:
             self._reject(f"image_{cam}", f"camera {cam}: compressed image rejected: {exc}")
             return
-        self.buffers[cam].add(st[0], (st[1], img), recv=self._clock_s())
+        self.buffers[cam].add(st[0], (st[1], img), recv=st[2])
         self._kick_unserved()
 
     def _on_joint_state(self, msg: JointState) -> None:
@@ -469,7 +469,7 @@ class PolicyNode(LifecycleNode):
             return
         with self.lock:
             self._state_prev_stamp = None if self.state is None else self.state[0]
-            self.state = (st[0], vec.astype(np.float32), self._clock_s())
+            self.state = (st[0], vec.astype(np.float32), st[2])
         self._kick_unserved()
 
     def _on_goal(self, msg: String) -> None:
@@ -525,9 +525,6 @@ class PolicyNode(LifecycleNode):
         return output_gate(self.enabled, self.goal,
                            {c: b.latest_stamp(received_by=rb) for c, b in self.buffers.items()},
                            state_stamp, self.policy.state_dim > 0, now, self.p.max_observation_age)
-
-    def _clock_s(self) -> float:
-        return self.get_clock().now().nanoseconds * 1e-9
 
     def _on_tick(self, info=None) -> None:
         # A tick stands for a point of the timer's grid, not for the moment its callback got a thread:
@@ -609,11 +606,8 @@ class PolicyNode(LifecycleNode):
             if newest is None or newest.obs_time > t + 1e-6:
                 return   # a plan from an observation taken after the tick: it serves the next tick
             step = self.executor_.restep(t) if stepped else self.executor_.step(t)
-            self._unserved = (tick_t, True)
-            if step is None:
-                return
-            self._unserved = None
-            if self._publish_step(tick_t, step):
+            self._unserved = (tick_t, True) if step is None else None
+            if step is not None and self._publish_step(tick_t, step):
                 self.counters.inc("late_served")
 
     def _publish_step(self, tick_t, step) -> bool:

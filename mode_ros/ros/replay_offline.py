@@ -184,21 +184,23 @@ class NodeEmulator:
             if self.p.serve_late_ticks:
                 self.unserved = (self.clock_ns, True)
             return self._suppress("no_plan", f"no plan for this tick ({why})")
+        return self._publish_step(step, self.clock_ns)
+
+    def _publish_step(self, step, tick_ns: int) -> tuple[ChunkRecord | None, str, str]:
+        """PolicyNode._publish_step: safety filter, then the chunk of the tick at ``tick_ns``."""
         try:
             actions = self.safety.apply(step.actions)
         except (NonFiniteActionError, ValueError) as exc:
             self.executor_.reset()
             return self._suppress("unsafe", f"unsafe actions dropped: {exc}")
-        return self._record(step, actions, self.clock_ns), "published", ""
-
-    def _record(self, step, actions, tick_ns: int) -> ChunkRecord:
         self.tick_count += 1
         self.counters["published"] += 1
         self.reason = "publishing"
         plan = step.plan
-        return ChunkRecord(stamp_ns=int(plan.stamp), first_index=int(step.first_index), period_ns=self.period_ns,
-                           actions=actions, sequence=int(plan.sequence), tick=self.tick_count, goal=plan.goal,
-                           latency_s=float(plan.latency), tick_ns=int(tick_ns))
+        rec = ChunkRecord(stamp_ns=int(plan.stamp), first_index=int(step.first_index), period_ns=self.period_ns,
+                          actions=actions, sequence=int(plan.sequence), tick=self.tick_count, goal=plan.goal,
+                          latency_s=float(plan.latency), tick_ns=int(tick_ns))
+        return rec, "published", ""
 
     # ---- late service of an unserved tick (PolicyNode._kick_unserved / _serve_unserved) -----------------
     def _kick(self) -> None:
@@ -223,19 +225,13 @@ class NodeEmulator:
         if newest is None or newest.obs_time > t + 1e-6:
             return None
         step = self.executor_.restep(t) if stepped else self.executor_.step(t)
-        self.unserved = (tick_ns, True)
+        self.unserved = (tick_ns, True) if step is None else None
         if step is None:
             return None
-        try:
-            actions = self.safety.apply(step.actions)
-        except (NonFiniteActionError, ValueError) as exc:
-            self.executor_.reset()
-            self.unserved = None
-            self._suppress("unsafe", f"unsafe actions dropped: {exc}")
-            return None
-        self.unserved = None
-        self.counters["late_served"] += 1
-        return self._record(step, actions, tick_ns)
+        rec = self._publish_step(step, tick_ns)[0]
+        if rec is not None:
+            self.counters["late_served"] += 1
+        return rec
 
     # ---- inference (PolicyNode._observation / _infer_once) ---------------------------------------------
     def _observation(self, now: float):

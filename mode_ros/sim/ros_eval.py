@@ -19,6 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from mode_ros.ros.processes import stop_process_group
+
 from . import topics as T
 from .evaluate import EvalConfig, format_table
 from .metaworld_env import CAMERA_ALIASES, DEFAULT_CAMERAS
@@ -93,7 +95,6 @@ class _Proc:
                                   start_new_session=True)
 
     def stop(self, timeout: float = 10.0) -> int | None:
-        from mode_ros.ros.processes import stop_process_group
         code = stop_process_group(self.p, timeout, grace=5.0)
         if self._out:
             self._out.close()
