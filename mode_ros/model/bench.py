@@ -58,9 +58,10 @@ def copy_bandwidth(dev) -> float | None:
 
 def bench_preset(name: str, device: str, dtypes: list[str], paths: list[str], batches: list[int],
                  runs: int = 50, warmup: int = 5, steps: int = 10, log=print,
-                 attention: str | None = None) -> list[dict]:
+                 attention: str | None = None, gemm: str = "torch") -> list[dict]:
     """``attention``: the fused paths' attention kernel (``mode_ros.model.fast.ATTENTION``; default
-    the fused sampler's own choice); recorded in every row."""
+    the fused sampler's own choice), ``gemm``: their GEMM kernels (``fast.GEMM``); both recorded in
+    every row."""
     from .policy import MoDEPolicy
 
     dev = torch.device(device)
@@ -115,9 +116,10 @@ def bench_preset(name: str, device: str, dtypes: list[str], paths: list[str], ba
                     policy.fused = None
                     try:
                         if path in ("fused", "fused-graph", "int8", "fp8"):
-                            policy.enable_fast(fused=True, weight_quant=quant, attention=attention)
+                            policy.enable_fast(fused=True, weight_quant=quant, attention=attention, gemm=gemm)
                         elif path in ("compiled-graph", "int8-graph", "fp8-graph"):
-                            policy.enable_fast(fused=True, compile=True, weight_quant=quant, attention=attention)
+                            policy.enable_fast(fused=True, compile=True, weight_quant=quant, attention=attention,
+                                               gemm=gemm)
                         if quant != "none" and (policy.fused is None or policy.fused.weight_quant != quant):
                             raise RuntimeError(f"weight_quant {quant} unavailable")
                         if path in ("cached", "dense", "fused", "int8", "fp8"):
@@ -165,6 +167,7 @@ def bench_preset(name: str, device: str, dtypes: list[str], paths: list[str], ba
                            "fused_extra_params": policy.fused.extra_parameters() if policy.fused is not None else 0,
                            "weight_quant": quant, "max_abs_diff_vs_fp32": diff, "same_routing_as_fp32": same_routing,
                            "attention": policy.fused.attention if policy.fused is not None else None,
+                           "gemm": policy.fused.gemm if policy.fused is not None else None,
                            "compile_mode": policy.fused.compile_mode if policy.fused is not None else None}
                     rows.append(row)
                     log(f"  {name:>12} {dtype:>4} {path:>9} b={b:<3} median {med:8.2f} ms  p95 {row['p95_ms']:8.2f} ms"
@@ -178,17 +181,23 @@ def bench_preset(name: str, device: str, dtypes: list[str], paths: list[str], ba
 
 
 MAX_AUTOTUNE = "max-autotune-no-cudagraphs"
-# (attention, Inductor compile mode, expert weights) of ``step_variants``' default list
+# (attention, Inductor compile mode, expert weights[, gemm kernels]) of ``step_variants``' default list
 STEP_VARIANTS = [("matmul", None, "none"), ("elementwise", None, "none"), ("sdpa", None, "none"),
                  ("matmul", MAX_AUTOTUNE, "none"), ("elementwise", MAX_AUTOTUNE, "none"),
                  ("elementwise", "default", "int8"), ("elementwise", MAX_AUTOTUNE, "int8"),
-                 ("elementwise", MAX_AUTOTUNE, "fp8")]
+                 ("elementwise", MAX_AUTOTUNE, "fp8"),
+                 ("triton", None, "none"), ("triton", None, "none", "triton"),
+                 ("triton", None, "int8", "triton"), ("triton", None, "fp8", "triton"),
+                 ("matmul", None, "none", "triton"),
+                 # the Triton kernels without Inductor: eager fused layers captured by the chunk graph
+                 ("triton", "eager", "none", "triton"), ("triton", "eager", "int8", "triton")]
 
 
 def step_variants(name: str, device: str, dtype: str = "bf16", variants=None, runs: int = 100, warmup: int = 5,
                   log=print, on_row=None) -> list[dict]:
-    """Chunk latency of the compiled fused step for each (attention, compile mode, weight quant)
-    variant at batch 1: on CUDA through the whole-chunk graph, elsewhere eager. Every row: median / p99,
+    """Chunk latency of the compiled fused step for each (attention, compile mode (``"eager"``: not
+    compiled), weight quant[, gemm]) variant at batch 1: on CUDA through the whole-chunk graph,
+    elsewhere eager. Every row: median / p99,
     encoders, the largest action difference from eager uncached fp32 and whether the routing is the
     same; a variant that fails is a row with ``failed`` (the others still run)."""
     from .fast import FusedSampler
@@ -212,14 +221,17 @@ def step_variants(name: str, device: str, dtype: str = "bf16", variants=None, ru
     if dev.type == "cuda":
         pol.encoders.to(tdt)
     rows = []
-    for att, mode, quant in (STEP_VARIANTS if variants is None else variants):
+    for variant in (STEP_VARIANTS if variants is None else variants):
+        att, mode, quant = variant[:3]
+        gemm = variant[3] if len(variant) > 3 else "torch"
         t0 = time.time()
         row = {"preset": name, "device": str(dev), "dtype": dtype, "attention": att, "compile_mode": mode,
-               "weight_quant": quant}
+               "weight_quant": quant, "gemm": gemm}
         try:
             pol._graph = None
-            pol.fused = FusedSampler(pol.sampler, compile=True, attention=att, compile_mode=mode,
-                                     weight_quant=quant)
+            eager = mode == "eager"   # not compiled: the fused layers run as they are (graph on CUDA)
+            pol.fused = FusedSampler(pol.sampler, compile=not eager, attention=att,
+                                     compile_mode=None if eager else mode, weight_quant=quant, gemm=gemm)
             pol.fused.build()
             if dev.type == "cuda":
                 graph = ChunkGraph(pol, 1)
@@ -230,7 +242,7 @@ def step_variants(name: str, device: str, dtype: str = "bf16", variants=None, ru
             acts = fn().float()
             enc = (statistics.median(_time(lambda: pol.encode_observation(imgs, goal), dev, 20, 2))
                    if c.n_cameras else None)
-            row.update({"compile_mode": pol.fused.compile_mode, "median_ms": statistics.median(ts),
+            row.update({"compile_mode": "eager" if eager else pol.fused.compile_mode, "median_ms": statistics.median(ts),
                         "p99_ms": float(np.percentile(ts, 99)), "encoders_ms": enc,
                         "max_abs_diff_vs_fp32": float((acts - ref).abs().max()),
                         "same_routing_as_fp32": bool(torch.equal(pol.sampler.ensure().indices_t, routing)),

@@ -25,8 +25,12 @@ def register(sub) -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--attention", default=None, choices=("sdpa", "matmul", "elementwise"),
-                   help="attention formulation of the fused paths (default: matmul when compiled, else sdpa)")
+    p.add_argument("--attention", default=None, choices=("sdpa", "matmul", "elementwise", "triton"),
+                   help="attention formulation of the fused paths (default: matmul when compiled, else sdpa; "
+                        "triton: one kernel with the q/k norms, CUDA only)")
+    p.add_argument("--gemm", default="torch", choices=("torch", "triton"),
+                   help="GEMM kernels of the fused paths: cuBLAS/Inductor, or this package's small-M Triton "
+                        "kernels (split-K projections, experts' up-projection with SwiGLU fused; CUDA only)")
     p.add_argument("--out", default=None, help="folder for bench.json, bench.txt, bench.png")
     p.set_defaults(func=cmd_bench)
 
@@ -93,7 +97,7 @@ def cmd_bench(args) -> int:
         print(f"[bench] {name} on {device}", file=sys.stderr)
         rows += bench_preset(name, device, dtypes, args.paths.split(","), [int(b) for b in args.batches.split(",")],
                              runs=args.runs, warmup=args.warmup, steps=args.steps,
-                             log=lambda m: print(m, file=sys.stderr), attention=args.attention)
+                             log=lambda m: print(m, file=sys.stderr), attention=args.attention, gemm=args.gemm)
     meta = {"device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
             "torch": torch.__version__, "threads": torch.get_num_threads()}
     print(table(rows))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import triton_kernels as tk
 from .expert_cache import CachedSampler
 from .sampling import ddim_step
 
@@ -85,7 +86,10 @@ def qlinear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, bias: 
     return y if bias is None else y + bias
 
 
-ATTENTION = ("sdpa", "matmul", "elementwise")
+ATTENTION = ("sdpa", "matmul", "elementwise", "triton")
+# GEMM kernels of the fused layer: cuBLAS / Inductor ("torch") or this package's small-M Triton
+# kernels ("triton": split-K projections, the experts' up-projection with SwiGLU and gates fused)
+GEMM = ("torch", "triton")
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kind: str) -> torch.Tensor:
@@ -93,7 +97,8 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kind: st
     ``sdpa`` (one library kernel), ``matmul`` (scores and weighted sum as two batched GEMMs, fp32
     scores) and ``elementwise`` (both products as broadcast multiply + reduction, fp32: no GEMM at all,
     so that under torch.compile Inductor can generate them, with the softmax, as its own kernels
-    instead of two cuBLAS calls per layer). All three compute the same function."""
+    instead of two cuBLAS calls per layer). All three compute the same function. (The fourth kind,
+    ``triton``, also owns the q/k norms and reads the QKV output directly: see ``fused_layer``.)"""
     if kind == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
     t, hd = q.shape[-2], q.shape[-1]
@@ -110,28 +115,37 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kind: st
 
 def fused_layer(h, c, ln1_g, wqkv, bqkv, qg, kg, wproj, ln2_g, w1f, b1f, w2f, gates,
                 n_heads: int, eps: float, reference_residual: bool, attention: str = "sdpa",
-                w1s=None, w2s=None, int8_kernel: bool = False):
+                w1s=None, w2s=None, int8_kernel: bool = False, gemm: str = "torch"):
     b, t, d = h.shape
     hd = d // n_heads
+    tri = gemm == "triton"
     u = _rms(h, ln1_g, eps) + c
-    q, k, v = F.linear(u, wqkv, bqkv).split(d, dim=-1)
-    q = _rms(q.view(b, t, n_heads, hd), qg, eps).transpose(1, 2)
-    k = _rms(k.view(b, t, n_heads, hd), kg, eps).transpose(1, 2)
-    v = v.view(b, t, n_heads, hd).transpose(1, 2)
-    a = causal_attention(q, k, v, attention)
-    h = h + F.linear(a.transpose(1, 2).reshape(b, t, d), wproj)
+    qkv = tk.linear(u, wqkv, None, bqkv) if tri else F.linear(u, wqkv, bqkv)
+    if attention == "triton":
+        a = tk.qkv_attention(qkv, qg, kg, n_heads, eps)
+    else:
+        q, k, v = qkv.split(d, dim=-1)
+        q = _rms(q.view(b, t, n_heads, hd), qg, eps).transpose(1, 2)
+        k = _rms(k.view(b, t, n_heads, hd), kg, eps).transpose(1, 2)
+        v = v.view(b, t, n_heads, hd).transpose(1, 2)
+        a = causal_attention(q, k, v, attention).transpose(1, 2).reshape(b, t, d)
+    h = h + (tk.linear(a, wproj) if tri else F.linear(a, wproj))
     y = _rms(h, ln2_g, eps)
-    z = qlinear(y, w1f, w1s, b1f, int8_kernel)       # (b, t, k * 2H): [v_1, g_1, v_2, g_2, …]
     kk = gates.shape[0]
-    z = z.view(b, t, kk, 2, -1)
-    hid = z[..., 0, :] * F.silu(z[..., 1, :]) * gates.view(1, 1, kk, 1)
-    out = qlinear(hid.reshape(b, t, -1), w2f, w2s, None, int8_kernel)
+    if tri:
+        hid = tk.swiglu_up(y, w1f, w1s, b1f, gates)
+        out = tk.linear(hid, w2f, w2s)
+    else:
+        z = qlinear(y, w1f, w1s, b1f, int8_kernel)       # (b, t, k * 2H): [v_1, g_1, v_2, g_2, …]
+        z = z.view(b, t, kk, 2, -1)
+        hid = z[..., 0, :] * F.silu(z[..., 1, :]) * gates.view(1, 1, kk, 1)
+        out = qlinear(hid.reshape(b, t, -1), w2f, w2s, None, int8_kernel)
     return (y if reference_residual else h) + out
 
 
 def fused_step(x, ctx, c, c_in, c_skip, c_out, ratio, action_w, action_pos, lnf_g, out_w, out_b,
                layers, n_heads: int, eps: float, reference_residual: bool, attention: str,
-               int8_kernel: bool = False):
+               int8_kernel: bool = False, gemm: str = "torch"):
     """One DDIM step (denoise + update) as one function of tensors: compiled once for all steps."""
     b = x.shape[0]
     cc = c.expand(b, 1, -1)
@@ -139,7 +153,7 @@ def fused_step(x, ctx, c, c_in, c_skip, c_out, ratio, action_w, action_pos, lnf_
     h = torch.cat([cc, ctx, F.linear(a_in, action_w) + action_pos], dim=1)
     for L in layers:
         h = fused_layer(h, cc, *L[:11], n_heads=n_heads, eps=eps, reference_residual=reference_residual,
-                        attention=attention, w1s=L[11], w2s=L[12], int8_kernel=int8_kernel)
+                        attention=attention, w1s=L[11], w2s=L[12], int8_kernel=int8_kernel, gemm=gemm)
     k = action_pos.shape[1]
     f = F.linear(_rms(h[:, -k:], lnf_g, eps), out_w, out_b).float()
     d = c_skip * x + c_out * f
@@ -150,11 +164,19 @@ class FusedSampler:
     """Drop-in replacement of ``CachedSampler.sample`` (same table, fused kernels)."""
 
     def __init__(self, cached: CachedSampler, compile: bool = False, whole_step: bool | None = None,
-                 weight_quant: str = "none", attention: str | None = None, compile_mode: str | None = None):
+                 weight_quant: str = "none", attention: str | None = None, compile_mode: str | None = None,
+                 gemm: str = "torch"):
         if weight_quant not in WEIGHT_QUANT:
             raise ValueError(f"weight_quant: {weight_quant!r} is not one of {WEIGHT_QUANT}")
         if attention is not None and attention not in ATTENTION:
             raise ValueError(f"attention: {attention!r} is not one of {ATTENTION}")
+        if gemm not in GEMM:
+            raise ValueError(f"gemm: {gemm!r} is not one of {GEMM}")
+        if gemm == "triton" or attention == "triton":
+            reason = tk.unavailable_reason(next(cached.net.parameters()).device)
+            if reason is not None:
+                raise ValueError(f"attention={attention!r} / gemm={gemm!r}: {reason}")
+        self.gemm = gemm
         # default: the measured choice so far (H100, compiled: matmul beat one SDPA launch per layer)
         self.attention = attention or ("matmul" if compile else "sdpa")
         self.weight_quant = weight_quant
@@ -199,7 +221,10 @@ class FusedSampler:
         self.experts: dict[tuple, tuple] = {}
         quant = self.weight_quant != "none"
         dev = net.blocks[0].moe.w1.device
-        self.int8_kernel = self.weight_quant == "int8" and int8_kernel_available(dev)
+        if self.gemm == "triton" or self.attention == "triton":
+            tk.prepare(dev)
+        # the Triton GEMMs widen int8 in their own loads; torch's int8 kernel is for gemm="torch"
+        self.int8_kernel = self.weight_quant == "int8" and self.gemm == "torch" and int8_kernel_available(dev)
         # the int8 kernel wants scales in its activation dtype (bf16); the generic path keeps fp32
         sdt = torch.bfloat16 if self.int8_kernel else torch.float32
         for s in range(len(t.indices)):
@@ -269,7 +294,7 @@ class FusedSampler:
             w1f, b1f, w2f, s1, s2 = self.experts[(l, t.indices[i][l])]
             h = self._fn(h, c, L["ln1_g"], L["wqkv"], L["bqkv"], L["qg"], L["kg"], L["wproj"], L["ln2_g"],
                          w1f, b1f, w2f, t.gates[i, l], cfg.n_heads, cfg.norm_eps, ref,
-                         attention=self.attention, w1s=s1, w2s=s2, int8_kernel=self.int8_kernel)
+                         attention=self.attention, w1s=s1, w2s=s2, int8_kernel=self.int8_kernel, gemm=self.gemm)
         f = net.head(h).float()
         return t.c_skip[i] * x + t.c_out[i] * f
 
@@ -295,5 +320,5 @@ class FusedSampler:
             x = self._step(x, ctx, t.noise_emb[i], t.c_in[i], t.c_skip[i], t.c_out[i], t.ratio[i],
                            net.action_emb.weight, pos, net.ln.g, net.out.weight, net.out.bias, layers,
                            cfg.n_heads, cfg.norm_eps, cfg.residual == "reference", self.attention,
-                           self.int8_kernel)
+                           self.int8_kernel, self.gemm)
         return x

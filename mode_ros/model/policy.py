@@ -176,19 +176,30 @@ class MoDEPolicy(nn.Module):
         return self
 
     def enable_fast(self, fused: bool = True, compile: bool = False, graph: bool = False, logger=None,
-                    weight_quant: str = "none", attention: str | None = None) -> dict:
+                    weight_quant: str = "none", attention: str | None = None, gemm: str = "torch") -> dict:
         """Inference speed-ups: fused QKV/expert kernels, torch.compile of the layer, whole-chunk
         CUDA graph, weight-only int8/fp8 experts (``weight_quant``; needs the fused sampler), the fused
-        sampler's attention formulation (``attention``: sdpa / matmul / elementwise, default by
-        ``compile``). Each falls back with a logged reason, except an unknown ``weight_quant`` or
-        ``attention`` (ValueError). Returns what is active."""
-        from .fast import ATTENTION, WEIGHT_QUANT, FusedSampler
+        sampler's attention formulation (``attention``: sdpa / matmul / elementwise / triton, default
+        by ``compile``) and GEMM kernels (``gemm``: torch / triton). Each falls back with a logged
+        reason, except an unknown ``weight_quant``, ``attention`` or ``gemm`` (ValueError). Returns
+        what is active."""
+        from . import triton_kernels as tk
+        from .fast import ATTENTION, GEMM, WEIGHT_QUANT, FusedSampler
         if weight_quant not in WEIGHT_QUANT:
             raise ValueError(f"weight_quant: {weight_quant!r} is not one of {WEIGHT_QUANT}")
         if attention is not None and attention not in ATTENTION:
             raise ValueError(f"attention: {attention!r} is not one of {ATTENTION}")
-        state = {"fused": False, "compiled": False, "graph": False, "weight_quant": "none"}
+        if gemm not in GEMM:
+            raise ValueError(f"gemm: {gemm!r} is not one of {GEMM}")
+        state = {"fused": False, "compiled": False, "graph": False, "weight_quant": "none",
+                 "attention": None, "gemm": None}
         self.eval()
+        reason = tk.unavailable_reason(self.device) if "triton" in (attention, gemm) else None
+        if reason is not None:
+            if logger:
+                logger.warning("attention=%s gemm=%s: %s; using the PyTorch kernels", attention, gemm, reason)
+            attention = None if attention == "triton" else attention
+            gemm = "torch"
         if weight_quant == "fp8" and self.device.type != "cuda":
             if logger:
                 logger.warning("weight_quant fp8: needs a CUDA device (a CPU has no fp8 matmul; widening "
@@ -198,9 +209,10 @@ class MoDEPolicy(nn.Module):
         if fused or compile or weight_quant != "none":
             try:
                 self.fused = FusedSampler(self.sampler, compile=compile, weight_quant=weight_quant,
-                                          attention=attention)
+                                          attention=attention, gemm=gemm)
                 self.fused.build()
                 state["fused"], state["compiled"], state["weight_quant"] = True, compile, weight_quant
+                state["attention"], state["gemm"] = self.fused.attention, self.fused.gemm
             except Exception as exc:  # noqa: BLE001
                 self.fused = None
                 if logger:

@@ -1,0 +1,270 @@
+"""Triton kernels for the fused sampler at small batch (few rows, weight-bandwidth bound).
+
+A cached MoDE step at batch 1 multiplies ~14 token rows by ~237 M weights; the time goes to
+reading weights and to the number of kernels (each costs 1–2 µs even inside a CUDA graph). These
+kernels cut both, per layer and step:
+
+* ``qkv_attention``: the per-head RMSNorm of q and k, the causal softmax attention and the
+  (b, t, d) output layout in ONE kernel, reading the QKV GEMM's output directly (the PyTorch
+  formulation takes 4–6 kernels: norms, transposes, two batched GEMMs, softmax, a copy);
+* ``swiglu_up``: the up-projection of the selected experts with the weight widening (int8 / fp8 /
+  bf16), row scales, bias, SwiGLU and the gate weights in the epilogue: one kernel, writes only the
+  gated hidden state;
+* ``linear_partials``: split-K ``x @ w.T`` (optional row scales) writing fp32 partial sums; the
+  caller's sum (fused by Inductor with the residual add / bias that follows) finishes it.
+  Deterministic (no atomics), so a chunk is reproducible bit for bit.
+
+Every kernel accumulates in fp32 and takes fp32, bf16 or fp16 activations; fp32 products use IEEE
+precision (no TF32). They run on CUDA and, for tests, on the CPU under Triton's interpreter
+(``TRITON_INTERPRET=1`` set before Triton is imported). Block sizes are shape heuristics for an
+H100-class GPU, not autotuned; ``scripts/gpu_measure.py`` times these kernels against the PyTorch
+formulation (``mode_ros.model.bench.step_variants``) before any of them becomes a default.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+try:  # Triton ships with CUDA builds of PyTorch; without it the "triton" options report why
+    import triton
+    import triton.language as tl
+    _IMPORT_ERROR = None
+except Exception as exc:  # noqa: BLE001 - any import failure means "not available", with the reason
+    triton = tl = None
+    _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "") == "1"   # read once: Triton reads it at import too
+
+
+def interpreted() -> bool:
+    return _INTERPRET
+
+
+def unavailable_reason(device: torch.device | str) -> str | None:
+    """Why these kernels cannot run on ``device`` (None: they can)."""
+    if triton is None:
+        return f"triton is not importable ({_IMPORT_ERROR})"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return None
+    if dev.type == "cpu" and interpreted():
+        return None
+    return (f"the triton kernels need a CUDA device (got {dev.type}; on the CPU only under Triton's "
+            "interpreter, TRITON_INTERPRET=1)")
+
+
+def _pow2(n: int, lo: int = 16) -> int:
+    return max(lo, 1 << max(0, math.ceil(math.log2(max(1, n)))))
+
+
+def _f32dot(x: torch.Tensor) -> bool:
+    """Products in fp32 (IEEE, no TF32) for fp32 activations; bf16/fp16 use the tensor cores with
+    fp32 accumulation. Under the interpreter the operands are always widened first: its bf16 dot is
+    wrong, and bf16·bf16 products are exact in fp32, so the result is the same function."""
+    return x.dtype == torch.float32 or interpreted()
+
+
+if triton is not None:
+    @triton.jit
+    def _qkv_attention_kernel(qkv, qg, kg, out, T, D, HD, eps, scale,
+                              BT: tl.constexpr, BD: tl.constexpr, F32DOT: tl.constexpr):
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        t = tl.arange(0, BT)
+        d = tl.arange(0, BD)
+        tm = t < T
+        dm = d < HD
+        m2 = tm[:, None] & dm[None, :]
+        row = qkv + b * T * 3 * D + t[:, None] * (3 * D) + h * HD + d[None, :]
+        v = tl.load(row + 2 * D, mask=m2, other=0.0)
+        q = tl.load(row, mask=m2, other=0.0).to(tl.float32)
+        k = tl.load(row + D, mask=m2, other=0.0).to(tl.float32)
+        gq = tl.load(qg + d, mask=dm, other=0.0).to(tl.float32)
+        gk = tl.load(kg + d, mask=dm, other=0.0).to(tl.float32)
+        # RMSNorm per head (rms clamped at eps, as the model's), rounded to the model dtype like the
+        # PyTorch formulation, then the products in fp32
+        rq = tl.maximum(tl.sqrt(tl.sum(q * q, axis=1) / HD), eps)
+        rk = tl.maximum(tl.sqrt(tl.sum(k * k, axis=1) / HD), eps)
+        q = (gq[None, :] * (q / rq[:, None])).to(v.dtype)
+        k = (gk[None, :] * (k / rk[:, None])).to(v.dtype)
+        if F32DOT:
+            s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = s * scale
+        causal = (t[None, :] <= t[:, None]) & tm[None, :]
+        s = tl.where(causal, s, float("-inf"))
+        p = tl.exp(s - tl.max(s, axis=1)[:, None])
+        p = p / tl.sum(p, axis=1)[:, None]
+        if F32DOT:
+            o = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), input_precision="ieee")
+        else:
+            o = tl.dot(p.to(v.dtype), v)
+        dst = out + b * T * D + t[:, None] * D + h * HD + d[None, :]
+        tl.store(dst, o.to(out.dtype.element_ty), mask=m2)
+
+    @triton.jit
+    def _swiglu_up_kernel(x, w, scale, bias, gates, out, M, K, H, NE,
+                          HAS_SCALE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                          F32DOT: tl.constexpr):
+        pid_n = tl.program_id(0)
+        e = tl.program_id(1)
+        pid_m = tl.program_id(2)
+        m = pid_m * BM + tl.arange(0, BM)
+        n = pid_n * BN + tl.arange(0, BN)
+        kk = tl.arange(0, BK)
+        mm = m < M
+        nm = n < H
+        rv = e * 2 * H + n          # expert e's rows: [v (H rows), g (H rows)]
+        rg = rv + H
+        acc_v = tl.zeros((BM, BN), dtype=tl.float32)
+        acc_g = tl.zeros((BM, BN), dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            km = (k0 + kk) < K
+            a = tl.load(x + m[:, None] * K + k0 + kk[None, :], mask=mm[:, None] & km[None, :], other=0.0)
+            wm = nm[:, None] & km[None, :]
+            wv = tl.load(w + rv[:, None] * K + k0 + kk[None, :], mask=wm, other=0.0)
+            wg = tl.load(w + rg[:, None] * K + k0 + kk[None, :], mask=wm, other=0.0)
+            if F32DOT:
+                a32 = a.to(tl.float32)
+                acc_v += tl.dot(a32, tl.trans(wv.to(tl.float32)), input_precision="ieee")
+                acc_g += tl.dot(a32, tl.trans(wg.to(tl.float32)), input_precision="ieee")
+            else:  # int8 / fp8 / bf16 weights widened in registers to the activation dtype
+                acc_v += tl.dot(a, tl.trans(wv.to(a.dtype)))
+                acc_g += tl.dot(a, tl.trans(wg.to(a.dtype)))
+        if HAS_SCALE:
+            acc_v = acc_v * tl.load(scale + rv, mask=nm, other=0.0).to(tl.float32)[None, :]
+            acc_g = acc_g * tl.load(scale + rg, mask=nm, other=0.0).to(tl.float32)[None, :]
+        acc_v += tl.load(bias + rv, mask=nm, other=0.0).to(tl.float32)[None, :]
+        acc_g += tl.load(bias + rg, mask=nm, other=0.0).to(tl.float32)[None, :]
+        gate = tl.load(gates + e).to(tl.float32)
+        hid = acc_v * (acc_g * tl.sigmoid(acc_g)) * gate
+        dst = out + m[:, None] * (NE * H) + e * H + n[None, :]
+        tl.store(dst, hid.to(out.dtype.element_ty), mask=mm[:, None] & nm[None, :])
+
+    @triton.jit
+    def _linear_partials_kernel(x, w, scale, out, M, N, K, K_SPLIT,
+                                HAS_SCALE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                                BK: tl.constexpr, F32DOT: tl.constexpr):
+        pid_n = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        pid_m = tl.program_id(2)
+        m = pid_m * BM + tl.arange(0, BM)
+        n = pid_n * BN + tl.arange(0, BN)
+        kk = tl.arange(0, BK)
+        mm = m < M
+        nm = n < N
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        k_lo = pid_s * K_SPLIT
+        for k0 in range(k_lo, k_lo + K_SPLIT, BK):
+            km = ((k0 + kk) < K) & ((k0 + kk) < k_lo + K_SPLIT)
+            a = tl.load(x + m[:, None] * K + k0 + kk[None, :], mask=mm[:, None] & km[None, :], other=0.0)
+            b = tl.load(w + n[:, None] * K + k0 + kk[None, :], mask=nm[:, None] & km[None, :], other=0.0)
+            if F32DOT:
+                acc += tl.dot(a.to(tl.float32), tl.trans(b.to(tl.float32)), input_precision="ieee")
+            else:
+                acc += tl.dot(a, tl.trans(b.to(a.dtype)))
+        if HAS_SCALE:
+            acc = acc * tl.load(scale + n, mask=nm, other=0.0).to(tl.float32)[None, :]
+        dst = out + pid_s * M * N + m[:, None] * N + n[None, :]
+        tl.store(dst, acc, mask=mm[:, None] & nm[None, :])
+
+
+def _check(x: torch.Tensor, name: str) -> None:
+    if triton is None:
+        raise RuntimeError(f"{name}: {unavailable_reason(x.device)}")
+    if not x.is_contiguous():
+        raise ValueError(f"{name}: the activations must be contiguous")
+
+
+def qkv_attention(qkv: torch.Tensor, qg: torch.Tensor, kg: torch.Tensor, n_heads: int, eps: float) -> torch.Tensor:
+    """Causal attention of the (b, t, 3d) output of a QKV projection with per-head RMSNorm of q and k
+    (gains ``qg``/``kg`` of length d / n_heads); returns (b, t, d) in ``qkv``'s dtype, heads side by
+    side, ready for the output projection. One program per (batch row, head)."""
+    _check(qkv, "qkv_attention")
+    b, t, d3 = qkv.shape
+    d = d3 // 3
+    hd = d // n_heads
+    out = torch.empty(b, t, d, dtype=qkv.dtype, device=qkv.device)
+    _qkv_attention_kernel[(b, n_heads)](qkv, qg, kg, out, t, d, hd, eps, hd ** -0.5,
+                                        BT=_pow2(t), BD=_pow2(hd), F32DOT=_f32dot(qkv))
+    return out
+
+
+_SMS: dict[int, int] = {}
+
+
+def prepare(device: torch.device | str) -> None:
+    """Read the device's SM count once, outside any graph capture or torch.compile trace (the block
+    heuristics use it). Raises RuntimeError with the reason when the kernels cannot run there."""
+    dev = torch.device(device)
+    reason = unavailable_reason(dev)
+    if reason is not None:
+        raise RuntimeError(reason)
+    if dev.type == "cuda":
+        idx = dev.index if dev.index is not None else torch.cuda.current_device()
+        _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+
+
+def _blocks(m: int, n_out: int, k: int, device: torch.device) -> tuple[int, int, int, int]:
+    """(BM, BN, BK, split) for a small-M weight-streaming GEMM: enough programs to cover every SM
+    about twice, each reading contiguous BK-wide strips of weight rows."""
+    bm = 16 if m <= 16 else 32 if m <= 32 else 64
+    bn = 32 if n_out <= 4096 else 64
+    bk = 128 if k >= 128 else _pow2(k)
+    sms = _SMS.get(device.index or 0, 132) if device.type == "cuda" else 8
+    tiles = math.ceil(n_out / bn) * math.ceil(m / bm)
+    split = max(1, min(math.ceil(2 * sms / tiles), math.ceil(k / bk), 16))
+    return bm, bn, bk, split
+
+
+def swiglu_up(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor,
+              gates: torch.Tensor) -> torch.Tensor:
+    """``gate_e · v_e · silu(g_e)`` for the selected experts, from x (…, K) and their fused up weights
+    ``w`` (n_e · 2H, K): per expert e the rows [v (H), g (H)], stored in the activation dtype or as
+    int8 / fp8 with one ``scale`` per row; ``bias`` (n_e · 2H,), ``gates`` (n_e,). Returns (…, n_e · H)
+    in x's dtype. Equals ``fast.fused_layer``'s qlinear + SwiGLU + gates, with one rounding at the end."""
+    _check(x, "swiglu_up")
+    *lead, k = x.shape
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    ne = gates.shape[0]
+    h = w.shape[0] // (2 * ne)
+    out = torch.empty(m, ne * h, dtype=x.dtype, device=x.device)
+    bm, bn, bk, _ = _blocks(m, h, k, x.device)
+    grid = (triton.cdiv(h, bn), ne, triton.cdiv(m, bm))
+    _swiglu_up_kernel[grid](x2, w, scale if scale is not None else bias, bias, gates, out, m, k, h, ne,
+                            HAS_SCALE=scale is not None, BM=bm, BN=bn, BK=bk, F32DOT=_f32dot(x))
+    return out.view(*lead, ne * h)
+
+
+def linear_partials(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None,
+                    split: int | None = None) -> torch.Tensor:
+    """Split-K partial sums of ``x @ w.T`` (times the row ``scale`` of a quantised ``w``): fp32
+    (split, …, N). ``.sum(0)`` gives the product; under torch.compile that sum fuses into the
+    consumer (residual add, bias, cast)."""
+    _check(x, "linear_partials")
+    *lead, k = x.shape
+    x2 = x.reshape(-1, k)
+    m, n = x2.shape[0], w.shape[0]
+    bm, bn, bk, auto = _blocks(m, n, k, x.device)
+    split = auto if split is None else max(1, int(split))
+    k_split = triton.cdiv(triton.cdiv(k, split), bk) * bk
+    split = triton.cdiv(k, k_split)
+    out = torch.empty(split, m, n, dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(n, bn), split, triton.cdiv(m, bm))
+    _linear_partials_kernel[grid](x2, w, scale if scale is not None else w, out, m, n, k, k_split,
+                                  HAS_SCALE=scale is not None, BM=bm, BN=bn, BK=bk, F32DOT=_f32dot(x))
+    return out.view(split, *lead, n)
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None,
+           bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` (with row scales for quantised weights) through ``linear_partials``; x's dtype."""
+    y = linear_partials(x, w, scale).sum(0)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)

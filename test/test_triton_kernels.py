@@ -1,0 +1,88 @@
+"""The small-batch Triton kernels of the fused sampler (mode_ros.model.triton_kernels).
+
+No GPU here: their arithmetic is checked under Triton's CPU interpreter (a subprocess with
+TRITON_INTERPRET=1, which Triton reads at import), against the PyTorch formulation they replace;
+their speed is measured by scripts/gpu_measure.py on a GPU."""
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+
+@pytest.fixture(scope="module")
+def interp():
+    import mode_ros
+    root = str(Path(mode_ros.__file__).resolve().parents[1])   # the package this test process imports
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])]))
+    script = Path(__file__).with_name("triton_interp_checks.py")
+    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout)
+
+
+def test_attention_kernel_matches_pytorch(interp):
+    """q/k RMSNorm + causal attention + (b, t, d) layout in one kernel: fp32 to rounding, bf16 within
+    ~1-2 bf16 ulps of the PyTorch bf16 formulation (which rounds differently), padded token and head
+    sizes, and causal (a later token never changes an earlier row, bit for bit)."""
+    for key in ("attn_fp32_t14_d64", "attn_fp32_t9_d48"):
+        assert interp[key] < 1e-6, (key, interp[key])
+    for key in ("attn_bf16_t14_d64", "attn_bf16_t9_d48"):
+        assert interp[key] < 2e-2, (key, interp[key])
+    for dt in ("fp32", "bf16"):
+        assert interp[f"attn_{dt}_causal_prefix_equal"] and interp[f"attn_{dt}_causal_last_changed"]
+
+
+def test_gemm_kernels_match_pytorch(interp):
+    """Up-projection with SwiGLU and gates fused, for bf16/fp32 and int8/fp8 weights (widened in the
+    kernel, row scales in the epilogue), and the deterministic split-K projection."""
+    for quant in ("none", "int8", "fp8"):
+        assert interp[f"swiglu_fp32_{quant}"] < 1e-6, (quant, interp[f"swiglu_fp32_{quant}"])
+        assert interp[f"swiglu_bf16_{quant}"] < 1.5e-2, (quant, interp[f"swiglu_bf16_{quant}"])
+    assert [interp[f"partials_split{s}"]["splits"] for s in (1, 3, None)] == [1, 3, 3]
+    for s in (1, 3, None):
+        assert interp[f"partials_split{s}"]["rel"] < 1e-6
+    assert interp["linear_int8"] < 1e-6
+
+
+def test_fused_sampler_with_triton_kernels_equals_cached_sampler(interp):
+    """Whole chunks (tiny preset, batch 2, fp32): every combination of the Triton attention and GEMMs
+    gives the cached sampler's actions to fp32 rounding; int8 experts through the Triton kernels give
+    what PyTorch's int8 path gives; the GPU script's variant harness runs the uncompiled variant."""
+    for key in ("sampler_triton_torch_layer_none", "sampler_sdpa_triton_layer_none",
+                "sampler_triton_triton_step_none"):
+        assert interp[key] < 1e-5, (key, interp[key])
+    assert 0 < interp["sampler_triton_triton_step_int8"] < 5e-3
+    assert interp["sampler_int8_triton_vs_torch"] < 1e-5
+    row = interp["step_variant_row"]
+    assert row["failed"] is None and row["same_routing_as_fp32"] and row["max_abs_diff_vs_fp32"] < 1e-5
+    assert (row["attention"], row["gemm"], row["compile_mode"]) == ("triton", "triton", "eager")
+
+
+def test_triton_options_need_cuda_outside_the_interpreter(caplog):
+    """Without CUDA (and without the interpreter) the Triton options are refused with the reason by
+    the sampler, and enable_fast falls back to the PyTorch kernels with that reason logged."""
+    from mode_ros.model import triton_kernels as tk
+    from mode_ros.model.bench import preset
+    from mode_ros.model.fast import FusedSampler
+    from mode_ros.model.policy import MoDEPolicy
+    if tk.interpreted() or torch.cuda.is_available():
+        pytest.skip("needs a CPU-only process without TRITON_INTERPRET")
+    pol = MoDEPolicy(preset("tiny")).eval()
+    with pytest.raises(ValueError, match="CUDA device"):
+        FusedSampler(pol.sampler, attention="triton")
+    with pytest.raises(ValueError, match="gemm"):
+        FusedSampler(pol.sampler, gemm="cutlass")
+    with pytest.raises(ValueError, match="gemm"):
+        pol.enable_fast(fused=True, gemm="cutlass")
+    with caplog.at_level(logging.WARNING):
+        state = pol.enable_fast(fused=True, attention="triton", gemm="triton", logger=logging.getLogger("t"))
+    assert state["fused"] and (state["attention"], state["gemm"]) == ("sdpa", "torch")
+    assert "CUDA device" in caplog.text

@@ -1,0 +1,114 @@
+"""Run by test_triton_kernels.py in a subprocess with TRITON_INTERPRET=1 (Triton reads it at import):
+the package's Triton kernels executed by Triton's CPU interpreter, compared with the PyTorch
+formulation they replace. Prints one JSON object of measured errors; the test asserts on them."""
+import json
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from mode_ros.model import fast
+from mode_ros.model import triton_kernels as tk
+from mode_ros.model.bench import preset, step_variants
+from mode_ros.model.fast import FusedSampler, _rms, causal_attention, quantize_rows
+from mode_ros.model.policy import MoDEPolicy
+
+
+def err(a, b):
+    return float((a.float() - b.float()).abs().max())
+
+
+def rel(a, b):
+    return err(a, b) / float(b.float().abs().max())
+
+
+def attention_ref(qkv, qg, kg, nh, eps):
+    b, t, d3 = qkv.shape
+    d = d3 // 3
+    hd = d // nh
+    q, k, v = qkv.split(d, -1)
+    q = _rms(q.reshape(b, t, nh, hd), qg, eps).transpose(1, 2)
+    k = _rms(k.reshape(b, t, nh, hd), kg, eps).transpose(1, 2)
+    v = v.reshape(b, t, nh, hd).transpose(1, 2)
+    return causal_attention(q, k, v, "matmul").transpose(1, 2).reshape(b, t, d)
+
+
+def main():
+    assert tk.interpreted() and tk.unavailable_reason("cpu") is None
+    torch.manual_seed(0)
+    out = {}
+    # attention: padded tokens (14 -> 16, 9 -> 16), a head size that is not a power of two (24 -> 32)
+    for dt in ("fp32", "bf16"):
+        tdt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dt]
+        for b, t, d, nh in ((2, 14, 64, 2), (1, 9, 48, 2)):
+            qkv = torch.randn(b, t, 3 * d).to(tdt)
+            qg, kg = (1 + 0.1 * torch.randn(2, d // nh)).to(tdt)
+            got = tk.qkv_attention(qkv, qg, kg, nh, 1e-6)
+            out[f"attn_{dt}_t{t}_d{d}"] = rel(got, attention_ref(qkv, qg, kg, nh, 1e-6))
+        # causal: changing the last token's k and v leaves the earlier rows bit-identical
+        qkv2 = qkv.clone()
+        qkv2[:, -1, d:] += 1.0
+        got2 = tk.qkv_attention(qkv2, qg, kg, nh, 1e-6)
+        out[f"attn_{dt}_causal_prefix_equal"] = bool(torch.equal(got2[:, :-1], got[:, :-1]))
+        out[f"attn_{dt}_causal_last_changed"] = not torch.equal(got2[:, -1], got[:, -1])
+    # experts' up-projection + SwiGLU + gates; 40 rows = 3 row blocks, H = 40 not a block multiple
+    for dt in ("fp32", "bf16"):
+        tdt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dt]
+        for quant in ("none", "int8", "fp8"):
+            m, k, h, ne = 40, 96, 40, 2
+            x = torch.randn(m, k).to(tdt)
+            w = torch.randn(ne * 2 * h, k) / k ** 0.5
+            bias = (0.1 * torch.randn(ne * 2 * h)).to(tdt)
+            gates = torch.rand(ne).to(tdt)
+            if quant == "none":
+                wq, s, wd = w.to(tdt), None, w.to(tdt).float()
+            else:
+                wq, s = quantize_rows(w, quant, torch.float32)
+                wd = wq.float() * s[:, None]
+            z = F.linear(x.float(), wd, bias.float()).view(m, ne, 2, h)
+            ref = (z[:, :, 0] * F.silu(z[:, :, 1]) * gates.float().view(1, ne, 1)).reshape(m, ne * h)
+            out[f"swiglu_{dt}_{quant}"] = rel(tk.swiglu_up(x, wq, s, bias, gates), ref)
+    # split-K partials: K = 300 not a multiple of the 128-wide block, several splits
+    x = torch.randn(2, 7, 300)
+    w = torch.randn(70, 300)
+    for split in (1, 3, None):
+        p = tk.linear_partials(x, w, None, split)
+        out[f"partials_split{split}"] = {"splits": p.shape[0], "rel": rel(p.sum(0), x @ w.T)}
+    wq, s = quantize_rows(w, "int8", torch.float32)
+    out["linear_int8"] = rel(tk.linear(x, wq, s, torch.ones(70)), x @ (wq.float() * s[:, None]).T + 1)
+
+    # the fused sampler with the Triton kernels == the cached sampler (tiny preset, batch 2, fp32)
+    pol = MoDEPolicy(preset("tiny")).eval()
+    c = pol.config
+    g = torch.Generator().manual_seed(1)
+    goal = torch.randn(2, 512, generator=g)
+    noise = torch.randn(2, c.chunk_size, c.action_dim, generator=g)
+    imgs = (torch.randint(0, 255, (2, c.n_cameras, 3, *c.vision.image_size), dtype=torch.uint8, generator=g)
+            if c.n_cameras else None)
+    ref = pol.sample_normalized(imgs, goal, None, noise, cached=True)
+    for att, gemm, whole, quant in (("triton", "torch", False, "none"), ("sdpa", "triton", False, "none"),
+                                    ("triton", "triton", True, "none"), ("triton", "triton", True, "int8")):
+        pol.fused = FusedSampler(pol.sampler, attention=att, gemm=gemm, whole_step=whole, weight_quant=quant)
+        pol.fused.build()
+        key = f"sampler_{att}_{gemm}_{'step' if whole else 'layer'}_{quant}"
+        acts = pol.sample_normalized(imgs, goal, None, noise, cached=True)
+        out[key] = err(acts, ref)
+    # the same int8 weights (fp32 row scales) through PyTorch's generic path (not its bf16-activation
+    # int8 kernel): the Triton int8 path agrees with it, not just with fp32
+    fast.int8_kernel_available = lambda device: False
+    pol.fused = FusedSampler(pol.sampler, weight_quant="int8")
+    pol.fused.build()
+    acts_torch = pol.sample_normalized(imgs, goal, None, noise, cached=True)
+    out["sampler_int8_torch_vs_fp32"] = err(acts_torch, ref)
+    out["sampler_int8_triton_vs_torch"] = err(acts, acts_torch)
+    pol.fused = None
+    # the GPU script's variant harness runs the uncompiled Triton variant here too
+    rows = step_variants("tiny", "cpu", "fp32", runs=1, warmup=0, log=lambda m: None,
+                         variants=[("triton", "eager", "none", "triton")])
+    out["step_variant_row"] = {k: rows[0].get(k) for k in ("failed", "max_abs_diff_vs_fp32", "same_routing_as_fp32",
+                                                            "gemm", "attention", "compile_mode")}
+    json.dump(out, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()
