@@ -6,7 +6,8 @@
 1. reference fixture on CUDA (TF32 off): max |diff| per key
 2. graph (bf16) vs eager fp32 actions and routing identity, 8-layer preset
 3. mode-ros bench: presets x dtypes x paths x batch 1/8/32 (JSON + table + PNG)
-4. torch.compile path; fused-step variants: attention formulation x Inductor mode (paper-8l bf16 b1)
+4. torch.compile path; one layer-step's kernels, PyTorch vs Triton over launch configurations;
+   fused-step variants: attention formulation x Inductor mode x weights x GEMM kernels (paper-8l bf16 b1)
 5. training throughput of the 8-layer preset (bf16 autocast, synthetic batches on the device)
 """
 from __future__ import annotations
@@ -48,7 +49,7 @@ def main() -> int:
     ap.add_argument("--presets", default="paper-8l,pretrain-12l,small")
     ap.add_argument("--paths", default="uncached,cached,graph,fused-graph,compiled-graph,int8-graph,fp8-graph,dense")
     ap.add_argument("--batches", default="1,8,32")
-    ap.add_argument("--skip", default="", help="comma list of sections to skip: ref,graph,bench,compile,attention,train")
+    ap.add_argument("--skip", default="", help="comma list of sections to skip: ref,graph,bench,compile,kernels,attention,train")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -132,6 +133,25 @@ def main() -> int:
             print(f"compile section {time.time() - t0:.0f} s")
         except Exception as exc:  # noqa: BLE001
             print("compile failed", exc)
+
+    if "kernels" not in skip:
+        section("kernels of one layer-step: PyTorch vs the Triton kernels, launch-configuration sweep (paper-8l bf16)")
+        # mode_ros.model.bench.kernel_variants: QKV / proj / up(+SwiGLU) / down / attention, bf16, int8,
+        # fp8 weights, each timed inside a CUDA graph; the fastest configuration per op is what the
+        # Triton defaults (triton_kernels._blocks) should become
+        from mode_ros.model.bench import kernel_table, kernel_variants
+
+        for bsz in (1, 8):
+            def save_k(rows, bsz=bsz):
+                res["sections"][f"kernels_b{bsz}"] = rows
+                (out / "gpu_results.json").write_text(json.dumps(res, indent=1, default=str))
+            t0 = time.time()
+            krows = kernel_variants("paper-8l", "cuda", "bf16", batch=bsz, on_row=save_k,
+                                    log=lambda m: None)
+            txt = kernel_table(krows)
+            print(f"batch {bsz} ({time.time() - t0:.0f} s)\n{txt}", flush=True)
+            (out / f"kernels_b{bsz}.txt").write_text(txt + "\n")
+        torch.cuda.empty_cache()
 
     if "attention" not in skip:
         section("step variants (paper-8l bf16 b1, compiled, whole-chunk graph)")

@@ -86,3 +86,22 @@ def test_triton_options_need_cuda_outside_the_interpreter(caplog):
         state = pol.enable_fast(fused=True, attention="triton", gemm="triton", logger=logging.getLogger("t"))
     assert state["fused"] and (state["attention"], state["gemm"]) == ("sdpa", "torch")
     assert "CUDA device" in caplog.text
+
+
+def test_kernel_sweep_harness(interp):
+    """The GPU script's per-kernel sweep (bench.kernel_variants) runs every op of a layer-step, PyTorch
+    and each Triton launch configuration, and the Triton outputs equal PyTorch's (fp32 weights; the
+    int8 rows compare against PyTorch's int8 kernel, which rounds activations to bf16 on this CPU)."""
+    rows = interp["kernel_rows"]
+    assert not [r for r in rows if r["failed"]], [r for r in rows if r["failed"]]
+    ops = {(r["op"], r["weight_quant"]) for r in rows}
+    assert ops == {("qkv", "none"), ("proj", "none"), ("attention", "none"), ("up", "none"), ("down", "none"),
+                   ("up", "int8"), ("down", "int8")}
+    for op, q in ops:
+        rs = [r for r in rows if (r["op"], r["weight_quant"]) == (op, q)]
+        assert [r["impl"] for r in rs].count("torch") == 1
+        tri = [r for r in rs if r["impl"] == "triton"]
+        assert len(tri) == (1 if op == "attention" else 2) and all(r["median_us"] > 0 for r in rs)
+        tol = 1e-5 if q == "none" else 0.1
+        assert all(r["max_abs_diff_vs_torch"] < tol for r in tri), (op, q, tri)
+    assert "best blocks" in interp["kernel_table"] and len(interp["kernel_table"].splitlines()) == 2 + len(ops)

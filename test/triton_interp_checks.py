@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from mode_ros.model import fast
 from mode_ros.model import triton_kernels as tk
-from mode_ros.model.bench import preset, step_variants
+from mode_ros.model.bench import kernel_table, kernel_variants, preset, step_variants
 from mode_ros.model.fast import FusedSampler, _rms, causal_attention, quantize_rows
 from mode_ros.model.policy import MoDEPolicy
 
@@ -107,6 +107,12 @@ def main():
                          variants=[("triton", "eager", "none", "triton")])
     out["step_variant_row"] = {k: rows[0].get(k) for k in ("failed", "max_abs_diff_vs_fp32", "same_routing_as_fp32",
                                                             "gemm", "attention", "compile_mode")}
+    # the GPU script's kernel sweep: every op, PyTorch and Triton (two launch configurations each)
+    krows = kernel_variants("tiny", "cpu", "fp32", up_sweep=[None, {"bn": 64, "bk": 64, "num_stages": 4}],
+                            splitk_sweep=[None, {"bn": 64, "split": 2}], reps=1, runs=1, log=lambda m: None)
+    out["kernel_rows"] = [{k: r.get(k) for k in ("op", "weight_quant", "impl", "blocks", "median_us",
+                                                  "max_abs_diff_vs_torch", "failed")} for r in krows]
+    out["kernel_table"] = kernel_table(krows)
     json.dump(out, sys.stdout)
 
 

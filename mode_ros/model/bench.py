@@ -17,6 +17,7 @@ import time
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .config import PolicyConfig, preset
 from .info import denoiser_counts
@@ -255,6 +256,168 @@ def step_variants(name: str, device: str, dtype: str = "bf16", variants=None, ru
             on_row(rows)
     pol.fused = pol._graph = None
     return rows
+
+
+# launch configurations ``kernel_variants`` sweeps for the Triton GEMMs (block keys of
+# ``triton_kernels.BLOCK_KEYS``; None = the shape heuristic's choice)
+UP_SWEEP = [None] + [{"bn": bn, "bk": bk, "num_stages": ns} for bn in (32, 64, 128) for bk in (64, 128, 256)
+                     for ns in (3, 4)]
+SPLITK_SWEEP = [None] + [{"bn": bn, "bk": bk, "split": sp} for bn in (32, 64, 128) for bk in (128, 256)
+                         for sp in (None, 4, 8)]
+
+
+def _graph_us(fn, dev, reps: int = 20, runs: int = 30) -> float:
+    """Median µs per call of ``fn``: on CUDA ``reps`` calls captured in one CUDA graph (how the chunk
+    graph runs them: no launch overhead from Python), replayed ``runs`` times; elsewhere wall time."""
+    if dev.type != "cuda":
+        ts = _time(fn, dev, runs, 1)
+        return statistics.median(ts) * 1e3
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(reps):
+            fn()
+    g.replay()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(runs):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        ts.append(a.elapsed_time(b) * 1e3 / reps)
+    return statistics.median(ts)
+
+
+def kernel_variants(name: str, device: str, dtype: str = "bf16", batch: int = 1, up_sweep=None,
+                    splitk_sweep=None, reps: int = 20, runs: int = 30, log=print, on_row=None) -> list[dict]:
+    """One layer-step's kernels of the fused sampler at the preset's shapes, PyTorch against this
+    package's Triton kernels (``triton_kernels``) over a sweep of launch configurations: QKV and output
+    projections, the experts' up-projection (+ SwiGLU and gates) and down-projection in the model
+    dtype and with int8 / fp8 weights (CUDA), and the attention with its q/k norms. Every row: median
+    µs per call (CUDA: inside a CUDA graph), weight GB/s, the largest difference from the PyTorch
+    output; a configuration that fails is a row with ``failed``. For tuning the Triton defaults."""
+    from . import triton_kernels as tk
+    from .fast import _rms, causal_attention, int8_kernel_available, qlinear, quantize_rows
+
+    dev = torch.device(device)
+    tdt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    c = preset(name)
+    mc = c.model
+    d, nh, kk = mc.embed_dim, mc.n_heads, mc.top_k
+    hd, H = d // nh, mc.mlp_ratio * d
+    t = 1 + mc.goal_seq_len + c.n_cameras * mc.obs_seq_len + (c.state_dim > 0) + c.chunk_size
+    m = batch * t
+    g = torch.Generator(device=dev).manual_seed(0)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, device=dev) * scale).to(tdt)
+    if tk.unavailable_reason(dev) is None:
+        tk.prepare(dev)
+    x = rnd(batch, t, d)
+    hid = rnd(batch, t, kk * H, scale=0.5)
+    w_qkv, b_qkv, w_proj = rnd(3 * d, d, scale=d ** -0.5), rnd(3 * d, scale=0.02), rnd(d, d, scale=d ** -0.5)
+    w_up, b_up, w_down = rnd(kk * 2 * H, d, scale=d ** -0.5), rnd(kk * 2 * H, scale=0.02), rnd(d, kk * H, scale=H ** -0.5)
+    gates = torch.rand(kk, generator=g, device=dev).to(tdt)
+    qkv = rnd(batch, t, 3 * d)
+    qg, kg = rnd(hd, scale=0.1) + 1, rnd(hd, scale=0.1) + 1
+    int8_kernel = int8_kernel_available(dev)
+    quants = ["none", "int8"] + (["fp8"] if dev.type == "cuda" else [])
+    qw = {}
+    for q in quants[1:]:
+        sdt = torch.bfloat16 if (q == "int8" and int8_kernel) else torch.float32
+        qw[q] = {"up": quantize_rows(w_up, q, sdt), "down": quantize_rows(w_down, q, sdt),
+                 "up32": quantize_rows(w_up, q, torch.float32), "down32": quantize_rows(w_down, q, torch.float32)}
+
+    def torch_up(wq=None, s=None):
+        z = qlinear(x, w_up if wq is None else wq, s, b_up, int8_kernel).view(batch, t, kk, 2, H)
+        return (z[..., 0, :] * F.silu(z[..., 1, :]) * gates.view(1, 1, kk, 1)).reshape(batch, t, kk * H)
+
+    def torch_attention():
+        q, k_, v = qkv.split(d, dim=-1)
+        q = _rms(q.view(batch, t, nh, hd), qg, mc.norm_eps).transpose(1, 2)
+        k_ = _rms(k_.view(batch, t, nh, hd), kg, mc.norm_eps).transpose(1, 2)
+        v = v.view(batch, t, nh, hd).transpose(1, 2)
+        return causal_attention(q, k_, v, "matmul").transpose(1, 2).reshape(batch, t, d)
+
+    def nbytes(*ts):
+        return sum(z.numel() * z.element_size() for z in ts if z is not None)
+    # (op, quant, weight bytes, torch fn, triton fn(blocks), sweep)
+    cases = [("qkv", "none", nbytes(w_qkv, b_qkv), lambda: F.linear(x, w_qkv, b_qkv),
+              lambda bl: tk.linear(x, w_qkv, None, b_qkv, bl), splitk_sweep),
+             ("proj", "none", nbytes(w_proj), lambda: F.linear(x, w_proj), lambda bl: tk.linear(x, w_proj, None, None, bl),
+              splitk_sweep),
+             ("attention", "none", nbytes(qg, kg), torch_attention,
+              lambda bl: tk.qkv_attention(qkv, qg, kg, nh, mc.norm_eps), [None])]
+    for q in quants:
+        if q == "none":
+            cases += [("up", q, nbytes(w_up, b_up), torch_up, lambda bl: tk.swiglu_up(x, w_up, None, b_up, gates, bl),
+                       up_sweep),
+                      ("down", q, nbytes(w_down), lambda: F.linear(hid, w_down),
+                       lambda bl: tk.linear(hid, w_down, None, None, bl), splitk_sweep)]
+            continue
+        (uq, us), (dq, ds) = qw[q]["up"], qw[q]["down"]
+        (uq32, us32), (dq32, ds32) = qw[q]["up32"], qw[q]["down32"]
+        cases += [("up", q, nbytes(uq32, us32, b_up), lambda uq=uq, us=us: torch_up(uq, us),
+                   lambda bl, a=uq32, b=us32: tk.swiglu_up(x, a, b, b_up, gates, bl), up_sweep),
+                  ("down", q, nbytes(dq32, ds32), lambda dq=dq, ds=ds: qlinear(hid, dq, ds, None, int8_kernel),
+                   lambda bl, a=dq32, b=ds32: tk.linear(hid, a, b, None, bl), splitk_sweep)]
+    rows = []
+
+    def emit(row):
+        log(json.dumps(row))
+        rows.append(row)
+        if on_row is not None:
+            on_row(rows)
+    for op, q, wbytes, tfn, kfn, sweep in cases:
+        base = {"preset": name, "device": str(dev), "dtype": dtype, "batch": batch, "rows": m, "op": op,
+                "weight_quant": q, "weight_MB": wbytes / 1e6}
+        ref = None
+        try:
+            with torch.no_grad():
+                ref = tfn()
+                us = _graph_us(tfn, dev, reps, runs)
+            emit({**base, "impl": "torch", "blocks": None, "median_us": us, "GBps": wbytes / us / 1e3})
+        except Exception as exc:  # noqa: BLE001 - one failing kernel must not lose the others
+            emit({**base, "impl": "torch", "blocks": None, "failed": f"{type(exc).__name__}: {exc}"[:300]})
+        for bl in (sweep if sweep is not None else [None]):
+            try:
+                with torch.no_grad():
+                    out = kfn(bl)
+                    us = _graph_us(lambda: kfn(bl), dev, reps, runs)
+                row = {**base, "impl": "triton", "blocks": bl, "median_us": us, "GBps": wbytes / us / 1e3}
+                if ref is not None:
+                    row["max_abs_diff_vs_torch"] = float((out.float() - ref.float()).abs().max())
+                emit(row)
+            except Exception as exc:  # noqa: BLE001
+                emit({**base, "impl": "triton", "blocks": bl, "failed": f"{type(exc).__name__}: {exc}"[:300]})
+    return rows
+
+
+def kernel_table(rows: list[dict]) -> str:
+    """Per (op, weights): PyTorch, the Triton default and the fastest Triton configuration."""
+    head = f"{'op':>9} {'weights':>7} {'MB':>6} {'torch us':>9} {'triton us':>10} {'best us':>8} {'best GB/s':>9}  best blocks"
+    lines = [head, "-" * len(head)]
+    keys = list(dict.fromkeys((r["op"], r["weight_quant"]) for r in rows))
+    for op, q in keys:
+        rs = [r for r in rows if (r["op"], r["weight_quant"]) == (op, q) and "median_us" in r]
+        tor = [r for r in rs if r["impl"] == "torch"]
+        tri = [r for r in rs if r["impl"] == "triton"]
+        dflt = [r for r in tri if r["blocks"] is None]
+        best = min(tri, key=lambda r: r["median_us"]) if tri else None
+        mb = next((r["weight_MB"] for r in rows if (r["op"], r["weight_quant"]) == (op, q)), 0.0)
+
+        def f(r):
+            return f"{r['median_us']:.2f}" if r else "-"
+        lines.append(f"{op:>9} {q:>7} {mb:>6.1f} {f(tor[0] if tor else None):>9} {f(dflt[0] if dflt else None):>10} "
+                     f"{f(best):>8} {(best['GBps'] if best else 0):>9.0f}  {best['blocks'] if best else '-'}")
+    return "\n".join(lines)
 
 
 def _reference(policy, imgs, goal, noise):

@@ -209,20 +209,31 @@ def prepare(device: torch.device | str) -> None:
         _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
 
 
-def _blocks(m: int, n_out: int, k: int, device: torch.device) -> tuple[int, int, int, int]:
-    """(BM, BN, BK, split) for a small-M weight-streaming GEMM: enough programs to cover every SM
-    about twice, each reading contiguous BK-wide strips of weight rows."""
+BLOCK_KEYS = ("bm", "bn", "bk", "split", "num_warps", "num_stages")
+
+
+def _blocks(m: int, n_out: int, k: int, device: torch.device, blocks: dict | None = None) -> dict:
+    """Launch configuration of a small-M weight-streaming GEMM: BM x BN output tiles over BK-wide
+    strips of weight rows, and a K split giving enough programs to cover every SM about twice.
+    ``blocks`` overrides any of ``BLOCK_KEYS`` (what ``bench.kernel_variants`` sweeps)."""
     bm = 16 if m <= 16 else 32 if m <= 32 else 64
     bn = 32 if n_out <= 4096 else 64
     bk = 128 if k >= 128 else _pow2(k)
-    sms = _SMS.get(device.index or 0, 132) if device.type == "cuda" else 8
-    tiles = math.ceil(n_out / bn) * math.ceil(m / bm)
-    split = max(1, min(math.ceil(2 * sms / tiles), math.ceil(k / bk), 16))
-    return bm, bn, bk, split
+    cfg = {"bm": bm, "bn": bn, "bk": bk, "split": None, "num_warps": 4, "num_stages": 3}
+    if blocks:
+        unknown = set(blocks) - set(BLOCK_KEYS)
+        if unknown:
+            raise ValueError(f"blocks: unknown keys {sorted(unknown)} (known: {BLOCK_KEYS})")
+        cfg.update({key: v for key, v in blocks.items() if v is not None})
+    if cfg["split"] is None:
+        sms = _SMS.get(device.index or 0, 132) if device.type == "cuda" else 8
+        tiles = math.ceil(n_out / cfg["bn"]) * math.ceil(m / cfg["bm"])
+        cfg["split"] = max(1, min(math.ceil(2 * sms / tiles), math.ceil(k / cfg["bk"]), 16))
+    return cfg
 
 
 def swiglu_up(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor,
-              gates: torch.Tensor) -> torch.Tensor:
+              gates: torch.Tensor, blocks: dict | None = None) -> torch.Tensor:
     """``gate_e · v_e · silu(g_e)`` for the selected experts, from x (…, K) and their fused up weights
     ``w`` (n_e · 2H, K): per expert e the rows [v (H), g (H)], stored in the activation dtype or as
     int8 / fp8 with one ``scale`` per row; ``bias`` (n_e · 2H,), ``gates`` (n_e,). Returns (…, n_e · H)
@@ -234,15 +245,16 @@ def swiglu_up(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, bias
     ne = gates.shape[0]
     h = w.shape[0] // (2 * ne)
     out = torch.empty(m, ne * h, dtype=x.dtype, device=x.device)
-    bm, bn, bk, _ = _blocks(m, h, k, x.device)
-    grid = (triton.cdiv(h, bn), ne, triton.cdiv(m, bm))
+    cfg = _blocks(m, h, k, x.device, blocks)
+    grid = (triton.cdiv(h, cfg["bn"]), ne, triton.cdiv(m, cfg["bm"]))
     _swiglu_up_kernel[grid](x2, w, scale if scale is not None else bias, bias, gates, out, m, k, h, ne,
-                            HAS_SCALE=scale is not None, BM=bm, BN=bn, BK=bk, F32DOT=_f32dot(x))
+                            HAS_SCALE=scale is not None, BM=cfg["bm"], BN=cfg["bn"], BK=cfg["bk"],
+                            F32DOT=_f32dot(x), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out.view(*lead, ne * h)
 
 
 def linear_partials(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None,
-                    split: int | None = None) -> torch.Tensor:
+                    split: int | None = None, blocks: dict | None = None) -> torch.Tensor:
     """Split-K partial sums of ``x @ w.T`` (times the row ``scale`` of a quantised ``w``): fp32
     (split, …, N). ``.sum(0)`` gives the product; under torch.compile that sum fuses into the
     consumer (residual add, bias, cast)."""
@@ -250,21 +262,22 @@ def linear_partials(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None
     *lead, k = x.shape
     x2 = x.reshape(-1, k)
     m, n = x2.shape[0], w.shape[0]
-    bm, bn, bk, auto = _blocks(m, n, k, x.device)
-    split = auto if split is None else max(1, int(split))
-    k_split = triton.cdiv(triton.cdiv(k, split), bk) * bk
+    cfg = _blocks(m, n, k, x.device, blocks if split is None else {**(blocks or {}), "split": split})
+    bk = cfg["bk"]
+    k_split = triton.cdiv(triton.cdiv(k, max(1, int(cfg["split"]))), bk) * bk
     split = triton.cdiv(k, k_split)
     out = torch.empty(split, m, n, dtype=torch.float32, device=x.device)
-    grid = (triton.cdiv(n, bn), split, triton.cdiv(m, bm))
+    grid = (triton.cdiv(n, cfg["bn"]), split, triton.cdiv(m, cfg["bm"]))
     _linear_partials_kernel[grid](x2, w, scale if scale is not None else w, out, m, n, k, k_split,
-                                  HAS_SCALE=scale is not None, BM=bm, BN=bn, BK=bk, F32DOT=_f32dot(x))
+                                  HAS_SCALE=scale is not None, BM=cfg["bm"], BN=cfg["bn"], BK=bk,
+                                  F32DOT=_f32dot(x), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out.view(split, *lead, n)
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None,
-           bias: torch.Tensor | None = None) -> torch.Tensor:
+           bias: torch.Tensor | None = None, blocks: dict | None = None) -> torch.Tensor:
     """``F.linear`` (with row scales for quantised weights) through ``linear_partials``; x's dtype."""
-    y = linear_partials(x, w, scale).sum(0)
+    y = linear_partials(x, w, scale, blocks=blocks).sum(0)
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
