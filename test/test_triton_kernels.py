@@ -38,6 +38,10 @@ def test_attention_kernel_matches_pytorch(interp):
         assert interp[key] < 2e-2, (key, interp[key])
     for dt in ("fp32", "bf16"):
         assert interp[f"attn_{dt}_causal_prefix_equal"] and interp[f"attn_{dt}_causal_last_changed"]
+    # reading the QKV projection's split-K partials (sum + bias in the kernel)
+    for dt, tol, tdt in (("fp32", 1e-6, "torch.float32"), ("bf16", 2e-2, "torch.bfloat16")):
+        r = interp[f"attn_{dt}_from_partials"]
+        assert r["splits"] >= 2 and r["dtype"] == tdt and r["rel"] < tol, (dt, r)
 
 
 def test_gemm_kernels_match_pytorch(interp):

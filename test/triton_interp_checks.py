@@ -51,6 +51,15 @@ def main():
         got2 = tk.qkv_attention(qkv2, qg, kg, nh, 1e-6)
         out[f"attn_{dt}_causal_prefix_equal"] = bool(torch.equal(got2[:, :-1], got[:, :-1]))
         out[f"attn_{dt}_causal_last_changed"] = not torch.equal(got2[:, -1], got[:, -1])
+        # from the QKV projection's split-K partials: the kernel finishes the projection (sum + bias)
+        u = torch.randn(b, t, d).to(tdt)
+        w = (torch.randn(3 * d, d) / d ** 0.5).to(tdt)
+        bias = (0.1 * torch.randn(3 * d)).to(tdt)
+        parts = tk.linear_partials(u, w, None, split=3, blocks={"bk": 16})
+        got = tk.qkv_attention(parts, qg, kg, nh, 1e-6, bias=bias, out_dtype=tdt)
+        proj = (u.float() @ w.float().T + bias.float()).to(tdt)
+        out[f"attn_{dt}_from_partials"] = {"splits": parts.shape[0], "dtype": str(got.dtype),
+                                           "rel": rel(got, attention_ref(proj, qg, kg, nh, 1e-6))}
     # experts' up-projection + SwiGLU + gates; 40 rows = 3 row blocks, H = 40 not a block multiple
     for dt in ("fp32", "bf16"):
         tdt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dt]

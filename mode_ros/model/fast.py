@@ -120,10 +120,12 @@ def fused_layer(h, c, ln1_g, wqkv, bqkv, qg, kg, wproj, ln2_g, w1f, b1f, w2f, ga
     hd = d // n_heads
     tri = gemm == "triton"
     u = _rms(h, ln1_g, eps) + c
-    qkv = tk.linear(u, wqkv, None, bqkv) if tri else F.linear(u, wqkv, bqkv)
-    if attention == "triton":
-        a = tk.qkv_attention(qkv, qg, kg, n_heads, eps)
+    if tri and attention == "triton":   # the attention kernel sums the projection's split-K partials
+        a = tk.qkv_attention(tk.linear_partials(u, wqkv), qg, kg, n_heads, eps, bias=bqkv, out_dtype=h.dtype)
+    elif attention == "triton":
+        a = tk.qkv_attention(F.linear(u, wqkv, bqkv), qg, kg, n_heads, eps)
     else:
+        qkv = tk.linear(u, wqkv, None, bqkv) if tri else F.linear(u, wqkv, bqkv)
         q, k, v = qkv.split(d, dim=-1)
         q = _rms(q.view(b, t, n_heads, hd), qg, eps).transpose(1, 2)
         k = _rms(k.view(b, t, n_heads, hd), kg, eps).transpose(1, 2)

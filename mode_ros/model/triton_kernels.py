@@ -69,8 +69,9 @@ def _f32dot(x: torch.Tensor) -> bool:
 
 if triton is not None:
     @triton.jit
-    def _qkv_attention_kernel(qkv, qg, kg, out, T, D, HD, eps, scale,
-                              BT: tl.constexpr, BD: tl.constexpr, F32DOT: tl.constexpr):
+    def _qkv_attention_kernel(qkv, bias, qg, kg, out, S, B, T, D, HD, eps, scale,
+                              BT: tl.constexpr, BD: tl.constexpr, F32DOT: tl.constexpr,
+                              PARTIALS: tl.constexpr):
         b = tl.program_id(0)
         h = tl.program_id(1)
         t = tl.arange(0, BT)
@@ -79,9 +80,25 @@ if triton is not None:
         dm = d < HD
         m2 = tm[:, None] & dm[None, :]
         row = qkv + b * T * 3 * D + t[:, None] * (3 * D) + h * HD + d[None, :]
-        v = tl.load(row + 2 * D, mask=m2, other=0.0)
-        q = tl.load(row, mask=m2, other=0.0).to(tl.float32)
-        k = tl.load(row + D, mask=m2, other=0.0).to(tl.float32)
+        if PARTIALS:
+            # qkv holds S fp32 split-K partial sums of the projection: finish it here (sum + bias,
+            # rounded to the model dtype as the projection's output would be)
+            q = tl.zeros((BT, BD), dtype=tl.float32)
+            k = tl.zeros((BT, BD), dtype=tl.float32)
+            v32 = tl.zeros((BT, BD), dtype=tl.float32)
+            for s in range(S):
+                r = row + s * B * T * 3 * D
+                q += tl.load(r, mask=m2, other=0.0)
+                k += tl.load(r + D, mask=m2, other=0.0)
+                v32 += tl.load(r + 2 * D, mask=m2, other=0.0)
+            bq = bias + h * HD + d
+            q = (q + tl.load(bq, mask=dm, other=0.0).to(tl.float32)[None, :]).to(out.dtype.element_ty).to(tl.float32)
+            k = (k + tl.load(bq + D, mask=dm, other=0.0).to(tl.float32)[None, :]).to(out.dtype.element_ty).to(tl.float32)
+            v = (v32 + tl.load(bq + 2 * D, mask=dm, other=0.0).to(tl.float32)[None, :]).to(out.dtype.element_ty)
+        else:
+            v = tl.load(row + 2 * D, mask=m2, other=0.0)
+            q = tl.load(row, mask=m2, other=0.0).to(tl.float32)
+            k = tl.load(row + D, mask=m2, other=0.0).to(tl.float32)
         gq = tl.load(qg + d, mask=dm, other=0.0).to(tl.float32)
         gk = tl.load(kg + d, mask=dm, other=0.0).to(tl.float32)
         # RMSNorm per head (rms clamped at eps, as the model's), rounded to the model dtype like the
@@ -180,17 +197,28 @@ def _check(x: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name}: the activations must be contiguous")
 
 
-def qkv_attention(qkv: torch.Tensor, qg: torch.Tensor, kg: torch.Tensor, n_heads: int, eps: float) -> torch.Tensor:
+def qkv_attention(qkv: torch.Tensor, qg: torch.Tensor, kg: torch.Tensor, n_heads: int, eps: float,
+                  bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Causal attention of the (b, t, 3d) output of a QKV projection with per-head RMSNorm of q and k
-    (gains ``qg``/``kg`` of length d / n_heads); returns (b, t, d) in ``qkv``'s dtype, heads side by
-    side, ready for the output projection. One program per (batch row, head)."""
+    (gains ``qg``/``kg`` of length d / n_heads); returns (b, t, d), heads side by side, ready for the
+    output projection. One program per (batch row, head).
+
+    ``qkv`` may instead be the fp32 split-K partials (S, b, t, 3d) of ``linear_partials``: the kernel
+    then finishes the projection itself (sum, ``bias``, rounding to ``out_dtype``), one kernel less."""
     _check(qkv, "qkv_attention")
-    b, t, d3 = qkv.shape
+    partials = qkv.dim() == 4
+    if partials and (out_dtype is None or qkv.dtype != torch.float32):
+        raise ValueError("qkv_attention: fp32 partials (S, b, t, 3d) need out_dtype")
+    if not partials and bias is not None:
+        raise ValueError("qkv_attention: bias goes with partials (the projection's output has it)")
+    s, b, t, d3 = qkv.shape if partials else (1, *qkv.shape)
     d = d3 // 3
     hd = d // n_heads
-    out = torch.empty(b, t, d, dtype=qkv.dtype, device=qkv.device)
-    _qkv_attention_kernel[(b, n_heads)](qkv, qg, kg, out, t, d, hd, eps, hd ** -0.5,
-                                        BT=_pow2(t), BD=_pow2(hd), F32DOT=_f32dot(qkv))
+    dt = out_dtype if partials else qkv.dtype
+    out = torch.empty(b, t, d, dtype=dt, device=qkv.device)
+    _qkv_attention_kernel[(b, n_heads)](qkv, bias if bias is not None else qg, qg, kg, out, s, b, t, d, hd, eps,
+                                        hd ** -0.5, BT=_pow2(t), BD=_pow2(hd), F32DOT=_f32dot(out),
+                                        PARTIALS=partials)
     return out
 
 
