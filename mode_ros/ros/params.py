@@ -58,6 +58,12 @@ PARAMS: tuple[ParamSpec, ...] = (
               "int8 (CPU: int8 matmul kernel; paper-size model 1.4x faster than fp32, normalised actions "
               "within 2e-3 of fp32: docs/measurements/cpu_int8), fp8 (CUDA only). Falls back to "
               "unquantised with a logged reason.", choices=("none", "int8", "fp8")),
+    ParamSpec("gpu_kernels", "string", "torch",
+              "Kernels of the fused sampler: torch (cuBLAS / Inductor) or triton (this package's small-batch "
+              "Triton kernels: q/k norms + causal attention in one kernel, split-K projections, the experts' "
+              "up-projection with SwiGLU and gates fused, int8/fp8 widened in-kernel; CUDA only, falls back "
+              "to torch with a logged reason; compare both with scripts/gpu_measure.py before choosing).",
+              choices=("torch", "triton")),
     ParamSpec("goal", "string", "",
               "Initial language goal, used until one arrives on ~/goal (empty: wait for ~/goal).",
               live=True),
@@ -201,6 +207,7 @@ class NodeParams:
     dtype: str = "auto"
     fast_inference: str = "auto"
     weight_quant: str = "none"
+    gpu_kernels: str = "torch"
     goal: str = ""
     control_rate_hz: float = 10.0
     replan_every: int = 0

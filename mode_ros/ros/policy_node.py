@@ -263,10 +263,12 @@ class PolicyNode(LifecycleNode):
         mode = self.p.fast_inference
         if mode == "auto":
             mode = "compiled" if policy.device.type == "cuda" else "off"
-        if mode != "off" or self.p.weight_quant != "none":
+        if mode != "off" or self.p.weight_quant != "none" or self.p.gpu_kernels != "torch":
             active = policy.enable_fast(fused=True, compile=mode == "compiled",
                                         graph=mode in ("compiled", "graph"), logger=_StdLogger(self.get_logger()),
-                                        weight_quant=self.p.weight_quant)
+                                        weight_quant=self.p.weight_quant,
+                                        attention="triton" if self.p.gpu_kernels == "triton" else None,
+                                        gemm=self.p.gpu_kernels)
             self.get_logger().info(f"fast inference: {active}")
         if self.p.warmup:
             self._expected_latency = float(policy.warmup(runs=3))  # median of 3 calls
