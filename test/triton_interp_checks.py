@@ -60,6 +60,17 @@ def main():
         proj = (u.float() @ w.float().T + bias.float()).to(tdt)
         out[f"attn_{dt}_from_partials"] = {"splits": parts.shape[0], "dtype": str(got.dtype),
                                            "rel": rel(got, attention_ref(proj, qg, kg, nh, 1e-6))}
+    # residual add of split-K partials + RMSNorm (+ the noise token), and the plain norm (no partials)
+    for dt in ("fp32", "bf16"):
+        tdt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dt]
+        base = torch.randn(2, 7, 48).to(tdt)
+        parts = torch.randn(3, 2, 7, 48)
+        gain, cvec = (1 + 0.1 * torch.randn(48)).to(tdt), torch.randn(48).to(tdt)
+        h, y = tk.add_rms(base, parts, gain, 1e-6, cvec)
+        h_ref = base + parts.sum(0).to(tdt)
+        h0, y0 = tk.add_rms(base, None, gain, 1e-6)
+        out[f"add_rms_{dt}"] = {"h": rel(h, h_ref), "y": rel(y, _rms(h_ref, gain, 1e-6) + cvec),
+                                "plain_y": rel(y0, _rms(base, gain, 1e-6)), "plain_h_is_base": h0 is base}
     # experts' up-projection + SwiGLU + gates; 40 rows = 3 row blocks, H = 40 not a block multiple
     for dt in ("fp32", "bf16"):
         tdt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dt]

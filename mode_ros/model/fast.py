@@ -153,11 +153,15 @@ def fused_step(x, ctx, c, c_in, c_skip, c_out, ratio, action_w, action_pos, lnf_
     cc = c.expand(b, 1, -1)
     a_in = (x * c_in).to(ctx.dtype)
     h = torch.cat([cc, ctx, F.linear(a_in, action_w) + action_pos], dim=1)
-    for L in layers:
-        h = fused_layer(h, cc, *L[:11], n_heads=n_heads, eps=eps, reference_residual=reference_residual,
-                        attention=attention, w1s=L[11], w2s=L[12], int8_kernel=int8_kernel, gemm=gemm)
     k = action_pos.shape[1]
-    f = F.linear(_rms(h[:, -k:], lnf_g, eps), out_w, out_b).float()
+    if gemm == "triton" and attention == "triton":   # seven Triton kernels per layer, nothing between
+        y = tk.layer_chain(h, c, layers, lnf_g, n_heads, eps, reference_residual)[:, -k:]
+    else:
+        for L in layers:
+            h = fused_layer(h, cc, *L[:11], n_heads=n_heads, eps=eps, reference_residual=reference_residual,
+                            attention=attention, w1s=L[11], w2s=L[12], int8_kernel=int8_kernel, gemm=gemm)
+        y = _rms(h[:, -k:], lnf_g, eps)
+    f = F.linear(y, out_w, out_b).float()
     d = c_skip * x + c_out * f
     return d + ratio * (x - d)
 
@@ -179,6 +183,8 @@ class FusedSampler:
             if reason is not None:
                 raise ValueError(f"attention={attention!r} / gemm={gemm!r}: {reason}")
         self.gemm = gemm
+        if gemm == "triton" and attention == "triton":
+            whole_step = True   # the all-Triton layer chain lives in fused_step
         # default: the measured choice so far (H100, compiled: matmul beat one SDPA launch per layer)
         self.attention = attention or ("matmul" if compile else "sdpa")
         self.weight_quant = weight_quant

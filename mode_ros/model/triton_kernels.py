@@ -190,6 +190,29 @@ if triton is not None:
         tl.store(dst, acc, mask=mm[:, None] & nm[None, :])
 
 
+if triton is not None:
+    @triton.jit
+    def _add_rms_kernel(base, parts, g, c, h_out, y_out, S, M, D, eps,
+                        BD: tl.constexpr, HAS_C: tl.constexpr, WRITE_H: tl.constexpr):
+        r = tl.program_id(0)
+        d = tl.arange(0, BD)
+        dm = d < D
+        x = tl.load(base + r * D + d, mask=dm, other=0.0)
+        acc = tl.zeros((BD,), dtype=tl.float32)
+        for s in range(S):
+            acc += tl.load(parts + s * M * D + r * D + d, mask=dm, other=0.0)
+        # as the PyTorch formulation rounds: the projection's output, then the residual sum, in x's dtype
+        h = (x.to(tl.float32) + acc.to(x.dtype).to(tl.float32)).to(x.dtype)
+        if WRITE_H:
+            tl.store(h_out + r * D + d, h, mask=dm)
+        hf = h.to(tl.float32)
+        rms = tl.maximum(tl.sqrt(tl.sum(hf * hf, axis=0) / D), eps)
+        y = (tl.load(g + d, mask=dm, other=0.0).to(tl.float32) * (hf / rms)).to(x.dtype)
+        if HAS_C:
+            y = (y.to(tl.float32) + tl.load(c + d, mask=dm, other=0.0).to(tl.float32)).to(x.dtype)
+        tl.store(y_out + r * D + d, y, mask=dm)
+
+
 def _check(x: torch.Tensor, name: str) -> None:
     if triton is None:
         raise RuntimeError(f"{name}: {unavailable_reason(x.device)}")
@@ -220,6 +243,47 @@ def qkv_attention(qkv: torch.Tensor, qg: torch.Tensor, kg: torch.Tensor, n_heads
                                         hd ** -0.5, BT=_pow2(t), BD=_pow2(hd), F32DOT=_f32dot(out),
                                         PARTIALS=partials)
     return out
+
+
+def add_rms(base: torch.Tensor, partials: torch.Tensor | None, g: torch.Tensor, eps: float,
+            c: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual add and the RMSNorm between two GEMMs, in one kernel (one program per row):
+    ``h = base + partials.sum(0)`` (fp32 split-K partials of a projection, rounded to base's dtype as
+    its output would be; None: ``h = base``) and ``y = g · h / rms(h)`` (+ ``c``, a vector of width d
+    shared by every row: the noise token added before the attention). Returns (h, y)."""
+    _check(base, "add_rms")
+    d = base.shape[-1]
+    m = base.numel() // d
+    if partials is not None and (partials.dtype != torch.float32 or partials.shape[1:] != base.shape):
+        raise ValueError("add_rms: partials must be fp32 (S, *base.shape)")
+    if c is not None and c.numel() != d:
+        raise ValueError(f"add_rms: c must hold one vector of width {d} (shared by all rows)")
+    y = torch.empty_like(base)
+    h = torch.empty_like(base) if partials is not None else base
+    _add_rms_kernel[(m,)](base, partials if partials is not None else base, g, c if c is not None else g, h, y,
+                          0 if partials is None else partials.shape[0], m, d, eps, BD=_pow2(d),
+                          HAS_C=c is not None, WRITE_H=partials is not None)
+    return h, y
+
+
+def layer_chain(h: torch.Tensor, c: torch.Tensor, layers, lnf_g: torch.Tensor, n_heads: int, eps: float,
+                reference_residual: bool) -> torch.Tensor:
+    """All transformer layers of one denoising step as a chain of these kernels only, seven per layer
+    (norm · QKV partials · attention · proj partials · add+norm · up+SwiGLU · down partials), no
+    PyTorch op in between, so it needs no torch.compile to be lean. ``layers``: per layer (ln1_g, wqkv,
+    bqkv, qg, kg, wproj, ln2_g, w1f, b1f, w2f, gates, w1s, w2s) as in ``fast.fused_step``; ``c`` the noise
+    token (width d). Returns the final RMSNorm (``lnf_g``) of every row of the last layer's output."""
+    _, u = add_rms(h, None, layers[0][0], eps, c)
+    y = None
+    for i, L in enumerate(layers):
+        _, wqkv, bqkv, qg, kg, wproj, ln2_g, w1f, b1f, w2f, gates, w1s, w2s = L
+        a = qkv_attention(linear_partials(u, wqkv), qg, kg, n_heads, eps, bias=bqkv, out_dtype=h.dtype)
+        h, y = add_rms(h, linear_partials(a, wproj), ln2_g, eps)
+        down = linear_partials(swiglu_up(y, w1f, w1s, b1f, gates), w2f, w2s)
+        last = i == len(layers) - 1
+        h, u = add_rms(y if reference_residual else h, down, lnf_g if last else layers[i + 1][0], eps,
+                       None if last else c)
+    return u
 
 
 _SMS: dict[int, int] = {}
