@@ -183,15 +183,17 @@ def bench_preset(name: str, device: str, dtypes: list[str], paths: list[str], ba
 
 MAX_AUTOTUNE = "max-autotune-no-cudagraphs"
 # (attention, Inductor compile mode, expert weights[, gemm kernels]) of ``step_variants``' default list
-STEP_VARIANTS = [("matmul", None, "none"), ("elementwise", None, "none"), ("sdpa", None, "none"),
+STEP_VARIANTS = [("matmul", None, "none"),
+                 # the all-Triton layer chain, not compiled (quick to build: first, so a short GPU call has them)
+                 ("triton", "eager", "none", "triton"), ("triton", "eager", "int8", "triton"),
+                 ("triton", "eager", "fp8", "triton"),
+                 ("elementwise", None, "none"), ("sdpa", None, "none"),
                  ("matmul", MAX_AUTOTUNE, "none"), ("elementwise", MAX_AUTOTUNE, "none"),
                  ("elementwise", "default", "int8"), ("elementwise", MAX_AUTOTUNE, "int8"),
                  ("elementwise", MAX_AUTOTUNE, "fp8"),
                  ("triton", None, "none"), ("triton", None, "none", "triton"),
                  ("triton", None, "int8", "triton"), ("triton", None, "fp8", "triton"),
-                 ("matmul", None, "none", "triton"),
-                 # the Triton kernels without Inductor: eager fused layers captured by the chunk graph
-                 ("triton", "eager", "none", "triton"), ("triton", "eager", "int8", "triton")]
+                 ("matmul", None, "none", "triton")]
 
 
 def step_variants(name: str, device: str, dtype: str = "bf16", variants=None, runs: int = 100, warmup: int = 5,
