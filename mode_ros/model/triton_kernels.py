@@ -5,20 +5,23 @@ reading weights and to the number of kernels (each costs 1–2 µs even inside a
 kernels cut both, per layer and step:
 
 * ``qkv_attention``: the per-head RMSNorm of q and k, the causal softmax attention and the
-  (b, t, d) output layout in ONE kernel, reading the QKV GEMM's output directly (the PyTorch
-  formulation takes 4–6 kernels: norms, transposes, two batched GEMMs, softmax, a copy);
+  (b, t, d) output layout in ONE kernel, reading the QKV GEMM's output or its split-K partials
+  (the PyTorch formulation takes 4–6 kernels: norms, transposes, two batched GEMMs, softmax, a copy);
 * ``swiglu_up``: the up-projection of the selected experts with the weight widening (int8 / fp8 /
   bf16), row scales, bias, SwiGLU and the gate weights in the epilogue: one kernel, writes only the
   gated hidden state;
-* ``linear_partials``: split-K ``x @ w.T`` (optional row scales) writing fp32 partial sums; the
-  caller's sum (fused by Inductor with the residual add / bias that follows) finishes it.
-  Deterministic (no atomics), so a chunk is reproducible bit for bit.
+* ``linear_partials``: split-K ``x @ w.T`` (optional row scales) writing fp32 partial sums, finished
+  by the kernel that consumes them (attention, ``add_rms``) or by a sum that Inductor fuses with the
+  residual add. Deterministic (no atomics), so a chunk is reproducible bit for bit;
+* ``add_rms``: residual add of a projection's partials + RMSNorm (+ the noise token) in one kernel;
+* ``layer_chain``: all layers of a step as seven of these kernels per layer, nothing in between.
 
 Every kernel accumulates in fp32 and takes fp32, bf16 or fp16 activations; fp32 products use IEEE
 precision (no TF32). They run on CUDA and, for tests, on the CPU under Triton's interpreter
 (``TRITON_INTERPRET=1`` set before Triton is imported). Block sizes are shape heuristics for an
-H100-class GPU, not autotuned; ``scripts/gpu_measure.py`` times these kernels against the PyTorch
-formulation (``mode_ros.model.bench.step_variants``) before any of them becomes a default.
+H100-class GPU, not autotuned; ``scripts/gpu_measure.py`` times each kernel against PyTorch over a
+sweep of launch configurations (``bench.kernel_variants``) and whole chunks with them
+(``bench.step_variants``) before any of this becomes a default.
 """
 from __future__ import annotations
 
