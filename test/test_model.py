@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -465,6 +466,25 @@ def test_bench_command_reports_accuracy_and_routing(tmp_path):
     for x in rows:
         assert x["median_ms"] > 0 and x["p99_ms"] >= x["median_ms"] and x["device"] == "cpu"
     assert "int8" in (out / "bench.txt").read_text() and (out / "bench.png").stat().st_size > 1000
+
+
+def test_bench_kernels_command(tmp_path):
+    """`mode-ros bench --kernels` on a CPU: PyTorch's kernels of a layer-step are timed; the Triton rows
+    say why they cannot run here (CUDA only), and the command still writes its JSON and table."""
+    import json
+    out = tmp_path / "k"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-m", "mode_ros.cli", "bench", "--kernels", "--presets", "tiny",
+                        "--sweep", "default", "--runs", "2", "--out", str(out)],
+                       capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads((out / "kernels.json").read_text())["rows"]
+    torch_rows = [x for x in rows if x["impl"] == "torch"]
+    assert {x["op"] for x in torch_rows} == {"qkv", "proj", "attention", "up", "down"}
+    assert all(x["median_us"] > 0 and "failed" not in x for x in torch_rows)
+    tri = [x for x in rows if x["impl"] == "triton"]
+    assert tri and all("CUDA device" in x["failed"] for x in tri)
+    assert "need a CUDA device" in r.stderr and "best blocks" in (out / "kernels.txt").read_text()
 
 
 def test_torch_compile_on_cpu_matches_eager():

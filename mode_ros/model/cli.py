@@ -31,6 +31,12 @@ def register(sub) -> None:
     p.add_argument("--gemm", default="torch", choices=("torch", "triton"),
                    help="GEMM kernels of the fused paths: cuBLAS/Inductor, or this package's small-M Triton "
                         "kernels (split-K projections, experts' up-projection with SwiGLU fused; CUDA only)")
+    p.add_argument("--kernels", action="store_true",
+                   help="instead of whole chunks: one layer-step's kernels (QKV, proj, up+SwiGLU, down, attention; "
+                        "bf16/int8/fp8 weights), PyTorch vs the Triton kernels over launch configurations, timed "
+                        "inside a CUDA graph (writes kernels.json, kernels.txt): for tuning on your GPU")
+    p.add_argument("--sweep", default="full", choices=("full", "default"),
+                   help="with --kernels: every launch configuration, or only the Triton defaults")
     p.add_argument("--out", default=None, help="folder for bench.json, bench.txt, bench.png")
     p.set_defaults(func=cmd_bench)
 
@@ -92,6 +98,8 @@ def cmd_bench(args) -> int:
         torch.set_num_threads(args.threads)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     dtypes = args.dtypes.split(",") if args.dtypes else (["fp32", "bf16"] if device == "cuda" else ["fp32"])
+    if args.kernels:
+        return _bench_kernels(args, device, dtypes)
     rows = []
     for name in args.presets.split(","):
         print(f"[bench] {name} on {device}", file=sys.stderr)
@@ -103,6 +111,36 @@ def cmd_bench(args) -> int:
     print(table(rows))
     print(json.dumps({"meta": meta, "rows": rows}))
     write_results(rows, args.out, meta)
+    return 0
+
+
+def _bench_kernels(args, device: str, dtypes: list[str]) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from .bench import kernel_table, kernel_variants
+
+    sweep = None if args.sweep == "full" else [None]
+    rows = []
+    for name in args.presets.split(","):
+        for dt in dtypes:
+            for b in (int(x) for x in args.batches.split(",")):
+                print(f"[bench --kernels] {name} {dt} batch {b} on {device}", file=sys.stderr)
+                rows += kernel_variants(name, device, dt, batch=b, up_sweep=sweep, splitk_sweep=sweep,
+                                        runs=args.runs, log=lambda m: print(m, file=sys.stderr))
+    meta = {"device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu", "torch": torch.__version__}
+    txt = kernel_table(rows)
+    print(txt)
+    failed = sorted({r["failed"].split(":")[0] + ": " + r["failed"].split(":", 1)[1].strip()[:120]
+                     for r in rows if r.get("failed")})
+    for f in failed:
+        print(f"failed: {f}", file=sys.stderr)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "kernels.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))
+        (out / "kernels.txt").write_text(txt + "\n")
     return 0
 
 

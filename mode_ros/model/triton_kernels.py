@@ -217,7 +217,7 @@ if triton is not None:
 
 
 def _check(x: torch.Tensor, name: str) -> None:
-    if triton is None:
+    if triton is None or (x.device.type != "cuda" and not _INTERPRET):
         raise RuntimeError(f"{name}: {unavailable_reason(x.device)}")
     if not x.is_contiguous():
         raise ValueError(f"{name}: the activations must be contiguous")
