@@ -54,6 +54,14 @@ def test_add_rms_kernel_matches_pytorch(interp):
     assert f["plain_h_is_base"] and b["plain_h_is_base"]
 
 
+def test_step_in_and_step_out_kernels_match_pytorch(interp):
+    """A step's token sequence + first norm (noise token, context, action embedding of x · c_in + pos)
+    and its end (action head, EDM output scaling, DDIM update), each one kernel."""
+    f, b = interp["step_in_out_fp32"], interp["step_in_out_bf16"]
+    assert max(f.values()) < 1e-6, f
+    assert max(b.values()) < 2e-2, b
+
+
 def test_gemm_kernels_match_pytorch(interp):
     """Up-projection with SwiGLU and gates fused, for bf16/fp32 and int8/fp8 weights (widened in the
     kernel, row scales in the epilogue), and the deterministic split-K projection."""
@@ -75,6 +83,11 @@ def test_fused_sampler_with_triton_kernels_equals_cached_sampler(interp):
         assert interp[key] < 1e-5, (key, interp[key])
     assert 0 < interp["sampler_triton_triton_step_int8"] < 5e-3
     assert interp["sampler_int8_triton_vs_torch"] < 1e-5
+    # bf16 denoiser: the all-Triton step is as close to PyTorch's fused bf16 step as that one is to the
+    # cached bf16 sampler (bf16 rounding noise), and stays near the fp32 actions
+    assert interp["sampler_bf16_triton_vs_torch_fused"] < 3e-2
+    assert interp["sampler_bf16_torch_fused_vs_cached"] < 3e-2
+    assert 0 < interp["sampler_bf16_vs_fp32"] < 3e-2
     row = interp["step_variant_row"]
     assert row["failed"] is None and row["same_routing_as_fp32"] and row["max_abs_diff_vs_fp32"] < 1e-5
     assert (row["attention"], row["gemm"], row["compile_mode"]) == ("triton", "triton", "eager")

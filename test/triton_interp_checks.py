@@ -121,7 +121,38 @@ def main():
     acts_torch = pol.sample_normalized(imgs, goal, None, noise, cached=True)
     out["sampler_int8_torch_vs_fp32"] = err(acts_torch, ref)
     out["sampler_int8_triton_vs_torch"] = err(acts, acts_torch)
+    # bf16 denoiser: the all-Triton step against PyTorch's fused bf16 step (same rounding points;
+    # the remaining difference is fp32 summation order flipping bf16 roundings)
     pol.fused = None
+    pol.to_device("cpu", torch.bfloat16)
+    fused = {}
+    for att, gemm in (("sdpa", "torch"), ("triton", "triton")):
+        pol.fused = FusedSampler(pol.sampler, attention=att, gemm=gemm, whole_step=True)
+        pol.fused.build()
+        fused[gemm] = pol.sample_normalized(imgs, goal, None, noise, cached=True)
+    pol.fused = None
+    ref_bf16 = pol.sample_normalized(imgs, goal, None, noise, cached=True)
+    out["sampler_bf16_triton_vs_torch_fused"] = err(fused["triton"], fused["torch"])
+    out["sampler_bf16_torch_fused_vs_cached"] = err(fused["torch"], ref_bf16)
+    out["sampler_bf16_vs_fp32"] = err(fused["triton"], ref)
+    pol.to_device("cpu", torch.float32)
+    # step_in / step_out alone against the PyTorch formulation of fast.fused_step (fp32 and bf16)
+    for dt in ("fp32", "bf16"):
+        tdt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dt]
+        b_, p_, k_, a_, d_ = 2, 3, 10, 7, 48
+        x = torch.randn(b_, k_, a_)
+        ctx = torch.randn(b_, p_, d_).to(tdt)
+        cvec, aw, pos = torch.randn(1, 1, d_).to(tdt), torch.randn(d_, a_).to(tdt), torch.randn(1, k_, d_).to(tdt)
+        gain, cin = (1 + 0.1 * torch.randn(d_)).to(tdt), torch.tensor(0.37)
+        h, u = tk.step_in(x, cin, cvec, ctx, aw, pos, gain, 1e-6)
+        h_ref = torch.cat([cvec.expand(b_, 1, -1), ctx, F.linear((x * cin).to(tdt), aw) + pos], dim=1)
+        y = torch.randn(b_, 1 + p_ + k_, d_).to(tdt)
+        ow, ob = torch.randn(a_, d_).to(tdt), torch.randn(a_).to(tdt)
+        cs, co, ra = torch.tensor(0.2), torch.tensor(0.9), torch.tensor(0.6)
+        f = F.linear(y[:, -k_:], ow, ob).float()
+        den = cs * x + co * f
+        out[f"step_in_out_{dt}"] = {"h": rel(h, h_ref), "u": rel(u, _rms(h_ref, gain, 1e-6) + cvec),
+                                    "x": rel(tk.step_out(y, ow, ob, x, cs, co, ra), den + ra * (x - den))}
     # the GPU script's variant harness runs the uncompiled Triton variant here too
     rows = step_variants("tiny", "cpu", "fp32", runs=1, warmup=0, log=lambda m: None,
                          variants=[("triton", "eager", "none", "triton")])

@@ -149,19 +149,20 @@ def fused_step(x, ctx, c, c_in, c_skip, c_out, ratio, action_w, action_pos, lnf_
                layers, n_heads: int, eps: float, reference_residual: bool, attention: str,
                int8_kernel: bool = False, gemm: str = "torch"):
     """One DDIM step (denoise + update) as one function of tensors: compiled once for all steps."""
+    if gemm == "triton" and attention == "triton":
+        # the whole step as Triton kernels: tokens + first norm, seven per layer, head + DDIM update
+        h, u = tk.step_in(x, c_in, c, ctx, action_w, action_pos, layers[0][0], eps)
+        y = tk.layer_chain(h, c, layers, lnf_g, n_heads, eps, reference_residual, u=u)
+        return tk.step_out(y, out_w, out_b, x, c_skip, c_out, ratio)
     b = x.shape[0]
     cc = c.expand(b, 1, -1)
     a_in = (x * c_in).to(ctx.dtype)
     h = torch.cat([cc, ctx, F.linear(a_in, action_w) + action_pos], dim=1)
     k = action_pos.shape[1]
-    if gemm == "triton" and attention == "triton":   # seven Triton kernels per layer, nothing between
-        y = tk.layer_chain(h, c, layers, lnf_g, n_heads, eps, reference_residual)[:, -k:]
-    else:
-        for L in layers:
-            h = fused_layer(h, cc, *L[:11], n_heads=n_heads, eps=eps, reference_residual=reference_residual,
-                            attention=attention, w1s=L[11], w2s=L[12], int8_kernel=int8_kernel, gemm=gemm)
-        y = _rms(h[:, -k:], lnf_g, eps)
-    f = F.linear(y, out_w, out_b).float()
+    for L in layers:
+        h = fused_layer(h, cc, *L[:11], n_heads=n_heads, eps=eps, reference_residual=reference_residual,
+                        attention=attention, w1s=L[11], w2s=L[12], int8_kernel=int8_kernel, gemm=gemm)
+    f = F.linear(_rms(h[:, -k:], lnf_g, eps), out_w, out_b).float()
     d = c_skip * x + c_out * f
     return d + ratio * (x - d)
 

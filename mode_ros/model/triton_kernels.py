@@ -216,6 +216,66 @@ if triton is not None:
         tl.store(y_out + r * D + d, y, mask=dm)
 
 
+if triton is not None:
+    @triton.jit
+    def _step_in_kernel(x, c_in, c, ctx, action_w, pos, g, h_out, u_out, T, P, K, A, D, eps,
+                        BD: tl.constexpr, BA: tl.constexpr):
+        # one row of a step's token sequence [noise token c, P context tokens, K action tokens]:
+        # the row itself (h) and its first RMSNorm + c (u)
+        r = tl.program_id(0)
+        b = r // T
+        j = r % T
+        d = tl.arange(0, BD)
+        dm = d < D
+        ka = tl.arange(0, BA)
+        am = ka < A
+        dt = h_out.dtype.element_ty
+        is_c = j == 0
+        is_ctx = (j >= 1) & (j <= P)
+        is_act = j > P
+        a = j - 1 - P
+        cv = tl.load(c + d, mask=dm, other=0.0).to(tl.float32)
+        hx = tl.load(ctx + b * P * D + (j - 1) * D + d, mask=dm & is_ctx, other=0.0).to(tl.float32)
+        # action token: (x · c_in) rounded to the model dtype, times the embedding (K = A, tiny), + pos
+        xv = tl.load(x + b * K * A + a * A + ka, mask=am & is_act, other=0.0).to(tl.float32)
+        ain = (xv * tl.load(c_in).to(tl.float32)).to(dt).to(tl.float32)
+        w = tl.load(action_w + d[:, None] * A + ka[None, :], mask=dm[:, None] & am[None, :] & is_act,
+                    other=0.0).to(tl.float32)
+        emb = tl.sum(w * ain[None, :], axis=1).to(dt).to(tl.float32)
+        ha = (emb + tl.load(pos + a * D + d, mask=dm & is_act, other=0.0).to(tl.float32)).to(dt).to(tl.float32)
+        h = tl.where(is_c, cv, tl.where(is_ctx, hx, ha))
+        tl.store(h_out + r * D + d, h.to(dt), mask=dm)
+        rms = tl.maximum(tl.sqrt(tl.sum(h * h, axis=0) / D), eps)
+        u = (tl.load(g + d, mask=dm, other=0.0).to(tl.float32) * (h / rms)).to(dt)
+        u = (u.to(tl.float32) + cv).to(dt)
+        tl.store(u_out + r * D + d, u, mask=dm)
+
+    @triton.jit
+    def _step_out_kernel(y, out_w, out_b, x, c_skip, c_out, ratio, x_out, T, K, A, D,
+                         BR: tl.constexpr, BA: tl.constexpr, BD: tl.constexpr):
+        # the action head on the last K rows of one batch row, the EDM output scaling and the DDIM update
+        b = tl.program_id(0)
+        rows = tl.arange(0, BR)
+        rm = rows < K
+        ka = tl.arange(0, BA)
+        am = ka < A
+        acc = tl.zeros((BR, BA), dtype=tl.float32)
+        for d0 in range(0, D, BD):
+            dd = d0 + tl.arange(0, BD)
+            dm = dd < D
+            yv = tl.load(y + b * T * D + (T - K + rows)[:, None] * D + dd[None, :], mask=rm[:, None] & dm[None, :],
+                         other=0.0).to(tl.float32)
+            wv = tl.load(out_w + ka[:, None] * D + dd[None, :], mask=am[:, None] & dm[None, :], other=0.0).to(tl.float32)
+            acc += tl.dot(yv, tl.trans(wv), input_precision="ieee")
+        f = acc + tl.load(out_b + ka, mask=am, other=0.0).to(tl.float32)[None, :]
+        f = f.to(y.dtype.element_ty).to(tl.float32)     # the head's output in the model dtype, then fp32
+        m2 = rm[:, None] & am[None, :]
+        xv = tl.load(x + b * K * A + rows[:, None] * A + ka[None, :], mask=m2, other=0.0)
+        den = tl.load(c_skip).to(tl.float32) * xv + tl.load(c_out).to(tl.float32) * f
+        xn = den + tl.load(ratio).to(tl.float32) * (xv - den)
+        tl.store(x_out + b * K * A + rows[:, None] * A + ka[None, :], xn, mask=m2)
+
+
 def _check(x: torch.Tensor, name: str) -> None:
     if triton is None or (x.device.type != "cuda" and not _INTERPRET):
         raise RuntimeError(f"{name}: {unavailable_reason(x.device)}")
@@ -269,14 +329,47 @@ def add_rms(base: torch.Tensor, partials: torch.Tensor | None, g: torch.Tensor, 
     return h, y
 
 
+def step_in(x: torch.Tensor, c_in: torch.Tensor, c: torch.Tensor, ctx: torch.Tensor, action_w: torch.Tensor,
+            pos: torch.Tensor, g: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """A step's token sequence in one kernel: [noise token ``c``, the context tokens ``ctx`` (b, P, d),
+    the action tokens ``(x · c_in) @ action_w.T + pos`` for the noisy actions x (b, K, A)], and its first
+    RMSNorm (gain ``g``) + c. Returns (h, u), both (b, 1 + P + K, d) in ctx's dtype."""
+    _check(ctx, "step_in")
+    b, p, d = ctx.shape
+    k, a = x.shape[1], x.shape[2]
+    if c.numel() != d or action_w.shape != (d, a) or pos.shape[-2:] != (k, d):
+        raise ValueError("step_in: c (d), action_w (d, A) and pos (…, K, d) must match ctx and x")
+    t = 1 + p + k
+    h = torch.empty(b, t, d, dtype=ctx.dtype, device=ctx.device)
+    u = torch.empty_like(h)
+    _step_in_kernel[(b * t,)](x.contiguous(), c_in, c, ctx, action_w, pos, g, h, u, t, p, k, a, d, eps,
+                              BD=_pow2(d), BA=_pow2(a, 2))
+    return h, u
+
+
+def step_out(y: torch.Tensor, out_w: torch.Tensor, out_b: torch.Tensor, x: torch.Tensor, c_skip: torch.Tensor,
+             c_out: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
+    """The end of a step in one kernel: the action head on the last K rows of ``y`` (b, T, d, already
+    normed), ``D = c_skip · x + c_out · head`` and the DDIM update ``D + ratio · (x − D)``; fp32 (b, K, A)."""
+    _check(y, "step_out")
+    b, t, d = y.shape
+    k, a = x.shape[1], x.shape[2]
+    xn = torch.empty(b, k, a, dtype=torch.float32, device=y.device)
+    _step_out_kernel[(b,)](y, out_w, out_b, x.float().contiguous(), c_skip, c_out, ratio, xn, t, k, a, d,
+                           BR=_pow2(k), BA=_pow2(a), BD=128 if d >= 128 else _pow2(d))
+    return xn
+
+
 def layer_chain(h: torch.Tensor, c: torch.Tensor, layers, lnf_g: torch.Tensor, n_heads: int, eps: float,
-                reference_residual: bool) -> torch.Tensor:
+                reference_residual: bool, u: torch.Tensor | None = None) -> torch.Tensor:
     """All transformer layers of one denoising step as a chain of these kernels only, seven per layer
     (norm · QKV partials · attention · proj partials · add+norm · up+SwiGLU · down partials), no
     PyTorch op in between, so it needs no torch.compile to be lean. ``layers``: per layer (ln1_g, wqkv,
     bqkv, qg, kg, wproj, ln2_g, w1f, b1f, w2f, gates, w1s, w2s) as in ``fast.fused_step``; ``c`` the noise
-    token (width d). Returns the final RMSNorm (``lnf_g``) of every row of the last layer's output."""
-    _, u = add_rms(h, None, layers[0][0], eps, c)
+    token (width d); ``u``: the first norm of h when already computed (``step_in``). Returns the final
+    RMSNorm (``lnf_g``) of every row of the last layer's output."""
+    if u is None:
+        _, u = add_rms(h, None, layers[0][0], eps, c)
     y = None
     for i, L in enumerate(layers):
         _, wqkv, bqkv, qg, kg, wproj, ln2_g, w1f, b1f, w2f, gates, w1s, w2s = L
