@@ -115,6 +115,18 @@ def test_triton_options_need_cuda_outside_the_interpreter(caplog):
     assert "CUDA device" in caplog.text
 
 
+def test_launch_configuration_tuning(interp):
+    """With tuning on, building the sampler times the candidate launch configurations of every Triton
+    GEMM shape of a batch-1 step (QKV, proj, down: split-K; up: SwiGLU), the first eager batch-2 chunk
+    tunes its own shapes, each choice is one of the candidates or the heuristic ({}), and the actions
+    are unchanged."""
+    t = interp["tuning"]
+    assert t["build_rows"] == [t["n_tokens"]] and t["chunk_rows"] == [t["n_tokens"], 2 * t["n_tokens"]]
+    assert t["kinds"] == ["splitk", "up"] and t["n_keys_build"] == 4   # qkv, proj, down + up
+    assert set(t["choices"]) <= {"{}", str({"bn": 64, "bk": 64}), str({"bn": 64, "bk": 64, "split": 2})}
+    assert t["err"] < 1e-5
+
+
 def test_kernel_sweep_harness(interp):
     """The GPU script's per-kernel sweep (bench.kernel_variants) runs every op of a layer-step, PyTorch
     and each Triton launch configuration, and the Triton outputs equal PyTorch's (fp32 weights; the

@@ -113,6 +113,22 @@ def main():
         key = f"sampler_{att}_{gemm}_{'step' if whole else 'layer'}_{quant}"
         acts = pol.sample_normalized(imgs, goal, None, noise, cached=True)
         out[key] = err(acts, ref)
+    # launch-configuration tuning (two candidates per kernel here): build pre-tunes batch 1, the first
+    # eager batch-2 chunk tunes its own shapes, and the chosen configurations give the same actions
+    tk.TUNE_CANDIDATES["up"] = [{"bn": 64, "bk": 64}]
+    tk.TUNE_CANDIDATES["splitk"] = [{"bn": 64, "bk": 64, "split": 2}]
+    tk.set_tuning(False, runs=1)
+    pol.fused = FusedSampler(pol.sampler, attention="triton", gemm="triton", autotune=True)
+    pol.fused.build()
+    n_tok = pol.sampler.net.n_tokens
+    after_build = tk.tuned()
+    tuned_acts = pol.sample_normalized(imgs, goal, None, noise, cached=True)
+    after_chunk = tk.tuned()
+    tk.set_tuning(False)
+    out["tuning"] = {"build_rows": sorted({k[1] for k in after_build}), "chunk_rows": sorted({k[1] for k in after_chunk}),
+                     "kinds": sorted({k[0] for k in after_chunk}), "n_tokens": n_tok,
+                     "n_keys_build": len(after_build), "choices": sorted({str(v) for v in after_chunk.values()}),
+                     "err": err(tuned_acts, ref)}
     # the same int8 weights (fp32 row scales) through PyTorch's generic path (not its bf16-activation
     # int8 kernel): the Triton int8 path agrees with it, not just with fp32
     fast.int8_kernel_available = lambda device: False

@@ -250,6 +250,9 @@ def step_variants(name: str, device: str, dtype: str = "bf16", variants=None, ru
                         "max_abs_diff_vs_fp32": float((acts - ref).abs().max()),
                         "same_routing_as_fp32": bool(torch.equal(pol.sampler.ensure().indices_t, routing)),
                         "build_s": time.time() - t0})
+            if gemm == "triton":   # the launch configurations the build-time tuning chose
+                from . import triton_kernels as tk
+                row["tuned_blocks"] = {"/".join(map(str, k)): v for k, v in tk.tuned().items()}
         except Exception as exc:  # noqa: BLE001 - one variant failing must not lose the others
             row["failed"] = f"{type(exc).__name__}: {exc}"[:500]
         log(json.dumps(row))

@@ -172,7 +172,7 @@ class FusedSampler:
 
     def __init__(self, cached: CachedSampler, compile: bool = False, whole_step: bool | None = None,
                  weight_quant: str = "none", attention: str | None = None, compile_mode: str | None = None,
-                 gemm: str = "torch"):
+                 gemm: str = "torch", autotune: bool | None = None):
         if weight_quant not in WEIGHT_QUANT:
             raise ValueError(f"weight_quant: {weight_quant!r} is not one of {WEIGHT_QUANT}")
         if attention is not None and attention not in ATTENTION:
@@ -184,6 +184,8 @@ class FusedSampler:
             if reason is not None:
                 raise ValueError(f"attention={attention!r} / gemm={gemm!r}: {reason}")
         self.gemm = gemm
+        # time the Triton GEMMs' launch configurations on the device at build (default: on CUDA)
+        self.autotune = (gemm == "triton" and next(cached.net.parameters()).is_cuda) if autotune is None else autotune
         if gemm == "triton" and attention == "triton":
             whole_step = True   # the all-Triton layer chain lives in fused_step
         # default: the measured choice so far (H100, compiled: matmul beat one SDPA launch per layer)
@@ -232,6 +234,7 @@ class FusedSampler:
         dev = net.blocks[0].moe.w1.device
         if self.gemm == "triton" or self.attention == "triton":
             tk.prepare(dev)
+        tk.set_tuning(self.autotune and self.gemm == "triton")
         # the Triton GEMMs widen int8 in their own loads; torch's int8 kernel is for gemm="torch"
         self.int8_kernel = self.weight_quant == "int8" and self.gemm == "torch" and int8_kernel_available(dev)
         # the int8 kernel wants scales in its activation dtype (bf16); the generic path keeps fp32
@@ -251,6 +254,25 @@ class FusedSampler:
                     s1 = s2 = None
                 self.experts[key] = (w1, b1, w2, s1, s2)
         self._key = t.key
+        if self.autotune and self.gemm == "triton":
+            self.pretune(1)
+
+    @torch.no_grad()
+    def pretune(self, batch: int) -> dict:
+        """Tune the Triton GEMMs' launch configurations for ``batch`` now, eagerly (a compiled or
+        captured step only uses what was tuned before); the shapes are the same in every layer, so
+        layer 0's weights stand for all. Returns the tuned table."""
+        net, L = self.net, self.layers[0]
+        d = L["wqkv"].shape[1]
+        dt = L["wqkv"].dtype
+        x = torch.zeros(batch * net.n_tokens, d, dtype=dt, device=L["wqkv"].device)
+        tk.linear_partials(x, L["wqkv"])
+        tk.linear_partials(x, L["wproj"])
+        (sel, (w1f, b1f, w2f, s1, s2)) = next((k[1], e) for k, e in self.experts.items() if k[0] == 0)
+        gates = torch.ones(len(sel), dtype=dt, device=x.device)
+        tk.swiglu_up(x, w1f, s1, b1f, gates)
+        tk.linear_partials(torch.zeros(x.shape[0], w2f.shape[1], dtype=dt, device=x.device), w2f, s2)
+        return tk.tuned()
 
     def extra_parameters(self) -> int:
         """Parameters held in fused copies (memory cost of the fusion)."""

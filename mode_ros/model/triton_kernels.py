@@ -420,6 +420,74 @@ def _blocks(m: int, n_out: int, k: int, device: torch.device, blocks: dict | Non
     return cfg
 
 
+# --- launch-configuration tuning ------------------------------------------------------------------
+# The block heuristic above is a guess for an H100; with tuning on, the first eager call of a GEMM
+# for a new (kernel, rows, shape, dtypes) times these candidates (and the heuristic) on the real
+# device and keeps the fastest for every later call, including inside the CUDA graph (tuning never
+# runs while a graph is captured or torch.compile traces: those use what was tuned, or the heuristic).
+TUNE_CANDIDATES = {
+    "up": [{"bn": bn, "bk": bk} for bn in (32, 64, 128) for bk in (64, 128, 256)],
+    "splitk": [{"bn": bn, "bk": bk, "split": sp} for bn in (32, 64) for bk in (128, 256) for sp in (None, 4, 8)],
+}
+_TUNED: dict[tuple, dict] = {}
+_TUNING = {"enabled": False, "runs": 20}
+
+
+def set_tuning(enabled: bool, runs: int | None = None) -> None:
+    """Switch launch-configuration tuning on or off (``FusedSampler`` turns it on for its Triton GEMMs
+    on CUDA); ``runs``: timed launches per candidate (None: keep)."""
+    _TUNING["enabled"] = bool(enabled)
+    if runs is not None:
+        _TUNING["runs"] = max(1, int(runs))
+
+
+def tuned() -> dict[tuple, dict]:
+    """The configurations chosen so far: {(kernel, rows, n, k, weight dtype, activation dtype): blocks}."""
+    return dict(_TUNED)
+
+
+def _may_tune(x: torch.Tensor) -> bool:
+    if not _TUNING["enabled"] or torch.compiler.is_compiling():
+        return False
+    if x.device.type == "cuda":
+        return not torch.cuda.is_current_stream_capturing()
+    return _INTERPRET
+
+
+def _time_launch(fn, device: torch.device, runs: int) -> float:
+    fn()                                   # compiles this configuration
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(runs):
+            fn()
+        b.record()
+        b.synchronize()
+        return a.elapsed_time(b) / runs
+    import time
+    t0 = time.perf_counter()
+    for _ in range(runs):
+        fn()
+    return (time.perf_counter() - t0) / runs
+
+
+def _choose(kind: str, key: tuple, launch, device: torch.device) -> dict | None:
+    """The tuned blocks for ``key`` (tuning now if allowed), else None (heuristic)."""
+    if key in _TUNED:
+        return _TUNED[key]
+    best, best_t = None, float("inf")
+    for cand in [None, *TUNE_CANDIDATES[kind]]:
+        try:
+            t = _time_launch(lambda: launch(cand), device, _TUNING["runs"])
+        except Exception:  # noqa: BLE001 - a configuration the device cannot run is simply not chosen
+            continue
+        if t < best_t:
+            best, best_t = cand, t
+    _TUNED[key] = best or {}
+    return _TUNED[key]
+
+
 def swiglu_up(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor,
               gates: torch.Tensor, blocks: dict | None = None) -> torch.Tensor:
     """``gate_e · v_e · silu(g_e)`` for the selected experts, from x (…, K) and their fused up weights
@@ -433,6 +501,12 @@ def swiglu_up(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, bias
     ne = gates.shape[0]
     h = w.shape[0] // (2 * ne)
     out = torch.empty(m, ne * h, dtype=x.dtype, device=x.device)
+    if blocks is None:
+        key = ("up", m, ne * h, k, w.dtype, x.dtype, scale is not None)
+        if key in _TUNED:
+            blocks = _TUNED[key]
+        elif _may_tune(x):
+            blocks = _choose("up", key, lambda bl: swiglu_up(x, w, scale, bias, gates, bl or {}), x.device)
     cfg = _blocks(m, h, k, x.device, blocks)
     grid = (triton.cdiv(h, cfg["bn"]), ne, triton.cdiv(m, cfg["bm"]))
     _swiglu_up_kernel[grid](x2, w, scale if scale is not None else bias, bias, gates, out, m, k, h, ne,
@@ -450,6 +524,12 @@ def linear_partials(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None
     *lead, k = x.shape
     x2 = x.reshape(-1, k)
     m, n = x2.shape[0], w.shape[0]
+    if blocks is None and split is None:
+        key = ("splitk", m, n, k, w.dtype, x.dtype, scale is not None)
+        if key in _TUNED:
+            blocks = _TUNED[key]
+        elif _may_tune(x):
+            blocks = _choose("splitk", key, lambda bl: linear_partials(x, w, scale, None, bl or {}), x.device)
     cfg = _blocks(m, n, k, x.device, blocks if split is None else {**(blocks or {}), "split": split})
     bk = cfg["bk"]
     k_split = triton.cdiv(triton.cdiv(k, max(1, int(cfg["split"]))), bk) * bk
