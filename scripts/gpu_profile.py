@@ -31,16 +31,8 @@ def timeit(fn, n=100, w=10):
 
 
 def capture(fn):
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        out = fn()
-    return g, out
+    from mode_ros.model.bench import capture_graph
+    return capture_graph(fn)
 
 
 def main():

@@ -271,12 +271,9 @@ SPLITK_SWEEP = [None] + [{"bn": bn, "bk": bk, "split": sp} for bn in (32, 64, 12
                          for sp in (None, 4, 8)]
 
 
-def _graph_us(fn, dev, reps: int = 20, runs: int = 30) -> float:
-    """Median µs per call of ``fn``: on CUDA ``reps`` calls captured in one CUDA graph (how the chunk
-    graph runs them: no launch overhead from Python), replayed ``runs`` times; elsewhere wall time."""
-    if dev.type != "cuda":
-        ts = _time(fn, dev, runs, 1)
-        return statistics.median(ts) * 1e3
+def capture_graph(fn, reps: int = 1):
+    """Warm ``fn`` up on a side stream (compiles, tunes, allocates), then capture ``reps`` calls of it
+    in one CUDA graph. Returns (graph, output of the last captured call)."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -284,9 +281,20 @@ def _graph_us(fn, dev, reps: int = 20, runs: int = 30) -> float:
             fn()
     torch.cuda.current_stream().wait_stream(s)
     g = torch.cuda.CUDAGraph()
+    out = None
     with torch.cuda.graph(g):
         for _ in range(reps):
-            fn()
+            out = fn()
+    return g, out
+
+
+def _graph_us(fn, dev, reps: int = 20, runs: int = 30) -> float:
+    """Median µs per call of ``fn``: on CUDA ``reps`` calls captured in one CUDA graph (how the chunk
+    graph runs them: no launch overhead from Python), replayed ``runs`` times; elsewhere wall time."""
+    if dev.type != "cuda":
+        ts = _time(fn, dev, runs, 1)
+        return statistics.median(ts) * 1e3
+    g, _ = capture_graph(fn, reps)
     g.replay()
     torch.cuda.synchronize()
     ts = []
