@@ -91,6 +91,8 @@ def test_fused_sampler_with_triton_kernels_equals_cached_sampler(interp):
         assert 0 < interp[f"sampler_{dt}_vs_fp32"] < 3e-2, dt
     # fp16 keeps 3 more mantissa bits than bf16: closer to fp32
     assert interp["sampler_fp16_vs_fp32"] < interp["sampler_bf16_vs_fp32"]
+    cs = interp["compile_skipped"]
+    assert cs["compile"] is False and cs["whole_step"] and "no PyTorch ops" in cs["reason"]
     row = interp["step_variant_row"]
     assert row["failed"] is None and row["same_routing_as_fp32"] and row["max_abs_diff_vs_fp32"] < 1e-5
     assert (row["attention"], row["gemm"], row["compile_mode"]) == ("triton", "triton", "eager")

@@ -113,6 +113,9 @@ def main():
         key = f"sampler_{att}_{gemm}_{'step' if whole else 'layer'}_{quant}"
         acts = pol.sample_normalized(imgs, goal, None, noise, cached=True)
         out[key] = err(acts, ref)
+    # asked to compile the all-Triton step: it is not compiled (nothing for Inductor), and says why
+    fs = FusedSampler(pol.sampler, attention="triton", gemm="triton", compile=True)
+    out["compile_skipped"] = {"compile": fs.compile, "reason": fs.compile_skipped, "whole_step": fs.whole_step}
     # launch-configuration tuning (two candidates per kernel here): build pre-tunes batch 1, the first
     # eager batch-2 chunk tunes its own shapes, and the chosen configurations give the same actions
     tk.TUNE_CANDIDATES["up"] = [{"bn": 64, "bk": 64}]

@@ -186,8 +186,14 @@ class FusedSampler:
         self.gemm = gemm
         # time the Triton GEMMs' launch configurations on the device at build (default: on CUDA)
         self.autotune = (gemm == "triton" and next(cached.net.parameters()).is_cuda) if autotune is None else autotune
+        self.compile_skipped = None
         if gemm == "triton" and attention == "triton":
             whole_step = True   # the all-Triton layer chain lives in fused_step
+            if compile:
+                # nothing between the Triton kernels for Inductor to fuse; not compiling also keeps the
+                # path independent of Dynamo's support for user-defined Triton kernels
+                self.compile_skipped = "the all-Triton step has no PyTorch ops for Inductor to fuse"
+                compile = False
         # default: the measured choice so far (H100, compiled: matmul beat one SDPA launch per layer)
         self.attention = attention or ("matmul" if compile else "sdpa")
         self.weight_quant = weight_quant

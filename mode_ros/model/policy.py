@@ -211,7 +211,9 @@ class MoDEPolicy(nn.Module):
                 self.fused = FusedSampler(self.sampler, compile=compile, weight_quant=weight_quant,
                                           attention=attention, gemm=gemm)
                 self.fused.build()
-                state["fused"], state["compiled"], state["weight_quant"] = True, compile, weight_quant
+                state["fused"], state["compiled"], state["weight_quant"] = True, self.fused.compile, weight_quant
+                if self.fused.compile_skipped and logger:
+                    logger.info("torch.compile skipped: %s", self.fused.compile_skipped)
                 state["attention"], state["gemm"] = self.fused.attention, self.fused.gemm
             except Exception as exc:  # noqa: BLE001
                 self.fused = None

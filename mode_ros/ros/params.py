@@ -62,8 +62,8 @@ PARAMS: tuple[ParamSpec, ...] = (
               "Kernels of the fused sampler: torch (cuBLAS / Inductor) or triton (this package's small-batch "
               "Triton kernels: q/k norms + causal attention in one kernel, split-K projections, the experts' "
               "up-projection with SwiGLU and gates fused, int8/fp8 widened in-kernel: seven kernels per layer "
-              "and step, so fast_inference: graph needs no torch.compile; CUDA only, falls back to torch with "
-              "a logged reason; compare both with scripts/gpu_measure.py before choosing).",
+              "and step, never torch.compiled (fast_inference compiled acts as graph); CUDA only, falls back to "
+              "torch with a logged reason; compare both with scripts/gpu_measure.py before choosing).",
               choices=("torch", "triton")),
     ParamSpec("goal", "string", "",
               "Initial language goal, used until one arrives on ~/goal (empty: wait for ~/goal).",
