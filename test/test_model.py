@@ -480,7 +480,7 @@ def test_bench_kernels_command(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     rows = json.loads((out / "kernels.json").read_text())["rows"]
     torch_rows = [x for x in rows if x["impl"] == "torch"]
-    assert {x["op"] for x in torch_rows} == {"qkv", "proj", "attention", "up", "down"}
+    assert {x["op"] for x in torch_rows} == {"qkv", "proj", "attention", "up", "down", "attn+partials", "add+norm"}
     assert all(x["median_us"] > 0 and "failed" not in x for x in torch_rows)
     tri = [x for x in rows if x["impl"] == "triton"]
     assert tri and all("CUDA device" in x["failed"] for x in tri)

@@ -140,12 +140,13 @@ def test_kernel_sweep_harness(interp):
     assert not [r for r in rows if r["failed"]], [r for r in rows if r["failed"]]
     ops = {(r["op"], r["weight_quant"]) for r in rows}
     assert ops == {("qkv", "none"), ("proj", "none"), ("attention", "none"), ("up", "none"), ("down", "none"),
-                   ("up", "int8"), ("down", "int8")}
+                   ("up", "int8"), ("down", "int8"), ("attn+partials", "none"), ("add+norm", "none")}
     for op, q in ops:
         rs = [r for r in rows if (r["op"], r["weight_quant"]) == (op, q)]
         assert [r["impl"] for r in rs].count("torch") == 1
         tri = [r for r in rs if r["impl"] == "triton"]
-        assert len(tri) == (1 if op == "attention" else 2) and all(r["median_us"] > 0 for r in rs)
+        assert len(tri) == (1 if op in ("attention", "attn+partials", "add+norm") else 2)
+        assert all(r["median_us"] > 0 for r in rs)
         tol = 1e-5 if q == "none" else 0.1
         assert all(r["max_abs_diff_vs_torch"] < tol for r in tri), (op, q, tri)
     assert "best blocks" in interp["kernel_table"] and len(interp["kernel_table"].splitlines()) == 2 + len(ops)

@@ -368,6 +368,28 @@ def kernel_variants(name: str, device: str, dtype: str = "bf16", batch: int = 1,
               splitk_sweep),
              ("attention", "none", nbytes(qg, kg), torch_attention,
               lambda bl: tk.qkv_attention(qkv, qg, kg, nh, mc.norm_eps), [None])]
+    # the all-Triton chain's other kernels, against what PyTorch does in their place: attention that
+    # finishes the QKV projection from 3 split-K partials, residual add of partials + RMSNorm
+    parts_qkv = torch.randn(3, batch, t, 3 * d, generator=g, device=dev) / 3
+    parts_d = torch.randn(4, batch, t, d, generator=g, device=dev) / 4
+    ln_g = rnd(d, scale=0.1) + 1
+
+    def torch_attention_partials():
+        nonlocal qkv
+        keep = qkv
+        qkv = (parts_qkv.sum(0) + b_qkv.float()).to(tdt)
+        try:
+            return torch_attention()
+        finally:
+            qkv = keep
+
+    def torch_add_rms():
+        h = x + parts_d.sum(0).to(tdt)
+        return _rms(h, ln_g, mc.norm_eps)
+    cases += [("attn+partials", "none", nbytes(qg, kg, b_qkv), torch_attention_partials,
+               lambda bl: tk.qkv_attention(parts_qkv, qg, kg, nh, mc.norm_eps, bias=b_qkv, out_dtype=tdt), [None]),
+              ("add+norm", "none", nbytes(ln_g), torch_add_rms,
+               lambda bl: tk.add_rms(x, parts_d, ln_g, mc.norm_eps)[1], [None])]
     for q in quants:
         if q == "none":
             cases += [("up", q, nbytes(w_up, b_up), torch_up, lambda bl: tk.swiglu_up(x, w_up, None, b_up, gates, bl),
@@ -415,7 +437,7 @@ def kernel_variants(name: str, device: str, dtype: str = "bf16", batch: int = 1,
 
 def kernel_table(rows: list[dict]) -> str:
     """Per (op, weights): PyTorch, the Triton default and the fastest Triton configuration."""
-    head = f"{'op':>9} {'weights':>7} {'MB':>6} {'torch us':>9} {'triton us':>10} {'best us':>8} {'best GB/s':>9}  best blocks"
+    head = f"{'op':>13} {'weights':>7} {'MB':>6} {'torch us':>9} {'triton us':>10} {'best us':>8} {'best GB/s':>9}  best blocks"
     lines = [head, "-" * len(head)]
     keys = list(dict.fromkeys((r["op"], r["weight_quant"]) for r in rows))
     for op, q in keys:
@@ -428,7 +450,7 @@ def kernel_table(rows: list[dict]) -> str:
 
         def f(r):
             return f"{r['median_us']:.2f}" if r else "-"
-        lines.append(f"{op:>9} {q:>7} {mb:>6.1f} {f(tor[0] if tor else None):>9} {f(dflt[0] if dflt else None):>10} "
+        lines.append(f"{op:>13} {q:>7} {mb:>6.1f} {f(tor[0] if tor else None):>9} {f(dflt[0] if dflt else None):>10} "
                      f"{f(best):>8} {(best['GBps'] if best else 0):>9.0f}  {best['blocks'] if best else '-'}")
     return "\n".join(lines)
 
