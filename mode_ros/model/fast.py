@@ -11,6 +11,8 @@ Built on the routing table of ``CachedSampler`` (same routing, same math):
     output row (the experts are ~85 % of the weights a step reads, so at batch 1 — bound by reading
     weights — this cuts the bytes per chunk by about 2x against bf16). Activations, attention, norms
     and the accumulation stay in the model dtype / fp32; see ``quantize_rows`` and ``qlinear``.
+  * optionally this package's Triton kernels (``attention="triton"``, ``gemm="triton"``,
+    ``mode_ros.model.triton_kernels``); with both, a step is Triton kernels only (never compiled).
 The result is a fixed kernel sequence that ``mode_ros.model.graph.ChunkGraph`` captures whole.
 """
 from __future__ import annotations
