@@ -169,7 +169,21 @@ def main() -> int:
             (out / "gpu_results.json").write_text(json.dumps(res, indent=1, default=str))
         from mode_ros.model.bench import STEP_VARIANTS
         chosen = ([STEP_VARIANTS[int(i)] for i in a.variants.split(",")] if a.variants else None)
-        step_variants("paper-8l", "cuda", "bf16", runs=100, on_row=save, variants=chosen)
+        vrows = step_variants("paper-8l", "cuda", "bf16", runs=100, on_row=save, variants=chosen)
+        torch.cuda.empty_cache()
+
+        section("issue 8 targets: step variants against the eager uncached fp32 baseline (same run)")
+        from mode_ros.model.bench import _time, target_summary
+        pol, imgs, goal, noise = paper8l_case(dev)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        base = sorted(_time(lambda: pol.sample_normalized(imgs, goal, None, noise, cached=False), dev, 10, 2))
+        baseline_ms = base[len(base) // 2]
+        summary, txt = target_summary(vrows, baseline_ms)
+        print(txt, flush=True)
+        res["sections"]["targets"] = {"baseline_uncached_fp32_ms": baseline_ms, "rows": summary}
+        (out / "targets.txt").write_text(txt + "\n")
+        (out / "gpu_results.json").write_text(json.dumps(res, indent=1, default=str))
+        del pol
         torch.cuda.empty_cache()
 
     if "train" not in skip:

@@ -487,6 +487,24 @@ def test_bench_kernels_command(tmp_path):
     assert "need a CUDA device" in r.stderr and "best blocks" in (out / "kernels.txt").read_text()
 
 
+def test_target_summary_judges_each_variant():
+    """The GPU script's verdict table: the denoiser's share is the chunk minus the encoders, the
+    speed-up is against the baseline of the same run, failed rows are left out, each target judged."""
+    from mode_ros.model.bench import target_summary
+    rows = [{"attention": "triton", "compile_mode": "eager", "weight_quant": "none", "gemm": "triton",
+             "median_ms": 3.5, "encoders_ms": 1.0, "max_abs_diff_vs_fp32": 0.007, "same_routing_as_fp32": True},
+            {"attention": "matmul", "compile_mode": None, "weight_quant": "none", "gemm": "torch",
+             "median_ms": 6.0, "encoders_ms": 1.0, "max_abs_diff_vs_fp32": 0.008, "same_routing_as_fp32": True},
+            {"attention": "flash", "failed": "ValueError: attention"}]
+    out, txt = target_summary(rows, baseline_ms=116.0)
+    assert len(out) == 2
+    a, b = out
+    assert a["denoiser_ms"] == 2.5 and a["meets"] == {"denoiser": True, "total": True, "speedup": True}
+    assert b["denoiser_ms"] == 5.0 and b["meets"] == {"denoiser": False, "total": False, "speedup": True}
+    assert abs(b["speedup"] - 116.0 / 6.0) < 1e-9
+    assert "triton/eager/none/triton" in txt and "116.00" in txt and "NO NO yes" in txt
+
+
 def test_torch_compile_on_cpu_matches_eager():
     """The compiled whole-step function (what the GPU graph path captures) also compiles and runs on a
     CPU (Inductor C++ backend): same actions as the eager reference path, plain and with int8 experts."""

@@ -455,6 +455,40 @@ def kernel_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# issue 8's targets (H100, batch 1, 10 steps, paper-8l, bf16)
+TARGETS = {"denoiser_ms": 2.5, "total_ms": 4.0, "speedup_vs_uncached_fp32": 5.0}
+
+
+def target_summary(rows: list[dict], baseline_ms: float) -> tuple[list[dict], str]:
+    """Each measured step-variant row against the targets: chunk latency (encoders included), the
+    denoiser's share (chunk minus the separately timed encoders), the speed-up over the eager uncached
+    fp32 baseline ``baseline_ms`` (same inputs and run), accuracy and routing. Returns (rows, table)."""
+    out = []
+    for r in rows:
+        if "median_ms" not in r:
+            continue
+        enc = r.get("encoders_ms") or 0.0
+        den = r["median_ms"] - enc
+        sp = baseline_ms / r["median_ms"]
+        out.append({"variant": "/".join(str(r.get(k)) for k in ("attention", "compile_mode", "weight_quant", "gemm")),
+                    "chunk_ms": r["median_ms"], "encoders_ms": enc, "denoiser_ms": den, "speedup": sp,
+                    "max_abs_diff_vs_fp32": r.get("max_abs_diff_vs_fp32"),
+                    "same_routing": r.get("same_routing_as_fp32"),
+                    "meets": {"denoiser": den <= TARGETS["denoiser_ms"], "total": r["median_ms"] <= TARGETS["total_ms"],
+                              "speedup": sp >= TARGETS["speedup_vs_uncached_fp32"]}})
+    head = (f"{'variant':>44} {'chunk ms':>9} {'denoiser':>9} {'enc':>6} {'x base':>7} {'max|da|':>8} "
+            f"{'route':>5}  targets (den<={TARGETS['denoiser_ms']}, tot<={TARGETS['total_ms']}, "
+            f">={TARGETS['speedup_vs_uncached_fp32']}x)")
+    lines = [f"baseline: eager uncached fp32 {baseline_ms:.2f} ms", head, "-" * len(head)]
+    for o in out:
+        m = o["meets"]
+        da = f"{o['max_abs_diff_vs_fp32']:.1e}" if o["max_abs_diff_vs_fp32"] is not None else "-"
+        lines.append(f"{o['variant']:>44} {o['chunk_ms']:>9.2f} {o['denoiser_ms']:>9.2f} {o['encoders_ms']:>6.2f} "
+                     f"{o['speedup']:>7.1f} {da:>8} {'same' if o['same_routing'] else 'DIFF':>5}  "
+                     + " ".join(("yes" if m[k] else "NO") for k in ("denoiser", "total", "speedup")))
+    return out, "\n".join(lines)
+
+
 def _reference(policy, imgs, goal, noise):
     """Eager uncached fp32 actions (the reference-like baseline, TF32 off) for these inputs."""
     fused, graph = policy.fused, policy._graph
