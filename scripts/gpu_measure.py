@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -176,8 +177,8 @@ def main() -> int:
         from mode_ros.model.bench import _time, target_summary
         pol, imgs, goal, noise = paper8l_case(dev)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-        base = sorted(_time(lambda: pol.sample_normalized(imgs, goal, None, noise, cached=False), dev, 10, 2))
-        baseline_ms = base[len(base) // 2]
+        baseline_ms = statistics.median(_time(lambda: pol.sample_normalized(imgs, goal, None, noise, cached=False),
+                                              dev, 10, 2))
         summary, txt = target_summary(vrows, baseline_ms)
         print(txt, flush=True)
         res["sections"]["targets"] = {"baseline_uncached_fp32_ms": baseline_ms, "rows": summary}

@@ -55,7 +55,7 @@ def main():
         u = torch.randn(b, t, d).to(tdt)
         w = (torch.randn(3 * d, d) / d ** 0.5).to(tdt)
         bias = (0.1 * torch.randn(3 * d)).to(tdt)
-        parts = tk.linear_partials(u, w, None, split=3, blocks={"bk": 16})
+        parts = tk.linear_partials(u, w, None, blocks={"bk": 16, "split": 3})
         got = tk.qkv_attention(parts, qg, kg, nh, 1e-6, bias=bias, out_dtype=tdt)
         proj = (u.float() @ w.float().T + bias.float()).to(tdt)
         out[f"attn_{dt}_from_partials"] = {"splits": parts.shape[0], "dtype": str(got.dtype),
@@ -92,7 +92,7 @@ def main():
     x = torch.randn(2, 7, 300)
     w = torch.randn(70, 300)
     for split in (1, 3, None):
-        p = tk.linear_partials(x, w, None, split)
+        p = tk.linear_partials(x, w, None, None if split is None else {"split": split})
         out[f"partials_split{split}"] = {"splits": p.shape[0], "rel": rel(p.sum(0), x @ w.T)}
     wq, s = quantize_rows(w, "int8", torch.float32)
     out["linear_int8"] = rel(tk.linear(x, wq, s, torch.ones(70)), x @ (wq.float() * s[:, None]).T + 1)

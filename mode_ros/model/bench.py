@@ -345,15 +345,17 @@ def kernel_variants(name: str, device: str, dtype: str = "bf16", batch: int = 1,
     quants = ["none", "int8"] + (["fp8"] if dev.type == "cuda" else [])
     qw = {}
     for q in quants[1:]:
-        sdt = torch.bfloat16 if (q == "int8" and int8_kernel) else torch.float32
-        qw[q] = {"up": quantize_rows(w_up, q, sdt), "down": quantize_rows(w_down, q, sdt),
-                 "up32": quantize_rows(w_up, q, torch.float32), "down32": quantize_rows(w_down, q, torch.float32)}
+        # fp32 row scales for the Triton kernels; PyTorch's int8 kernel wants them in bf16
+        qw[q] = {"up32": quantize_rows(w_up, q, torch.float32), "down32": quantize_rows(w_down, q, torch.float32)}
+        bf = q == "int8" and int8_kernel
+        qw[q]["up"] = quantize_rows(w_up, q, torch.bfloat16) if bf else qw[q]["up32"]
+        qw[q]["down"] = quantize_rows(w_down, q, torch.bfloat16) if bf else qw[q]["down32"]
 
     def torch_up(wq=None, s=None):
         z = qlinear(x, w_up if wq is None else wq, s, b_up, int8_kernel).view(batch, t, kk, 2, H)
         return (z[..., 0, :] * F.silu(z[..., 1, :]) * gates.view(1, 1, kk, 1)).reshape(batch, t, kk * H)
 
-    def torch_attention():
+    def torch_attention(qkv):
         q, k_, v = qkv.split(d, dim=-1)
         q = _rms(q.view(batch, t, nh, hd), qg, mc.norm_eps).transpose(1, 2)
         k_ = _rms(k_.view(batch, t, nh, hd), kg, mc.norm_eps).transpose(1, 2)
@@ -367,7 +369,7 @@ def kernel_variants(name: str, device: str, dtype: str = "bf16", batch: int = 1,
               lambda bl: tk.linear(x, w_qkv, None, b_qkv, bl), splitk_sweep),
              ("proj", "none", nbytes(w_proj), lambda: F.linear(x, w_proj), lambda bl: tk.linear(x, w_proj, None, None, bl),
               splitk_sweep),
-             ("attention", "none", nbytes(qg, kg), torch_attention,
+             ("attention", "none", nbytes(qg, kg), lambda: torch_attention(qkv),
               lambda bl: tk.qkv_attention(qkv, qg, kg, nh, mc.norm_eps), [None])]
     # the all-Triton chain's other kernels, against what PyTorch does in their place: attention that
     # finishes the QKV projection from 3 split-K partials, residual add of partials + RMSNorm
@@ -375,19 +377,11 @@ def kernel_variants(name: str, device: str, dtype: str = "bf16", batch: int = 1,
     parts_d = torch.randn(4, batch, t, d, generator=g, device=dev) / 4
     ln_g = rnd(d, scale=0.1) + 1
 
-    def torch_attention_partials():
-        nonlocal qkv
-        keep = qkv
-        qkv = (parts_qkv.sum(0) + b_qkv.float()).to(tdt)
-        try:
-            return torch_attention()
-        finally:
-            qkv = keep
-
     def torch_add_rms():
         h = x + parts_d.sum(0).to(tdt)
         return _rms(h, ln_g, mc.norm_eps)
-    cases += [("attn+partials", "none", nbytes(qg, kg, b_qkv), torch_attention_partials,
+    cases += [("attn+partials", "none", nbytes(qg, kg, b_qkv),
+               lambda: torch_attention((parts_qkv.sum(0) + b_qkv.float()).to(tdt)),
                lambda bl: tk.qkv_attention(parts_qkv, qg, kg, nh, mc.norm_eps, bias=b_qkv, out_dtype=tdt), [None]),
               ("add+norm", "none", nbytes(ln_g), torch_add_rms,
                lambda bl: tk.add_rms(x, parts_d, ln_g, mc.norm_eps)[1], [None])]

@@ -122,12 +122,10 @@ def fused_layer(h, c, ln1_g, wqkv, bqkv, qg, kg, wproj, ln2_g, w1f, b1f, w2f, ga
     hd = d // n_heads
     tri = gemm == "triton"
     u = _rms(h, ln1_g, eps) + c
-    if tri and attention == "triton":   # the attention kernel sums the projection's split-K partials
-        a = tk.qkv_attention(tk.linear_partials(u, wqkv), qg, kg, n_heads, eps, bias=bqkv, out_dtype=h.dtype)
-    elif attention == "triton":
-        a = tk.qkv_attention(F.linear(u, wqkv, bqkv), qg, kg, n_heads, eps)
+    qkv = tk.linear(u, wqkv, None, bqkv) if tri else F.linear(u, wqkv, bqkv)
+    if attention == "triton":   # (with gemm="triton" too, FusedSampler runs tk.layer_chain instead)
+        a = tk.qkv_attention(qkv, qg, kg, n_heads, eps)
     else:
-        qkv = tk.linear(u, wqkv, None, bqkv) if tri else F.linear(u, wqkv, bqkv)
         q, k, v = qkv.split(d, dim=-1)
         q = _rms(q.view(b, t, n_heads, hd), qg, eps).transpose(1, 2)
         k = _rms(k.view(b, t, n_heads, hd), kg, eps).transpose(1, 2)
@@ -181,13 +179,14 @@ class FusedSampler:
             raise ValueError(f"attention: {attention!r} is not one of {ATTENTION}")
         if gemm not in GEMM:
             raise ValueError(f"gemm: {gemm!r} is not one of {GEMM}")
+        dev = next(cached.net.parameters()).device
         if gemm == "triton" or attention == "triton":
-            reason = tk.unavailable_reason(next(cached.net.parameters()).device)
+            reason = tk.unavailable_reason(dev)
             if reason is not None:
                 raise ValueError(f"attention={attention!r} / gemm={gemm!r}: {reason}")
         self.gemm = gemm
         # time the Triton GEMMs' launch configurations on the device at build (default: on CUDA)
-        self.autotune = (gemm == "triton" and next(cached.net.parameters()).is_cuda) if autotune is None else autotune
+        self.autotune = (gemm == "triton" and dev.type == "cuda") if autotune is None else autotune
         self.compile_skipped = None
         if gemm == "triton" and attention == "triton":
             whole_step = True   # the all-Triton layer chain lives in fused_step
@@ -218,7 +217,7 @@ class FusedSampler:
             # gone), while the default mode widens the weights into a bf16 copy that cuBLAS then reads
             # (more bytes than bf16 weights). An inference from Inductor's design, to be confirmed by
             # scripts/gpu_measure.py, which also times the "default" mode explicitly.
-            if compile_mode is None and weight_quant != "none" and next(cached.net.parameters()).is_cuda:
+            if compile_mode is None and weight_quant != "none" and dev.type == "cuda":
                 compile_mode = "max-autotune-no-cudagraphs"
             self.compile_mode = compile_mode
             self._fn = torch.compile(fused_layer, dynamic=False, fullgraph=True, mode=compile_mode)

@@ -72,6 +72,16 @@ def _f32dot(x: torch.Tensor) -> bool:
 
 if triton is not None:
     @triton.jit
+    def _dot_nt(a, b, F32DOT: tl.constexpr):
+        """a @ b.T with fp32 accumulation: both widened to fp32 with IEEE products (F32DOT), else
+        b (int8 / fp8 / bf16) widened in registers to a's dtype for the tensor cores."""
+        if F32DOT:
+            r = tl.dot(a.to(tl.float32), tl.trans(b.to(tl.float32)), input_precision="ieee")
+        else:
+            r = tl.dot(a, tl.trans(b.to(a.dtype)))
+        return r
+
+    @triton.jit
     def _qkv_attention_kernel(qkv, bias, qg, kg, out, S, B, T, D, HD, eps, scale,
                               BT: tl.constexpr, BD: tl.constexpr, F32DOT: tl.constexpr,
                               PARTIALS: tl.constexpr):
@@ -110,11 +120,7 @@ if triton is not None:
         rk = tl.maximum(tl.sqrt(tl.sum(k * k, axis=1) / HD), eps)
         q = (gq[None, :] * (q / rq[:, None])).to(v.dtype)
         k = (gk[None, :] * (k / rk[:, None])).to(v.dtype)
-        if F32DOT:
-            s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-        s = s * scale
+        s = _dot_nt(q, k, F32DOT) * scale
         causal = (t[None, :] <= t[:, None]) & tm[None, :]
         s = tl.where(causal, s, float("-inf"))
         p = tl.exp(s - tl.max(s, axis=1)[:, None])
@@ -148,13 +154,8 @@ if triton is not None:
             wm = nm[:, None] & km[None, :]
             wv = tl.load(w + rv[:, None] * K + k0 + kk[None, :], mask=wm, other=0.0)
             wg = tl.load(w + rg[:, None] * K + k0 + kk[None, :], mask=wm, other=0.0)
-            if F32DOT:
-                a32 = a.to(tl.float32)
-                acc_v += tl.dot(a32, tl.trans(wv.to(tl.float32)), input_precision="ieee")
-                acc_g += tl.dot(a32, tl.trans(wg.to(tl.float32)), input_precision="ieee")
-            else:  # int8 / fp8 / bf16 weights widened in registers to the activation dtype
-                acc_v += tl.dot(a, tl.trans(wv.to(a.dtype)))
-                acc_g += tl.dot(a, tl.trans(wg.to(a.dtype)))
+            acc_v += _dot_nt(a, wv, F32DOT)
+            acc_g += _dot_nt(a, wg, F32DOT)
         if HAS_SCALE:
             acc_v = acc_v * tl.load(scale + rv, mask=nm, other=0.0).to(tl.float32)[None, :]
             acc_g = acc_g * tl.load(scale + rg, mask=nm, other=0.0).to(tl.float32)[None, :]
@@ -183,17 +184,12 @@ if triton is not None:
             km = ((k0 + kk) < K) & ((k0 + kk) < k_lo + K_SPLIT)
             a = tl.load(x + m[:, None] * K + k0 + kk[None, :], mask=mm[:, None] & km[None, :], other=0.0)
             b = tl.load(w + n[:, None] * K + k0 + kk[None, :], mask=nm[:, None] & km[None, :], other=0.0)
-            if F32DOT:
-                acc += tl.dot(a.to(tl.float32), tl.trans(b.to(tl.float32)), input_precision="ieee")
-            else:
-                acc += tl.dot(a, tl.trans(b.to(a.dtype)))
+            acc += _dot_nt(a, b, F32DOT)
         if HAS_SCALE:
             acc = acc * tl.load(scale + n, mask=nm, other=0.0).to(tl.float32)[None, :]
         dst = out + pid_s * M * N + m[:, None] * N + n[None, :]
         tl.store(dst, acc, mask=mm[:, None] & nm[None, :])
 
-
-if triton is not None:
     @triton.jit
     def _add_rms_kernel(base, parts, g, c, h_out, y_out, S, M, D, eps,
                         BD: tl.constexpr, HAS_C: tl.constexpr, WRITE_H: tl.constexpr):
@@ -216,7 +212,6 @@ if triton is not None:
         tl.store(y_out + r * D + d, y, mask=dm)
 
 
-if triton is not None:
     @triton.jit
     def _step_in_kernel(x, c_in, c, ctx, action_w, pos, g, h_out, u_out, T, P, K, A, D, eps,
                         BD: tl.constexpr, BA: tl.constexpr):
@@ -266,7 +261,7 @@ if triton is not None:
             yv = tl.load(y + b * T * D + (T - K + rows)[:, None] * D + dd[None, :], mask=rm[:, None] & dm[None, :],
                          other=0.0).to(tl.float32)
             wv = tl.load(out_w + ka[:, None] * D + dd[None, :], mask=am[:, None] & dm[None, :], other=0.0).to(tl.float32)
-            acc += tl.dot(yv, tl.trans(wv), input_precision="ieee")
+            acc += _dot_nt(yv, wv, True)
         f = acc + tl.load(out_b + ka, mask=am, other=0.0).to(tl.float32)[None, :]
         f = f.to(y.dtype.element_ty).to(tl.float32)     # the head's output in the model dtype, then fp32
         m2 = rm[:, None] & am[None, :]
@@ -516,7 +511,7 @@ def swiglu_up(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, bias
 
 
 def linear_partials(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None,
-                    split: int | None = None, blocks: dict | None = None) -> torch.Tensor:
+                    blocks: dict | None = None) -> torch.Tensor:
     """Split-K partial sums of ``x @ w.T`` (times the row ``scale`` of a quantised ``w``): fp32
     (split, …, N). ``.sum(0)`` gives the product; under torch.compile that sum fuses into the
     consumer (residual add, bias, cast)."""
@@ -524,13 +519,13 @@ def linear_partials(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None
     *lead, k = x.shape
     x2 = x.reshape(-1, k)
     m, n = x2.shape[0], w.shape[0]
-    if blocks is None and split is None:
+    if blocks is None:
         key = ("splitk", m, n, k, w.dtype, x.dtype, scale is not None)
         if key in _TUNED:
             blocks = _TUNED[key]
         elif _may_tune(x):
-            blocks = _choose("splitk", key, lambda bl: linear_partials(x, w, scale, None, bl or {}), x.device)
-    cfg = _blocks(m, n, k, x.device, blocks if split is None else {**(blocks or {}), "split": split})
+            blocks = _choose("splitk", key, lambda bl: linear_partials(x, w, scale, bl or {}), x.device)
+    cfg = _blocks(m, n, k, x.device, blocks)
     bk = cfg["bk"]
     k_split = triton.cdiv(triton.cdiv(k, max(1, int(cfg["split"]))), bk) * bk
     split = triton.cdiv(k, k_split)
