@@ -37,6 +37,13 @@ def register(sub) -> None:
                         "inside a CUDA graph (writes kernels.json, kernels.txt): for tuning on your GPU")
     p.add_argument("--sweep", default="full", choices=("full", "default"),
                    help="with --kernels: every launch configuration, or only the Triton defaults")
+    p.add_argument("--aot", action="store_true",
+                   help="no GPU needed: compile every Triton kernel of one chunk of the all-Triton step (and the "
+                        "on-device tuning's candidates) for CUDA sm_<--arch> with the installed Triton, and report "
+                        "registers, spills, shared memory, blocks/SM and global loads by width from the binaries "
+                        "(writes aot.json, aot.txt; exit 1 if any fails)")
+    p.add_argument("--arch", type=int, default=90, help="with --aot: CUDA compute capability ×10 (90: H100/H200)")
+    p.add_argument("--weight-quants", default="none,int8,fp8", help="with --aot: comma list of none,int8,fp8")
     p.add_argument("--out", default=None, help="folder for bench.json, bench.txt, bench.png")
     p.set_defaults(func=cmd_bench)
 
@@ -98,6 +105,8 @@ def cmd_bench(args) -> int:
         torch.set_num_threads(args.threads)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     dtypes = args.dtypes.split(",") if args.dtypes else (["fp32", "bf16"] if device == "cuda" else ["fp32"])
+    if args.aot:
+        return _bench_aot(args, args.dtypes.split(",") if args.dtypes else ["bf16"])
     if args.kernels:
         return _bench_kernels(args, device, dtypes)
     rows = []
@@ -142,6 +151,36 @@ def _bench_kernels(args, device: str, dtypes: list[str]) -> int:
         (out / "kernels.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))
         (out / "kernels.txt").write_text(txt + "\n")
     return 0
+
+
+def _bench_aot(args, dtypes: list[str]) -> int:
+    from pathlib import Path
+
+    import triton
+
+    from .triton_aot import aot_table, step_binaries
+
+    rows = []
+    for name in args.presets.split(","):
+        for dt in dtypes:
+            for q in args.weight_quants.split(","):
+                for b in (int(x) for x in args.batches.split(",")):
+                    print(f"[bench --aot] {name} {dt} experts {q} batch {b} for sm_{args.arch}", file=sys.stderr)
+                    rows += step_binaries(name, dt, q, b, arch=args.arch, log=lambda m: print(m, file=sys.stderr))
+    meta = {"arch": f"sm_{args.arch}", "triton": triton.__version__}
+    txt = aot_table(rows)
+    print(txt)
+    failed = [r for r in rows if "failed" in r]
+    over = [r for r in rows if "failed" not in r and r["blocks_per_sm"] == 0]
+    print(f"{len(rows)} binaries, {len(failed)} failed to compile, {len(over)} cannot launch on sm_{args.arch} "
+          f"(over its per-SM limits), {sum(r.get('spill_bytes', 0) > 0 for r in rows)} spill registers "
+          f"(Triton {triton.__version__})", file=sys.stderr)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "aot.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))
+        (out / "aot.txt").write_text(txt + "\n")
+    return 1 if failed else 0
 
 
 def cmd_check_reference(args) -> int:

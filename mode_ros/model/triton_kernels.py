@@ -40,10 +40,17 @@ except Exception as exc:  # noqa: BLE001 - any import failure means "not availab
 
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "") == "1"   # read once: Triton reads it at import too
+# set by ``triton_aot.compile_only``: CPU tensors stand for a GPU's (launches compile, nothing runs);
+# {"sms": the target's SM count} while active
+_COMPILE_ONLY: dict = {}
 
 
 def interpreted() -> bool:
     return _INTERPRET
+
+
+def _runs_here(dev: torch.device) -> bool:
+    return dev.type == "cuda" or (dev.type == "cpu" and (_INTERPRET or bool(_COMPILE_ONLY)))
 
 
 def unavailable_reason(device: torch.device | str) -> str | None:
@@ -51,9 +58,7 @@ def unavailable_reason(device: torch.device | str) -> str | None:
     if triton is None:
         return f"triton is not importable ({_IMPORT_ERROR})"
     dev = torch.device(device)
-    if dev.type == "cuda":
-        return None
-    if dev.type == "cpu" and interpreted():
+    if _runs_here(dev):
         return None
     return (f"the triton kernels need a CUDA device (got {dev.type}; on the CPU only under Triton's "
             "interpreter, TRITON_INTERPRET=1)")
@@ -67,7 +72,7 @@ def _f32dot(x: torch.Tensor) -> bool:
     """Products in fp32 (IEEE, no TF32) for fp32 activations; bf16/fp16 use the tensor cores with
     fp32 accumulation. Under the interpreter the operands are always widened first: its bf16 dot is
     wrong, and bf16·bf16 products are exact in fp32, so the result is the same function."""
-    return x.dtype == torch.float32 or interpreted()
+    return x.dtype == torch.float32 or (interpreted() and not _COMPILE_ONLY)
 
 
 if triton is not None:
@@ -272,7 +277,7 @@ if triton is not None:
 
 
 def _check(x: torch.Tensor, name: str) -> None:
-    if triton is None or (x.device.type != "cuda" and not _INTERPRET):
+    if triton is None or not _runs_here(x.device):
         raise RuntimeError(f"{name}: {unavailable_reason(x.device)}")
     if not x.is_contiguous():
         raise ValueError(f"{name}: the activations must be contiguous")
@@ -409,7 +414,8 @@ def _blocks(m: int, n_out: int, k: int, device: torch.device, blocks: dict | Non
             raise ValueError(f"blocks: unknown keys {sorted(unknown)} (known: {BLOCK_KEYS})")
         cfg.update({key: v for key, v in blocks.items() if v is not None})
     if cfg["split"] is None:
-        sms = _SMS.get(device.index or 0, 132) if device.type == "cuda" else 8
+        sms = (_SMS.get(device.index or 0, 132) if device.type == "cuda"
+               else _COMPILE_ONLY.get("sms", 8))
         tiles = math.ceil(n_out / cfg["bn"]) * math.ceil(m / cfg["bm"])
         cfg["split"] = max(1, min(math.ceil(2 * sms / tiles), math.ceil(k / cfg["bk"]), 16))
     return cfg
@@ -421,7 +427,9 @@ def _blocks(m: int, n_out: int, k: int, device: torch.device, blocks: dict | Non
 # device and keeps the fastest for every later call, including inside the CUDA graph (tuning never
 # runs while a graph is captured or torch.compile traces: those use what was tuned, or the heuristic).
 TUNE_CANDIDATES = {
-    "up": [{"bn": bn, "bk": bk} for bn in (32, 64, 128) for bk in (64, 128, 256)],
+    # (bn 128, bk 256) is left out: its pipeline needs 273 KiB of shared memory in bf16, over an H100's
+    # 227 KiB per block (found by compiling every candidate for sm_90, ``triton_aot``)
+    "up": [{"bn": bn, "bk": bk} for bn in (32, 64, 128) for bk in (64, 128, 256) if bn * bk < 128 * 256],
     "splitk": [{"bn": bn, "bk": bk, "split": sp} for bn in (32, 64) for bk in (128, 256) for sp in (None, 4, 8)],
 }
 _TUNED: dict[tuple, dict] = {}
@@ -442,7 +450,7 @@ def tuned() -> dict[tuple, dict]:
 
 
 def _may_tune(x: torch.Tensor) -> bool:
-    if not _TUNING["enabled"] or torch.compiler.is_compiling():
+    if not _TUNING["enabled"] or torch.compiler.is_compiling() or _COMPILE_ONLY:
         return False
     if x.device.type == "cuda":
         return not torch.cuda.is_current_stream_capturing()
