@@ -427,8 +427,10 @@ def _blocks(m: int, n_out: int, k: int, device: torch.device, blocks: dict | Non
 # device and keeps the fastest for every later call, including inside the CUDA graph (tuning never
 # runs while a graph is captured or torch.compile traces: those use what was tuned, or the heuristic).
 TUNE_CANDIDATES = {
-    # (bn 128, bk 256) is left out: its pipeline needs 273 KiB of shared memory in bf16, over an H100's
-    # 227 KiB per block (found by compiling every candidate for sm_90, ``triton_aot``)
+    # (bn 128, bk 256) is left out: its pipeline needs 273 KiB of shared memory in bf16 at batch 1, over
+    # an H100's 227 KiB per block (every candidate compiled for sm_90: ``mode-ros bench --aot``). Those
+    # that fit at batch 1 but not at larger batches (BM 64: up 64×256, 128×128) fail to launch there
+    # and are skipped by ``_choose`` (a few seconds of compiling, once: Triton caches binaries on disk).
     "up": [{"bn": bn, "bk": bk} for bn in (32, 64, 128) for bk in (64, 128, 256) if bn * bk < 128 * 256],
     "splitk": [{"bn": bn, "bk": bk, "split": sp} for bn in (32, 64) for bk in (128, 256) for sp in (None, 4, 8)],
 }
