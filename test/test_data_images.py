@@ -122,6 +122,22 @@ def test_compressed_errors(payload, text):
     assert "BytesIO object" not in str(ei.value)
 
 
+def test_decompression_bomb_is_a_decode_error():
+    # a 45-byte PNG whose header claims 20000 x 20000 pixels: PIL raises DecompressionBombError (an
+    # Exception, not an OSError), which must not escape the decoder and crash a subscriber callback
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0))
+           + chunk(b"IEND", b""))
+    for fn in (compressed_size, decode_compressed):
+        with pytest.raises(ImageDecodeError, match="too large") as ei:
+            fn("png", png)
+        assert ei.value.reason == "too_large"
+
+
 def test_truncated_jpeg_fails_on_decode():
     big = RNG.integers(0, 256, (64, 64, 3), dtype=np.uint8)
     jpg = encode_compressed(big, "jpeg")

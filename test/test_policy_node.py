@@ -319,9 +319,10 @@ def test_bad_inputs_are_rejected_and_logged(rig):
     wait_new(rig, time.monotonic(), lambda m: True, 30, "output from the live feed")
     now = lambda: h.node.get_clock().now().to_msg()  # noqa: E731
 
-    def state(names, pos):
+    def state(names, pos, age=0.0):
         js = JointState()
         js.header.stamp = now()
+        js.header.stamp.sec -= int(age)
         js.name, js.position = names, pos
         return js
 
@@ -334,6 +335,9 @@ def test_bad_inputs_are_rejected_and_logged(rig):
         (pub, lambda: feed.image(now(), step=10), "step 10 <"),
         (feed.state_pub, lambda: state(["j0", "j1", "j2"], [float("nan"), 0.0, 0.0]), "contains NaN"),
         (feed.state_pub, lambda: state(["x"], [1.0]), "joint missing"),
+        (feed.state_pub, lambda: state(["j0", "j1", "j2"], [1e39, 0.0, 0.0]), "beyond float32"),
+        # older than the state the 30 Hz feed just sent: must not replace it
+        (feed.state_pub, lambda: state(["j0", "j1", "j2"], [0.1, 0.2, 0.3], age=1.0), "out of order"),
     ]
     for p, make, text in bad:
         def sent_and_logged(p=p, make=make, text=text):
@@ -374,7 +378,8 @@ def test_bad_inputs_are_rejected_and_logged(rig):
     h.drop(cpub)
     out = rig.node.output()
     for text in ("unsupported image encoding", "shorter than height*step", "zero size", "step 10 <",
-                 "contains NaN", "joint missing", "empty goal", "exceeds max_goal_length"):
+                 "contains NaN", "joint missing", "beyond float32", "out of order", "empty goal",
+                 "exceeds max_goal_length"):
         assert text in out, f"no log line containing {text!r}\n{rig.node.tail(40)}"
     assert rig.node.alive
     check_chunks(rig.chunks.msgs())
@@ -478,6 +483,14 @@ def test_use_sim_time_drives_stamps_staleness_and_ticks(ckpt, ros_harness, start
         n = len(chunks)
         time.sleep(0.5)  # measurement window: nothing may arrive while stale
         assert len(chunks) - n <= 1
+        # the simulator resets: its clock jumps back 500 s and the cameras resume on the new timeline.
+        # What was buffered from the old one must not be used (its stamps would look fresh for 500 s)
+        n = len(chunks)
+        sim["t"], sim["images"] = 500.0, True
+        wait_until(lambda: "clock jumped back" in node.output(), 10, "the clock-jump log", on_fail=node.tail)
+        wait_until(lambda: len(chunks) >= n + 3, 60, "chunks after the reset", on_fail=node.tail)
+        new = chunks.msgs()[n:]
+        assert all(500 <= m.header.stamp.sec < 900 for m in new), [m.header.stamp.sec for m in new]
     finally:
         stop.set()
         th.join(2)

@@ -113,6 +113,47 @@ def test_unserved_tick_is_served_when_its_input_arrives(serve_late, image_at, se
         assert nxt is None and key == "no_plan"   # requested at this tick, ready for the next
 
 
+def test_rate_limit_holds_across_ticks_that_publish_nothing():
+    """A camera gap stops the output for a while; when it resumes, the first action is limited relative
+    to the last one published, not a jump to the model's new output (NodeEmulator mirrors the node's
+    _on_tick; the limiter forgets only on activate and ~/enable false)."""
+    from mode_ros.ros.replay_offline import IMAGE, NodeEmulator
+    NS = 1_000_000_000
+
+    class Pol:
+        camera_names, state_dim, value = ["cam"], 0, 0.0
+
+        def predict_chunk(self, images, goal, state=None, seed=None):
+            return np.full((T, A), self.value, np.float32)
+
+    p = NodeParams.from_mapping({"checkpoint": "x", "goal": "go", "control_rate_hz": 10.0, "replan_every": 1,
+                                 "max_action_delta": [0.1], "max_observation_age": 0.5})
+    pol = Pol()
+    emu = NodeEmulator(p, ["cam"], 0, T, A, policy=pol, latency=0.0)
+    out, keys = [], []
+    for k in range(10, 40):                     # 1.0 .. 3.9 s: no images during [2.0, 3.0)
+        t = k * NS // 10
+        emu.set_clock(t)
+        if k == 30:
+            pol.value = 1.0                     # the model now wants a jump of 1.0
+        if not 20 <= k < 30:
+            emu.on_image("cam", t, IMAGE, _image_msg())
+        rec, key, _ = emu.tick()
+        keys.append(key)
+        late = emu.complete() if emu.inflight is not None else None
+        for r in (rec, late):
+            if r is not None:
+                out.append((k, r.actions))
+    assert "stale" in keys                      # the gap gated ticks
+    before = [a for k, a in out if k < 20]
+    after = [a for k, a in out if k >= 30]
+    assert before and after and np.allclose(before[-1], 0.0)
+    assert np.all(after[0][0] <= 0.1 + 1e-6)    # limited relative to the last action before the gap
+    steps = np.diff(np.concatenate([before[-1][:1], after[0]]), axis=0)
+    assert np.all(np.abs(steps) <= 0.1 + 1e-6)
+    assert np.isclose(after[-1][-1], 1.0).all()  # and it still gets there
+
+
 def test_replan_request_time_and_pending_switch():
     ex = ChunkExecutor(T, A, DT, replan_every=5)
     assert ex.needs_replan(0.0)
@@ -308,6 +349,20 @@ def test_cross_checks_against_the_checkpoint():
     with pytest.raises(ParameterError, match="lower > upper"):
         p.check_against_policy(10, 7)
     NodeParams.from_mapping({"action_lower_bounds": [-1.0] * 7, "max_action_delta": [0.5]}).check_against_policy(10, 7)
+    # an infinite bound on the wrong side: no finite action could ever be published
+    for bounds in ({"action_lower_bounds": [math.inf]}, {"action_upper_bounds": [-math.inf]}):
+        with pytest.raises(ParameterError, match="no finite action"):
+            NodeParams.from_mapping(bounds).check_against_policy(10, 7)
+    # the state: joint names must match state_dim (per field), position_velocity needs an even state_dim
+    p = NodeParams.from_mapping({"state_joint_names": ["a", "b"]})
+    p.check_against_policy(10, 7, 2)
+    p.check_against_policy(10, 7, 0)                      # no state: the names are not used
+    with pytest.raises(ParameterError, match="has 2 names.*needs 3"):
+        p.check_against_policy(10, 7, 3)
+    p = NodeParams.from_mapping({"state_joint_names": ["a", "b"], "state_field": "position_velocity"})
+    p.check_against_policy(10, 7, 4)
+    with pytest.raises(ParameterError, match="even state_dim"):
+        p.check_against_policy(10, 7, 3)
     assert validate("state_joint_names", None) == [""]   # `[]` in a params file arrives as "not set"
 
 

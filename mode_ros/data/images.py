@@ -32,7 +32,7 @@ __all__ = [
 class ImageDecodeError(ValueError):
     """An image payload cannot be converted; the message names the problem and ``reason`` is a short
     code for counting (unknown_encoding, zero_size, step_too_small, data_too_short, bad_data,
-    corrupt_compressed)."""
+    corrupt_compressed, too_large)."""
 
     def __init__(self, message: str, reason: str = "bad_data"):
         super().__init__(message)
@@ -167,6 +167,9 @@ def _open_compressed(fmt: str, data: Any):
     off = _png_offset(raw) if "compresseddepth" in str(fmt).lower() else 0
     try:
         return Image.open(io.BytesIO(raw[off:] if off else raw))
+    except Image.DecompressionBombError as exc:   # an Exception, not an OSError: would escape
+        raise ImageDecodeError(f"compressed image ({fmt!r}, {len(raw)} bytes) is too large to decode: {exc}",
+                              "too_large") from None
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         why = re.sub(r" <_io\.BytesIO object at 0x[0-9a-f]+>", "", str(exc))
         raise ImageDecodeError(f"cannot decode compressed image (format {fmt!r}, {len(raw)} bytes): {why}",
@@ -186,6 +189,8 @@ def decode_compressed(format: str, data: Any, *, scale16: float | None = None) -
     """Decode a ``sensor_msgs/CompressedImage`` payload (JPEG or PNG, incl. 16-bit/compressedDepth
     PNG) to ``HxWx3 uint8`` RGB. The codec is sniffed from the data; ``format`` is used in messages
     and to spot ``compressedDepth``. Truncated or corrupt data raises :class:`ImageDecodeError`."""
+    from PIL import Image
+
     img = _open_compressed(format, data)
     try:
         img.load()
@@ -198,7 +203,7 @@ def decode_compressed(format: str, data: Any, *, scale16: float | None = None) -
         if mode != "RGB":
             img = img.convert("RGB")
         out = np.asarray(img)
-    except (OSError, ValueError, SyntaxError) as exc:
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise ImageDecodeError(f"cannot decode compressed image (format {format!r}): {exc}",
                               "corrupt_compressed") from None
     if out.ndim != 3 or out.shape[2] != 3 or out.shape[0] == 0 or out.shape[1] == 0:

@@ -107,7 +107,9 @@ PARAMS: tuple[ParamSpec, ...] = (
               "[.inf] = unbounded."),
     ParamSpec("max_action_delta", "double_array", [math.inf],
               "Per-dimension rate limit: largest change between consecutive actions (per tick); "
-              "one value applies to all dimensions; [.inf] = no limit."),
+              "one value applies to all dimensions; [.inf] = no limit. The last published action is "
+              "kept through ticks that publish nothing (the first action after a gap is limited "
+              "relative to it) and forgotten on activate and on ~/enable false."),
     ParamSpec("action_frame_id", "string", "",
               "header.frame_id of the published ActionChunk / JointTrajectory."),
     ParamSpec("state_joint_names", "string_array", [""],
@@ -248,7 +250,7 @@ class NodeParams:
             out[spec.name] = validate(spec.name, values.get(spec.name, spec.default))
         return cls(**out)
 
-    def check_against_policy(self, chunk_size: int, action_dim: int) -> None:
+    def check_against_policy(self, chunk_size: int, action_dim: int, state_dim: int = 0) -> None:
         """Cross-checks that need the loaded checkpoint (raises ParameterError)."""
         if self.replan_every > chunk_size:
             raise ParameterError(f"replan_every: {self.replan_every} > chunk_size {chunk_size} of the checkpoint")
@@ -261,6 +263,20 @@ class NodeParams:
         bad = [i for i in range(action_dim) if not lo[i] <= hi[i]]
         if bad:
             raise ParameterError(f"action_lower_bounds: lower > upper bound in dimension(s) {bad}")
+        # an infinite bound on the wrong side leaves no finite action to publish
+        bad = [i for i in range(action_dim) if lo[i] == math.inf or hi[i] == -math.inf]
+        if bad:
+            raise ParameterError(f"action_lower_bounds / action_upper_bounds: .inf lower or -.inf upper bound in "
+                                 f"dimension(s) {bad} (no finite action is within them)")
+        if state_dim > 0:
+            per = state_dim // (2 if self.state_field == "position_velocity" else 1)
+            if self.state_field == "position_velocity" and state_dim % 2:
+                raise ParameterError(f"state_field: position_velocity needs an even state_dim, the checkpoint's "
+                                     f"is {state_dim}")
+            names = [n for n in self.state_joint_names if n]
+            if names and len(names) != per:
+                raise ParameterError(f"state_joint_names: has {len(names)} names, the checkpoint's state_dim "
+                                     f"{state_dim} ({self.state_field}) needs {per}")
         if any(d <= 0 for d in self.max_action_delta):
             raise ParameterError(f"max_action_delta: values must be > 0 (use .inf for no limit), got "
                                  f"{self.max_action_delta}")

@@ -151,6 +151,7 @@ class PolicyNode(LifecycleNode):
         self._last_tick_ns = -1
         self._expected_latency = 0.0
         self._zero_stamp_warned: set[str] = set()
+        self._clock_high: float | None = None   # the latest node clock reading seen (see _check_clock)
 
         self._infer_stop = threading.Event()
         self._infer_request = threading.Event()
@@ -258,7 +259,7 @@ class PolicyNode(LifecycleNode):
             torch.set_num_threads(self.p.torch_threads)
         dtype = None if self.p.dtype == "auto" else self.p.dtype
         policy = MoDEPolicy.from_pretrained(self.p.checkpoint, device=self.p.device, dtype=dtype)
-        self.p.check_against_policy(policy.chunk_size, policy.action_dim)
+        self.p.check_against_policy(policy.chunk_size, policy.action_dim, policy.state_dim)
         self.policy = policy
         mode = self.p.fast_inference
         if mode == "auto":
@@ -311,6 +312,7 @@ class PolicyNode(LifecycleNode):
             self._entities.append(self.create_subscription(JointState, "~/joint_states", self._on_joint_state,
                                                            qos_profile_sensor_data))
         self._infer_stop.clear()
+        self._inflight = False   # a request cut short by the last cleanup must not block this run
         self._infer_thread = threading.Thread(target=self._inference_loop, name="mode_ros_inference",
                                               daemon=True)
         self._infer_thread.start()
@@ -378,6 +380,7 @@ class PolicyNode(LifecycleNode):
         self.buffers = {}
         self.state = None
         self._state_prev_stamp = None
+        self._inflight = False
         self.policy = None
         self.executor_ = None
         self.safety = None
@@ -394,6 +397,7 @@ class PolicyNode(LifecycleNode):
         rejected."""
         now = self.get_clock().now()
         recv = now.nanoseconds * 1e-9
+        self._check_clock(recv)
         t = stamp_to_sec(header.stamp)
         if t == 0.0:
             if key not in self._zero_stamp_warned:
@@ -406,6 +410,27 @@ class PolicyNode(LifecycleNode):
                                                 f"(clock mismatch? use_sim_time?)")
             return None
         return t, header.stamp, recv
+
+    def _check_clock(self, now: float) -> None:
+        """The node's clock went back by more than a control period (a simulator reset, a bag played
+        again with use_sim_time): every buffered input belongs to the old timeline (its stamps would
+        look fresh for as long as the jump) — drop them, the state and the plan, and log it."""
+        with self.lock:
+            high = self._clock_high
+            self._clock_high = now if high is None else max(high, now)
+            if high is None or high - now <= 1.0 / self.p.control_rate_hz:
+                return
+            self._clock_high = now
+            for b in self.buffers.values():
+                b.clear()
+            self.state = None
+            self._state_prev_stamp = None
+            if self.executor_ is not None:
+                self.executor_.reset()
+            self._unserved = None
+        self.counters.inc("clock_jumps_back")
+        self.get_logger().warning(f"clock jumped back {high - now:.3f} s (to {now:.3f} s): buffered images, "
+                                  "state and plan dropped")
 
     def _on_image(self, cam: str, msg: Image) -> None:
         from mode_ros.data.images import ImageDecodeError, decode_image
@@ -466,12 +491,22 @@ class PolicyNode(LifecycleNode):
             self._reject("joint_states", f"joint_states rejected: state has {vec.size} values, the checkpoint "
                                          f"needs {n}")
             return
-        if not np.isfinite(vec).all():
-            self._reject("joint_states", "joint_states rejected: contains NaN or Inf")
+        with np.errstate(over="ignore"):
+            vec32 = vec.astype(np.float32)
+        if not np.isfinite(vec32).all():
+            self._reject("joint_states", "joint_states rejected: contains NaN or Inf (or a value beyond float32)")
             return
         with self.lock:
-            self._state_prev_stamp = None if self.state is None else self.state[0]
-            self.state = (st[0], vec.astype(np.float32), st[2])
+            if self.state is not None and st[0] < self.state[0]:
+                newest = self.state[0]
+            else:
+                newest = None
+                self._state_prev_stamp = None if self.state is None else self.state[0]
+                self.state = (st[0], vec32, st[2])
+        if newest is not None:
+            self._reject("joint_states", f"joint_states rejected: stamp {st[0]:.3f} s is older than the newest "
+                                         f"state ({newest:.3f} s): out of order")
+            return
         self._kick_unserved()
 
     def _on_goal(self, msg: String) -> None:
@@ -535,6 +570,7 @@ class PolicyNode(LifecycleNode):
         # (as received by then) for the newest grid point not after now, as if on time. If that point
         # was handled already (two late callbacks), the second one is merged below.
         now_t = self.get_clock().now()
+        self._check_clock(now_t.nanoseconds * 1e-9)
         if info is not None:
             sched = info.expected_call_time.nanoseconds
             late = now_t.nanoseconds - sched
@@ -558,8 +594,9 @@ class PolicyNode(LifecycleNode):
                 return
             gate = self._gate(now)
             if gate is not None:
+                # the plan is dropped; the rate limiter keeps the last action the robot received, so the
+                # first action after the gap is limited relative to it (reset only on activate/disable)
                 self.executor_.reset()
-                self.safety.reset()
                 self._suppress(*gate, level="info" if gate[0] in ("disabled", "no_goal") else "warning")
                 if self.p.serve_late_ticks and gate[0] != "disabled":
                     self._unserved = (now_t, False)

@@ -523,8 +523,10 @@ class Session:
         return self.writer
 
     def close_writer(self):
-        if self.writer is not None:
-            self.writer.__exit__(None, None, None)
+        """Finish OUT/chunks (idempotent; also on an error path, so what was recorded stays readable)."""
+        writer, self.writer = self.writer, None
+        if writer is not None:
+            writer.__exit__(None, None, None)
 
 
 def _make_scorer(sess: Session):
@@ -603,6 +605,10 @@ def run_replay(opts: ReplayOptions) -> dict:
     except ReplayError as exc:
         _write_error_report(opts, str(exc))
         raise
+    except BaseException as exc:   # Ctrl-C, out of memory, a bug: say so in OUT, keep what was recorded
+        _write_error_report(opts, f"replay stopped: {type(exc).__name__}: {exc} (the chunks published until "
+                                  f"then are in {Path(opts.out) / 'chunks'})")
+        raise
     finally:
         bag.close()
 
@@ -641,18 +647,16 @@ def _run_bag(opts: ReplayOptions, bag, values: dict, ckpt) -> dict:
     except ParameterError as exc:
         raise ReplayError(f"node parameter {exc}") from None
     if opts.score_chunks:
-        sess = Session(opts, bag, model, tm, tm_source, values)
-        run_score_only(sess)
+        run = run_score_only
     elif opts.offline:
-        from mode_ros.ros.replay_offline import run_offline
-
-        sess = Session(opts, bag, model, tm, tm_source, values)
-        run_offline(sess)
+        from mode_ros.ros.replay_offline import run_offline as run
     else:
-        from mode_ros.ros.replay_live import run_live
-
-        sess = Session(opts, bag, model, tm, tm_source, values)
-        run_live(sess)
+        from mode_ros.ros.replay_live import run_live as run
+    sess = Session(opts, bag, model, tm, tm_source, values)
+    try:
+        run(sess)
+    finally:
+        sess.close_writer()   # an interrupted replay keeps the chunks recorded so far (sqlite commits on close)
     return finish_report(sess)
 
 
@@ -700,6 +704,8 @@ def run_score_only(sess: Session) -> None:
                 n, a = int(m.chunk_size), int(m.action_dim)
                 acts = np.asarray(m.actions, np.float32)
                 if acts.size != n * a or n == 0:
+                    sess.problems.append(f"chunks bag: ActionChunk at t={t} has {acts.size} actions for "
+                                         f"chunk_size {n} x action_dim {a}: not scored")
                     continue
                 scorer.add(ChunkRecord(
                     stamp_ns=int(m.header.stamp.sec) * NS + int(m.header.stamp.nanosec),

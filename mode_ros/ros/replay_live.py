@@ -344,7 +344,8 @@ def _replay(sess, node, fqn, proc):
                     continue
                 n, a = int(msg.chunk_size), int(msg.action_dim)
                 acts = np.asarray(msg.actions, dtype=np.float32)
-                if acts.size != n * a:
+                if acts.size != n * a or n == 0:
+                    stats["malformed_chunks"] = stats.get("malformed_chunks", 0) + 1   # recorded, not scored
                     continue
                 st = int(msg.header.stamp.sec) * NS + int(msg.header.stamp.nanosec)
                 per = int(msg.control_period.sec) * NS + int(msg.control_period.nanosec)
@@ -507,7 +508,13 @@ def _replay(sess, node, fqn, proc):
         "chunks_received": stats["chunks"], "chunks_not_matched_to_a_tick": stats["unmatched_chunks"],
         "messages_published": stats["published_msgs"], "clock_messages": stats["clock_msgs"],
         "max_lateness_s": round(stats["late_s_max"], 4),
+        "chunks_undecodable": stats.get("undecodable_chunks", 0), "chunks_malformed": stats.get("malformed_chunks", 0),
     }
+    for key, what in (("undecodable_chunks", "could not be decoded"),
+                      ("malformed_chunks", "have an actions array that does not match chunk_size x action_dim")):
+        if stats.get(key):
+            sess.problems.append(f"{stats[key]} ActionChunk message(s) from the node {what}: recorded in "
+                                 "OUT/chunks, not scored")
     if diag_last:
         keep = ("ticks_published", "ticks_suppressed", "stale", "inferences", "inference_failures", "dropped_results",
                 "rejected", "images_received", "inference_latency_median_ms", "inference_latency_p99_ms",

@@ -61,6 +61,7 @@ class NodeEmulator:
 
     def __init__(self, p: NodeParams, camera_names, state_dim: int, chunk_size: int, action_dim: int,
                  policy=None, latency: float | None = None, rate: float = 1.0, initial_latency: float = 0.0):
+        p.check_against_policy(chunk_size, action_dim, state_dim)   # as the node's configure
         self.p = p
         self.policy = policy
         self.state_dim = int(state_dim)
@@ -147,10 +148,12 @@ class NodeEmulator:
         if vec.shape != (self.state_dim,):
             self.counters["rejected.joint_states"] += 1
             return
-        if not np.isfinite(vec).all():
-            self.counters["rejected.joint_states"] += 1
+        with np.errstate(over="ignore"):
+            vec32 = vec.astype(np.float32)
+        if not np.isfinite(vec32).all() or (self.state is not None and st[0] < self.state[0]):
+            self.counters["rejected.joint_states"] += 1   # non-finite (in float32) or out of order
             return
-        self.state = (st[0], vec.astype(np.float32))
+        self.state = (st[0], vec32)
         self._kick()
 
     # ---- the control tick (PolicyNode._gate / _on_tick) ------------------------------------------------
@@ -170,8 +173,7 @@ class NodeEmulator:
         self.unserved = None
         gate = self.gate(now)
         if gate is not None:
-            self.executor_.reset()
-            self.safety.reset()
+            self.executor_.reset()   # the rate limiter keeps the last action (as the node)
             if self.p.serve_late_ticks and gate[0] != "disabled":
                 self.unserved = (self.clock_ns, False)
             return self._suppress(*gate)

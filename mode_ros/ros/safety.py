@@ -47,7 +47,10 @@ class ActionSafety:
         self.last: np.ndarray | None = None  # action executed at the previous tick
 
     def reset(self) -> None:
-        """Forget the previous action (after a pause the rate limit restarts from the first new action)."""
+        """Forget the previous action: the rate limit restarts from the first new action. The node does
+        this on activation and when disabled (~/enable false: the operator took over); a tick that
+        publishes nothing (stale input, no goal) keeps it, so the first action after such a gap is
+        limited relative to the last one the robot received."""
         self.last = None
 
     @staticmethod
