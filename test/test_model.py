@@ -440,7 +440,7 @@ def test_policy_weight_quant_option(caplog):
     assert state["weight_quant"] == "none" and "needs a CUDA device" in caplog.text   # CPU: fp8 refused, logged
     state = pol.enable_fast(fused=True, weight_quant="int8")
     assert state == {"fused": True, "compiled": False, "graph": False, "weight_quant": "int8",
-                     "attention": "sdpa", "gemm": "torch"}
+                     "attention": "sdpa", "gemm": "torch", "pdl": False}
     b = pol.predict_chunk(imgs, "go", seed=1)
     assert b.shape == a.shape and np.isfinite(b).all()
     assert 0 < np.abs(b - a).max() < 1e-2 * max(1.0, np.abs(a).max())

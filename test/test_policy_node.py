@@ -136,7 +136,7 @@ def rig(ckpt, ros_harness, start_module_node, tmp_path_factory):
                 "max_observation_age": MAX_AGE, "action_lower_bounds": [LOW], "action_upper_bounds": [HIGH],
                 "publish_joint_trajectory": True, "log_throttle_period": 0.5,
                 "state_joint_names": ["j0", "j1", "j2"], "torch_threads": 1,
-                "gpu_kernels": "triton"})   # no CUDA here: falls back to the PyTorch kernels, logged
+                "gpu_kernels": "triton_pdl"})   # no CUDA here: falls back to the PyTorch kernels, logged
     node.wait_for_output("active: publishing", timeout=180)
     h.wait_for_publishers(chunks, 1)
 
@@ -293,11 +293,12 @@ def test_lifecycle_transitions(rig):
 
 
 def test_gpu_kernels_fall_back_with_reason_on_cpu(rig):
-    """gpu_kernels: triton on a CPU: the node runs the fused sampler with the PyTorch kernels and says
-    why (the chunks of the whole module are checked by the rig: shape, finite, in bounds)."""
+    """gpu_kernels: triton_pdl on a CPU: the node runs the fused sampler with the PyTorch kernels and
+    says why (the chunks of the whole module are checked by the rig: shape, finite, in bounds)."""
     out = rig.node.output()
     assert "need a CUDA device" in out and "using the PyTorch kernels" in out
-    assert "'gemm': 'torch'" in out and "'fused': True" in out
+    assert "pdl (programmatic dependent launch)" in out
+    assert "'gemm': 'torch'" in out and "'fused': True" in out and "'pdl': False" in out
 
 
 def test_invalid_parameter_refused_with_its_name(rig):

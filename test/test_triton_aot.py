@@ -90,3 +90,37 @@ def test_tuning_candidates_fit_an_h100():
                      torch.ones(2, dtype=torch.bfloat16), dict(biggest))
         a = ta.analyse(rec.launches[-1]["kernel"], 90)
     assert a["shared_bytes"] <= ta.SM_LIMITS[90][1] and a["blocks_per_sm"] >= 1, a
+
+
+def test_pdl_kernels_wait_on_the_device_and_prefetch_their_weights(tiny_rows):
+    """With programmatic dependent launch every kernel of the chain is launched with the attribute and
+    starts with griddepcontrol.wait (so it may be scheduled early and still reads only finished
+    results); the GEMMs first ask for their weight strip in L2. Same launches, no spills."""
+    rows = ta.step_binaries("tiny", "bf16", "int8", batch=2, candidates=False, pdl=True)
+    assert rows and not [r for r in rows if "failed" in r]
+    plain = {r["kernel_name"]: r for r in tiny_rows["int8"]}
+    for r in rows:
+        assert r["pdl"] and r["launch_pdl"] and r["pdl_wait"] == 1 and r["spill_bytes"] == 0, r
+        want_prefetch = r["kernel_name"] in ("linear_partials", "swiglu_up")
+        assert (r["l2_prefetches"] > 0) == want_prefetch, r
+    for r in tiny_rows["int8"]:
+        assert not r["launch_pdl"] and r["pdl_wait"] == 0 and r["l2_prefetches"] == 0, r
+    count = lambda rs: sorted((r["kernel_name"], r["launches_per_chunk"]) for r in rs)  # noqa: E731
+    assert count(rows) == count(tiny_rows["int8"]) and set(plain) == {r["kernel_name"] for r in rows}
+    assert not tk.pdl_enabled()                     # compile_only restored the launch option
+
+
+def test_pdl_is_refused_where_it_cannot_run():
+    from mode_ros.model.fast import FusedSampler
+    from mode_ros.model.policy import MoDEPolicy
+    pol = MoDEPolicy(preset("tiny")).eval()
+    assert "CUDA" in tk.pdl_unavailable_reason("cpu")
+    with pytest.raises(ValueError, match="CUDA device"):
+        FusedSampler(pol.sampler, attention="triton", gemm="triton", pdl=True)
+    with ta.compile_only(80):                        # an A100 has no grid dependency control
+        with pytest.raises(ValueError, match="sm_90"):
+            FusedSampler(pol.sampler, attention="triton", gemm="triton", pdl=True)
+    with ta.compile_only(90):
+        with pytest.raises(ValueError, match="all-Triton step"):
+            FusedSampler(pol.sampler, attention="triton", gemm="torch", pdl=True)
+        assert FusedSampler(pol.sampler, attention="triton", gemm="triton", pdl=True).pdl

@@ -118,6 +118,12 @@ def test_triton_options_need_cuda_outside_the_interpreter(caplog):
         state = pol.enable_fast(fused=True, attention="triton", gemm="triton", logger=logging.getLogger("t"))
     assert state["fused"] and (state["attention"], state["gemm"]) == ("sdpa", "torch")
     assert "CUDA device" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        state = pol.enable_fast(fused=True, attention="triton", gemm="triton", pdl=True,
+                                logger=logging.getLogger("t"))
+    assert state["fused"] and not state["pdl"] and state["gemm"] == "torch"
+    assert "pdl (programmatic dependent launch)" in caplog.text
 
 
 def test_launch_configuration_tuning(interp):

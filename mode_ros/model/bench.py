@@ -59,10 +59,10 @@ def copy_bandwidth(dev) -> float | None:
 
 def bench_preset(name: str, device: str, dtypes: list[str], paths: list[str], batches: list[int],
                  runs: int = 50, warmup: int = 5, steps: int = 10, log=print,
-                 attention: str | None = None, gemm: str = "torch") -> list[dict]:
+                 attention: str | None = None, gemm: str = "torch", pdl: bool = False) -> list[dict]:
     """``attention``: the fused paths' attention kernel (``mode_ros.model.fast.ATTENTION``; default
-    the fused sampler's own choice), ``gemm``: their GEMM kernels (``fast.GEMM``); both recorded in
-    every row."""
+    the fused sampler's own choice), ``gemm``: their GEMM kernels (``fast.GEMM``), ``pdl``: with both
+    Triton, programmatic dependent launch; all recorded in every row."""
     from .policy import MoDEPolicy
 
     dev = torch.device(device)
@@ -117,10 +117,11 @@ def bench_preset(name: str, device: str, dtypes: list[str], paths: list[str], ba
                     policy.fused = None
                     try:
                         if path in ("fused", "fused-graph", "int8", "fp8"):
-                            policy.enable_fast(fused=True, weight_quant=quant, attention=attention, gemm=gemm)
+                            policy.enable_fast(fused=True, weight_quant=quant, attention=attention, gemm=gemm,
+                                               pdl=pdl)
                         elif path in ("compiled-graph", "int8-graph", "fp8-graph"):
                             policy.enable_fast(fused=True, compile=True, weight_quant=quant, attention=attention,
-                                               gemm=gemm)
+                                               gemm=gemm, pdl=pdl)
                         if quant != "none" and (policy.fused is None or policy.fused.weight_quant != quant):
                             raise RuntimeError(f"weight_quant {quant} unavailable")
                         if path in ("cached", "dense", "fused", "int8", "fp8"):
@@ -169,6 +170,7 @@ def bench_preset(name: str, device: str, dtypes: list[str], paths: list[str], ba
                            "weight_quant": quant, "max_abs_diff_vs_fp32": diff, "same_routing_as_fp32": same_routing,
                            "attention": policy.fused.attention if policy.fused is not None else None,
                            "gemm": policy.fused.gemm if policy.fused is not None else None,
+                           "pdl": policy.fused.pdl if policy.fused is not None else False,
                            "compile_mode": policy.fused.compile_mode if policy.fused is not None else None}
                     rows.append(row)
                     log(f"  {name:>12} {dtype:>4} {path:>9} b={b:<3} median {med:8.2f} ms  p95 {row['p95_ms']:8.2f} ms"
@@ -182,7 +184,8 @@ def bench_preset(name: str, device: str, dtypes: list[str], paths: list[str], ba
 
 
 MAX_AUTOTUNE = "max-autotune-no-cudagraphs"
-# (attention, Inductor compile mode, expert weights[, gemm kernels]) of ``step_variants``' default list
+# (attention, Inductor compile mode, expert weights[, gemm kernels[, programmatic dependent launch]]) of
+# ``step_variants``' default list (indices are used by scripts/gpu_measure.py --variants: append only)
 STEP_VARIANTS = [("matmul", None, "none"),
                  # the all-Triton layer chain, not compiled (quick to build: first, so a short GPU call has them)
                  ("triton", "eager", "none", "triton"), ("triton", "eager", "int8", "triton"),
@@ -193,7 +196,10 @@ STEP_VARIANTS = [("matmul", None, "none"),
                  ("elementwise", MAX_AUTOTUNE, "fp8"),
                  # compiled mixes: Triton attention with cuBLAS GEMMs, PyTorch attention with Triton GEMMs
                  # (the all-Triton step is never compiled: FusedSampler.compile_skipped)
-                 ("triton", None, "none"), ("matmul", None, "none", "triton")]
+                 ("triton", None, "none"), ("matmul", None, "none", "triton"),
+                 # the all-Triton step with programmatic dependent launch + L2 prefetch of the weights (sm_90+)
+                 ("triton", "eager", "none", "triton", True), ("triton", "eager", "int8", "triton", True),
+                 ("triton", "eager", "fp8", "triton", True)]
 
 
 def step_variants(name: str, device: str, dtype: str = "bf16", variants=None, runs: int = 100, warmup: int = 5,
@@ -227,14 +233,16 @@ def step_variants(name: str, device: str, dtype: str = "bf16", variants=None, ru
     for variant in (STEP_VARIANTS if variants is None else variants):
         att, mode, quant = variant[:3]
         gemm = variant[3] if len(variant) > 3 else "torch"
+        pdl = bool(variant[4]) if len(variant) > 4 else False
         t0 = time.time()
         row = {"preset": name, "device": str(dev), "dtype": dtype, "attention": att, "compile_mode": mode,
-               "weight_quant": quant, "gemm": gemm}
+               "weight_quant": quant, "gemm": gemm, "pdl": pdl}
         try:
             pol._graph = None
             eager = mode == "eager"   # not compiled: the fused layers run as they are (graph on CUDA)
             pol.fused = FusedSampler(pol.sampler, compile=not eager, attention=att,
-                                     compile_mode=None if eager else mode, weight_quant=quant, gemm=gemm)
+                                     compile_mode=None if eager else mode, weight_quant=quant, gemm=gemm,
+                                     pdl=pdl)
             pol.fused.build()
             if dev.type == "cuda":
                 graph = ChunkGraph(pol, 1)
@@ -465,7 +473,8 @@ def target_summary(rows: list[dict], baseline_ms: float) -> tuple[list[dict], st
         enc = r.get("encoders_ms") or 0.0
         den = r["median_ms"] - enc
         sp = baseline_ms / r["median_ms"]
-        out.append({"variant": "/".join(str(r.get(k)) for k in ("attention", "compile_mode", "weight_quant", "gemm")),
+        out.append({"variant": "/".join(str(r.get(k)) for k in ("attention", "compile_mode", "weight_quant", "gemm"))
+                    + ("/pdl" if r.get("pdl") else ""),
                     "chunk_ms": r["median_ms"], "encoders_ms": enc, "denoiser_ms": den, "speedup": sp,
                     "max_abs_diff_vs_fp32": r.get("max_abs_diff_vs_fp32"),
                     "same_routing": r.get("same_routing_as_fp32"),

@@ -31,6 +31,9 @@ def register(sub) -> None:
     p.add_argument("--gemm", default="torch", choices=("torch", "triton"),
                    help="GEMM kernels of the fused paths: cuBLAS/Inductor, or this package's small-M Triton "
                         "kernels (split-K projections, experts' up-projection with SwiGLU fused; CUDA only)")
+    p.add_argument("--pdl", action="store_true",
+                   help="with --attention triton --gemm triton (CUDA sm_90+): programmatic dependent launch, each "
+                        "kernel scheduled while the previous one runs, its weights prefetched into L2 meanwhile")
     p.add_argument("--kernels", action="store_true",
                    help="instead of whole chunks: one layer-step's kernels (QKV, proj, up+SwiGLU, down, attention; "
                         "bf16/int8/fp8 weights), PyTorch vs the Triton kernels over launch configurations, timed "
@@ -114,7 +117,8 @@ def cmd_bench(args) -> int:
         print(f"[bench] {name} on {device}", file=sys.stderr)
         rows += bench_preset(name, device, dtypes, args.paths.split(","), [int(b) for b in args.batches.split(",")],
                              runs=args.runs, warmup=args.warmup, steps=args.steps,
-                             log=lambda m: print(m, file=sys.stderr), attention=args.attention, gemm=args.gemm)
+                             log=lambda m: print(m, file=sys.stderr), attention=args.attention, gemm=args.gemm,
+                             pdl=args.pdl)
     meta = {"device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
             "torch": torch.__version__, "threads": torch.get_num_threads()}
     print(table(rows))
@@ -166,8 +170,9 @@ def _bench_aot(args, dtypes: list[str]) -> int:
             for q in args.weight_quants.split(","):
                 for b in (int(x) for x in args.batches.split(",")):
                     print(f"[bench --aot] {name} {dt} experts {q} batch {b} for sm_{args.arch}", file=sys.stderr)
-                    rows += step_binaries(name, dt, q, b, arch=args.arch, log=lambda m: print(m, file=sys.stderr))
-    meta = {"arch": f"sm_{args.arch}", "triton": triton.__version__}
+                    rows += step_binaries(name, dt, q, b, arch=args.arch, log=lambda m: print(m, file=sys.stderr),
+                                          pdl=args.pdl)
+    meta = {"arch": f"sm_{args.arch}", "triton": triton.__version__, "pdl": args.pdl}
     txt = aot_table(rows)
     print(txt)
     failed = [r for r in rows if "failed" in r]

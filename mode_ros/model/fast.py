@@ -172,7 +172,7 @@ class FusedSampler:
 
     def __init__(self, cached: CachedSampler, compile: bool = False, whole_step: bool | None = None,
                  weight_quant: str = "none", attention: str | None = None, compile_mode: str | None = None,
-                 gemm: str = "torch", autotune: bool | None = None):
+                 gemm: str = "torch", autotune: bool | None = None, pdl: bool = False):
         if weight_quant not in WEIGHT_QUANT:
             raise ValueError(f"weight_quant: {weight_quant!r} is not one of {WEIGHT_QUANT}")
         if attention is not None and attention not in ATTENTION:
@@ -184,6 +184,14 @@ class FusedSampler:
             reason = tk.unavailable_reason(dev)
             if reason is not None:
                 raise ValueError(f"attention={attention!r} / gemm={gemm!r}: {reason}")
+        if pdl:
+            if not (gemm == "triton" and attention == "triton"):
+                raise ValueError("pdl: programmatic dependent launch is for the all-Triton step "
+                                 "(attention='triton', gemm='triton')")
+            reason = tk.pdl_unavailable_reason(dev)
+            if reason is not None:
+                raise ValueError(f"pdl: {reason}")
+        self.pdl = bool(pdl)
         self.gemm = gemm
         # time the Triton GEMMs' launch configurations on the device at build (default: on CUDA)
         self.autotune = (gemm == "triton" and dev.type == "cuda") if autotune is None else autotune
@@ -349,6 +357,8 @@ class FusedSampler:
         cfg = net.cfg
         start = cfg.goal_seq_len + cfg.obs_seq_len - 1
         pos = net.pos_emb[:, start: start + net.chunk_size]
+        if self.gemm == "triton":
+            tk.set_pdl(self.pdl)   # module-wide launch option: set by the sampler that launches
         for i in range(len(t.indices)):
             layers = []
             for l, L in enumerate(self.layers):

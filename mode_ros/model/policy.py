@@ -176,13 +176,14 @@ class MoDEPolicy(nn.Module):
         return self
 
     def enable_fast(self, fused: bool = True, compile: bool = False, graph: bool = False, logger=None,
-                    weight_quant: str = "none", attention: str | None = None, gemm: str = "torch") -> dict:
+                    weight_quant: str = "none", attention: str | None = None, gemm: str = "torch",
+                    pdl: bool = False) -> dict:
         """Inference speed-ups: fused QKV/expert kernels, torch.compile of the layer, whole-chunk
         CUDA graph, weight-only int8/fp8 experts (``weight_quant``; needs the fused sampler), the fused
         sampler's attention formulation (``attention``: sdpa / matmul / elementwise / triton, default
-        by ``compile``) and GEMM kernels (``gemm``: torch / triton). Each falls back with a logged
-        reason, except an unknown ``weight_quant``, ``attention`` or ``gemm`` (ValueError). Returns
-        what is active."""
+        by ``compile``) and GEMM kernels (``gemm``: torch / triton), and with both Triton, programmatic
+        dependent launch (``pdl``, sm_90+). Each falls back with a logged reason, except an unknown
+        ``weight_quant``, ``attention`` or ``gemm`` (ValueError). Returns what is active."""
         from . import triton_kernels as tk
         from .fast import ATTENTION, GEMM, WEIGHT_QUANT, FusedSampler
         if weight_quant not in WEIGHT_QUANT:
@@ -192,7 +193,7 @@ class MoDEPolicy(nn.Module):
         if gemm not in GEMM:
             raise ValueError(f"gemm: {gemm!r} is not one of {GEMM}")
         state = {"fused": False, "compiled": False, "graph": False, "weight_quant": "none",
-                 "attention": None, "gemm": None}
+                 "attention": None, "gemm": None, "pdl": False}
         self.eval()
         reason = tk.unavailable_reason(self.device) if "triton" in (attention, gemm) else None
         if reason is not None:
@@ -200,6 +201,13 @@ class MoDEPolicy(nn.Module):
                 logger.warning("attention=%s gemm=%s: %s; using the PyTorch kernels", attention, gemm, reason)
             attention = None if attention == "triton" else attention
             gemm = "torch"
+        if pdl:
+            why = ("needs attention='triton' and gemm='triton'" if (attention, gemm) != ("triton", "triton")
+                   else tk.pdl_unavailable_reason(self.device))
+            if why is not None:
+                if logger:
+                    logger.warning("pdl (programmatic dependent launch): %s; launching normally", why)
+                pdl = False
         if weight_quant == "fp8" and self.device.type != "cuda":
             if logger:
                 logger.warning("weight_quant fp8: needs a CUDA device (a CPU has no fp8 matmul; widening "
@@ -209,12 +217,12 @@ class MoDEPolicy(nn.Module):
         if fused or compile or weight_quant != "none":
             try:
                 self.fused = FusedSampler(self.sampler, compile=compile, weight_quant=weight_quant,
-                                          attention=attention, gemm=gemm)
+                                          attention=attention, gemm=gemm, pdl=pdl)
                 self.fused.build()
                 state["fused"], state["compiled"], state["weight_quant"] = True, self.fused.compile, weight_quant
                 if self.fused.compile_skipped and logger:
                     logger.info("torch.compile skipped: %s", self.fused.compile_skipped)
-                state["attention"], state["gemm"] = self.fused.attention, self.fused.gemm
+                state["attention"], state["gemm"], state["pdl"] = self.fused.attention, self.fused.gemm, self.fused.pdl
             except Exception as exc:  # noqa: BLE001
                 self.fused = None
                 if logger:

@@ -109,7 +109,7 @@ def compile_only(arch: int = 90, sms: int | None = None):
                              "compile_s": time.perf_counter() - t0, "kernel": kernel})
         return kernel
 
-    saved_active = driver._active
+    saved_active, saved_pdl = driver._active, tk.pdl_enabled()
     driver.set_active(_TargetDriver(arch))
     JITFunction.run = compile_launch
     tk._COMPILE_ONLY.update({"sms": sms or DEFAULT_SMS.get(arch, 132), "arch": arch})
@@ -119,6 +119,7 @@ def compile_only(arch: int = 90, sms: int | None = None):
         JITFunction.run = run
         driver._active = saved_active
         tk._COMPILE_ONLY.clear()
+        tk.set_pdl(saved_pdl)
         for fn in used:      # their per-device caches were built for the stand-in target
             fn.device_caches.clear()
 
@@ -177,7 +178,10 @@ def analyse(kernel, arch: int = 90) -> dict:
     threads = 32 * warps
     blocks = min(bmax, tmax // threads, rmax // max(1, regs * threads),
                  smax // smem if smem else bmax)
-    return {"regs": regs, "spill_bytes": local, "stack_bytes": stack, "shared_bytes": smem,
+    ptx = kernel.asm.get("ptx", "")
+    return {"pdl_wait": ptx.count("griddepcontrol.wait"), "l2_prefetches": ptx.count("prefetch.global.L2"),
+            "launch_pdl": bool(getattr(md, "launch_pdl", False)),
+            "regs": regs, "spill_bytes": local, "stack_bytes": stack, "shared_bytes": smem,
             "num_warps": warps, "num_stages": int(getattr(md, "num_stages", 0)),
             "global_loads": dict(sorted(loads.items())), "vector16_load_fraction": (ldg[16] / n_loads) if n_loads else None,
             "blocks_per_sm": blocks, "sass_instructions": sum(1 for line in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4}\*/", line))}
@@ -188,13 +192,13 @@ def _tdt(dtype: str) -> torch.dtype:
 
 
 def step_binaries(name: str, dtype: str = "bf16", quant: str = "none", batch: int = 1, arch: int = 90,
-                  sms: int | None = None, candidates: bool = True, log=None) -> list[dict]:
+                  sms: int | None = None, candidates: bool = True, log=None, pdl: bool = False) -> list[dict]:
     """Compile, for ``sm_<arch>``, every Triton kernel one chunk of ``name``'s all-Triton fused sampler
     launches at ``batch`` (its 10 steps through ``FusedSampler.sample``, random weights), and with
     ``candidates`` every launch configuration the on-device tuning would try for its GEMM shapes.
     One row per distinct binary: kernel, launch (grid, blocks, warps, stages), launches per chunk,
     compile seconds and ``analyse``'s figures; a configuration that does not compile is a row with
-    ``failed``."""
+    ``failed``. ``pdl``: the kernels as launched with programmatic dependent launch."""
     from .config import preset
     from .fast import FusedSampler
     from .policy import MoDEPolicy
@@ -207,7 +211,8 @@ def step_binaries(name: str, dtype: str = "bf16", quant: str = "none", batch: in
     mc = net.cfg
     rows: list[dict] = []
     with compile_only(arch, sms) as rec:
-        fused = FusedSampler(pol.sampler, attention="triton", gemm="triton", weight_quant=quant, autotune=False)
+        fused = FusedSampler(pol.sampler, attention="triton", gemm="triton", weight_quant=quant, autotune=False,
+                             pdl=pdl)
         fused.build()
         goal = torch.zeros(batch, mc.goal_dim, dtype=tdt)
         obs = (torch.zeros(batch, mc.obs_seq_len * net.n_cameras, mc.obs_dim, dtype=tdt)
@@ -249,7 +254,7 @@ def step_binaries(name: str, dtype: str = "bf16", quant: str = "none", batch: in
     for r in rows:
         k = r.pop("kernel", None)
         row = {"preset": name, "dtype": dtype, "weight_quant": quant, "batch": batch, "arch": f"sm_{arch}",
-               **r}
+               "pdl": pdl, **r}
         if k is not None:
             try:
                 row.update(analyse(k, arch))
@@ -279,17 +284,17 @@ def _row_line(r: dict) -> str:
 
 
 def aot_table(rows: list[dict]) -> str:
-    head = ("| preset | dtype | experts | batch | kernel | role | blocks | grid | launches/chunk | regs | spill B | "
+    head = ("| preset | dtype | experts | batch | pdl | kernel | role | blocks | grid | launches/chunk | regs | spill B | "
             "smem KiB | blocks/SM | global loads by width | compile s |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         if "failed" in r:
-            lines.append(f"| {r['preset']} | {r['dtype']} | {r['weight_quant']} | {r['batch']} | {r['kernel_name']} | "
-                         f"{r['role']} | {_blocks_text(r)} | FAILED: {r['failed']} | | | | | | | |")
+            lines.append(f"| {r['preset']} | {r['dtype']} | {r['weight_quant']} | {r['batch']} | {r.get('pdl', False)} | "
+                         f"{r['kernel_name']} | {r['role']} | {_blocks_text(r)} | FAILED: {r['failed']} | | | | | | | |")
             continue
         loads = " ".join(f"{k}×{n}" for k, n in r["global_loads"].items())
-        lines.append(f"| {r['preset']} | {r['dtype']} | {r['weight_quant']} | {r['batch']} | {r['kernel_name']} | "
-                     f"{r['role']} | {_blocks_text(r)} | {r['grid']} | {r['launches_per_chunk']} | {r['regs']} | "
+        lines.append(f"| {r['preset']} | {r['dtype']} | {r['weight_quant']} | {r['batch']} | {r.get('pdl', False)} | "
+                     f"{r['kernel_name']} | {r['role']} | {_blocks_text(r)} | {r['grid']} | {r['launches_per_chunk']} | {r['regs']} | "
                      f"{r['spill_bytes']} | {r['shared_bytes'] / 1024:.1f} | {r['blocks_per_sm']} | {loads} | "
                      f"{r['compile_s']:.2f} |")
     return "\n".join(lines)

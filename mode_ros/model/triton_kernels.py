@@ -16,6 +16,10 @@ kernels cut both, per layer and step:
 * ``add_rms``: residual add of a projection's partials + RMSNorm (+ the noise token) in one kernel;
 * ``layer_chain``: all layers of a step as seven of these kernels per layer, nothing in between.
 
+Optionally (``set_pdl``, sm_90+) every kernel is launched with programmatic dependent launch: it waits
+for its predecessor on the device (``griddepcontrol.wait``) instead of behind its launch, and the GEMMs
+first prefetch their weights into L2, so launch gaps overlap useful weight traffic.
+
 Every kernel accumulates in fp32 and takes fp32, bf16 or fp16 activations; fp32 products use IEEE
 precision (no TF32). They run on CUDA and, for tests, on the CPU under Triton's interpreter
 (``TRITON_INTERPRET=1`` set before Triton is imported). Block sizes are shape heuristics for an
@@ -76,6 +80,33 @@ def _f32dot(x: torch.Tensor) -> bool:
 
 
 if triton is not None:
+    try:   # grid dependency control (programmatic dependent launch, sm_90+): Triton >= 3.2
+        from triton.language.extra.cuda import gdc_launch_dependents as _gdc_launch, gdc_wait as _gdc_wait
+    except ImportError:  # pragma: no cover - older Triton: PDL unavailable
+        _gdc_launch = _gdc_wait = None
+
+    @triton.jit
+    def _pdl_enter(PDL: tl.constexpr):
+        """With programmatic dependent launch this kernel may start while the previous one in the stream
+        still runs: wait here until it has finished (its writes visible), then let the next kernel
+        launch, so one kernel's launch and set-up overlap the previous one's work. Every read of an
+        activation and every write comes after this point; only index arithmetic precedes it."""
+        if PDL:
+            _gdc_wait()
+            _gdc_launch()
+
+    @triton.jit
+    def _prefetch_l2(ptrs):
+        """Ask for the 128-byte lines at ``ptrs`` to be brought into L2 (no registers written, no fault)."""
+        tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
+                                  is_pure=False, pack=1)
+
+    @triton.jit
+    def _prefetch_rows(w, rows, k_lo, k_hi, K, LINE: tl.constexpr):
+        """Prefetch into L2 the weights ``w[rows, k_lo:k_hi]`` (rows of length K), one line per step."""
+        for k0 in range(k_lo, k_hi, LINE):
+            _prefetch_l2(w + rows.to(tl.int64) * K + k0)
+
     @triton.jit
     def _dot_nt(a, b, F32DOT: tl.constexpr):
         """a @ b.T with fp32 accumulation: both widened to fp32 with IEEE products (F32DOT), else
@@ -89,7 +120,8 @@ if triton is not None:
     @triton.jit
     def _qkv_attention_kernel(qkv, bias, qg, kg, out, S, B, T, D, HD, eps, scale,
                               BT: tl.constexpr, BD: tl.constexpr, F32DOT: tl.constexpr,
-                              PARTIALS: tl.constexpr):
+                              PARTIALS: tl.constexpr, PDL: tl.constexpr):
+        _pdl_enter(PDL)
         b = tl.program_id(0)
         h = tl.program_id(1)
         t = tl.arange(0, BT)
@@ -140,7 +172,7 @@ if triton is not None:
     @triton.jit
     def _swiglu_up_kernel(x, w, scale, bias, gates, out, M, K, H, NE,
                           HAS_SCALE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                          F32DOT: tl.constexpr):
+                          F32DOT: tl.constexpr, PDL: tl.constexpr):
         pid_n = tl.program_id(0)
         e = tl.program_id(1)
         pid_m = tl.program_id(2)
@@ -151,6 +183,15 @@ if triton is not None:
         nm = n < H
         rv = e * 2 * H + n          # expert e's rows: [v (H rows), g (H rows)]
         rg = rv + H
+        if PDL:
+            # the weights do not depend on the previous kernel: start streaming them into L2 while it
+            # finishes (one row block per program; the first row-block program of each M block only)
+            if pid_m == 0:
+                nc = tl.minimum(n, H - 1)
+                line = 128 // w.dtype.element_ty.primitive_bitwidth * 8
+                _prefetch_rows(w, e * 2 * H + nc, 0, K, K, line)
+                _prefetch_rows(w, e * 2 * H + H + nc, 0, K, K, line)
+        _pdl_enter(PDL)
         acc_v = tl.zeros((BM, BN), dtype=tl.float32)
         acc_g = tl.zeros((BM, BN), dtype=tl.float32)
         for k0 in range(0, K, BK):
@@ -174,7 +215,7 @@ if triton is not None:
     @triton.jit
     def _linear_partials_kernel(x, w, scale, out, M, N, K, K_SPLIT,
                                 HAS_SCALE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                                BK: tl.constexpr, F32DOT: tl.constexpr):
+                                BK: tl.constexpr, F32DOT: tl.constexpr, PDL: tl.constexpr):
         pid_n = tl.program_id(0)
         pid_s = tl.program_id(1)
         pid_m = tl.program_id(2)
@@ -183,8 +224,13 @@ if triton is not None:
         kk = tl.arange(0, BK)
         mm = m < M
         nm = n < N
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
         k_lo = pid_s * K_SPLIT
+        if PDL:
+            if pid_m == 0:   # this program's weight strip into L2 while the previous kernel finishes
+                line = 128 // w.dtype.element_ty.primitive_bitwidth * 8
+                _prefetch_rows(w, tl.minimum(n, N - 1), k_lo, tl.minimum(k_lo + K_SPLIT, K), K, line)
+        _pdl_enter(PDL)
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
         for k0 in range(k_lo, k_lo + K_SPLIT, BK):
             km = ((k0 + kk) < K) & ((k0 + kk) < k_lo + K_SPLIT)
             a = tl.load(x + m[:, None] * K + k0 + kk[None, :], mask=mm[:, None] & km[None, :], other=0.0)
@@ -197,7 +243,8 @@ if triton is not None:
 
     @triton.jit
     def _add_rms_kernel(base, parts, g, c, h_out, y_out, S, M, D, eps,
-                        BD: tl.constexpr, HAS_C: tl.constexpr, WRITE_H: tl.constexpr):
+                        BD: tl.constexpr, HAS_C: tl.constexpr, WRITE_H: tl.constexpr, PDL: tl.constexpr):
+        _pdl_enter(PDL)
         r = tl.program_id(0)
         d = tl.arange(0, BD)
         dm = d < D
@@ -219,7 +266,8 @@ if triton is not None:
 
     @triton.jit
     def _step_in_kernel(x, c_in, c, ctx, action_w, pos, g, h_out, u_out, T, P, K, A, D, eps,
-                        BD: tl.constexpr, BA: tl.constexpr):
+                        BD: tl.constexpr, BA: tl.constexpr, PDL: tl.constexpr):
+        _pdl_enter(PDL)
         # one row of a step's token sequence [noise token c, P context tokens, K action tokens]:
         # the row itself (h) and its first RMSNorm + c (u)
         r = tl.program_id(0)
@@ -252,7 +300,8 @@ if triton is not None:
 
     @triton.jit
     def _step_out_kernel(y, out_w, out_b, x, c_skip, c_out, ratio, x_out, T, K, A, D,
-                         BR: tl.constexpr, BA: tl.constexpr, BD: tl.constexpr):
+                         BR: tl.constexpr, BA: tl.constexpr, BD: tl.constexpr, PDL: tl.constexpr):
+        _pdl_enter(PDL)
         # the action head on the last K rows of one batch row, the EDM output scaling and the DDIM update
         b = tl.program_id(0)
         rows = tl.arange(0, BR)
@@ -274,6 +323,47 @@ if triton is not None:
         den = tl.load(c_skip).to(tl.float32) * xv + tl.load(c_out).to(tl.float32) * f
         xn = den + tl.load(ratio).to(tl.float32) * (xv - den)
         tl.store(x_out + b * K * A + rows[:, None] * A + ka[None, :], xn, mask=m2)
+
+
+# --- programmatic dependent launch ----------------------------------------------------------------
+# A chunk is ~580 launches of small kernels; between two of them the GPU idles for the launch and the
+# ramp-up of the next grid. With PDL (sm_90+) every kernel of this module is launched with CUDA's
+# programmatic-stream-serialization attribute and begins with ``_pdl_enter``: it is scheduled while the
+# previous kernel still runs and waits on the device (griddepcontrol.wait) instead of behind a launch.
+# Captured into a CUDA graph the dependencies become programmatic edges. Off by default; the interpreter
+# never uses it (it cannot run the inline PTX).
+_PDL = {"on": False}
+
+
+def pdl_unavailable_reason(device: torch.device | str) -> str | None:
+    """Why programmatic dependent launch cannot be used on ``device`` (None: it can)."""
+    reason = unavailable_reason(device)
+    if reason is not None:
+        return reason
+    if _gdc_wait is None:
+        return f"this Triton ({triton.__version__}) has no grid dependency control"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        major, _ = torch.cuda.get_device_capability(dev)
+        if major < 9:
+            return f"programmatic dependent launch needs sm_90 or newer (this GPU is sm_{major}x)"
+        return None
+    if _COMPILE_ONLY:
+        return None if _COMPILE_ONLY.get("arch", 0) >= 90 else "programmatic dependent launch needs sm_90+"
+    return "programmatic dependent launch runs on CUDA only (not under the interpreter)"
+
+
+def set_pdl(enabled: bool) -> None:
+    """Launch every kernel of this module with programmatic dependent launch (see above), or not."""
+    _PDL["on"] = bool(enabled)
+
+
+def pdl_enabled() -> bool:
+    return _PDL["on"] and not _INTERPRET
+
+
+def _pdl_args() -> dict:
+    return {"PDL": True, "launch_pdl": True} if pdl_enabled() else {"PDL": False}
 
 
 def _check(x: torch.Tensor, name: str) -> None:
@@ -304,7 +394,7 @@ def qkv_attention(qkv: torch.Tensor, qg: torch.Tensor, kg: torch.Tensor, n_heads
     out = torch.empty(b, t, d, dtype=dt, device=qkv.device)
     _qkv_attention_kernel[(b, n_heads)](qkv, bias if bias is not None else qg, qg, kg, out, s, b, t, d, hd, eps,
                                         hd ** -0.5, BT=_pow2(t), BD=_pow2(hd), F32DOT=_f32dot(out),
-                                        PARTIALS=partials)
+                                        PARTIALS=partials, **_pdl_args())
     return out
 
 
@@ -325,7 +415,7 @@ def add_rms(base: torch.Tensor, partials: torch.Tensor | None, g: torch.Tensor, 
     h = torch.empty_like(base) if partials is not None else base
     _add_rms_kernel[(m,)](base, partials if partials is not None else base, g, c if c is not None else g, h, y,
                           0 if partials is None else partials.shape[0], m, d, eps, BD=_pow2(d),
-                          HAS_C=c is not None, WRITE_H=partials is not None)
+                          HAS_C=c is not None, WRITE_H=partials is not None, **_pdl_args())
     return h, y
 
 
@@ -343,7 +433,7 @@ def step_in(x: torch.Tensor, c_in: torch.Tensor, c: torch.Tensor, ctx: torch.Ten
     h = torch.empty(b, t, d, dtype=ctx.dtype, device=ctx.device)
     u = torch.empty_like(h)
     _step_in_kernel[(b * t,)](x.contiguous(), c_in, c, ctx, action_w, pos, g, h, u, t, p, k, a, d, eps,
-                              BD=_pow2(d), BA=_pow2(a, 2))
+                              BD=_pow2(d), BA=_pow2(a, 2), **_pdl_args())
     return h, u
 
 
@@ -356,7 +446,7 @@ def step_out(y: torch.Tensor, out_w: torch.Tensor, out_b: torch.Tensor, x: torch
     k, a = x.shape[1], x.shape[2]
     xn = torch.empty(b, k, a, dtype=torch.float32, device=y.device)
     _step_out_kernel[(b,)](y, out_w, out_b, x.float().contiguous(), c_skip, c_out, ratio, xn, t, k, a, d,
-                           BR=_pow2(k), BA=_pow2(a), BD=128 if d >= 128 else _pow2(d))
+                           BR=_pow2(k), BA=_pow2(a), BD=128 if d >= 128 else _pow2(d), **_pdl_args())
     return xn
 
 
@@ -516,7 +606,8 @@ def swiglu_up(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, bias
     grid = (triton.cdiv(h, cfg["bn"]), ne, triton.cdiv(m, cfg["bm"]))
     _swiglu_up_kernel[grid](x2, w, scale if scale is not None else bias, bias, gates, out, m, k, h, ne,
                             HAS_SCALE=scale is not None, BM=cfg["bm"], BN=cfg["bn"], BK=cfg["bk"],
-                            F32DOT=_f32dot(x), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                            F32DOT=_f32dot(x), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+                            **_pdl_args())
     return out.view(*lead, ne * h)
 
 
@@ -543,7 +634,8 @@ def linear_partials(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None
     grid = (triton.cdiv(n, cfg["bn"]), split, triton.cdiv(m, cfg["bm"]))
     _linear_partials_kernel[grid](x2, w, scale if scale is not None else w, out, m, n, k, k_split,
                                   HAS_SCALE=scale is not None, BM=cfg["bm"], BN=cfg["bn"], BK=bk,
-                                  F32DOT=_f32dot(x), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                                  F32DOT=_f32dot(x), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+                                  **_pdl_args())
     return out.view(split, *lead, n)
 
 

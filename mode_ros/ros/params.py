@@ -63,8 +63,11 @@ PARAMS: tuple[ParamSpec, ...] = (
               "Triton kernels: q/k norms + causal attention in one kernel, split-K projections, the experts' "
               "up-projection with SwiGLU and gates fused, int8/fp8 widened in-kernel: seven kernels per layer "
               "and step, never torch.compiled (fast_inference compiled acts as graph); CUDA only, falls back to "
-              "torch with a logged reason; compare both with scripts/gpu_measure.py before choosing).",
-              choices=("torch", "triton")),
+              "torch with a logged reason; compare both with scripts/gpu_measure.py before choosing); "
+              "triton_pdl: the same kernels launched with programmatic dependent launch (sm_90+: each kernel "
+              "is scheduled while the previous one runs and streams its weights into L2 before waiting on "
+              "it; falls back to triton with a logged reason).",
+              choices=("torch", "triton", "triton_pdl")),
     ParamSpec("goal", "string", "",
               "Initial language goal, used until one arrives on ~/goal (empty: wait for ~/goal).",
               live=True),

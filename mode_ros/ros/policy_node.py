@@ -268,8 +268,9 @@ class PolicyNode(LifecycleNode):
             active = policy.enable_fast(fused=True, compile=mode == "compiled",
                                         graph=mode in ("compiled", "graph"), logger=_StdLogger(self.get_logger()),
                                         weight_quant=self.p.weight_quant,
-                                        attention="triton" if self.p.gpu_kernels == "triton" else None,
-                                        gemm=self.p.gpu_kernels)
+                                        attention="triton" if self.p.gpu_kernels != "torch" else None,
+                                        gemm="torch" if self.p.gpu_kernels == "torch" else "triton",
+                                        pdl=self.p.gpu_kernels == "triton_pdl")
             self.get_logger().info(f"fast inference: {active}")
         if self.p.warmup:
             self._expected_latency = float(policy.warmup(runs=3))  # median of 3 calls
