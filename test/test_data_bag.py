@@ -298,6 +298,52 @@ def test_bag_split_by_gap_twist_and_fixed_instruction(tmp_path, storage):
             np.testing.assert_array_equal(ep.images("b"), np.stack([frame(int(i), 2) for i in k]))
 
 
+def test_commands_at_the_control_rate_are_taken_once_each(tmp_path):
+    """Teleop commands published at the control rate (10 Hz, ±3 ms jitter), starting after the camera:
+    the tick grid must not sit on the commands' times (timing jitter would then pick some command
+    twice and skip another). Every command appears exactly once, in order; the camera frames before
+    the first tick are reported, not silently cut."""
+    rng = np.random.default_rng(3)
+    r = Rec(tmp_path / "bag", "sqlite3")
+    with r:
+        for k in range(90):                            # 30 Hz camera from 0 s
+            st = ns(k / 30)
+            r.image("/cam", st, st, frame(k, 0), "rgb8")
+        for k in range(20):                            # 10 Hz commands from 1.0 s, value = k
+            st = ns(1.0 + k / 10) + int(rng.integers(-3, 4)) * 1_000_000
+            r.twist("/cmd", st, st + 1_000_000, [float(k), 0, 0, 0, 0, 0])
+    topics = {"control_rate_hz": 10, "tolerance_s": 0.15, "cameras": {"c": "/cam"},
+              "language": {"instruction": "go"}, "action": {"topic": "/cmd"}}
+    rep = convert_bags([tmp_path / "bag"], topics, tmp_path / "o.hdf5", progress=False)
+    (ep_rep,) = [e for e in rep["bags"][0]["episodes"] if e["episode"]]
+    assert ep_rep["ticks_aligned_to"]["stream"] == "action:/cmd"
+    assert ep_rep["streams"]["camera:c"]["messages_before_first_tick"] >= 30
+    with EpisodeReader(tmp_path / "o.hdf5") as rd:
+        xs = rd.episode(0).actions[:, 0]
+    np.testing.assert_array_equal(xs, np.arange(len(xs), dtype=np.float32))
+    assert len(xs) >= 19
+
+
+def test_state_joints_in_another_order_in_a_later_bag_are_refused(tmp_path):
+    """The state's joint names come from the message when the map names none: a later bag whose
+    JointState lists them in another order would be stored permuted under the first bag's names."""
+    topics = {"control_rate_hz": 10, "tolerance_s": 0.15, "cameras": {"c": "/cam"},
+              "language": {"instruction": "go"}, "action": {"topic": "/cmd"}, "state": [{"topic": "/js", "key": "q"}]}
+    for i, names in enumerate((["a", "b", "c"], ["c", "b", "a"])):
+        r = Rec(tmp_path / f"bag{i}", "sqlite3")
+        with r:
+            for k in range(30):
+                st = ns(k / 30)
+                r.image("/cam", st, st, frame(k, 0), "rgb8")
+                r.joint_state("/js", st, st, names, [1.0, 2.0, 3.0])
+                r.twist("/cmd", st, st, [float(k), 0, 0, 0, 0, 0])
+    rep = convert_bags([tmp_path / "bag0", tmp_path / "bag1"], topics, tmp_path / "o.hdf5", progress=False)
+    assert "error" not in rep["bags"][0]
+    assert "state names/dims" in rep["bags"][1]["error"] and "['c', 'b', 'a']" in rep["bags"][1]["error"]
+    with EpisodeReader(tmp_path / "o.hdf5") as rd:
+        assert len(rd) == 1
+
+
 def test_bag_actionchunk_markers_and_resize(tmp_path):
     """ActionChunk (row 0, executed at stamp + first_index*dt), episodes by Bool markers, JPEG
     camera resized at conversion, a .db3 file passed directly."""

@@ -81,6 +81,19 @@ def test_builder_compaction_and_discard(tmp_path):
     np.testing.assert_array_equal(ep.images("cam")[:, 0, 0, 0], [0, 2, 3])
 
 
+def test_unfinished_episode_is_not_read_as_training_data(tmp_path):
+    """An episode begun but never finished (the conversion crashed while decoding its frames) has
+    all-zero images and no instruction: the reader skips it, says so, and lists it."""
+    p = tmp_path / "u.hdf5"
+    with EpisodeWriter(p, ["cam"]) as w:
+        w.add_episode(np.ones((3, 1)), {"cam": np.ones((3, 2, 2, 3), np.uint8)}, "done")
+        b = w.begin_episode(4, {"cam": (2, 2)}, 1)
+        b.set_arrays(np.arange(4, dtype=np.float32)[:, None], np.arange(4.0))   # no images, no finish
+    with pytest.warns(UserWarning, match="unfinished episode"):
+        rd = EpisodeReader(p)
+    assert len(rd) == 1 and rd.incomplete_episodes == ["demo_1"] and rd.episode(0).language == "done"
+
+
 def _libero_file(path, n_demos=2, T=7, with_problem_info=True):
     rng = np.random.default_rng(0)
     truth = []
@@ -120,6 +133,27 @@ def test_libero_import_with_flip(tmp_path):
             np.testing.assert_array_equal(ep.images("static"), av[:, ::-1])
             np.testing.assert_array_equal(ep.images("gripper"), eih[:, ::-1])
             np.testing.assert_allclose(ep.state("joint_states"), js.astype(np.float32))
+
+
+def test_import_float_images_and_non_finite_states(tmp_path):
+    """Float images in [0, 1] are scaled to 0..255 (a cast would make them black); a demo whose state
+    has NaN, or lacks the state key, is skipped with the reason instead of failing later in training."""
+    src = tmp_path / "KITCHEN_SCENE1_open_the_drawer_demo.hdf5"
+    truth = _libero_file(src, n_demos=3)
+    with h5py.File(src, "a") as f:
+        o = f["data/demo_0/obs"]
+        av = o["agentview_rgb"][:]
+        del o["agentview_rgb"]
+        o.create_dataset("agentview_rgb", data=av.astype(np.float32) / 255.0)
+        f["data/demo_1/obs/joint_states"][2, 3] = np.nan
+        del f["data/demo_2/obs/joint_states"]
+    out = tmp_path / "out.hdf5"
+    rep = import_hdf5([src], out, state_keys=["joint_states"], progress=False)
+    assert rep["episodes"] == 1
+    assert rep["inputs"][0]["skipped"] == {"demo_1": "non-finite values in obs/joint_states",
+                                           "demo_2": "obs/joint_states missing or not 7 rows"}
+    with EpisodeReader(out) as rd:
+        np.testing.assert_array_equal(rd.episode(0).images("static"), truth[0][1])
 
 
 def test_import_map_language_from_filename_and_cli(tmp_path):

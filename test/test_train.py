@@ -91,6 +91,18 @@ def test_resume_is_exact(tmp_path):
         assert torch.allclose(v.float(), v2.float(), atol=1e-6), k
 
 
+def test_resume_refuses_data_whose_normalisation_changed(tmp_path):
+    """The statistics are refitted from the data at start-up: resuming after the data changed would
+    go on training (and export) against another scale, so it is refused with the reason."""
+    data = write_episodes(tmp_path / "ep.hdf5", n_eps=2, T=10)
+    Trainer(tiny_cfg(tmp_path / "a", data, steps=2, batch=4), quiet=True).train()
+    other = write_episodes(tmp_path / "ep2.hdf5", n_eps=2, T=10, seed=5)
+    b = Trainer(tiny_cfg(tmp_path / "a", other, steps=4, batch=4), quiet=True)
+    with pytest.raises(RuntimeError, match="normalisation fitted on the current data differs"):
+        b.resume()
+    assert Trainer(tiny_cfg(tmp_path / "a", data, steps=4, batch=4), quiet=True).resume()
+
+
 DDP_SCRIPT = r"""
 import sys, torch, json
 from mode_ros.train.config import TrainConfig

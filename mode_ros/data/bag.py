@@ -264,6 +264,26 @@ def _segments(tm: TopicMap, streams: dict[str, _Stream], lang: tuple[np.ndarray,
     return segs
 
 
+def _grid_start(start: int, end: int, period: float, streams: dict[str, _Stream], required: list[str]) -> tuple[int, str | None]:
+    """The first tick. Every stream is sampled at its latest message at or before a tick, so when the
+    first action stream runs at the control rate, ticks that fall on its message times pick a command
+    twice or skip one depending on timing jitter. In that case the grid moves to a quarter period after
+    the commands' phase: one command per tick for jitter up to ±T/4, and the paired images are at most
+    T/4 newer than the command. Returns (first tick, the stream it was aligned to or None)."""
+    acts = [n for n in required if streams[n].kind == "action"]
+    if not acts:
+        return start, None
+    st = streams[acts[0]].stamps
+    st = st[(st >= start) & (st <= end)]
+    if st.size < 3:
+        return start, None
+    if abs(float(np.median(np.diff(st))) - period) > 0.1 * period:
+        return start, None             # a faster (or slower) command stream: sub-sampled, phase is moot
+    ang = 2 * np.pi * (((st - start) % period) / period)
+    phase = (np.arctan2(np.sin(ang).mean(), np.cos(ang).mean()) / (2 * np.pi)) % 1.0
+    return start + int(round(((phase + 0.25) % 1.0) * period)), acts[0]
+
+
 def _plan_episode(tm: TopicMap, seg_i: int, a: int, b: int, streams: dict[str, _Stream],
                   required: list[str], lang: tuple[np.ndarray, list[str]] | None) -> _EpisodePlan:
     ep = _EpisodePlan(segment=seg_i, a=a, b=b)
@@ -302,9 +322,23 @@ def _plan_episode(tm: TopicMap, seg_i: int, a: int, b: int, streams: dict[str, _
     if end < start:
         ep.skipped = "streams do not overlap in time"
         return ep
+    start, aligned = _grid_start(start, end, period, streams, required)
+    if aligned is not None:   # and it ends at the tick after the last command (not holding it for more)
+        st = streams[aligned].stamps
+        end = min(end, int(st[np.searchsorted(st, end, "right") - 1]) + int(period // 2))
+    if end < start:
+        ep.skipped = "streams do not overlap in time"
+        return ep
+    if aligned is not None:
+        ep.report["ticks_aligned_to"] = {"stream": aligned, "offset": "a quarter period after its messages"}
     n_ticks = int(np.floor((end - start) / period + 1e-9)) + 1
     ticks = start + np.round(np.arange(n_ticks) * period).astype(np.int64)
     ep.ticks = ticks
+    for name in required:   # what the common time span leaves out of each stream (not a drop: said here)
+        lo, hi = bounds[name]
+        st = streams[name].stamps[lo:hi]
+        stream_rep[name]["messages_before_first_tick"] = int(np.searchsorted(st, ticks[0], "left"))
+        stream_rep[name]["messages_after_last_tick"] = int(st.size - np.searchsorted(st, ticks[-1], "right"))
     keep = np.ones(n_ticks, dtype=bool)
     for name in required:
         s = streams[name]
@@ -591,11 +625,21 @@ def _convert_open(bag, reader, tm: TopicMap, out, writer, overwrite, progress, b
         have = list(writer._data.attrs["action_names"])
         if [str(x) for x in have] != action_names:
             raise _BagError(f"action names/dims {action_names} differ from the earlier bags' {have}")
+        # the state too: a JointState with its joints in another order (or another count) would otherwise
+        # be stored under the first bag's names, silently permuted
+        have_state = json.loads(str(writer._data.attrs.get("state_names", "{}")) or "{}")
+        now_state = {k: list(s.names or []) for k, s in state_streams.items()}
+        dims = {k: s.dim for k, s in state_streams.items()}
+        first_dims = getattr(writer, "bag_state_dims", dims)
+        if have_state != now_state or dims != first_dims:
+            raise _BagError(f"state names/dims {now_state} {dims} differ from the earlier bags' "
+                            f"{have_state} {first_dims}")
     if live and writer is None:
         writer = EpisodeWriter(out, [c.name for c in tm.cameras], action_names, control_rate_hz=tm.control_rate_hz,
                                source="rosbag2", state_keys=state_keys,
                                state_names={k: s.names or [] for k, s in state_streams.items()},
                                overwrite=overwrite, compression_opts=compression_opts)
+        writer.bag_state_dims = {k: s.dim for k, s in state_streams.items()}   # for the next bags' check
     builders = {}
     wanted: dict[tuple[str, int, int], list[tuple[int, str, np.ndarray]]] = defaultdict(list)
     for j, p in enumerate(live):
@@ -615,43 +659,50 @@ def _convert_open(bag, reader, tm: TopicMap, out, writer, overwrite, progress, b
                 rows = np.flatnonzero(inv == u_i)
                 wanted[(s.topic, int(s.recv[m]), int(s.dups[m]))].append((j, cname, rows))
 
-    # ---- pass 2: decode the picked frames
-    keep_rows = {j: np.ones(len(builders[j].group["actions"]), bool) for j in builders}
-    bad2 = {j: Counter() for j in builders}
-    pass2_examples: dict[str, set] = {}
-    if wanted:
-        cam_topics = {s.topic for s in cam_streams.values()}
-        cconns = [c for t in cam_topics for c in conns_by_topic[t]]
-        recvs = [k[1] for k in wanted]
-        bar = _progress(len(wanted), f"images {bag.name}", progress)
-        last_recv = {}
-        found = 0
-        for conn, recv, raw in reader.messages(connections=cconns, start=min(recvs), stop=max(recvs) + 1):
-            lr = last_recv.get(conn.topic)
-            dup = lr[1] + 1 if lr is not None and lr[0] == recv else 0
-            last_recv[conn.topic] = (recv, dup)
-            users = wanted.get((conn.topic, recv, dup))
-            if not users:
-                continue
-            found += 1
-            bar.update(1)
-            msg = typestore.deserialize_cdr(raw, conn.msgtype)
-            for j, cname, rows in users:
-                spec: CameraSpec = cam_streams[cname].spec
-                try:
-                    img = _decode(msg, conn.msgtype, spec)
-                    want = spec.resize or cam_streams[cname].size
-                    if img.shape[:2] != tuple(want):
-                        raise ImageDecodeError(f"decoded size {img.shape[:2]} != {tuple(want)}", "size_changed")
-                    builders[j].set_image(cname, rows, img)
-                except ImageDecodeError as exc:
-                    keep_rows[j][rows] = False
-                    bad2[j][(cname, exc.reason)] += 1
-                    pass2_examples.setdefault(f"camera:{cname}", set()).add(str(exc)[:200])
-                    live[j].drops[f"bad_image:{cname}"] += len(rows)
-        bar.close()
-        if found != len(wanted):
-            raise _BagError(f"pass 2 found {found} of {len(wanted)} picked frames (bag changed while reading?)")
+    # ---- pass 2: decode the picked frames (on any error the unfinished episodes are removed, so the
+    # file never holds a half-written one)
+    try:
+        keep_rows = {j: np.ones(len(builders[j].group["actions"]), bool) for j in builders}
+        bad2 = {j: Counter() for j in builders}
+        pass2_examples: dict[str, set] = {}
+        if wanted:
+            cam_topics = {s.topic for s in cam_streams.values()}
+            cconns = [c for t in cam_topics for c in conns_by_topic[t]]
+            recvs = [k[1] for k in wanted]
+            bar = _progress(len(wanted), f"images {bag.name}", progress)
+            last_recv = {}
+            found = 0
+            for conn, recv, raw in reader.messages(connections=cconns, start=min(recvs), stop=max(recvs) + 1):
+                lr = last_recv.get(conn.topic)
+                dup = lr[1] + 1 if lr is not None and lr[0] == recv else 0
+                last_recv[conn.topic] = (recv, dup)
+                users = wanted.get((conn.topic, recv, dup))
+                if not users:
+                    continue
+                found += 1
+                bar.update(1)
+                msg = typestore.deserialize_cdr(raw, conn.msgtype)
+                for j, cname, rows in users:
+                    spec: CameraSpec = cam_streams[cname].spec
+                    try:
+                        img = _decode(msg, conn.msgtype, spec)
+                        want = spec.resize or cam_streams[cname].size
+                        if img.shape[:2] != tuple(want):
+                            raise ImageDecodeError(f"decoded size {img.shape[:2]} != {tuple(want)}", "size_changed")
+                        builders[j].set_image(cname, rows, img)
+                    except ImageDecodeError as exc:
+                        keep_rows[j][rows] = False
+                        bad2[j][(cname, exc.reason)] += 1
+                        pass2_examples.setdefault(f"camera:{cname}", set()).add(str(exc)[:200])
+                        live[j].drops[f"bad_image:{cname}"] += len(rows)
+            bar.close()
+            if found != len(wanted):
+                raise _BagError(f"pass 2 found {found} of {len(wanted)} picked frames (bag changed while reading?)")
+
+    except BaseException:
+        for bld in reversed(list(builders.values())):   # last first: their numbers are reused
+            bld.discard()
+        raise
 
     # ---- finish and report
     for j, p in enumerate(live):
@@ -679,6 +730,8 @@ def _convert_open(bag, reader, tm: TopicMap, out, writer, overwrite, progress, b
         else:
             e.update({"ticks": 0})
         e["streams"] = p.report.get("streams", {})
+        if "ticks_aligned_to" in p.report:
+            e["ticks_aligned_to"] = p.report["ticks_aligned_to"]
         for name, srep in e["streams"].items():
             s = streams[name]
             srep["time_source"] = s.time_source_used()

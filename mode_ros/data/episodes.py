@@ -359,6 +359,15 @@ class EpisodeReader:
         self._pid = None
         data = self._data
         names = sorted([k for k in data.keys() if "actions" in data[k]], key=demo_sort_key)
+        # our writer marks an episode complete (num_samples) in EpisodeBuilder.finish: a group without it
+        # in one of our files was cut short (a crash while converting) and is not training data
+        ours = "camera_names" in data.attrs
+        self.incomplete_episodes = [k for k in names if ours and "num_samples" not in data[k].attrs]
+        if self.incomplete_episodes:
+            import warnings
+            warnings.warn(f"{self.path}: skipping {len(self.incomplete_episodes)} unfinished episode(s) "
+                          f"{self.incomplete_episodes[:5]} (the conversion that wrote them did not complete)")
+            names = [k for k in names if k not in self.incomplete_episodes]
         if not names:
             raise ValueError(f"{self.path}: no episodes (data/demo_N/actions) found")
         self.episode_names = names

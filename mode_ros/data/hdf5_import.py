@@ -160,16 +160,30 @@ def import_hdf5(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, *,
                         continue
                     states = {}
                     for k in state_keys:
+                        if k not in demo["obs"] or demo["obs"][k].shape[0] != T:
+                            bad = f"obs/{k} missing or not {T} rows"
+                            break
                         v = np.asarray(demo["obs"][k][:], np.float32).reshape(T, -1)
+                        if not np.all(np.isfinite(v)):
+                            bad = f"non-finite values in obs/{k}"
+                            break
                         states[k] = v
+                    if bad:
+                        irep["skipped"][dname] = bad
+                        continue
                     b = w.begin_episode(T, shapes, acts.shape[1], {k: v.shape[1] for k, v in states.items()})
                     b.set_arrays(acts, np.arange(T, dtype=np.float64) / rate, states)
                     for key, cam in camera_map.items():
                         ds = demo["obs"][key]
+                        # float images in [0, 1] (some exporters write those) are scaled to 0..255; a
+                        # plain cast would make them black. Judged once per camera and demo.
+                        gain = (255.0 if ds.dtype.kind == "f" and float(np.nanmax(ds[:min(T, BLOCK)])) <= 1.0
+                                else 1.0)
                         for s in range(0, T, BLOCK):
                             block = _flip(ds[s:s + BLOCK], flip)
                             if block.dtype != np.uint8:
-                                block = np.clip(block, 0, 255).astype(np.uint8)
+                                block = np.clip(np.nan_to_num(block * gain if gain != 1.0 else block), 0, 255)
+                                block = np.round(block).astype(np.uint8) if ds.dtype.kind == "f" else block.astype(np.uint8)
                             if resize and block.shape[1:3] != tuple(resize):
                                 from PIL import Image
 

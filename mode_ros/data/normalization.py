@@ -98,6 +98,11 @@ class Normalizer:
             raise ValueError(f"{len(self.names)} names for {self.stats.dim} dimensions")
         lo, hi = (self.stats.min, self.stats.max) if self.mode == "minmax" else (self.stats.q01, self.stats.q99)
         lo, hi = np.asarray(lo, np.float64), np.asarray(hi, np.float64)
+        # quantile mode: a dimension whose 1–99 % range is flat but whose values are not (a gripper that
+        # closes in under 1 % of the rows) takes its min/max range instead of being treated as constant
+        mlo, mhi = np.asarray(self.stats.min, np.float64), np.asarray(self.stats.max, np.float64)
+        narrow = (hi - lo) / 2.0 < self.eps
+        lo, hi = np.where(narrow, mlo, lo), np.where(narrow, mhi, hi)
         half = (hi - lo) / 2.0
         self.constant = half < self.eps                    # bool [D]
         self.center = np.where(self.constant, np.asarray(self.stats.mean), (hi + lo) / 2.0)

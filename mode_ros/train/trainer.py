@@ -117,6 +117,9 @@ class Trainer:
             self.policy.encoders = nn.SyncBatchNorm.convert_sync_batchnorm(self.policy.encoders)
         self.module = _LossModule(self.policy, cfg.optim.load_balance_weight)
         if self.world > 1:
+            # the identical initialisation above reset every rank to one stream: give each rank its own
+            # again (dropout, goal dropout, noise levels and noise differ per rank, as intended)
+            torch.manual_seed(cfg.seed + self.rank)
             unused = pcfg.model.keep_gripper_embed
             self.ddp = nn.parallel.DistributedDataParallel(
                 self.module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
@@ -295,7 +298,7 @@ class Trainer:
                  "ema": self.ema.state_dict() if self.ema else None, "losses": self.losses,
                  "rng": {"torch": torch.get_rng_state(),
                          "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-                 "config": self.cfg_dict()}
+                 "config": self.cfg_dict(), "normalization": self._norm_state()}
         tmp = self.out / "train_state.pt.tmp"
         torch.save(state, tmp)
         os.replace(tmp, self.out / "train_state.pt")
@@ -314,11 +317,29 @@ class Trainer:
         import dataclasses
         return dataclasses.asdict(self.cfg)
 
+    def _norm_state(self) -> dict:
+        """The affine normalisation the weights are trained against (offset/scale per dimension)."""
+        return {k: None if a is None else {"offset": np.asarray(a.offset).tolist(), "scale": np.asarray(a.scale).tolist()}
+                for k, a in (("action", self.policy.action_norm), ("state", self.policy.state_norm))}
+
     def resume(self) -> bool:
         p = self.out / "train_state.pt"
         if not p.is_file():
             return False
         st = torch.load(p, map_location="cpu", weights_only=False)
+        saved = st.get("normalization")
+        if saved is not None:
+            # the statistics are refitted from cfg.data at start-up: if the data changed since the
+            # checkpoint, the weights would go on training (and export) against another scale
+            now = self._norm_state()
+            for key in ("action", "state"):
+                a, b = saved.get(key), now.get(key)
+                same = (a is None) == (b is None) and (a is None or all(
+                    np.allclose(a[f], b[f], rtol=1e-5, atol=1e-7) for f in ("offset", "scale")))
+                if not same:
+                    raise RuntimeError(f"resume from {p}: the {key} normalisation fitted on the current data "
+                                       "differs from the checkpoint's (were episodes added, removed or changed?); "
+                                       "train into a new output folder, or use init_from to start from the weights")
         self.policy.load_state_dict(st["model"])
         self.opt.load_state_dict(st["optim"])
         if self.ema is not None and st["ema"] is not None:
@@ -352,7 +373,9 @@ def _save_with_norm(policy: MoDEPolicy, path: Path) -> None:
     for key, aff in (("action", policy.action_norm), ("state", policy.state_norm)):
         if aff is not None and getattr(aff, "extra", None):
             norm[key]["data"] = aff.extra
-    (path / "normalization.json").write_text(json.dumps(norm, indent=1))
+    tmp = path / "normalization.json.tmp"
+    tmp.write_text(json.dumps(norm, indent=1))
+    os.replace(tmp, path / "normalization.json")   # the export folder is never left half-written
 
 
 def plot_expert_usage(policy: MoDEPolicy, path: Path) -> None:
