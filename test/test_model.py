@@ -124,6 +124,43 @@ def test_cache_invalidated_by_weights_and_schedule():
     assert len(sampler.ensure().indices) == 5
 
 
+def test_policy_caches_follow_weight_loads_and_bad_calls_are_clear():
+    """A partial load_state_dict (experts only: the routing key cannot see it) rebuilds the fused
+    copies; enable_fast(fused=False) turns fusion off; a policy left in training mode still infers in
+    eval mode; a constant action dimension comes back as its recorded value; clear errors for
+    0 steps, an unknown dtype and cameras of different batch sizes."""
+    from mode_ros.model.policy import Affine
+    torch.manual_seed(0)
+    pol = MoDEPolicy(preset("tiny")).eval()
+    pol.set_goal_embeddings({"go": torch.randn(512)})
+    imgs = [np.full((32, 32, 3), 50, np.uint8) for _ in pol.camera_names]
+    st = np.zeros(pol.state_dim, np.float32) if pol.state_dim else None
+    assert pol.enable_fast(fused=True)["fused"]
+    a = pol.predict_chunk(imgs, "go", state=st, seed=1)
+    moe = {k: v + 0.05 * torch.randn_like(v) for k, v in pol.denoiser.state_dict().items() if ".moe." in k}
+    pol.denoiser.load_state_dict(moe, strict=False)
+    fused = pol.predict_chunk(imgs, "go", state=st, seed=1)
+    assert not pol.enable_fast(fused=False)["fused"] and pol.fused is None
+    eager = pol.predict_chunk(imgs, "go", state=st, seed=1)
+    assert np.abs(fused - a).max() > 1e-3 and np.abs(fused - eager).max() < 1e-5
+    pol.train()
+    assert np.array_equal(pol.predict_chunk(imgs, "go", state=st, seed=1), eager) and pol.training
+    pol.eval()
+    pol.action_norm = Affine(np.full(7, 0.08), np.ones(7), [True] + [False] * 6)
+    pol.config.gripper_dims = [0]
+    out = pol.predict_chunk(imgs, "go", state=st, seed=1)
+    assert np.all(out[:, 0] == np.float32(0.08))          # not 0.08 ± 1 from binarising the gripper
+    assert Affine.from_dict(pol.action_norm.to_dict()).constant[0]
+    with pytest.raises(ValueError, match="num_steps"):
+        pol.set_num_steps(0)
+    with pytest.raises(ValueError, match="dtype"):
+        pol.to_device("cpu", "half")
+    if len(pol.camera_names) > 1:
+        batch = [np.zeros((2, 32, 32, 3), np.uint8), np.zeros((3, 32, 32, 3), np.uint8)]
+        with pytest.raises(ValueError, match="batch size"):
+            pol.predict_chunk_batch(batch, ["go", "go"], None if st is None else np.stack([st, st]))
+
+
 def test_gradients_reach_every_trained_parameter():
     torch.manual_seed(0)
     policy = MoDEPolicy(preset("tiny")).train()

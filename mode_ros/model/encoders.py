@@ -161,13 +161,16 @@ class TextEncoder:
     def _build(self) -> nn.Module:
         if self.model is not None:
             return self.model
-        import open_clip
-
         if self._weights is None and self._seed is None:
             raise GoalError("no CLIP text weights configured (text.weights) and random init not allowed "
                             "(text.random_init_seed): only the checkpoint's cached instructions can be used")
         if self._weights is not None and not Path(self._weights).is_file():
             raise GoalError(f"text.weights: no such file {self._weights}")
+        try:
+            import open_clip
+        except ImportError as exc:   # the [clip] extra: without it only cached instructions work
+            raise GoalError(f"open_clip is not installed ({exc}; pip install 'mode_ros[clip]'): only the "
+                            "checkpoint's cached instructions can be used") from None
         with torch.random.fork_rng(devices=[]):
             if self._seed is not None:
                 torch.manual_seed(self._seed)

@@ -81,13 +81,21 @@ class CachedSampler:
         self.net, self.precond = net, precond
         self._sigmas_cpu = sigmas.detach().to("cpu", torch.float64)
         self.table: RoutingTable | None = None
+        self._epoch = 0   # bumped by invalidate(): weights changed in a way the key cannot see
+
+    def invalidate(self) -> None:
+        """Forget the routing table (and, through the key, every fused copy and captured graph built
+        from it). Needed after writing weights in place without autograd's version counter
+        (``p.data.copy_``); ``load_state_dict`` does it by itself (a hook of the policy)."""
+        self._epoch += 1
+        self.table = None
 
     def set_schedule(self, sigmas: torch.Tensor) -> None:
         self._sigmas_cpu = sigmas.detach().to("cpu", torch.float64)
         self.table = None
 
     def key(self) -> tuple:
-        return _weights_key(self.net) + (tuple(self._sigmas_cpu.tolist()),)
+        return _weights_key(self.net) + (tuple(self._sigmas_cpu.tolist()), self._epoch)
 
     @torch.no_grad()
     def build(self) -> RoutingTable:

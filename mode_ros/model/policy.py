@@ -34,11 +34,15 @@ CONFIG_FILE, WEIGHTS_FILE, NORM_FILE, GOALS_FILE = (
 class Affine:
     """Per-dimension affine normalisation: normalised = (x - offset) / scale (maps to about [-1, 1])."""
 
-    def __init__(self, offset: Sequence[float], scale: Sequence[float]):
+    def __init__(self, offset: Sequence[float], scale: Sequence[float], constant: Sequence[bool] | None = None):
         self.offset = np.asarray(offset, dtype=np.float32)
         self.scale = np.asarray(scale, dtype=np.float32)
         if self.offset.shape != self.scale.shape or np.any(~np.isfinite(self.scale)) or np.any(self.scale <= 0):
             raise ValueError("normalisation: offset/scale must have equal shapes and positive finite scales")
+        # dimensions that never changed in the training data: normalised to 0, denormalised to their
+        # value (the model's output there carries no information; e.g. a gripper never used)
+        self.constant = (np.zeros(self.offset.shape, bool) if constant is None
+                         else np.asarray(constant, dtype=bool).reshape(self.offset.shape))
 
     @classmethod
     def identity(cls, dim: int) -> "Affine":
@@ -46,16 +50,21 @@ class Affine:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Affine":
-        return cls(d["offset"], d["scale"])
+        return cls(d["offset"], d["scale"], d.get("constant"))
 
     def to_dict(self) -> dict:
-        return {"offset": self.offset.tolist(), "scale": self.scale.tolist()}
+        d = {"offset": self.offset.tolist(), "scale": self.scale.tolist()}
+        if self.constant.any():
+            d["constant"] = self.constant.tolist()
+        return d
 
     def normalize(self, x):
-        return (x - self.offset) / self.scale
+        y = (x - self.offset) / self.scale
+        return np.where(self.constant, 0.0, y).astype(y.dtype) if self.constant.any() else y
 
     def denormalize(self, x):
-        return x * self.scale + self.offset
+        y = x * self.scale + self.offset
+        return np.where(self.constant, self.offset, y).astype(y.dtype) if self.constant.any() else y
 
 
 class MoDEPolicy(nn.Module):
@@ -75,6 +84,9 @@ class MoDEPolicy(nn.Module):
         self.use_cache = True
         self.fused = None   # optional FusedSampler (mode_ros.model.fast), see enable_fast()
         self._graph = None  # optional CUDA graph runner (mode_ros.model.graph)
+        # any load_state_dict into the denoiser (also a partial one, e.g. experts only) invalidates the
+        # routing table, the fused copies of the weights and the captured graph
+        self.denoiser.register_load_state_dict_post_hook(self._weights_loaded)
 
     # ---- properties of the I/O contract -----------------------------------------------------
     camera_names = property(lambda self: list(self.config.camera_names))
@@ -165,8 +177,11 @@ class MoDEPolicy(nn.Module):
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if isinstance(dtype, str):
-            dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-                     "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[dtype]
+            names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+                     "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+            if dtype not in names:
+                raise ValueError(f"dtype: {dtype!r} is not one of {sorted(names)}")
+            dtype = names[dtype]
         self.to(device)
         if dtype is not None:
             self.denoiser.to(dtype)   # encoders stay fp32 unless a graph runner says otherwise
@@ -195,6 +210,10 @@ class MoDEPolicy(nn.Module):
         state = {"fused": False, "compiled": False, "graph": False, "weight_quant": "none",
                  "attention": None, "gemm": None, "pdl": False}
         self.eval()
+        # a call sets the whole fast configuration: a graph captured over an earlier fused sampler (whose
+        # weight copies this call replaces) must never replay, and fused=False turns fusion off
+        self._graph = None
+        self.fused = None
         reason = tk.unavailable_reason(self.device) if "triton" in (attention, gemm) else None
         if reason is not None:
             if logger:
@@ -232,7 +251,18 @@ class MoDEPolicy(nn.Module):
             state["graph"] = enable_graph(self, 1, logger)
         return state
 
+    def _weights_loaded(self, module, incompatible_keys) -> None:   # a bound method: deepcopy/pickle safe
+        self.invalidate()
+
+    def invalidate(self) -> None:
+        """Rebuild the routing table, fused weights and CUDA graph on the next call (after editing
+        weights in place; load_state_dict, set_num_steps and to_device do this by themselves)."""
+        self.sampler.invalidate()
+        self._graph = None
+
     def set_num_steps(self, n: int) -> None:
+        if int(n) < 1:
+            raise ValueError(f"num_steps must be >= 1, got {n}")
         self.num_steps = int(n)
         self.sampler.set_schedule(make_schedule(self.config.diffusion, self.num_steps))
         self._graph = None
@@ -314,6 +344,8 @@ class MoDEPolicy(nn.Module):
                 raise ValueError(f"camera {n!r}: expected {'B x ' if batched else ''}H x W x 3 uint8 RGB, "
                                  f"got shape {a.shape} dtype {a.dtype}")
             arrs.append(a if batched else a[None])
+        if len({a.shape[0] for a in arrs}) > 1:
+            raise ValueError("cameras differ in batch size: " + ", ".join(f"{n!r}: {a.shape[0]}" for n, a in zip(names, arrs)))
         size = self.config.vision.image_size
         out = []
         for a in arrs:  # resize per camera on the device (cameras may differ in size)
@@ -350,6 +382,14 @@ class MoDEPolicy(nn.Module):
         return out[0]
 
     def predict_chunk_batch(self, images, goal_texts: Sequence[str], states=None, seed: int | None = None) -> np.ndarray:
+        if self.training:
+            # inference in training mode would apply dropout and BatchNorm batch statistics (and update
+            # the running ones): always evaluate, and give the module back as it was
+            self.eval()
+            try:
+                return self.predict_chunk_batch(images, goal_texts, states, seed)
+            finally:
+                self.train()
         b = len(goal_texts)
         img = self._images_to_tensor(images, batched=True)
         if img is not None and img.shape[0] != b:
@@ -373,7 +413,7 @@ class MoDEPolicy(nn.Module):
         a = a_norm.float().cpu().numpy()
         for g in self.config.gripper_dims:
             a[..., g] = np.where(a[..., g] >= 0, 1.0, -1.0)
-        return self.action_norm.denormalize(a).astype(np.float32)
+        return self.action_norm.denormalize(a).astype(np.float32)   # constant dims: their recorded value
 
     def warmup(self, runs: int = 2) -> float:
         """Build the routing cache and run a few chunks so the first real call is as fast as the rest.

@@ -56,7 +56,7 @@ def _step_generator(seed: int, step: int) -> torch.Generator:
 def _to_affine(norm) -> Affine | None:
     if norm is None:
         return None
-    a = Affine(np.asarray(norm.center, np.float32), np.asarray(norm.scale, np.float32))
+    a = Affine(np.asarray(norm.center, np.float32), np.asarray(norm.scale, np.float32), np.asarray(norm.constant, bool))
     a.extra = norm.to_dict()
     return a
 
