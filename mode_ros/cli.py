@@ -44,7 +44,17 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _terminate(signum, frame):
+    # SIGTERM (timeout, systemd, a supervisor) runs the same clean-up as Ctrl-C: the finally blocks stop
+    # the policy node / sim processes this command started (they run in their own process groups)
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
+    import os
+    import signal
+    import threading
+
     argv = list(sys.argv[1:] if argv is None else argv)
     first = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(first if first in _SUBCOMMANDS else None)
@@ -52,7 +62,23 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print(f"mode-ros {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (FileNotFoundError, NotADirectoryError, ValueError) as exc:
+        # a wrong path, preset, config value…: one line naming it (MODE_ROS_DEBUG=1 for the traceback)
+        if os.environ.get("MODE_ROS_DEBUG"):
+            raise
+        print(f"mode-ros {args.command}: {type(exc).__name__}: {exc} (MODE_ROS_DEBUG=1 shows the traceback)",
+              file=sys.stderr)
+        return 2
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)   # in-process callers (tests, scripts) get theirs back
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import pytest
 
 import replay_helpers as H
 from replay_helpers import bags, const_ckpt, rand_ckpt  # noqa: F401 - session fixtures
-from ros_helpers import executable, share_file
+from ros_helpers import executable, share_file, wait_until
 
 pytestmark = pytest.mark.ros
 
@@ -143,3 +143,44 @@ def test_use_sim_time_drives_staleness_at_any_rate(const_ckpt, tmp_path, start_n
                 # ticks the node's timer skipped while it ran late (loaded machine) are in no counter
                 assert abs(int(nd["suppressed.stale"]) - want) <= 1 + int(nd.get("missed_ticks", 0)), nd
     assert H.load_report(tmp_path / "slow")["mode"] == "live (attached)"
+
+
+def _node_pids(marker: str) -> list[int]:
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if "policy_node" in cmd and marker in cmd:
+                pids.append(int(d.name))
+    return pids
+
+
+def test_sigterm_stops_the_node_it_started_and_keeps_the_chunks(bags, const_ckpt, tmp_path):  # noqa: F811
+    """`timeout`, systemd or a CI runner stop a replay with SIGTERM: the policy_node it started (in its
+    own process group) must not be left running, and the chunks published so far stay readable."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out, marker = tmp_path / "term", f"sigterm_probe_{os.getpid()}"
+    p = subprocess.Popen([sys.executable, "-m", "mode_ros.cli", "replay", str(bags["sqlite3"]), "--checkpoint",
+                          str(const_ckpt), "--topics", str(bags["map"]), "--out", str(out), "--node-name", marker,
+                          "-p", "torch_threads=1", "--rate", "0.2", "--quiet"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: (out / "chunks").is_dir(), 180, "the replay to start recording")
+        assert _node_pids(marker)
+        time.sleep(1.5)   # some chunks on the way
+        p.send_signal(signal.SIGTERM)
+        _, se = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 130 and "interrupted" in se and "Traceback" not in se, se[-2000:]
+    wait_until(lambda: not _node_pids(marker), 20, "the policy_node to be stopped")
+    assert H.load_report(out)["ok"] is False and (out / "chunks" / "metadata.yaml").exists()

@@ -67,3 +67,22 @@ def test_cli_eval_expert(tmp_path, capsys):
     rep = json.loads((tmp_path / "e.json").read_text())
     assert list(rep["tasks"]) == ["reach-v3"] and rep["tasks"]["reach-v3"]["episodes"] == 1
     assert "mean (scripted expert)" in capsys.readouterr().out
+
+
+def test_cli_errors_are_one_line_and_fast(tmp_path, capsys):
+    """A wrong checkpoint for `sim eval --ros` is refused before any process starts (the node would
+    fail to configure and the evaluation wait minutes for its first chunk); wrong inputs elsewhere
+    give one line naming the problem and exit code 2; a bench with nothing runnable here exits 1."""
+    import time
+
+    from mode_ros.cli import main
+    t0 = time.monotonic()
+    assert main(["sim", "eval", "--ros", "--checkpoint", str(tmp_path), "--tasks", "reach", "--episodes", "1"]) == 2
+    assert time.monotonic() - t0 < 30 and "not a mode_ros checkpoint" in capsys.readouterr().err
+    assert main(["bench", "--presets", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown preset 'nope'" in err and "Traceback" not in err
+    assert main(["train", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "missing.yaml" in capsys.readouterr().err
+    assert main(["bench", "--presets", "tiny", "--paths", "graph", "--runs", "1", "--warmup", "0"]) == 1
+    assert "skipped (CUDA graphs need a CUDA device)" in capsys.readouterr().err

@@ -15,7 +15,7 @@ def register(subparsers) -> None:
     b = sub.add_parser("bag", help="rosbag2 (.db3/.mcap or bag directories) -> episodes",
                        description="Resample mapped topics onto one control-rate clock and write episodes. "
                                    "A JSON report (ticks, dropped ticks by reason, bad messages, stream rates) "
-                                   "is written beside --out as <out>.report.json.")
+                                   "is written beside --out, suffix replaced (demos.hdf5 -> demos.report.json).")
     b.add_argument("bags", nargs="+", metavar="BAG", help="bag directory, .db3 or .mcap file (one or more)")
     b.add_argument("--topics", required=True, metavar="MAP.yaml", help="topic map (config/bag_topics.example.yaml)")
     b.add_argument("--out", required=True, metavar="OUT.hdf5")

@@ -107,9 +107,11 @@ def bench_preset(name: str, device: str, dtypes: list[str], paths: list[str], ba
                     if path == "uncached" and dtype != "fp32" and "fp32" in dtypes:
                         continue
                     if path.endswith("graph") and dev.type != "cuda":
+                        log(f"[bench] {name} {dtype} b={b} {path}: skipped (CUDA graphs need a CUDA device)")
                         continue
                     quant = path.split("-")[0] if path.split("-")[0] in ("int8", "fp8") else "none"
                     if quant == "fp8" and dev.type != "cuda":
+                        log(f"[bench] {name} {dtype} b={b} {path}: skipped (fp8 needs a CUDA device)")
                         continue
                     if path in ("compiled-graph", "int8-graph", "fp8-graph") and dtype == "fp32" and len(dtypes) > 1:
                         continue  # compile once per batch size, in the low-precision dtype

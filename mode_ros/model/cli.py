@@ -124,6 +124,9 @@ def cmd_bench(args) -> int:
     print(table(rows))
     print(json.dumps({"meta": meta, "rows": rows}))
     write_results(rows, args.out, meta)
+    if not rows:
+        print(f"mode-ros bench: nothing ran on {device} (see the skipped paths above)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -87,7 +87,8 @@ def main(args) -> int:
             print(f"mode-ros replay: -p expects NAME=VALUE, got {item!r}", file=sys.stderr)
             return 2
         k, v = item.split("=", 1)
-        params[k.strip()] = parse_value(v)
+        k = k.strip().removesuffix(":")   # the node's ROS form name:=value works too
+        params[k] = parse_value(v)
     reports = []
     worst = 0
     multi = len(args.bags) > 1

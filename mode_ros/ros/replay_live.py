@@ -223,18 +223,21 @@ def _run(sess, node):
             cmd += ["-r", f"__ns:=/{opts.namespace.strip('/')}"]
         proc = _Node(cmd, sess.out / "node.log")
         t0 = time.monotonic()
-        while True:
-            if not proc.alive:
-                raise ReplayError(f"policy_node exited (code {proc.proc.returncode}) during start-up:\n{proc.tail()}")
-            if _lifecycle_state(node, fqn, timeout=1.0) == "active":
-                break
-            if "configure failed" in proc.tail(200):
-                proc.stop()
-                raise ReplayError(f"policy_node failed to configure:\n{proc.tail()}")
-            if time.monotonic() - t0 > opts.start_timeout:
-                proc.stop()
-                raise ReplayError(f"policy_node not active after {opts.start_timeout:.0f} s:\n{proc.tail()}")
-            time.sleep(0.2)
+        try:   # from here on, whatever happens (a failed start, Ctrl-C, SIGTERM) stops the node we started
+            while True:
+                if not proc.alive:
+                    raise ReplayError(f"policy_node exited (code {proc.proc.returncode}) during start-up:\n"
+                                      f"{proc.tail()}")
+                if _lifecycle_state(node, fqn, timeout=1.0) == "active":
+                    break
+                if "configure failed" in proc.tail(200):
+                    raise ReplayError(f"policy_node failed to configure:\n{proc.tail()}")
+                if time.monotonic() - t0 > opts.start_timeout:
+                    raise ReplayError(f"policy_node not active after {opts.start_timeout:.0f} s:\n{proc.tail()}")
+                time.sleep(0.2)
+        except BaseException:
+            proc.stop()
+            raise
         sess.extra["node_start_s"] = round(time.monotonic() - t0, 2)
     try:
         _replay(sess, node, fqn, proc)

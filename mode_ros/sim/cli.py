@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 import sys
 
 
@@ -101,6 +102,10 @@ def _cmd_eval(args) -> int:
     from .evaluate import EvalConfig, ExpertPolicy, evaluate
     if args.checkpoint in ("bundled", "metaworld_mt10"):
         args.checkpoint = str(bundled_checkpoint())
+    if not args.expert and args.checkpoint and not (Path(args.checkpoint) / "config.yaml").is_file():
+        # checked here: with --ros the node would load it, fail to configure and leave us waiting
+        print(f"mode-ros sim eval: {args.checkpoint} is not a mode_ros checkpoint (no config.yaml)", file=sys.stderr)
+        return 2
     tasks = args.tasks if isinstance(args.tasks, list) else _tasks(args.tasks)
     cfg = EvalConfig(tasks=tasks, episodes=args.episodes, seed=args.seed, replan_every=args.replan_every,
                      max_steps=args.max_steps, image_size=args.image_size, batch=args.batch,
