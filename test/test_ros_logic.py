@@ -265,6 +265,21 @@ def test_stamp_buffer_sorted_and_bounded():
     assert b.latest_stamp() == 4.0 and b.received == 4
 
 
+def test_a_frame_stamped_ahead_of_the_clock_does_not_stay_the_newest():
+    """A driver glitch stamps one frame 0.4 s ahead: without care it stays the newest (and is used) until
+    the clock passes its stamp. The next frame stamped on time supersedes it; a camera whose stamps are
+    all a little ahead (clock skew) keeps every frame."""
+    b = StampBuffer(10)
+    assert b.add(10.00, "a", now=10.01) == 0
+    assert b.add(10.43, "glitch", now=10.04) == 0          # ahead of the clock: kept for now
+    assert b.add(10.06, "b", now=10.07) == 1               # an on-time frame arrives: the glitch goes
+    assert [p for _, p in b.snapshot()] == ["a", "b"] and b.latest_stamp() == 10.06
+    skew = StampBuffer(10)
+    for k in range(5):                                      # every frame 20 ms ahead of the receiver
+        assert skew.add(1.0 + 0.033 * k + 0.02, k, now=1.0 + 0.033 * k) == 0
+    assert len(skew) == 5
+
+
 # ---- stats ----------------------------------------------------------------------------------------------------------
 def test_stamp_buffer_as_received_by():
     """A late tick judges freshness from the images it had received by its scheduled time."""

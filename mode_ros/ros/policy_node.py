@@ -445,8 +445,7 @@ class PolicyNode(LifecycleNode):
         except ImageDecodeError as exc:
             self._reject(f"image_{cam}", f"camera {cam}: image rejected: {exc}")
             return
-        self.buffers[cam].add(st[0], (st[1], img), recv=st[2])
-        self._kick_unserved()
+        self._buffer_image(cam, st, img)
 
     def _on_compressed(self, cam: str, msg: CompressedImage) -> None:
         from mode_ros.data.images import ImageDecodeError, decode_compressed
@@ -459,7 +458,15 @@ class PolicyNode(LifecycleNode):
         except ImageDecodeError as exc:
             self._reject(f"image_{cam}", f"camera {cam}: compressed image rejected: {exc}")
             return
-        self.buffers[cam].add(st[0], (st[1], img), recv=st[2])
+        self._buffer_image(cam, st, img)
+
+    def _buffer_image(self, cam: str, st, img) -> None:
+        dropped = self.buffers[cam].add(st[0], (st[1], img), recv=st[2], now=st[2])
+        if dropped:
+            self.counters.inc(f"dropped_future_frames.{cam}", dropped)
+            self._ratelimited(f"future_{cam}", "warning",
+                              f"camera {cam}: {dropped} frame(s) stamped ahead of the node clock dropped once a "
+                              "frame stamped on time arrived (a stamp glitch would otherwise stay the newest)")
         self._kick_unserved()
 
     def _on_joint_state(self, msg: JointState) -> None:

@@ -122,7 +122,9 @@ class NodeEmulator:
             self.counters[f"rejected.image_{cam}"] += 1
             self.counters[f"rejected.image_{cam}:{exc.reason}"] += 1
             return
-        self.buffers[cam].add(st[0], (st[1], (msgtype, msg)))
+        dropped = self.buffers[cam].add(st[0], (st[1], (msgtype, msg)), now=self.now())
+        if dropped:
+            self.counters[f"dropped_future_frames.{cam}"] += dropped
         self._kick()
 
     def set_goal(self, text: str) -> None:

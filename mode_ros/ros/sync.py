@@ -54,16 +54,27 @@ class StampBuffer:
         self._lock = threading.Lock()
         self.received = 0
 
-    def add(self, stamp: float, payload: Any, recv: float | None = None) -> None:
+    def add(self, stamp: float, payload: Any, recv: float | None = None, now: float | None = None) -> int:
+        """Insert an entry (kept sorted by stamp). With ``now`` (the receiver's clock): an entry stamped
+        at or before now supersedes kept entries stamped after now — a frame whose stamp ran ahead of the
+        clock (a driver glitch) would otherwise stay "the newest" until the clock caught up with it.
+        A camera whose stamps are all ahead (clock skew) is unaffected. Returns how many were dropped."""
         with self._lock:
             self.received += 1
             item = (stamp, payload, recv)
+            dropped = 0
+            if now is not None and stamp <= now and self._items and self._items[-1][0] > now:
+                keep = [it for it in self._items if it[0] <= now]
+                dropped = len(self._items) - len(keep)
+                self._items.clear()
+                self._items.extend(keep)
             if self._items and stamp < self._items[-1][0]:   # out of order: insert sorted
                 items = sorted([*self._items, item], key=lambda x: x[0])
                 self._items.clear()
                 self._items.extend(items[-self._items.maxlen:])
             else:
                 self._items.append(item)
+            return dropped
 
     def snapshot(self) -> list[tuple[float, Any]]:
         with self._lock:
