@@ -265,6 +265,26 @@ def test_stamp_buffer_sorted_and_bounded():
     assert b.latest_stamp() == 4.0 and b.received == 4
 
 
+def test_rows_follow_the_grid_at_wall_clock_times():
+    """Stamps and ticks exactly on a 100 Hz grid at wall-clock magnitude (1.7e9 s, where a double
+    resolves ~2.4e-7 s): every tick executes the next row, none is repeated or skipped."""
+    NS = 1_000_000_000
+    period_ns = NS // 100
+    bad = 0
+    for c in range(300):
+        base = 1_700_000_000 * NS + c * 37 * period_ns
+        ex = ChunkExecutor(T, A, period_ns / NS, replan_every=T)
+        obs = (base // NS) + (base % NS) * 1e-9                     # as from a header stamp
+        ex.add(Plan(actions=chunk(0), obs_time=obs, ready_time=obs, sequence=1), obs)
+        rows = [ex.step((base + k * period_ns) * 1e-9).first_index for k in range(T)]
+        bad += rows != list(range(T))
+    assert bad == 0, f"{bad} of 300 chunks repeated or skipped a row"
+    # cameras exactly camera_sync_tolerance apart belong together (float seconds at wall-clock times)
+    t = 1_700_000_000.123456
+    assert match_stamps({"a": [t], "b": [t + 0.02]}, 0.02) == {"a": 0, "b": 0}
+    assert match_stamps({"a": [t], "b": [t + 0.0201]}, 0.02) is None
+
+
 def test_a_frame_stamped_ahead_of_the_clock_does_not_stay_the_newest():
     """A driver glitch stamps one frame 0.4 s ahead: without care it stays the newest (and is used) until
     the clock passes its stamp. The next frame stamped on time supersedes it; a camera whose stamps are

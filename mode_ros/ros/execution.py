@@ -24,6 +24,9 @@ import numpy as np
 __all__ = ["Plan", "Step", "ChunkExecutor"]
 
 _EPS = 1e-6  # slots are computed from float seconds: forgive rounding right at a slot boundary
+# ... in seconds too: at wall-clock times (~1.7e9 s) a double resolves only ~2.4e-7 s, so stamps and
+# ticks exactly on the grid can land a hair before a slot boundary; 1 µs is far below any period
+_EPS_S = 1e-6
 
 
 @dataclass
@@ -103,7 +106,7 @@ class ChunkExecutor:
 
     def row_index(self, plan: Plan, now: float) -> int:
         if self.latency_compensation:
-            return max(0, math.floor((now - plan.obs_time) / self.period + _EPS))
+            return max(0, math.floor((now - plan.obs_time + _EPS_S) / self.period + _EPS))
         return self.ticks - plan.start_tick
 
     def remaining(self, now: float) -> int:

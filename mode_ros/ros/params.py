@@ -95,8 +95,8 @@ PARAMS: tuple[ParamSpec, ...] = (
               "Seconds (node clock, so use_sim_time works): a camera or state older than this stops the "
               "output until fresh data arrives.", min=0.001, max=3600.0, live=True),
     ParamSpec("camera_sync_tolerance", "double", 0.02,
-              "Seconds: images of different cameras belong to one observation when their header stamps "
-              "differ by at most this.", min=0.0, max=10.0, live=True),
+              "Seconds: images of different cameras belong to one observation when each camera's header "
+              "stamp differs from the first camera's by at most this.", min=0.0, max=10.0, live=True),
     ParamSpec("sync_queue_size", "int", 10,
               "Recent images kept per camera for stamp matching.", min=1, max=1000),
     ParamSpec("image_transport", "string", "raw",

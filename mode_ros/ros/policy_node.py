@@ -429,6 +429,9 @@ class PolicyNode(LifecycleNode):
             if self.executor_ is not None:
                 self.executor_.reset()
             self._unserved = None
+            # an inference already running answers an observation of the old timeline: its chunk (stamped
+            # in the "future" of the new clock) would hold row 0 until the clock caught up; drop it
+            self.goal_generation += 1
         self.counters.inc("clock_jumps_back")
         self.get_logger().warning(f"clock jumped back {high - now:.3f} s (to {now:.3f} s): buffered images, "
                                   "state and plan dropped")

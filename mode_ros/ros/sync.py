@@ -36,7 +36,7 @@ def match_stamps(stamps: Mapping[str, Sequence[float]], tolerance: float,
             if cam == ref:
                 continue
             j = _nearest(s, t)
-            if abs(s[j] - t) > tolerance:
+            if abs(s[j] - t) > tolerance + 1e-9:   # float seconds: exactly `tolerance` apart matches
                 break
             out[cam] = j
         else:

@@ -197,7 +197,9 @@ def record(cfg: RecordConfig, log: Callable[[str], None] = print) -> dict:
     summary: dict = {"config": asdict(cfg), "topics": topic_map(cameras, cfg.control_rate_hz), "tasks": {}}
     t_all = time.perf_counter()
     tot_steps = 0
-    for task_i, task in enumerate(cfg.tasks):
+    for task in cfg.tasks:
+        # the noise is seeded per (seed, task, layout): the task's place in MT10, not in --tasks
+        task_i = MT10.index(task) if task in MT10 else 1000 + sum(map(ord, task))
         task_dir = out / task
         sim = MetaWorldSim(task, cameras=cameras, image_size=cfg.image_size, max_steps=cfg.max_steps)
         instruction = instruction_for(task)
