@@ -84,7 +84,9 @@ PARAMS: tuple[ParamSpec, ...] = (
               "the first chunk after start, a goal change or a gap goes out up to one period sooner."),
     ParamSpec("latency_compensation", "bool", True,
               "Skip the rows of a new chunk that its inference latency already overtook (row i is meant "
-              "for observation stamp + i * period)."),
+              "for observation stamp + i * period). false: a chunk starts at row 0 when it is adopted; "
+              "its ActionChunk's first_index then counts ticks since adoption, so stamp + first_index * "
+              "period is not the tick time (replay scores such runs shifted by the latency)."),
     ParamSpec("temporal_ensembling", "bool", False,
               "Average the rows of all overlapping chunks that cover a control tick (ACT-style "
               "exponential weights, older chunks weigh more); best with replan_every: 1."),
