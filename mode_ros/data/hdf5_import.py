@@ -182,8 +182,7 @@ def import_hdf5(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, *,
                         for s in range(0, T, BLOCK):
                             block = _flip(ds[s:s + BLOCK], flip)
                             if block.dtype != np.uint8:
-                                block = np.clip(np.nan_to_num(block * gain if gain != 1.0 else block), 0, 255)
-                                block = np.round(block).astype(np.uint8) if ds.dtype.kind == "f" else block.astype(np.uint8)
+                                block = np.round(np.clip(np.nan_to_num(block * gain), 0, 255)).astype(np.uint8)
                             if resize and block.shape[1:3] != tuple(resize):
                                 from PIL import Image
 

@@ -102,10 +102,18 @@ if triton is not None:
                                   is_pure=False, pack=1)
 
     @triton.jit
-    def _prefetch_rows(w, rows, k_lo, k_hi, K, LINE: tl.constexpr):
-        """Prefetch into L2 the weights ``w[rows, k_lo:k_hi]`` (rows of length K), one line per step."""
+    def _prefetch_rows(w, rows, k_lo, k_hi, K):
+        """Prefetch into L2 the weights ``w[rows, k_lo:k_hi]`` (rows of length K), one 128-byte line per step."""
+        LINE: tl.constexpr = 1024 // w.dtype.element_ty.primitive_bitwidth   # elements per 128 bytes
         for k0 in range(k_lo, k_hi, LINE):
             _prefetch_l2(w + rows.to(tl.int64) * K + k0)
+
+    @triton.jit
+    def _tile(pid_m, pid_n, M, N, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        """Row and column indices of a BM x BN output tile, the BK strip offsets, and the bound masks."""
+        m = pid_m * BM + tl.arange(0, BM)
+        n = pid_n * BN + tl.arange(0, BN)
+        return m, n, tl.arange(0, BK), m < M, n < N
 
     @triton.jit
     def _dot_nt(a, b, F32DOT: tl.constexpr):
@@ -173,14 +181,9 @@ if triton is not None:
     def _swiglu_up_kernel(x, w, scale, bias, gates, out, M, K, H, NE,
                           HAS_SCALE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                           F32DOT: tl.constexpr, PDL: tl.constexpr):
-        pid_n = tl.program_id(0)
         e = tl.program_id(1)
         pid_m = tl.program_id(2)
-        m = pid_m * BM + tl.arange(0, BM)
-        n = pid_n * BN + tl.arange(0, BN)
-        kk = tl.arange(0, BK)
-        mm = m < M
-        nm = n < H
+        m, n, kk, mm, nm = _tile(pid_m, tl.program_id(0), M, H, BM, BN, BK)
         rv = e * 2 * H + n          # expert e's rows: [v (H rows), g (H rows)]
         rg = rv + H
         if PDL:
@@ -188,9 +191,8 @@ if triton is not None:
             # finishes (one row block per program; the first row-block program of each M block only)
             if pid_m == 0:
                 nc = tl.minimum(n, H - 1)
-                line = 128 // w.dtype.element_ty.primitive_bitwidth * 8
-                _prefetch_rows(w, e * 2 * H + nc, 0, K, K, line)
-                _prefetch_rows(w, e * 2 * H + H + nc, 0, K, K, line)
+                _prefetch_rows(w, e * 2 * H + nc, 0, K, K)
+                _prefetch_rows(w, e * 2 * H + H + nc, 0, K, K)
         _pdl_enter(PDL)
         acc_v = tl.zeros((BM, BN), dtype=tl.float32)
         acc_g = tl.zeros((BM, BN), dtype=tl.float32)
@@ -216,19 +218,13 @@ if triton is not None:
     def _linear_partials_kernel(x, w, scale, out, M, N, K, K_SPLIT,
                                 HAS_SCALE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                                 BK: tl.constexpr, F32DOT: tl.constexpr, PDL: tl.constexpr):
-        pid_n = tl.program_id(0)
         pid_s = tl.program_id(1)
         pid_m = tl.program_id(2)
-        m = pid_m * BM + tl.arange(0, BM)
-        n = pid_n * BN + tl.arange(0, BN)
-        kk = tl.arange(0, BK)
-        mm = m < M
-        nm = n < N
+        m, n, kk, mm, nm = _tile(pid_m, tl.program_id(0), M, N, BM, BN, BK)
         k_lo = pid_s * K_SPLIT
         if PDL:
             if pid_m == 0:   # this program's weight strip into L2 while the previous kernel finishes
-                line = 128 // w.dtype.element_ty.primitive_bitwidth * 8
-                _prefetch_rows(w, tl.minimum(n, N - 1), k_lo, tl.minimum(k_lo + K_SPLIT, K), K, line)
+                _prefetch_rows(w, tl.minimum(n, N - 1), k_lo, tl.minimum(k_lo + K_SPLIT, K), K)
         _pdl_enter(PDL)
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for k0 in range(k_lo, k_lo + K_SPLIT, BK):

@@ -198,8 +198,7 @@ def record(cfg: RecordConfig, log: Callable[[str], None] = print) -> dict:
     t_all = time.perf_counter()
     tot_steps = 0
     for task in cfg.tasks:
-        # the noise is seeded per (seed, task, layout): the task's place in MT10, not in --tasks
-        task_i = MT10.index(task) if task in MT10 else 1000 + sum(map(ord, task))
+        task_i = MT10.index(task)   # noise seeded per (seed, task, layout): the place in MT10, not in --tasks
         task_dir = out / task
         sim = MetaWorldSim(task, cameras=cameras, image_size=cfg.image_size, max_steps=cfg.max_steps)
         instruction = instruction_for(task)
