@@ -496,3 +496,91 @@ def test_use_sim_time_drives_stamps_staleness_and_ticks(ckpt, ros_harness, start
         stop.set()
         th.join(2)
         h.drop(clock_pub, js_pub, goal, chunks, *cams.values())
+
+
+def test_lockstep_inference_serves_each_due_tick_from_its_own_observation(ckpt, ros_harness, start_node):
+    """lockstep_inference under a scripted lockstep simulator (sim time advances only once the node's
+    message for the tick has arrived). Every chunk comes from the observation of the tick it starts at:
+    its stamp is that tick and its first_index 0; a new sequence starts exactly every replan_every ticks
+    and the ticks between execute rows 1 .. R-1 of it. This holds when a tick's images and state arrive
+    after its /clock (the node waits for them rather than using the previous tick's), and across a goal
+    change (the next tick starts a chunk for the new goal). So what the simulator executes depends only
+    on what it observed, not on the machine's speed."""
+    from rclpy.qos import qos_profile_sensor_data
+    from rclpy.time import Time
+    from rosgraph_msgs.msg import Clock
+    from sensor_msgs.msg import Image, JointState
+    from std_msgs.msg import String
+
+    from mode_ros.msg import ActionChunk
+    from mode_ros.ros.policy_node import GOAL_QOS
+
+    h = ros_harness
+    ns, R, rate = "/lockstep_policy", 3, 10.0
+    clock_pub = h.node.create_publisher(Clock, "/clock", 10)
+    cams = {c: h.node.create_publisher(Image, f"{ns}/image_{c}", qos_profile_sensor_data) for c in CAMERAS}
+    js_pub = h.node.create_publisher(JointState, f"{ns}/joint_states", qos_profile_sensor_data)
+    goal = h.node.create_publisher(String, f"{ns}/goal", GOAL_QOS)
+    goal.publish(String(data=GOALS[0]))
+    chunks = h.collect(ActionChunk, f"{ns}/action_chunk", 100)
+    rng = np.random.default_rng(3)
+
+    def observe(st, k):
+        frame = rng.integers(0, 255, (24, 32, 3), dtype=np.uint8).tobytes()
+        for p in cams.values():
+            m = Image()
+            m.header.stamp = st
+            m.height, m.width, m.encoding, m.step, m.data = 24, 32, "rgb8", 32 * 3, frame
+            p.publish(m)
+        js = JointState()
+        js.header.stamp = st
+        js.name, js.position = ["j0", "j1", "j2"], [0.01 * k, 0.2, 0.3]
+        js_pub.publish(js)
+
+    def message_for(t_ns):
+        for m in chunks.msgs():
+            stamp = m.header.stamp.sec * 1_000_000_000 + m.header.stamp.nanosec
+            if stamp + m.first_index * int(1e9 / rate) == t_ns:
+                return m
+        return None
+
+    node = start_node(executable("policy_node"), name="lockstep_policy",
+                      params={"checkpoint": str(ckpt), "device": "cpu", "use_sim_time": True,
+                              "control_rate_hz": rate, "replan_every": R, "lockstep_inference": True,
+                              "state_joint_names": ["j0", "j1", "j2"], "torch_threads": 1, "seed": 0})
+    got = []
+    try:
+        t0_ns = 2_000 * 1_000_000_000
+        for k in range(24):
+            t_ns = t0_ns + k * int(1e9 / rate)
+            st = Time(nanoseconds=t_ns).to_msg()
+            if k == 13:
+                goal.publish(String(data=GOALS[1]))
+            late = k % 5 == 2
+            if not late:
+                observe(st, k)
+            clock_pub.publish(Clock(clock=st))
+            if late:                      # the clock comes first, the tick's observation 0.3 s later
+                time.sleep(0.3)
+                observe(st, k)
+            deadline = time.monotonic() + (180 if k == 0 else 20)
+            resend = time.monotonic() + 1.0
+            while (m := message_for(t_ns)) is None:
+                assert time.monotonic() < deadline, f"no message for tick {k}\n{node.tail()}"
+                if time.monotonic() > resend:   # the node may not have been listening yet (start-up)
+                    observe(st, k)
+                    clock_pub.publish(Clock(clock=st))
+                    resend = time.monotonic() + 1.0
+                time.sleep(0.005)
+            got.append((k, m.header.stamp.sec * 1_000_000_000 + m.header.stamp.nanosec, m.first_index,
+                        m.sequence, m.goal))
+    finally:
+        h.drop(clock_pub, js_pub, goal, chunks, *cams.values())
+    starts = [k for k, _, fi, _, _ in got if fi == 0]
+    assert starts == [0, 3, 6, 9, 12, 13, 16, 19, 22], got      # the goal change at 13 starts a chunk
+    for k, stamp, fi, seq, g in got:
+        start = max(s for s in starts if s <= k)
+        assert fi == k - start and stamp == t0_ns + start * int(1e9 / rate), (k, got)
+        assert g == (GOALS[1] if k >= 13 else GOALS[0])
+    seqs = [seq for k, _, fi, seq, _ in got if fi == 0]
+    assert seqs == sorted(set(seqs)), got                      # one new inference per chunk start

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from mode_ros.ros.execution import ChunkExecutor, Plan
+from mode_ros.ros.execution import ChunkExecutor, Plan, observation_seed
 from mode_ros.ros.params import PARAMS, NodeParams, ParameterError, render_yaml, validate
 from mode_ros.ros.safety import ActionSafety, NonFiniteActionError
 from mode_ros.ros.stats import Counters, RateLimitedLog, RateMeter, WindowStats
@@ -47,6 +47,30 @@ def test_without_latency_compensation_rows_advance_per_tick():
     ex.step(0.0)                          # ticks without a plan
     ex.add(plan(0, obs_time=-5.0))        # very old observation: still starts at row 0
     assert [ex.step(100.0).first_index for _ in range(3)] == [0, 1, 2]
+
+
+def test_chunk_due_marks_the_ticks_that_start_a_chunk():
+    """lockstep_inference asks chunk_due at every tick: due without a plan, at replan_every rows into
+    the plan (not one tick early, as needs_replan's latency lead is), and never while a pending chunk
+    is about to take over."""
+    ex = ChunkExecutor(T, A, DT, replan_every=3)
+    assert ex.chunk_due(1.0)
+    ex.add(plan(0, obs_time=1.0), now=1.0)
+    due = [ex.chunk_due(1.0 + k * DT) for k in range(5)]
+    assert due == [False, False, False, True, True]       # 1.3 s = row 3 (float: 2.9999... rounds up)
+    assert ex.needs_replan(1.2) and not ex.chunk_due(1.2)  # the asynchronous request comes a tick earlier
+    ex.pending = plan(10, obs_time=1.25)
+    assert not ex.chunk_due(1.3)
+
+
+def test_observation_seed_is_a_function_of_the_observation():
+    stamps = [1_000_000_000 + k * 50_000_000 for k in range(200)]
+    seeds = [observation_seed(0, s) for s in stamps]
+    assert seeds == [observation_seed(0, s) for s in stamps]        # repeatable
+    assert len(set(seeds)) == len(seeds)                              # every observation its own noise
+    assert all(0 <= x < 2 ** 31 for x in seeds)
+    assert seeds != [observation_seed(1, s) for s in stamps]
+    assert observation_seed(-1, stamps[0]) is None                    # random
 
 
 def test_restep_serves_the_same_tick_once():

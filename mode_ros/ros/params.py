@@ -82,6 +82,14 @@ PARAMS: tuple[ParamSpec, ...] = (
               "inference result lands before the next tick, publish that tick at once, stamped and stepped "
               "for it. A lockstep simulator (sim time advances only after an action) needs this; on a robot "
               "the first chunk after start, a goal change or a gap goes out up to one period sooner."),
+    ParamSpec("lockstep_inference", "bool", False,
+              "Simulation with a lockstep clock only (the simulator stops sim time until it has an action for "
+              "the tick): at a tick where a new chunk is due (no plan yet, or the plan reached replan_every), "
+              "publish nothing until an inference on that tick's own observation (stamped within the last "
+              "period, state included) has landed, then serve the tick from row 0 of it. Inference then takes "
+              "no sim time, so closed-loop results do not depend on the machine's speed (with seed >= 0 a "
+              "run is repeatable). On a robot, or a simulator that runs on, this stops the output for every "
+              "inference: leave false."),
     ParamSpec("latency_compensation", "bool", True,
               "Skip the rows of a new chunk that its inference latency already overtook (row i is meant "
               "for observation stamp + i * period). false: a chunk starts at row 0 when it is adopted; "
@@ -130,7 +138,9 @@ PARAMS: tuple[ParamSpec, ...] = (
               "Joint names of the JointTrajectory, one per action dimension; [\"\"] = the checkpoint's "
               "action_names (or a0, a1, ...)."),
     ParamSpec("seed", "int", -1,
-              "Seed of the diffusion sampler noise for every inference; -1 = random.",
+              "Seed of the diffusion sampler noise; -1 = random. >= 0: each inference's noise is drawn from this "
+              "seed and its observation's stamp (repeatable: the same observation gets the same noise, "
+              "live and in offline replay; each observation its own).",
               min=-1, max=2**31 - 1),
     ParamSpec("autostart", "bool", True,
               "Configure and activate the lifecycle node at start-up (false: wait for a lifecycle "
@@ -220,6 +230,7 @@ class NodeParams:
     control_rate_hz: float = 10.0
     replan_every: int = 0
     serve_late_ticks: bool = True
+    lockstep_inference: bool = False
     latency_compensation: bool = True
     temporal_ensembling: bool = False
     ensembling_decay: float = 0.01

@@ -41,7 +41,7 @@ from std_srvs.srv import SetBool
 from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
 
 from mode_ros.msg import ActionChunk
-from mode_ros.ros.execution import ChunkExecutor, Plan
+from mode_ros.ros.execution import ChunkExecutor, Plan, observation_seed
 from mode_ros.ros.params import NODE_NAME, PARAMS, NodeParams, ParameterError, validate
 from mode_ros.ros.safety import ActionSafety, NonFiniteActionError, output_gate
 from mode_ros.ros.stats import Counters, RateLimitedLog, RateMeter, WindowStats
@@ -159,6 +159,9 @@ class PolicyNode(LifecycleNode):
         # the last tick, when it published nothing and may still be served (serve_late_ticks):
         # (its scheduled time, whether the executor already stepped it)
         self._unserved: tuple[Any, bool] | None = None
+        # lockstep_inference: the tick (rclpy Time) whose own observation the next inference must use
+        self._sync_tick = None
+        self._sync_retry = False   # the last inference must be retried (observation incomplete, goal changed)
 
         self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         self._diag_timer = self.create_timer(self.p.diagnostics_period, self._publish_diagnostics)
@@ -314,6 +317,11 @@ class PolicyNode(LifecycleNode):
                                                            qos_profile_sensor_data))
         self._infer_stop.clear()
         self._inflight = False   # a request cut short by the last cleanup must not block this run
+        self._sync_tick, self._sync_retry = None, False
+        if self.p.lockstep_inference and not self.get_parameter("use_sim_time").value:
+            self.get_logger().warning("lockstep_inference is on without use_sim_time: every tick that needs a "
+                                      "new chunk publishes nothing until the inference lands (meant for a "
+                                      "lockstep simulator)")
         self._infer_thread = threading.Thread(target=self._inference_loop, name="mode_ros_inference",
                                               daemon=True)
         self._infer_thread.start()
@@ -609,10 +617,20 @@ class PolicyNode(LifecycleNode):
                 # first action after the gap is limited relative to it (reset only on activate/disable)
                 self.executor_.reset()
                 self._suppress(*gate, level="info" if gate[0] in ("disabled", "no_goal") else "warning")
-                if self.p.serve_late_ticks and gate[0] != "disabled":
+                if self._serve_late and gate[0] != "disabled":
                     self._unserved = (now_t, False)
                 return
-            if not self._inflight and self.executor_.needs_replan(now, self._expected_latency):
+            if self.p.lockstep_inference and self.executor_.chunk_due(now):
+                # lockstep simulation: this tick waits for a chunk computed from its own observation
+                # (sim time stands still meanwhile), then _serve_unserved publishes it from row 0
+                self._unserved = (now_t, False)
+                self._sync_tick = now_t
+                if not self._inflight and self._tick_observation_ready(now):
+                    self._inflight = True
+                    self._infer_request.set()
+                return
+            if (not self.p.lockstep_inference and not self._inflight
+                    and self.executor_.needs_replan(now, self._expected_latency)):
                 self._inflight = True
                 self._infer_request.set()
             step = self.executor_.step(now)
@@ -620,10 +638,27 @@ class PolicyNode(LifecycleNode):
                 why = self.last_failure or "waiting for the first chunk"
                 self._suppress("no_plan", f"no plan for this tick ({why})",
                                level="warning" if self.last_failure else "info")
-                if self.p.serve_late_ticks:
+                if self._serve_late:
                     self._unserved = (now_t, True)
                 return
             self._publish_step(now_t, step)
+
+    @property
+    def _serve_late(self) -> bool:
+        return self.p.serve_late_ticks or self.p.lockstep_inference
+
+    def _tick_observation_ready(self, t: float) -> bool:
+        """lockstep_inference: every input needed has a message stamped within the period ending at
+        the tick ``t`` (its own observation: a lockstep simulator publishes it before the clock)."""
+        lo, hi = t - 1.0 / self.p.control_rate_hz + 1e-6, t + 1e-6
+        for b in self.buffers.values():
+            if not any(lo < st <= hi for st, _ in b.snapshot()):
+                return False
+        if self.policy is not None and self.policy.state_dim > 0:
+            st = self.state
+            if st is None or not lo < st[0] <= hi:
+                return False
+        return True
 
     def _kick_unserved(self) -> None:
         """An input arrived: if the last tick went unserved for want of it and could now be served,
@@ -633,8 +668,13 @@ class PolicyNode(LifecycleNode):
         with self.lock:
             if self._unserved is None or self._inflight or not self.active or self.executor_ is None:
                 return
-            if self._gate(self._unserved[0].nanoseconds * 1e-9, as_received_by_now=False) is not None:
+            t = self._unserved[0].nanoseconds * 1e-9
+            if self._gate(t, as_received_by_now=False) is not None:
                 return
+            if self.p.lockstep_inference:
+                if not self._tick_observation_ready(t):
+                    return
+                self._sync_tick = self._unserved[0]
             self._inflight = True
             self._infer_request.set()
 
@@ -707,18 +747,29 @@ class PolicyNode(LifecycleNode):
             self._traj_pub.publish(traj)
 
     # ---- inference thread ------------------------------------------------------------------------------------
-    def _observation(self, now: float) -> _Observation | str:
-        """The newest complete observation, or the reason why there is none."""
+    def _observation(self, now: float, at=None) -> _Observation | str:
+        """The newest complete observation, or the reason why there is none. With ``at`` (a tick's
+        rclpy Time, lockstep_inference) the observation of that tick: stamped within the period ending at it."""
         with self.lock:
             goal, gen = self.goal, self.goal_generation
             state = self.state
         if not goal:
             return "no goal"
         snaps = {c: b.snapshot() for c, b in self.buffers.items()}
+        if at is not None:
+            t_at = at.nanoseconds * 1e-9
+            lo, hi = t_at - 1.0 / self.p.control_rate_hz + 1e-6, t_at + 1e-6
+            snaps = {c: [e for e in v if e[0] <= hi] for c, v in snaps.items()}
+            if any(not v or v[-1][0] <= lo for v in snaps.values()) or (
+                    self.policy.state_dim > 0 and (state is None or not lo < state[0] <= hi)):
+                return f"waiting for the observation of the tick at {t_at:.3f} s (lockstep_inference)"
         if not snaps:
-            # a checkpoint without cameras: the observation time is now
+            # a checkpoint without cameras: the observation time is now (lockstep: the tick's)
             obs = _Observation()
-            obs.images, obs.stamp_sec, obs.stamp = [], now, self.get_clock().now().to_msg()
+            if at is not None:
+                obs.images, obs.stamp_sec, obs.stamp = [], at.nanoseconds * 1e-9, at.to_msg()
+            else:
+                obs.images, obs.stamp_sec, obs.stamp = [], now, self.get_clock().now().to_msg()
         else:
             idx = match_stamps({c: [s for s, _ in v] for c, v in snaps.items()}, self.p.camera_sync_tolerance)
             if idx is None:
@@ -758,18 +809,28 @@ class PolicyNode(LifecycleNode):
             finally:
                 with self.lock:
                     self._inflight = False
+            if self._sync_retry:
+                # lockstep_inference: the tick's observation was not complete when this inference looked
+                # (if the rest arrived meanwhile, its kick found this one in flight), or the result was
+                # dropped for a new goal: go again if the waiting tick can be served now
+                self._kick_unserved()
 
     def _infer_once(self) -> None:
         policy = self.policy
         if policy is None:
             return
         now = self.get_clock().now().nanoseconds * 1e-9
-        obs = self._observation(now)
+        at = self._sync_tick if self.p.lockstep_inference else None
+        obs = self._observation(now, at)
+        self._sync_retry = at is not None and isinstance(obs, str) and obs.startswith("waiting")
+        if self._sync_retry:
+            self.counters.inc("lockstep_observation_waits")
+            return
         if isinstance(obs, str):
             self.last_failure = obs
             self._ratelimited("observation", "warning", f"no inference: {obs}")
             return
-        seed = None if self.p.seed < 0 else self.p.seed
+        seed = observation_seed(self.p.seed, int(obs.stamp.sec) * 1_000_000_000 + int(obs.stamp.nanosec))
         t0 = time.perf_counter()
         try:
             actions = policy.predict_chunk(obs.images, obs.goal, state=obs.state, seed=seed)
@@ -793,13 +854,15 @@ class PolicyNode(LifecycleNode):
             self._expected_latency = q
             if obs.generation != self.goal_generation or not self.active or self.executor_ is None:
                 self.counters.inc("dropped_results")  # goal changed (or deactivated) meanwhile
+                # lockstep_inference: the waiting tick needs an inference for the new goal
+                self._sync_retry = self.p.lockstep_inference
                 return
             self.sequence += 1
             plan = Plan(actions=actions, obs_time=obs.stamp_sec, ready_time=now + latency,
                         sequence=self.sequence, goal=obs.goal, latency=latency, stamp=obs.stamp)
             self.executor_.add(plan, self.get_clock().now().nanoseconds * 1e-9)
             self.last_failure = ""
-        if self.p.serve_late_ticks:
+        if self._serve_late:
             self._serve_unserved()
 
     # ---- diagnostics -----------------------------------------------------------------------------------------

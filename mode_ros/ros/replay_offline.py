@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mode_ros.data.images import ImageDecodeError, check_image, compressed_size, decode_compressed, decode_image
-from mode_ros.ros.execution import ChunkExecutor, Plan
+from mode_ros.ros.execution import ChunkExecutor, Plan, observation_seed
 from mode_ros.ros.params import NodeParams
 from mode_ros.ros.safety import ActionSafety, NonFiniteActionError, output_gate
 from mode_ros.ros.scoring import ChunkRecord
@@ -277,7 +277,7 @@ class NodeEmulator:
             self.last_failure = f"inference refused: image rejected: {exc}"
             self.counters["inference_failures"] += 1
             return
-        seed = None if self.p.seed < 0 else self.p.seed
+        seed = observation_seed(self.p.seed, stamp_ns)
         t0 = time.perf_counter()
         try:
             actions = self.policy.predict_chunk(images, goal, state=state, seed=seed)

@@ -21,9 +21,13 @@ started, or answering another goal, are ignored. Without a row the arm holds (dx
 gripper as last commanded) and the tick counts as ``held``.
 
 Modes (parameter ``mode``):
-  lockstep  (default) sim time stops until a row for ``t`` arrives (at most ``action_timeout_s`` wall
-            seconds, ``startup_timeout_s`` for the first row of the run, while the policy loads);
-            results do not depend on the machine's speed.
+  lockstep  (default) sim time stops until the policy's message for ``t`` arrives (a chunk whose row 0
+            is meant for ``t``; a policy node publishes one per control tick), at most
+            ``action_timeout_s`` wall seconds (then an earlier chunk's row for ``t`` is used, or the arm
+            holds; the tick counts as ``late``), ``startup_timeout_s`` for the first row of the run,
+            while the policy loads. With a policy that computes each chunk from the tick's own
+            observation (the policy node's ``lockstep_inference``) results do not depend on the
+            machine's speed.
   realtime  ticks are paced by the wall clock (``real_time_factor``); whatever row is there at the
             tick is executed, like a real robot.
 
@@ -35,6 +39,7 @@ written to ``summary_path`` (JSON) when set; the node exits when ``exit_when_don
 from __future__ import annotations
 
 import array
+import hashlib
 import json
 import sys
 import time
@@ -63,13 +68,12 @@ class _Chunk:
     tick: int
     goal: str
 
-    def row_for(self, t_ns: int) -> np.ndarray | None:
+    def row_for(self, t_ns: int) -> int | None:
+        """Index into ``rows`` of the row meant for ``t_ns`` (None: the chunk does not cover it)."""
         if self.period_ns <= 0:
             return None
         k = int(round((t_ns - self.stamp_ns) / self.period_ns)) - self.first_index
-        if 0 <= k < len(self.rows):
-            return self.rows[k]
-        return None
+        return k if 0 <= k < len(self.rows) else None
 
 
 def _stamp_ns(stamp) -> int:
@@ -147,6 +151,7 @@ class SimBridge(Node):
         self._goal = ""
         self.t_ns = START_TIME_NS
         self._bad_chunks = 0
+        self._late_ticks = 0     # lockstep: ticks whose own message did not come within the timeout
 
     # -- input ---------------------------------------------------------------------------------
     def _on_chunk(self, msg) -> None:
@@ -166,16 +171,21 @@ class SimBridge(Node):
         if len(self._chunks) > 64:
             del self._chunks[:-64]
 
-    def _row(self, t_ns: int) -> np.ndarray | None:
+    def _row(self, t_ns: int, fresh: bool = False) -> tuple[np.ndarray, int] | None:
+        """The row for ``t_ns`` of the newest chunk covering it, and its index in the model's chunk
+        (first_index + k: how many control periods after its observation it is executed). ``fresh``:
+        only from a chunk whose row 0 is meant for ``t_ns`` (the policy's message for this tick)."""
         best = None
         for ch in self._chunks:
-            r = ch.row_for(t_ns)
-            if r is not None and (best is None or (ch.sequence, ch.tick) >= (best[0].sequence, best[0].tick)):
-                best = (ch, r)
+            k = ch.row_for(t_ns)
+            if fresh and k != 0:
+                continue
+            if k is not None and (best is None or (ch.sequence, ch.tick) >= (best[0].sequence, best[0].tick)):
+                best = (ch, k)
         # chunks that end before t can go
         self._chunks = [c for c in self._chunks
                         if c.stamp_ns + (c.first_index + len(c.rows) - 1) * c.period_ns >= t_ns]
-        return None if best is None else best[1]
+        return None if best is None else (best[0].rows[best[1]], best[0].first_index + best[1])
 
     # -- output --------------------------------------------------------------------------------
     def _time_msg(self, t_ns: int):
@@ -221,18 +231,23 @@ class SimBridge(Node):
                 return
             executor.spin_once(timeout_sec=min(left, 0.05))
 
-    def _wait_row(self, executor, t_ns: int, timeout: float, obs=None) -> np.ndarray | None:
-        """Spin until a row for ``t_ns`` is there (or ``timeout``); re-sends ``obs`` meanwhile, so an
-        observation lost before the policy's subscriptions matched cannot stall the loop."""
+    def _wait_row(self, executor, t_ns: int, timeout: float, obs=None) -> tuple[np.ndarray, int] | None:
+        """Spin until the policy's message for ``t_ns`` is there (a chunk whose row 0 is meant for it:
+        a policy node publishes one per control tick), or ``timeout``: then the row for ``t_ns`` of an
+        earlier chunk, if any (the tick counts as late). Re-sends ``obs`` meanwhile, so an observation
+        lost before the policy's subscriptions matched cannot stall the loop. Waiting for the tick's own
+        message, not for any row covering it, keeps sim time from running ahead of the policy while it
+        computes: what is executed then depends only on what was observed, not on the machine's speed."""
         now = time.monotonic()
         end, resend = now + timeout, now + self.republish
         while True:
-            row = self._row(t_ns)
+            row = self._row(t_ns, fresh=True)
             if row is not None or not rclpy.ok():
                 return row
             now = time.monotonic()
             if now >= end:
-                return None
+                self._late_ticks += 1
+                return self._row(t_ns)
             if obs is not None and self.republish > 0 and now >= resend:
                 self._publish_observation(obs, t_ns)
                 resend = now + self.republish
@@ -268,6 +283,9 @@ class SimBridge(Node):
                     self._event({"event": "start", "task": task, "instruction": goal, "episode": e,
                                  "layout": lay.as_dict(), "stamp_ns": self.t_ns})
                     held = 0
+                    late0 = self._late_ticks
+                    rows_at: dict[int, int] = {}      # executed rows by their index in the model's chunk
+                    digest = hashlib.sha1()           # of every executed action (run-to-run identity)
                     last = np.zeros(ACTION_DIM, np.float32)
                     t_wall0 = time.monotonic()
                     k = 0
@@ -291,8 +309,10 @@ class SimBridge(Node):
                             action = np.array([0.0, 0.0, 0.0, last[3]], np.float32)
                         else:
                             got_first_row = True
-                            action = np.clip(np.asarray(row, np.float32), -1.0, 1.0)
+                            action = np.clip(np.asarray(row[0], np.float32), -1.0, 1.0)
+                            rows_at[row[1]] = rows_at.get(row[1], 0) + 1
                         last = action
+                        digest.update(action.tobytes())
                         res = sim.step(action)
                         self._publish_action(action)
                         obs = res.obs
@@ -302,7 +322,9 @@ class SimBridge(Node):
                             success = res.success
                             break
                     r = {"episode": e, "layout": lay.as_dict(), "success": bool(success), "steps": sim.steps,
-                         "held_ticks": held, "wall_s": round(time.monotonic() - t_wall0, 3)}
+                         "held_ticks": held, "late_ticks": self._late_ticks - late0, "wall_s": round(time.monotonic() - t_wall0, 3),
+                         "rows_executed_by_index": {str(i): rows_at[i] for i in sorted(rows_at)},
+                         "actions_sha1": digest.hexdigest()}
                     results.append(r)
                     self._event({"event": "end", "task": task, **r})
                     log.info(f"{task} episode {e}: {'SUCCESS' if success else 'failure'} after {sim.steps} steps"

@@ -68,7 +68,9 @@ def register(subparsers) -> None:
     e.add_argument("--ros", action="store_true",
                    help="run through ROS 2: policy node + sim bridge as processes (needs the colcon build)")
     e.add_argument("--ros-mode", choices=["lockstep", "realtime"], default="lockstep",
-                   help="--ros: the bridge waits for each action (lockstep) or paces ticks by the wall clock")
+                   help="--ros: the bridge waits for each action and the node computes each chunk from the "
+                        "observation of the tick it starts at (lockstep: independent of machine speed), or "
+                        "ticks are paced by the wall clock (realtime: like a robot)")
     e.add_argument("--rate", type=float, default=20.0, help="--ros: control rate (Hz) of bridge and policy node")
     e.add_argument("--cameras", type=_cams, default=None,
                    help="--ros: cameras the bridge publishes (default: none for a checkpoint without cameras, "

@@ -142,6 +142,10 @@ def evaluate_ros(args, cfg: EvalConfig, log=print) -> dict | None:
                             "-p", f"seed:={cfg.policy_seed}"]
         if cfg.replan_every:
             policy_cmd += ["-p", f"replan_every:={cfg.replan_every}"]
+        if getattr(args, "ros_mode", "lockstep") == "lockstep":
+            # inference takes no sim time: each chunk comes from the observation of the tick it starts
+            # at, so the result does not depend on this machine's speed
+            policy_cmd += ["-p", "lockstep_inference:=true"]
         label = f"MoDE {args.checkpoint} (ROS)"
     policy_cmd += policy_remaps()
     log(f"ROS_DOMAIN_ID={env['ROS_DOMAIN_ID']} ROS_LOG_DIR={env['ROS_LOG_DIR']} work={work}")
@@ -172,8 +176,13 @@ def evaluate_ros(args, cfg: EvalConfig, log=print) -> dict | None:
               "seconds": time.monotonic() - t0, "bridge": {k: v for k, v in summary.items() if k != "tasks"}}
     for task, v in summary["tasks"].items():
         succ = [r["steps"] for r in v["episode_results"] if r["success"]]
+        rows: dict[str, int] = {}
+        for r in v["episode_results"]:
+            for i, n in r.get("rows_executed_by_index", {}).items():
+                rows[i] = rows.get(i, 0) + n
         report["tasks"][task] = {**v, "mean_steps_success": sum(succ) / len(succ) if succ else None,
-                                 "held_ticks": sum(r["held_ticks"] for r in v["episode_results"])}
+                                 "held_ticks": sum(r["held_ticks"] for r in v["episode_results"]),
+                                 "rows_executed_by_index": dict(sorted(rows.items(), key=lambda kv: int(kv[0])))}
     log(format_table(report))
     if cfg.json_path:
         Path(cfg.json_path).parent.mkdir(parents=True, exist_ok=True)
