@@ -45,8 +45,11 @@ def test_slot_boundary_rounding():
 def test_without_latency_compensation_rows_advance_per_tick():
     ex = ChunkExecutor(T, A, DT, latency_compensation=False)
     ex.step(0.0)                          # ticks without a plan
-    ex.add(plan(0, obs_time=-5.0))        # very old observation: still starts at row 0
-    assert [ex.step(100.0).first_index for _ in range(3)] == [0, 1, 2]
+    ex.add(plan(0, obs_time=99.5))        # old observation (5 periods): still starts at row 0
+    steps = [ex.step(100.0 + i * DT) for i in range(3)]
+    assert [s.row for s in steps] == [0, 1, 2] and [s.actions[0, 0] for s in steps] == [0, 1, 2]
+    # ... executed 5 periods late: first_index keeps stamp + first_index * period = the tick's time
+    assert [s.first_index for s in steps] == [5, 6, 7]
 
 
 def test_chunk_due_marks_the_ticks_that_start_a_chunk():
@@ -135,6 +138,29 @@ def test_unserved_tick_is_served_when_its_input_arrives(serve_late, image_at, se
         assert nxt is not None and nxt.first_index == (1 if image_at <= 1.0 else 0)
     else:
         assert nxt is None and key == "no_plan"   # requested at this tick, ready for the next
+
+
+def test_offline_emulation_of_lockstep_inference():
+    """NodeEmulator mirrors lockstep_inference: every replan_every-th tick is served from row 0 of an
+    inference on that tick's own image (stamp = the tick); a due tick whose image is older than one
+    period publishes nothing (the node would wait for it), and the next tick with its image starts anew."""
+    from mode_ros.ros.replay_offline import IMAGE, NodeEmulator
+    NS = 1_000_000_000
+    p = NodeParams.from_mapping({"checkpoint": "x", "goal": "go", "lockstep_inference": True,
+                                 "control_rate_hz": 10.0, "replan_every": 3})
+    pol = _ConstPolicy()
+    emu = NodeEmulator(p, ["cam"], 0, T, A, policy=pol, latency=0.5)   # latency plays no part
+    out = []
+    for k in range(10):
+        t = NS + k * NS // 10
+        emu.set_clock(t)
+        if k != 6:                                  # tick 6's image is missing
+            emu.on_image("cam", t, IMAGE, _image_msg())
+        rec, key, _ = emu.tick()
+        out.append(key if rec is None else ((rec.stamp_ns - NS) * 10 // NS, rec.first_index, rec.actions[0, 0]))
+    assert out == [(0, 0, 0), (0, 1, 1), (0, 2, 2), (3, 0, 0), (3, 1, 1), (3, 2, 2), "lockstep_wait",
+                   (7, 0, 0), (7, 1, 1), (7, 2, 2)]
+    assert pol.calls == 3
 
 
 def test_rate_limit_holds_across_ticks_that_publish_nothing():

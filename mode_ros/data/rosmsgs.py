@@ -39,8 +39,10 @@ ACTION_CHUNK_MSG = (
     '# to the configured bounds. Never contains NaN or Inf.\n'
     'float32[] actions\n'
     '\n'
-    "# Index of row 0 within the chunk the model produced (0 = the chunk's first action; k > 0 when k\n"
-    '# rows were skipped because they were overtaken by inference latency or already executed).\n'
+    '# Control periods from the observation to row 0: row 0 is for the tick at header.stamp + first_index *\n'
+    "# control_period. With latency_compensation (the default) this is also row 0's index in the chunk the\n"
+    '# model produced (k > 0 when k rows were overtaken by inference latency or already executed); without\n'
+    '# it a chunk is executed from its row 0 on arrival, i.e. late, and first_index only gives the time.\n'
     'uint32 first_index\n'
     '\n'
     '# Strictly increasing number of the model inference that produced this chunk (starts at 1).\n'

@@ -4,7 +4,10 @@ Time convention: a chunk computed from an observation stamped ``t_obs`` has row 
 control slot ``[t_obs + i*period, t_obs + (i+1)*period)``. At a control tick at time ``now`` the row
 to execute is ``floor((now - t_obs) / period)``: with ``latency_compensation`` the rows overtaken by
 inference latency (and camera delay) are skipped. Without it, a new chunk starts at its row 0 on
-the first tick after it arrived and advances one row per tick.
+the first tick after it arrived and advances one row per tick, i.e. it is executed late. Either way a
+step's ``first_index`` is the control slot of the tick counted from the observation, so that
+``stamp + first_index * period`` is the tick's time (the ActionChunk contract); ``row`` is the row of
+the model's chunk executed there (equal to ``first_index`` with latency compensation).
 
 Re-planning: the current chunk is executed up to row ``replan_every`` (1 … chunk_size, 0 =
 chunk_size); the next one is requested early by the expected inference latency (plus one tick of
@@ -59,9 +62,10 @@ class Plan:
 @dataclass
 class Step:
     actions: np.ndarray      # [n, action_dim]: row 0 is the action for this tick
-    first_index: int         # index of row 0 within the newest plan's chunk
+    first_index: int         # control periods from the newest plan's observation to this tick
     plan: Plan               # the newest plan (its obs_time is the header stamp)
     n_ensembled: int = 1     # how many chunks contributed to row 0
+    row: int = -1            # row of the newest plan's chunk executed at this tick (-1: = first_index)
 
 
 class ChunkExecutor:
@@ -127,9 +131,14 @@ class ChunkExecutor:
     def newest(self) -> Plan | None:
         return self.plans[-1] if self.plans else None
 
+    def slot_index(self, plan: Plan, now: float) -> int:
+        """Control periods from the plan's observation to ``now`` (floored)."""
+        return max(0, math.floor((now - plan.obs_time + _EPS_S) / self.period + _EPS))
+
     def row_index(self, plan: Plan, now: float) -> int:
+        """The plan's row for the tick at ``now``."""
         if self.latency_compensation:
-            return max(0, math.floor((now - plan.obs_time + _EPS_S) / self.period + _EPS))
+            return self.slot_index(plan, now)
         return self.ticks - plan.start_tick
 
     def remaining(self, now: float) -> int:
@@ -197,4 +206,4 @@ class ChunkExecutor:
                 rows[r] = acc / wsum
                 if r == 0:
                     n_ens = n
-        return Step(actions=rows, first_index=k, plan=p, n_ensembled=n_ens)
+        return Step(actions=rows, first_index=self.slot_index(p, now), plan=p, n_ensembled=n_ens, row=k)

@@ -92,9 +92,9 @@ PARAMS: tuple[ParamSpec, ...] = (
               "inference: leave false."),
     ParamSpec("latency_compensation", "bool", True,
               "Skip the rows of a new chunk that its inference latency already overtook (row i is meant "
-              "for observation stamp + i * period). false: a chunk starts at row 0 when it is adopted; "
-              "its ActionChunk's first_index then counts ticks since adoption, so stamp + first_index * "
-              "period is not the tick time (replay scores such runs shifted by the latency)."),
+              "for observation stamp + i * period). false: a chunk starts at row 0 when it is adopted, "
+              "i.e. its rows are executed late; ActionChunk.first_index still gives the tick's time "
+              "(stamp + first_index * period), no longer the row's index in the model's chunk."),
     ParamSpec("temporal_ensembling", "bool", False,
               "Average the rows of all overlapping chunks that cover a control tick (ACT-style "
               "exponential weights, older chunks weigh more); best with replan_every: 1."),

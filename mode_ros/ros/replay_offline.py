@@ -179,7 +179,9 @@ class NodeEmulator:
             if self.p.serve_late_ticks and gate[0] != "disabled":
                 self.unserved = (self.clock_ns, False)
             return self._suppress(*gate)
-        if self.inflight is None and self.policy is not None and \
+        if self.p.lockstep_inference and self.policy is not None and self.executor_.chunk_due(now):
+            return self._lockstep_tick(now)
+        if not self.p.lockstep_inference and self.inflight is None and self.policy is not None and \
                 self.executor_.needs_replan(now, self._expected_latency):
             self._request(now)
         step = self.executor_.step(now)
@@ -188,6 +190,29 @@ class NodeEmulator:
             if self.p.serve_late_ticks:
                 self.unserved = (self.clock_ns, True)
             return self._suppress("no_plan", f"no plan for this tick ({why})")
+        return self._publish_step(step, self.clock_ns)
+
+    def _lockstep_tick(self, now: float):
+        """PolicyNode with lockstep_inference: a tick that needs a new chunk is served from row 0 of an
+        inference on its own observation (stamped within the period ending at the tick), which takes no
+        time; without that observation the tick publishes nothing (the node would wait for it)."""
+        lo, hi = now - 1.0 / self.p.control_rate_hz + 1e-6, now + 1e-6
+        ready = all(any(lo < st <= hi for st, _ in b.snapshot()) for b in self.buffers.values()) and (
+            self.state_dim == 0 or (self.state is not None and lo < self.state[0] <= hi))
+        if not ready:
+            return self._suppress("lockstep_wait", "no observation of this tick (lockstep_inference)")
+        self.inflight = None
+        self._request(now)
+        pend, self.inflight = self.inflight, None
+        if pend is None or pend.plan is None:
+            return self._suppress("no_plan", f"no plan for this tick ({self.last_failure})")
+        self.sequence += 1
+        pend.plan.sequence = self.sequence
+        self.executor_.add(pend.plan, now)
+        self.last_failure = ""
+        step = self.executor_.step(now)
+        if step is None:
+            return self._suppress("no_plan", "no plan for this tick")
         return self._publish_step(step, self.clock_ns)
 
     def _publish_step(self, step, tick_ns: int) -> tuple[ChunkRecord | None, str, str]:
