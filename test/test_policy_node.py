@@ -504,13 +504,15 @@ def test_lockstep_inference_serves_each_due_tick_from_its_own_observation(ckpt, 
     its stamp is that tick and its first_index 0; a new sequence starts exactly every replan_every ticks
     and the ticks between execute rows 1 .. R-1 of it. This holds when a tick's images and state arrive
     after its /clock (the node waits for them rather than using the previous tick's), and across a goal
-    change (the next tick starts a chunk for the new goal). So what the simulator executes depends only
-    on what it observed, not on the machine's speed."""
+    change (the next tick starts a chunk for the new goal) and while the node is disabled (the tick
+    waits; ~/enable true serves it from a new chunk). So what the simulator executes depends only on what
+    it observed, not on the machine's speed."""
     from rclpy.qos import qos_profile_sensor_data
     from rclpy.time import Time
     from rosgraph_msgs.msg import Clock
     from sensor_msgs.msg import Image, JointState
     from std_msgs.msg import String
+    from std_srvs.srv import SetBool
 
     from mode_ros.msg import ActionChunk
     from mode_ros.ros.policy_node import GOAL_QOS
@@ -557,12 +559,18 @@ def test_lockstep_inference_serves_each_due_tick_from_its_own_observation(ckpt, 
             if k == 13:
                 goal.publish(String(data=GOALS[1]))
             late = k % 5 == 2
+            if k == 18:
+                assert h.call(SetBool, f"{ns}/enable", SetBool.Request(data=False)).success
             if not late:
                 observe(st, k)
             clock_pub.publish(Clock(clock=st))
             if late:                      # the clock comes first, the tick's observation 0.3 s later
                 time.sleep(0.3)
                 observe(st, k)
+            if k == 18:                   # disabled at this tick: nothing for 0.5 s, then enabled
+                time.sleep(0.5)
+                assert message_for(t_ns) is None
+                assert h.call(SetBool, f"{ns}/enable", SetBool.Request(data=True)).success
             deadline = time.monotonic() + (180 if k == 0 else 20)
             resend = time.monotonic() + 1.0
             while (m := message_for(t_ns)) is None:
@@ -577,7 +585,8 @@ def test_lockstep_inference_serves_each_due_tick_from_its_own_observation(ckpt, 
     finally:
         h.drop(clock_pub, js_pub, goal, chunks, *cams.values())
     starts = [k for k, _, fi, _, _ in got if fi == 0]
-    assert starts == [0, 3, 6, 9, 12, 13, 16, 19, 22], got      # the goal change at 13 starts a chunk
+    # the goal change at 13 and the re-enable at 18 start a chunk
+    assert starts == [0, 3, 6, 9, 12, 13, 16, 18, 21], got
     for k, stamp, fi, seq, g in got:
         start = max(s for s in starts if s <= k)
         assert fi == k - start and stamp == t0_ns + start * int(1e9 / rate), (k, got)

@@ -151,16 +151,28 @@ def test_offline_emulation_of_lockstep_inference():
     pol = _ConstPolicy()
     emu = NodeEmulator(p, ["cam"], 0, T, A, policy=pol, latency=0.5)   # latency plays no part
     out = []
-    for k in range(10):
+
+    def row(rec):
+        return (rec.tick_ns - NS) * 10 // NS, (rec.stamp_ns - NS) * 10 // NS, rec.first_index, rec.actions[0, 0]
+
+    for k in range(13):
         t = NS + k * NS // 10
         emu.set_clock(t)
-        if k != 6:                                  # tick 6's image is missing
+        if k not in (6, 10):                        # tick 6's image is missing, tick 10's comes late
             emu.on_image("cam", t, IMAGE, _image_msg())
+        if k == 8:                                  # a frame stamped after the tick is not its observation
+            emu.on_image("cam", t + NS // 10, IMAGE, _image_msg())
         rec, key, _ = emu.tick()
-        out.append(key if rec is None else ((rec.stamp_ns - NS) * 10 // NS, rec.first_index, rec.actions[0, 0]))
-    assert out == [(0, 0, 0), (0, 1, 1), (0, 2, 2), (3, 0, 0), (3, 1, 1), (3, 2, 2), "lockstep_wait",
-                   (7, 0, 0), (7, 1, 1), (7, 2, 2)]
-    assert pol.calls == 3
+        out.append(key if rec is None else row(rec))
+        if k == 10:
+            emu.set_clock(t + NS // 100)
+            emu.on_image("cam", t, IMAGE, _image_msg())
+            rec = emu.complete()                    # served late, from its own observation, row 0
+            out.append(row(rec))
+    assert out == [(0, 0, 0, 0), (1, 0, 1, 1), (2, 0, 2, 2), (3, 3, 0, 0), (4, 3, 1, 1), (5, 3, 2, 2),
+                   "lockstep_wait", (7, 7, 0, 0), (8, 7, 1, 1), (9, 7, 2, 2), "lockstep_wait", (10, 10, 0, 0),
+                   (11, 10, 1, 1), (12, 10, 2, 2)]
+    assert pol.calls == 4
 
 
 def test_rate_limit_holds_across_ticks_that_publish_nothing():

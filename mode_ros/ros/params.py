@@ -140,7 +140,8 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("seed", "int", -1,
               "Seed of the diffusion sampler noise; -1 = random. >= 0: each inference's noise is drawn from this "
               "seed and its observation's stamp (repeatable: the same observation gets the same noise, "
-              "live and in offline replay; each observation its own).",
+              "live and in offline replay, and each observation its own; without cameras the observation "
+              "time is when the inference was requested, or the tick with lockstep_inference).",
               min=-1, max=2**31 - 1),
     ParamSpec("autostart", "bool", True,
               "Configure and activate the lifecycle node at start-up (false: wait for a lifecycle "

@@ -41,7 +41,7 @@ from std_srvs.srv import SetBool
 from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
 
 from mode_ros.msg import ActionChunk
-from mode_ros.ros.execution import ChunkExecutor, Plan, observation_seed
+from mode_ros.ros.execution import ChunkExecutor, Plan, observation_seed, tick_window
 from mode_ros.ros.params import NODE_NAME, PARAMS, NodeParams, ParameterError, validate
 from mode_ros.ros.safety import ActionSafety, NonFiniteActionError, output_gate
 from mode_ros.ros.stats import Counters, RateLimitedLog, RateMeter, WindowStats
@@ -564,6 +564,8 @@ class PolicyNode(LifecycleNode):
             if not self.enabled and self.executor_ is not None:
                 self.executor_.reset()
                 self.safety.reset()
+        if self.enabled:
+            self._kick_unserved()   # lockstep_inference: the tick the simulator waits on
         response.success = True
         response.message = ("enabled" if self.enabled else "disabled") + ("" if changed else " (unchanged)")
         self.get_logger().info(f"~/enable: {response.message}")
@@ -617,8 +619,8 @@ class PolicyNode(LifecycleNode):
                 # first action after the gap is limited relative to it (reset only on activate/disable)
                 self.executor_.reset()
                 self._suppress(*gate, level="info" if gate[0] in ("disabled", "no_goal") else "warning")
-                if self._serve_late and gate[0] != "disabled":
-                    self._unserved = (now_t, False)
+                if self._serve_late and (gate[0] != "disabled" or self.p.lockstep_inference):
+                    self._unserved = (now_t, False)   # (lockstep: ~/enable true serves it)
                 return
             if self.p.lockstep_inference and self.executor_.chunk_due(now):
                 # lockstep simulation: this tick waits for a chunk computed from its own observation
@@ -648,9 +650,9 @@ class PolicyNode(LifecycleNode):
         return self.p.serve_late_ticks or self.p.lockstep_inference
 
     def _tick_observation_ready(self, t: float) -> bool:
-        """lockstep_inference: every input needed has a message stamped within the period ending at
-        the tick ``t`` (its own observation: a lockstep simulator publishes it before the clock)."""
-        lo, hi = t - 1.0 / self.p.control_rate_hz + 1e-6, t + 1e-6
+        """lockstep_inference: every input needed has a message of the tick at ``t`` (stamped within
+        half a period of it: its own observation, which a lockstep simulator publishes with the clock)."""
+        lo, hi = tick_window(t, 1.0 / self.p.control_rate_hz)
         for b in self.buffers.values():
             if not any(lo < st <= hi for st, _ in b.snapshot()):
                 return False
@@ -680,7 +682,9 @@ class PolicyNode(LifecycleNode):
 
     def _serve_unserved(self) -> None:
         """A plan was added: publish the last tick now if it went unserved and the next one is not
-        due yet (stamped and stepped for that tick: the same rows, safety and message as on time)."""
+        due yet (stamped and stepped for that tick: the same rows, safety and message as on time).
+        lockstep_inference: only from a plan of that tick's own observation; a plan of an earlier tick
+        (the simulator moved on while it was computed) is kept and the tick asks for its own."""
         with self.lock:
             u = self._unserved
             if u is None or not self.active or self.executor_ is None:
@@ -693,7 +697,14 @@ class PolicyNode(LifecycleNode):
             if self._gate(t, as_received_by_now=False) is not None:
                 return
             newest = self.executor_.newest
-            if newest is None or newest.obs_time > t + 1e-6:
+            if self.p.lockstep_inference:
+                lo, hi = tick_window(t, 1.0 / self.p.control_rate_hz)
+                if newest is None or newest.obs_time > hi:
+                    return
+                if newest.obs_time <= lo and not stepped:
+                    self._sync_retry = True   # the inference loop asks for this tick's own observation
+                    return
+            elif newest is None or newest.obs_time > t + 1e-6:
                 return   # a plan from an observation taken after the tick: it serves the next tick
             step = self.executor_.restep(t) if stepped else self.executor_.step(t)
             self._unserved = (tick_t, True) if step is None else None
@@ -758,7 +769,7 @@ class PolicyNode(LifecycleNode):
         snaps = {c: b.snapshot() for c, b in self.buffers.items()}
         if at is not None:
             t_at = at.nanoseconds * 1e-9
-            lo, hi = t_at - 1.0 / self.p.control_rate_hz + 1e-6, t_at + 1e-6
+            lo, hi = tick_window(t_at, 1.0 / self.p.control_rate_hz)
             snaps = {c: [e for e in v if e[0] <= hi] for c, v in snaps.items()}
             if any(not v or v[-1][0] <= lo for v in snaps.values()) or (
                     self.policy.state_dim > 0 and (state is None or not lo < state[0] <= hi)):
@@ -891,6 +902,7 @@ class PolicyNode(LifecycleNode):
             "ticks_suppressed": sum(v for k, v in c.items() if k.startswith("suppressed.")),
             "stale": c.get("suppressed.stale", 0),
             "dropped_results": c.get("dropped_results", 0),
+            "lockstep_observation_waits": c.get("lockstep_observation_waits", 0),
             "images_received": sum(b.received for b in self.buffers.values()),
             "rejected": sum(v for k, v in c.items() if k.startswith("rejected.")),
             "reason": self.reason,

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mode_ros.data.images import ImageDecodeError, check_image, compressed_size, decode_compressed, decode_image
-from mode_ros.ros.execution import ChunkExecutor, Plan, observation_seed
+from mode_ros.ros.execution import ChunkExecutor, Plan, observation_seed, tick_window
 from mode_ros.ros.params import NodeParams
 from mode_ros.ros.safety import ActionSafety, NonFiniteActionError, output_gate
 from mode_ros.ros.scoring import ChunkRecord
@@ -176,7 +176,7 @@ class NodeEmulator:
         gate = self.gate(now)
         if gate is not None:
             self.executor_.reset()   # the rate limiter keeps the last action (as the node)
-            if self.p.serve_late_ticks and gate[0] != "disabled":
+            if self._serve_late and (gate[0] != "disabled" or self.p.lockstep_inference):
                 self.unserved = (self.clock_ns, False)
             return self._suppress(*gate)
         if self.p.lockstep_inference and self.policy is not None and self.executor_.chunk_due(now):
@@ -187,22 +187,29 @@ class NodeEmulator:
         step = self.executor_.step(now)
         if step is None:
             why = self.last_failure or "waiting for the first chunk"
-            if self.p.serve_late_ticks:
+            if self._serve_late:
                 self.unserved = (self.clock_ns, True)
             return self._suppress("no_plan", f"no plan for this tick ({why})")
         return self._publish_step(step, self.clock_ns)
 
+    @property
+    def _serve_late(self) -> bool:
+        return self.p.serve_late_ticks or self.p.lockstep_inference
+
+    def _tick_observation_ready(self, t: float) -> bool:
+        lo, hi = tick_window(t, self.period)
+        return all(any(lo < st <= hi for st, _ in b.snapshot()) for b in self.buffers.values()) and (
+            self.state_dim == 0 or (self.state is not None and lo < self.state[0] <= hi))
+
     def _lockstep_tick(self, now: float):
         """PolicyNode with lockstep_inference: a tick that needs a new chunk is served from row 0 of an
-        inference on its own observation (stamped within the period ending at the tick), which takes no
-        time; without that observation the tick publishes nothing (the node would wait for it)."""
-        lo, hi = now - 1.0 / self.p.control_rate_hz + 1e-6, now + 1e-6
-        ready = all(any(lo < st <= hi for st, _ in b.snapshot()) for b in self.buffers.values()) and (
-            self.state_dim == 0 or (self.state is not None and lo < self.state[0] <= hi))
-        if not ready:
-            return self._suppress("lockstep_wait", "no observation of this tick (lockstep_inference)")
+        inference on its own observation (stamped within half a period of the tick), which takes no
+        time; until that observation is there the tick waits (unserved; its arrival serves it)."""
+        if not self._tick_observation_ready(now):
+            self.unserved = (self.clock_ns, False)
+            return self._suppress("lockstep_wait", "waiting for the observation of this tick (lockstep_inference)")
         self.inflight = None
-        self._request(now)
+        self._request(now, at=self.clock_ns)
         pend, self.inflight = self.inflight, None
         if pend is None or pend.plan is None:
             return self._suppress("no_plan", f"no plan for this tick ({self.last_failure})")
@@ -235,7 +242,12 @@ class NodeEmulator:
     def _kick(self) -> None:
         if self.unserved is None or self.inflight is not None or self.policy is None:
             return
-        if self.gate(_stamp_sec(self.unserved[0])) is not None:
+        t = _stamp_sec(self.unserved[0])
+        if self.gate(t) is not None:
+            return
+        if self.p.lockstep_inference:   # the tick's own observation, at no cost in time
+            if self._tick_observation_ready(t):
+                self._request(self.now(), at=self.unserved[0])
             return
         self._request(self.now())
 
@@ -251,7 +263,11 @@ class NodeEmulator:
         if self.gate(t) is not None:
             return None
         newest = self.executor_.newest
-        if newest is None or newest.obs_time > t + 1e-6:
+        if self.p.lockstep_inference:
+            lo, hi = tick_window(t, self.period)
+            if newest is None or not lo < newest.obs_time <= hi:
+                return None
+        elif newest is None or newest.obs_time > t + 1e-6:
             return None
         step = self.executor_.restep(t) if stepped else self.executor_.step(t)
         self.unserved = (tick_ns, True) if step is None else None
@@ -263,13 +279,17 @@ class NodeEmulator:
         return rec
 
     # ---- inference (PolicyNode._observation / _infer_once) ---------------------------------------------
-    def _observation(self, now: float):
+    def _observation(self, now: float, at: int | None = None):
         goal, gen, state = self.goal, self.goal_generation, self.state
         if not goal:
             return "no goal"
         snaps = {c: b.snapshot() for c, b in self.buffers.items()}
+        if at is not None:   # lockstep_inference: the tick's own observation (ready was checked)
+            hi = tick_window(_stamp_sec(at), self.period)[1]
+            snaps = {c: [e for e in v if e[0] <= hi] for c, v in snaps.items()}
         if not snaps:
-            return [], now, self.clock_ns, None, goal, gen
+            t_ns = self.clock_ns if at is None else int(at)
+            return [], _stamp_sec(t_ns), t_ns, None, goal, gen
         idx = match_stamps({c: [s for s, _ in v] for c, v in snaps.items()}, self.p.camera_sync_tolerance)
         if idx is None:
             latest = ", ".join(f"{c}@{v[-1][0]:.3f}" if v else f"{c}: none" for c, v in snaps.items())
@@ -290,8 +310,10 @@ class NodeEmulator:
             st = state[1]
         return payloads, stamp_sec, stamp_ns, st, goal, gen
 
-    def _request(self, now: float) -> None:
-        obs = self._observation(now)
+    def _request(self, now: float, at: int | None = None) -> None:
+        """An inference on the newest observation (``at``: on the observation of the tick at ``at`` ns,
+        lockstep_inference, taking no time)."""
+        obs = self._observation(now, at)
         if isinstance(obs, str):
             self.last_failure = obs
             return
@@ -325,7 +347,7 @@ class NodeEmulator:
         self._expected_latency = float(np.percentile(lat, 90)) if lat.size >= 5 else float(lat.max())
         plan = Plan(actions=actions, obs_time=stamp_sec, ready_time=now + latency, sequence=0, goal=goal,
                     latency=wall, stamp=stamp_ns)
-        done = self.clock_ns + int(round(latency * self.rate * 1e9))
+        done = self.clock_ns + (0 if at is not None else int(round(latency * self.rate * 1e9)))
         self.inflight = _Pending(done, plan, gen, latency)
 
     def complete(self) -> ChunkRecord | None:
@@ -341,7 +363,7 @@ class NodeEmulator:
         pend.plan.sequence = self.sequence
         self.executor_.add(pend.plan, self.now())
         self.last_failure = ""
-        return self.serve_unserved() if self.p.serve_late_ticks else None
+        return self.serve_unserved() if self._serve_late else None
 
 
 def _calibrate(policy, goal: str | None, runs: int = 5) -> float:

@@ -175,7 +175,8 @@ class Scorer:
         self.first = _Acc(self.a)
         self.chunk = _Acc(self.a)
         self.by_row = _Acc(self.a, self.k)        # row within the published message (0 = executed now)
-        self.by_index = _Acc(self.a, self.k)      # first_index + row: position in the model's chunk
+        self.by_index = _Acc(self.a, self.k)      # first_index + row: periods since the observation (the
+                                                  # position in the model's chunk, with latency compensation)
         self.grip_first = Counter()
         self.grip_chunk = Counter()
         self.unscored = Counter()
@@ -416,7 +417,7 @@ def write_plots(scorer: Scorer, out_dir, t0_ns: int, title: str = "") -> list[st
     # 2) error per chunk step
     fig, ax = plt.subplots(1, 2, figsize=(11, 3.6))
     for j, (acc, label) in enumerate(((scorer.by_row, "row of the published chunk (0 = executed now)"),
-                                      (scorer.by_index, "index in the model's chunk (first_index + row)"))):
+                                      (scorer.by_index, "periods since the observation (first_index + row)"))):
         steps, maes, rmses, per_dim = [], [], [], []
         for r in range(scorer.k):
             s = acc.stats(r)

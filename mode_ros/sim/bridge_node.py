@@ -172,8 +172,9 @@ class SimBridge(Node):
             del self._chunks[:-64]
 
     def _row(self, t_ns: int, fresh: bool = False) -> tuple[np.ndarray, int] | None:
-        """The row for ``t_ns`` of the newest chunk covering it, and its index in the model's chunk
-        (first_index + k: how many control periods after its observation it is executed). ``fresh``:
+        """The row for ``t_ns`` of the newest chunk covering it, and first_index + k: how many control
+        periods after its observation it is executed (its index in the model's chunk when the policy
+        compensates latency, as the policy node does by default). ``fresh``:
         only from a chunk whose row 0 is meant for ``t_ns`` (the policy's message for this tick)."""
         best = None
         for ch in self._chunks:
