@@ -167,6 +167,30 @@ def test_offline_cli_constant_checkpoint_matches_independent_scores(bags, const_
     assert set(rep["ticks"]["without_output_by_reason"]) <= {"no_goal", "no_image", "no_plan"}
 
 
+def test_offline_lockstep_inference_scores_the_model_without_latency(bags, const_ckpt, tmp_path):  # noqa: F811
+    """Offline replay with -p lockstep_inference=true (the node's lockstep mode: inference takes no time):
+    every chunk comes from the newest frame within half a period of the tick it starts at and is
+    published from its row 0 there, then rows 1, 2 on the next ticks (replan_every 3)."""
+    out = tmp_path / "out"
+    rc, so, se = H.run_cli([str(bags["mcap"]), "--checkpoint", str(const_ckpt), "--topics", str(bags["map"]),
+                            "--offline", "--out", str(out), "-p", "lockstep_inference=true", "-p", "replan_every=3",
+                            "-p", "torch_threads=1", "--quiet"])
+    assert rc == 0, so + se
+    chunks = H.chunks_from_bag(out / "chunks")
+    seqs: dict[int, list[dict]] = {}
+    for c in chunks:
+        seqs.setdefault(c["sequence"], []).append(c)
+    assert len(seqs) >= 8
+    for n, cs in sorted(seqs.items()):
+        assert [c["first_index"] for c in cs] == [0, 1, 2][:len(cs)], (n, cs)
+        assert len(cs) == 3 or n == max(seqs)                       # only the bag's end cuts a chunk short
+        period = cs[0]["period"]
+        for c in cs:   # row 0 is for this tick: within half a period (camera stamps are off the 100 ms grid)
+            assert abs(c["stamp"] + c["first_index"] * period - c["t"]) <= period // 2, (n, cs)
+    rep = H.load_report(out)
+    assert rep["ticks"]["published"] == len(chunks)
+
+
 # ---- bag problems ------------------------------------------------------------------------------------
 def _truncate(src: Path, dst: Path, frac: float) -> Path:
     shutil.copytree(src, dst)

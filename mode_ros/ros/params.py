@@ -85,8 +85,9 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("lockstep_inference", "bool", False,
               "Simulation with a lockstep clock only (the simulator stops sim time until it has an action for "
               "the tick): at a tick where a new chunk is due (no plan yet, or the plan reached replan_every), "
-              "publish nothing until an inference on that tick's own observation (stamped within the last "
-              "period, state included) has landed, then serve the tick from row 0 of it. Inference then takes "
+              "publish nothing until an inference on that tick's own observation (images and state stamped "
+              "within half a period of the tick) has landed, then serve the tick from row 0 of it (rows count "
+              "from the tick). Inference then takes "
               "no sim time, so closed-loop results do not depend on the machine's speed (with seed >= 0 a "
               "run is repeatable). On a robot, or a simulator that runs on, this stops the output for every "
               "inference: leave false."),

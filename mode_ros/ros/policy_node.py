@@ -760,7 +760,7 @@ class PolicyNode(LifecycleNode):
     # ---- inference thread ------------------------------------------------------------------------------------
     def _observation(self, now: float, at=None) -> _Observation | str:
         """The newest complete observation, or the reason why there is none. With ``at`` (a tick's
-        rclpy Time, lockstep_inference) the observation of that tick: stamped within the period ending at it."""
+        rclpy Time, lockstep_inference) the observation of that tick: stamped within half a period of it."""
         with self.lock:
             goal, gen = self.goal, self.goal_generation
             state = self.state
@@ -869,7 +869,10 @@ class PolicyNode(LifecycleNode):
                 self._sync_retry = self.p.lockstep_inference
                 return
             self.sequence += 1
-            plan = Plan(actions=actions, obs_time=obs.stamp_sec, ready_time=now + latency,
+            # lockstep_inference: the chunk's rows count from the tick it was computed for (its observation
+            # is stamped within half a period of it), so they fall on the ticks
+            obs_time = obs.stamp_sec if at is None else at.nanoseconds * 1e-9
+            plan = Plan(actions=actions, obs_time=obs_time, ready_time=now + latency,
                         sequence=self.sequence, goal=obs.goal, latency=latency, stamp=obs.stamp)
             self.executor_.add(plan, self.get_clock().now().nanoseconds * 1e-9)
             self.last_failure = ""

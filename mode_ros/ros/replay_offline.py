@@ -345,7 +345,8 @@ class NodeEmulator:
             return
         lat = np.array(self._lat_window)
         self._expected_latency = float(np.percentile(lat, 90)) if lat.size >= 5 else float(lat.max())
-        plan = Plan(actions=actions, obs_time=stamp_sec, ready_time=now + latency, sequence=0, goal=goal,
+        plan = Plan(actions=actions, obs_time=stamp_sec if at is None else _stamp_sec(at),  # (node: rows from the tick)
+                    ready_time=now + latency, sequence=0, goal=goal,
                     latency=wall, stamp=stamp_ns)
         done = self.clock_ns + (0 if at is not None else int(round(latency * self.rate * 1e9)))
         self.inflight = _Pending(done, plan, gen, latency)
