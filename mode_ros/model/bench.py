@@ -89,9 +89,10 @@ def bench_preset(name: str, device: str, dtypes: list[str], paths: list[str], ba
                     if c.n_cameras else None)
             goal = torch.randn(b, 512, device=dev, generator=g)
             noise = torch.randn(b, c.chunk_size, c.action_dim, device=dev, generator=g)
+            st = torch.randn(b, c.state_dim, device=dev, generator=g) if c.state_dim else None
             # eager uncached fp32 (TF32 off) on the same inputs: what every path is compared with
-            ref = None if dense else _reference(policy, imgs, goal, noise)
-            inputs[b] = (imgs, goal, noise, ref)
+            ref = None if dense else _reference(policy, imgs, goal, noise, st)
+            inputs[b] = (imgs, goal, noise, ref, st)
         if not dense:
             policy.sampler.ensure()
             ref_routing = list(policy.sampler.table.indices)
@@ -101,7 +102,7 @@ def bench_preset(name: str, device: str, dtypes: list[str], paths: list[str], ba
             if dev.type == "cuda" and dtype != "fp32":
                 policy.encoders.to(tdt)
             for b in batches:
-                imgs, goal, noise, ref = inputs[b]
+                imgs, goal, noise, ref, st = inputs[b]
                 variants = ["dense"] if dense else [p for p in paths if p != "dense"]
                 for path in variants:
                     if path == "uncached" and dtype != "fp32" and "fp32" in dtypes:
@@ -127,19 +128,19 @@ def bench_preset(name: str, device: str, dtypes: list[str], paths: list[str], ba
                         if quant != "none" and (policy.fused is None or policy.fused.weight_quant != quant):
                             raise RuntimeError(f"weight_quant {quant} unavailable")
                         if path in ("cached", "dense", "fused", "int8", "fp8"):
-                            fn = lambda: policy.sample_normalized(imgs, goal, None, noise, cached=True)  # noqa: E731
+                            fn = lambda: policy.sample_normalized(imgs, goal, st, noise, cached=True)  # noqa: E731
                         elif path == "uncached":
-                            fn = lambda: policy.sample_normalized(imgs, goal, None, noise, cached=False)  # noqa: E731
+                            fn = lambda: policy.sample_normalized(imgs, goal, st, noise, cached=False)  # noqa: E731
                         elif path == "compiled":
                             policy.sampler.ensure()
                             step = torch.compile(policy.sampler.denoise_step, dynamic=False)
                             orig = policy.sampler.denoise_step
                             policy.sampler.denoise_step = step
-                            fn = lambda: policy.sample_normalized(imgs, goal, None, noise, cached=True)  # noqa: E731
+                            fn = lambda: policy.sample_normalized(imgs, goal, st, noise, cached=True)  # noqa: E731
                         elif path.endswith("graph"):
                             from .graph import ChunkGraph
                             g = ChunkGraph(policy, b)
-                            fn = lambda: g(imgs, goal, None, noise)  # noqa: E731
+                            fn = lambda: g(imgs, goal, st, noise)  # noqa: E731
                         if dev.type == "cuda":
                             torch.cuda.reset_peak_memory_stats()
                         ts = _time(fn, dev, runs, warmup)
@@ -226,7 +227,8 @@ def step_variants(name: str, device: str, dtype: str = "bf16", variants=None, ru
                           generator=g) if c.n_cameras else None)
     goal = torch.randn(1, 512, device=dev, generator=g)
     noise = torch.randn(1, c.chunk_size, c.action_dim, device=dev, generator=g)
-    ref = _reference(pol, imgs, goal, noise)
+    st = torch.randn(1, c.state_dim, device=dev, generator=g) if c.state_dim else None
+    ref = _reference(pol, imgs, goal, noise, st)
     routing = pol.sampler.ensure().indices_t.clone()
     pol.to_device(dev.type, tdt)
     if dev.type == "cuda":
@@ -248,9 +250,9 @@ def step_variants(name: str, device: str, dtype: str = "bf16", variants=None, ru
             pol.fused.build()
             if dev.type == "cuda":
                 graph = ChunkGraph(pol, 1)
-                fn = lambda: graph(imgs, goal, None, noise)  # noqa: E731
+                fn = lambda: graph(imgs, goal, st, noise)  # noqa: E731
             else:
-                fn = lambda: pol.sample_normalized(imgs, goal, None, noise, cached=True)  # noqa: E731
+                fn = lambda: pol.sample_normalized(imgs, goal, st, noise, cached=True)  # noqa: E731
             ts = _time(fn, dev, runs, warmup)
             acts = fn().float()
             enc = (statistics.median(_time(lambda: pol.encode_observation(imgs, goal), dev, 20, 2))
@@ -495,14 +497,14 @@ def target_summary(rows: list[dict], baseline_ms: float) -> tuple[list[dict], st
     return out, "\n".join(lines)
 
 
-def _reference(policy, imgs, goal, noise):
+def _reference(policy, imgs, goal, noise, state=None):
     """Eager uncached fp32 actions (the reference-like baseline, TF32 off) for these inputs."""
     fused, graph = policy.fused, policy._graph
     policy.fused = policy._graph = None
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
-        return policy.sample_normalized(imgs, goal, None, noise, cached=False).float()
+        return policy.sample_normalized(imgs, goal, state, noise, cached=False).float()
     finally:
         policy.fused, policy._graph = fused, graph
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
