@@ -505,6 +505,16 @@ def test_bench_command_reports_accuracy_and_routing(tmp_path):
     assert "int8" in (out / "bench.txt").read_text() and (out / "bench.png").stat().st_size > 1000
 
 
+def test_bench_preset_with_a_state():
+    """A preset whose model reads a proprioceptive state (metaworld: state only, no camera) is benched
+    with a random state, and the state reaches the model: every path matches eager fp32 on it."""
+    from mode_ros.model.bench import bench_preset
+    rows = bench_preset("metaworld", "cpu", ["fp32"], ["uncached", "fused"], [1], runs=2, warmup=1, steps=2,
+                        log=lambda s: None)
+    assert [r["path"] for r in rows] == ["uncached", "fused"]
+    assert rows[1]["max_abs_diff_vs_fp32"] < 1e-5 and rows[1]["same_routing_as_fp32"] is True
+
+
 def test_bench_kernels_command(tmp_path):
     """`mode-ros bench --kernels` on a CPU: PyTorch's kernels of a layer-step are timed; the Triton rows
     say why they cannot run here (CUDA only), and the command still writes its JSON and table."""
