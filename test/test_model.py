@@ -507,7 +507,7 @@ def test_bench_command_reports_accuracy_and_routing(tmp_path):
 
 def test_bench_preset_with_a_state():
     """A preset whose model reads a proprioceptive state (metaworld: state only, no camera) is benched
-    with a random state, and the state reaches the model: every path matches eager fp32 on it."""
+    with a random state (it raised a ValueError), and the fused path matches eager fp32 on it."""
     from mode_ros.model.bench import bench_preset
     rows = bench_preset("metaworld", "cpu", ["fp32"], ["uncached", "fused"], [1], runs=2, warmup=1, steps=2,
                         log=lambda s: None)
