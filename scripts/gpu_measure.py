@@ -50,7 +50,7 @@ def main() -> int:
     ap.add_argument("--presets", default="paper-8l,pretrain-12l,small")
     ap.add_argument("--paths", default="uncached,cached,graph,fused-graph,compiled-graph,int8-graph,fp8-graph,dense")
     ap.add_argument("--batches", default="1,8,32")
-    ap.add_argument("--skip", default="", help="comma list of sections to skip: ref,graph,bench,compile,kernels,attention,train")
+    ap.add_argument("--skip", default="", help="comma list of sections to skip: ref,graph,bench,compile,kernels,attention,select,train")
     ap.add_argument("--variants", default="",
                     help="comma list of indices into mode_ros.model.bench.STEP_VARIANTS for the step-variants "
                          "section (default: all; each compiles the paper-8l step, ~0.5-1 min on an H100)")
@@ -183,6 +183,27 @@ def main() -> int:
         print(txt, flush=True)
         res["sections"]["targets"] = {"baseline_uncached_fp32_ms": baseline_ms, "rows": summary}
         (out / "targets.txt").write_text(txt + "\n")
+        (out / "gpu_results.json").write_text(json.dumps(res, indent=1, default=str))
+        del pol
+        torch.cuda.empty_cache()
+
+    if "select" not in skip:
+        section("the node's gpu_kernels auto: MoDEPolicy.select_fast over torch / triton / triton_pdl "
+                "(paper-8l bf16 b1, compiled, whole-chunk graph)")
+        import logging
+        logging.basicConfig(level=logging.INFO)
+        pol, imgs, goal, noise = paper8l_case(dev)
+        pol.to_device("cuda", torch.bfloat16)
+        base = {"fused": True, "compile": True, "graph": True}
+        cands = [{**base, "attention": None, "gemm": "torch"}, {**base, "attention": "triton", "gemm": "triton"},
+                 {**base, "attention": "triton", "gemm": "triton", "pdl": True}]
+        try:
+            sel = pol.select_fast(cands, runs=50, logger=logging.getLogger("select_fast"))
+            res["sections"]["select_fast"] = sel
+            print(json.dumps(sel, indent=1, default=str), flush=True)
+        except Exception as exc:  # noqa: BLE001
+            res["sections"]["select_fast"] = {"error": repr(exc)}
+            print("select_fast failed:", repr(exc), flush=True)
         (out / "gpu_results.json").write_text(json.dumps(res, indent=1, default=str))
         del pol
         torch.cuda.empty_cache()

@@ -597,3 +597,34 @@ def test_step_variants_harness_runs_on_cpu():
         assert r["median_ms"] > 0 and r["p99_ms"] >= r["median_ms"] and r["same_routing_as_fp32"]
         assert r["max_abs_diff_vs_fp32"] < tol
     assert ok2["compile_mode"] == MAX_AUTOTUNE and ok2["max_abs_diff_vs_fp32"] > 0
+
+
+def test_select_fast_keeps_the_fastest_path_that_computes_the_same(monkeypatch):
+    """select_fast measures each enable_fast configuration and keeps the fastest one whose actions match
+    the plain cached sampler: a path outside the tolerance (int8 experts against 1e-6) and one that fails
+    (an unknown attention formulation) are reported and never chosen; timings decide among the rest."""
+    import logging
+
+    from mode_ros.model import policy as policy_mod
+    torch.manual_seed(0)
+    pol = MoDEPolicy(preset("tiny")).eval()
+    # fake clock: the fused path "takes" 1 ms per chunk, the unfused 3 ms, so the choice is not up to noise
+    t = {"now": 0.0}
+
+    def fake_perf_counter():
+        t["now"] += (0.001 if pol.fused is not None else 0.003)   # per call: one call per time taken
+        return t["now"]
+
+    monkeypatch.setattr(policy_mod.time, "perf_counter", fake_perf_counter)
+    cands = [{"fused": False}, {"fused": True}, {"fused": True, "weight_quant": "int8"},
+             {"fused": True, "attention": "flash"}]
+    sel = pol.select_fast(cands, runs=3, tolerance=1e-6, logger=logging.getLogger("t"))
+    tr = sel["trials"]
+    assert sel["chosen"] == 1 and sel["active"]["fused"] and pol.fused is not None
+    assert tr[0]["median_ms"] == pytest.approx(3.0) and tr[1]["median_ms"] == pytest.approx(1.0)
+    assert tr[0]["max_abs_diff"] == 0.0 and tr[1]["max_abs_diff"] <= 1e-6
+    assert tr[2]["median_ms"] is None and "from the cached sampler" in tr[2]["error"] and tr[2]["max_abs_diff"] > 1e-6
+    assert tr[3]["median_ms"] is None and "ValueError" in tr[3]["error"]
+    # nothing qualifies: fast paths off
+    sel = pol.select_fast([{"fused": True, "weight_quant": "int8"}], runs=2, tolerance=0.0)
+    assert sel["chosen"] is None and pol.fused is None

@@ -301,6 +301,27 @@ def test_gpu_kernels_fall_back_with_reason_on_cpu(rig):
     assert "'gemm': 'torch'" in out and "'fused': True" in out and "'pdl': False" in out
 
 
+def test_policy_logger_adapter_has_info_and_warning():
+    """enable_fast reports a skipped torch.compile with logger.info and select_fast its figures: the node's
+    adapter must have it (an AttributeError there was taken for a fused-sampler failure, so on CUDA
+    gpu_kernels triton with fast_inference compiled fell back to the eager sampler)."""
+    from mode_ros.ros.policy_node import _StdLogger
+
+    got = []
+
+    class L:
+        def info(self, m):
+            got.append(("info", m))
+
+        def warning(self, m):
+            got.append(("warning", m))
+
+    log = _StdLogger(L())
+    log.info("torch.compile skipped: %s", "the all-Triton step")
+    log.warning("fallback %d", 1)
+    assert got == [("info", "torch.compile skipped: the all-Triton step"), ("warning", "fallback 1")]
+
+
 def test_invalid_parameter_refused_with_its_name(rig):
     res = rig.h.set_parameters(NODE, {"control_rate_hz": -3.0})
     assert not res[0].successful and "control_rate_hz" in res[0].reason

@@ -415,6 +415,74 @@ class MoDEPolicy(nn.Module):
             a[..., g] = np.where(a[..., g] >= 0, 1.0, -1.0)
         return self.action_norm.denormalize(a).astype(np.float32)   # constant dims: their recorded value
 
+    def _normalized_fast(self, img, goal, st, noise) -> torch.Tensor:
+        """Normalised chunk through whatever fast path is active (the CUDA graph when captured)."""
+        if self._graph is not None and self._graph.batch == goal.shape[0] and self._graph.key == self.sampler.key():
+            return self._graph(img, goal, st, noise)
+        return self.sample_normalized(img, goal, st, noise)
+
+    def select_fast(self, candidates: Sequence[dict], runs: int = 10, tolerance: float = 0.05,
+                    logger=None) -> dict:
+        """Measure instead of guessing: apply each ``enable_fast`` configuration (a dict of its keyword
+        arguments) in turn, time whole chunks on one fixed input (median of ``runs`` after two warm-up
+        calls) and keep the fastest whose normalised actions stay within ``tolerance`` of this policy's
+        plain cached sampler on the same input and noise (a path that computes something else is never
+        chosen). A configuration that fails is skipped with its reason. Returns {"chosen": index or None
+        (None: none qualified, fast paths off), "active": what enable_fast reported for it, "trials":
+        per candidate {"config", "active", "median_ms", "max_abs_diff", "error"}}."""
+        self.eval()
+        self.fused, self._graph = None, None
+        self.sampler.ensure()
+        c = self.config
+        g = torch.Generator(device=self.device).manual_seed(0)
+        img = None
+        if c.camera_names:
+            h, w = c.vision.image_size
+            img = torch.randint(0, 255, (1, len(c.camera_names), 3, h, w), dtype=torch.uint8, device=self.device,
+                                generator=g)
+        goal = torch.randn(1, 512, device=self.device, generator=g)
+        st = torch.randn(1, self.state_dim, device=self.device, generator=g) if self.state_dim else None
+        noise = torch.randn(1, self.chunk_size, self.action_dim, device=self.device, generator=g)
+
+        def timed(n: int) -> list[float]:
+            out = []
+            for _ in range(n):
+                t0 = time.perf_counter()
+                self._normalized_fast(img, goal, st, noise)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize()
+                out.append((time.perf_counter() - t0) * 1e3)
+            return out
+
+        with torch.no_grad():
+            ref = self.sample_normalized(img, goal, st, noise).float()
+            trials = []
+            for cfg in candidates:
+                trial = {"config": dict(cfg), "active": None, "median_ms": None, "max_abs_diff": None, "error": ""}
+                try:
+                    trial["active"] = self.enable_fast(logger=logger, **cfg)
+                    timed(2)
+                    diff = float((self._normalized_fast(img, goal, st, noise).float() - ref).abs().max())
+                    trial["max_abs_diff"] = diff
+                    if not diff <= tolerance:
+                        raise ValueError(f"actions {diff:.3g} from the cached sampler (> {tolerance:g})")
+                    trial["median_ms"] = float(np.median(timed(max(1, runs))))
+                except Exception as exc:  # noqa: BLE001 - a candidate that fails is reported, not fatal
+                    trial["error"] = f"{type(exc).__name__}: {exc}"
+                trials.append(trial)
+        ok = [i for i, t in enumerate(trials) if t["median_ms"] is not None]
+        chosen = min(ok, key=lambda i: trials[i]["median_ms"]) if ok else None
+        if chosen is None:
+            self.fused, self._graph = None, None
+            active = None
+        else:
+            active = self.enable_fast(logger=logger, **candidates[chosen])
+        if logger:
+            for i, t in enumerate(trials):
+                figure = f"{t['median_ms']:.2f} ms" if t["median_ms"] is not None else f"skipped ({t['error']})"
+                logger.info("fast path %s%s: %s", t["config"], " (chosen)" if i == chosen else "", figure)
+        return {"chosen": chosen, "active": active, "trials": trials}
+
     def warmup(self, runs: int = 2) -> float:
         """Build the routing cache and run a few chunks so the first real call is as fast as the rest.
         Returns the median warm-up latency in seconds (robust to one slow first call)."""

@@ -66,8 +66,10 @@ PARAMS: tuple[ParamSpec, ...] = (
               "torch with a logged reason; compare both with scripts/gpu_measure.py before choosing); "
               "triton_pdl: the same kernels launched with programmatic dependent launch (sm_90+: each kernel "
               "is scheduled while the previous one runs and streams its weights into L2 before waiting on "
-              "it; falls back to triton with a logged reason).",
-              choices=("torch", "triton", "triton_pdl")),
+              "it; falls back to triton with a logged reason). auto: on CUDA, measure torch, triton and "
+              "triton_pdl at configure (whole chunks, after checking each one's actions against the plain "
+              "sampler) and keep the fastest, logging every figure; on a CPU, torch.",
+              choices=("torch", "triton", "triton_pdl", "auto")),
     ParamSpec("goal", "string", "",
               "Initial language goal, used until one arrives on ~/goal (empty: wait for ~/goal).",
               live=True),

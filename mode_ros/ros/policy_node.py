@@ -102,13 +102,18 @@ def _with_timer_info(fn):
     return cb
 
 class _StdLogger:
-    """logging-style .warning() for the policy's fallbacks, routed to the rclpy logger."""
+    """logging-style .warning() / .info() for the policy's fallbacks and choices, routed to the rclpy
+    logger (enable_fast logs a skipped torch.compile with .info: without it, the AttributeError was
+    taken for a failure of the fused sampler and gpu_kernels triton fell back to the eager sampler)."""
 
     def __init__(self, logger):
         self._l = logger
 
     def warning(self, msg, *args):
         self._l.warning(msg % args if args else msg)
+
+    def info(self, msg, *args):
+        self._l.info(msg % args if args else msg)
 
 
 class _Observation:
@@ -267,13 +272,22 @@ class PolicyNode(LifecycleNode):
         mode = self.p.fast_inference
         if mode == "auto":
             mode = "compiled" if policy.device.type == "cuda" else "off"
-        if mode != "off" or self.p.weight_quant != "none" or self.p.gpu_kernels != "torch":
-            active = policy.enable_fast(fused=True, compile=mode == "compiled",
-                                        graph=mode in ("compiled", "graph"), logger=_StdLogger(self.get_logger()),
-                                        weight_quant=self.p.weight_quant,
-                                        attention="triton" if self.p.gpu_kernels != "torch" else None,
-                                        gemm="torch" if self.p.gpu_kernels == "torch" else "triton",
-                                        pdl=self.p.gpu_kernels == "triton_pdl")
+        kernels = self.p.gpu_kernels
+        if kernels == "auto" and policy.device.type != "cuda":
+            kernels = "torch"
+        if mode != "off" or self.p.weight_quant != "none" or kernels != "torch":
+            base = {"fused": True, "compile": mode == "compiled", "graph": mode in ("compiled", "graph"),
+                    "weight_quant": self.p.weight_quant}
+            options = {"torch": {"attention": None, "gemm": "torch", "pdl": False},
+                       "triton": {"attention": "triton", "gemm": "triton", "pdl": False},
+                       "triton_pdl": {"attention": "triton", "gemm": "triton", "pdl": True}}
+            if kernels == "auto":   # measure on this GPU, keep the fastest correct one
+                names = list(options)
+                sel = policy.select_fast([{**base, **options[n]} for n in names], logger=_StdLogger(self.get_logger()))
+                active = sel["active"]
+                self.get_logger().info(f"gpu_kernels auto: chosen {names[sel['chosen']] if sel['chosen'] is not None else 'none (fast paths off)'}")
+            else:
+                active = policy.enable_fast(logger=_StdLogger(self.get_logger()), **base, **options[kernels])
             self.get_logger().info(f"fast inference: {active}")
         if self.p.warmup:
             self._expected_latency = float(policy.warmup(runs=3))  # median of 3 calls
