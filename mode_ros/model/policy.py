@@ -401,11 +401,7 @@ class MoDEPolicy(nn.Module):
             gen = torch.Generator(device=self.device)
             gen.manual_seed(int(seed))
         noise = torch.randn(b, self.chunk_size, self.action_dim, device=self.device, generator=gen)
-        if self._graph is not None and self._graph.batch == b and self._graph.key == self.sampler.key():
-            a = self._graph(img, goal, st, noise)
-        else:
-            a = self.sample_normalized(img, goal, st, noise)
-        return self.postprocess(a)
+        return self.postprocess(self._normalized_fast(img, goal, st, noise))
 
     def postprocess(self, a_norm: torch.Tensor) -> np.ndarray:
         """Normalised (…, K, A) -> robot units; gripper dims binarised by sign in normalised space

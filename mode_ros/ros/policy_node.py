@@ -45,7 +45,7 @@ from mode_ros.ros.execution import ChunkExecutor, Plan, observation_seed, tick_w
 from mode_ros.ros.params import NODE_NAME, PARAMS, NodeParams, ParameterError, validate
 from mode_ros.ros.safety import ActionSafety, NonFiniteActionError, output_gate
 from mode_ros.ros.stats import Counters, RateLimitedLog, RateMeter, WindowStats
-from mode_ros.ros.sync import StampBuffer, match_stamps
+from mode_ros.ros.sync import StampBuffer, has_observation_in, match_stamps
 
 _ROS_TYPES = {
     "bool": ParameterType.PARAMETER_BOOL, "int": ParameterType.PARAMETER_INTEGER,
@@ -666,15 +666,10 @@ class PolicyNode(LifecycleNode):
     def _tick_observation_ready(self, t: float) -> bool:
         """lockstep_inference: every input needed has a message of the tick at ``t`` (stamped within
         half a period of it: its own observation, which a lockstep simulator publishes with the clock)."""
-        lo, hi = tick_window(t, 1.0 / self.p.control_rate_hz)
-        for b in self.buffers.values():
-            if not any(lo < st <= hi for st, _ in b.snapshot()):
-                return False
-        if self.policy is not None and self.policy.state_dim > 0:
-            st = self.state
-            if st is None or not lo < st[0] <= hi:
-                return False
-        return True
+        st = self.state
+        return has_observation_in(self.buffers, None if st is None else st[0],
+                                  self.policy is not None and self.policy.state_dim > 0,
+                                  *tick_window(t, 1.0 / self.p.control_rate_hz))
 
     def _kick_unserved(self) -> None:
         """An input arrived: if the last tick went unserved for want of it and could now be served,
@@ -780,14 +775,12 @@ class PolicyNode(LifecycleNode):
             state = self.state
         if not goal:
             return "no goal"
+        if at is not None and not self._tick_observation_ready(at.nanoseconds * 1e-9):
+            return f"waiting for the observation of the tick at {at.nanoseconds * 1e-9:.3f} s (lockstep_inference)"
         snaps = {c: b.snapshot() for c, b in self.buffers.items()}
-        if at is not None:
-            t_at = at.nanoseconds * 1e-9
-            lo, hi = tick_window(t_at, 1.0 / self.p.control_rate_hz)
+        if at is not None:   # frames stamped after the tick's window are not its observation
+            hi = tick_window(at.nanoseconds * 1e-9, 1.0 / self.p.control_rate_hz)[1]
             snaps = {c: [e for e in v if e[0] <= hi] for c, v in snaps.items()}
-            if any(not v or v[-1][0] <= lo for v in snaps.values()) or (
-                    self.policy.state_dim > 0 and (state is None or not lo < state[0] <= hi)):
-                return f"waiting for the observation of the tick at {t_at:.3f} s (lockstep_inference)"
         if not snaps:
             # a checkpoint without cameras: the observation time is now (lockstep: the tick's)
             obs = _Observation()

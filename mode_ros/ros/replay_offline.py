@@ -34,7 +34,7 @@ from mode_ros.ros.execution import ChunkExecutor, Plan, observation_seed, tick_w
 from mode_ros.ros.params import NodeParams
 from mode_ros.ros.safety import ActionSafety, NonFiniteActionError, output_gate
 from mode_ros.ros.scoring import ChunkRecord
-from mode_ros.ros.sync import StampBuffer, match_stamps
+from mode_ros.ros.sync import StampBuffer, has_observation_in, match_stamps
 
 __all__ = ["NodeEmulator", "run_offline"]
 
@@ -197,30 +197,23 @@ class NodeEmulator:
         return self.p.serve_late_ticks or self.p.lockstep_inference
 
     def _tick_observation_ready(self, t: float) -> bool:
-        lo, hi = tick_window(t, self.period)
-        return all(any(lo < st <= hi for st, _ in b.snapshot()) for b in self.buffers.values()) and (
-            self.state_dim == 0 or (self.state is not None and lo < self.state[0] <= hi))
+        return has_observation_in(self.buffers, None if self.state is None else self.state[0], self.state_dim > 0,
+                                  *tick_window(t, self.period))
 
     def _lockstep_tick(self, now: float):
         """PolicyNode with lockstep_inference: a tick that needs a new chunk is served from row 0 of an
         inference on its own observation (stamped within half a period of the tick), which takes no
-        time; until that observation is there the tick waits (unserved; its arrival serves it)."""
+        time, through the late-serving path as in the node; until that observation is there the tick
+        waits (unserved; its arrival serves it)."""
+        self.unserved = (self.clock_ns, False)
         if not self._tick_observation_ready(now):
-            self.unserved = (self.clock_ns, False)
             return self._suppress("lockstep_wait", "waiting for the observation of this tick (lockstep_inference)")
         self.inflight = None
         self._request(now, at=self.clock_ns)
-        pend, self.inflight = self.inflight, None
-        if pend is None or pend.plan is None:
-            return self._suppress("no_plan", f"no plan for this tick ({self.last_failure})")
-        self.sequence += 1
-        pend.plan.sequence = self.sequence
-        self.executor_.add(pend.plan, now)
-        self.last_failure = ""
-        step = self.executor_.step(now)
-        if step is None:
-            return self._suppress("no_plan", "no plan for this tick")
-        return self._publish_step(step, self.clock_ns)
+        rec = self.complete()
+        if rec is None:
+            return self._suppress("no_plan", f"no plan for this tick ({self.last_failure or 'no chunk'})")
+        return rec, "published", ""
 
     def _publish_step(self, step, tick_ns: int) -> tuple[ChunkRecord | None, str, str]:
         """PolicyNode._publish_step: safety filter, then the chunk of the tick at ``tick_ns``."""

@@ -6,7 +6,7 @@ import threading
 from collections import deque
 from typing import Any, Mapping, Sequence
 
-__all__ = ["match_stamps", "StampBuffer"]
+__all__ = ["match_stamps", "StampBuffer", "has_observation_in"]
 
 
 def _nearest(sorted_stamps: Sequence[float], t: float) -> int:
@@ -100,3 +100,12 @@ class StampBuffer:
     def __len__(self) -> int:
         with self._lock:
             return len(self._items)
+
+
+def has_observation_in(buffers: Mapping[str, "StampBuffer"], state_stamp: float | None, needs_state: bool,
+                       lo: float, hi: float) -> bool:
+    """Every camera has a frame, and (when needed) the state is, stamped in ``(lo, hi]`` (lockstep_inference:
+    the observation of one tick, ``execution.tick_window``)."""
+    if any(not any(lo < st <= hi for st, _ in b.snapshot()) for b in buffers.values()):
+        return False
+    return not needs_state or (state_stamp is not None and lo < state_stamp <= hi)
