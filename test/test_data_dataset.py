@@ -58,10 +58,11 @@ def test_normalizer_round_trip_and_constant_dims(tmp_path):
         compute_stats(np.array([[np.nan]]))
 
 
-def _file(path, lengths, langs, timestamps=None, hw=(10, 12)):
+def _file(path, lengths, langs, timestamps=None, hw=(10, 12), state_names=None):
     rng = np.random.default_rng(0)
     eps = []
-    with EpisodeWriter(path, ["static", "gripper"], ["x", "y"], control_rate_hz=10, state_keys=["q"]) as w:
+    with EpisodeWriter(path, ["static", "gripper"], ["x", "y"], control_rate_hz=10, state_keys=["q"],
+                       state_names=state_names) as w:
         for i, (T, lang) in enumerate(zip(lengths, langs)):
             a = np.stack([np.arange(T) + 100 * i, -np.arange(T)], 1).astype(np.float32)
             im = {"static": rng.integers(0, 256, (T, *hw, 3), dtype=np.uint8),
@@ -97,6 +98,21 @@ def test_dataset_windows_and_end_padding(tmp_path):
     batch = torch.utils.data.default_collate([ds[i] for i in range(3)])
     assert batch["actions"].shape == (3, 10, 2) and batch["images"]["static"].shape == (3, 3, 16, 16)
     assert batch["instruction"] == ["b task"] * 3
+
+
+def test_dataset_state_names_from_the_files(tmp_path):
+    """The state's value names come from the files (the converter writes the joint names); files that name
+    a key's values differently are refused, and an unnamed file leaves the names unknown."""
+    a, b, c, d = (tmp_path / f"{n}.hdf5" for n in "abcd")
+    _file(a, [3], ["t"], state_names={"q": ["elbow", "wrist"]})
+    _file(b, [3], ["t"], state_names={"q": ["elbow", "wrist"]})
+    _file(c, [3], ["t"], state_names={"q": ["wrist", "elbow"]})
+    _file(d, [3], ["t"])
+    assert EpisodeWindowDataset([a, b], image_size=None, state_keys=["q"]).state_names == ["elbow", "wrist"]
+    with pytest.raises(ValueError, match=r"state key 'q'.*c\.hdf5 names its values \['wrist', 'elbow'\]"):
+        EpisodeWindowDataset([a, c], image_size=None, state_keys=["q"])
+    assert EpisodeWindowDataset([a, d], image_size=None, state_keys=["q"]).state_names == []
+    assert EpisodeWindowDataset([a], image_size=None).state_names == []       # no state
 
 
 def test_dataset_respects_timestamp_gaps(tmp_path):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from mode_ros.ros.execution import ChunkExecutor, Plan, observation_seed
-from mode_ros.ros.params import PARAMS, NodeParams, ParameterError, render_yaml, validate
+from mode_ros.ros.params import PARAMS, NodeParams, ParameterError, render_yaml, state_selection, validate
 from mode_ros.ros.safety import ActionSafety, NonFiniteActionError
 from mode_ros.ros.stats import Counters, RateLimitedLog, RateMeter, WindowStats
 from mode_ros.ros.sync import StampBuffer, match_stamps
@@ -461,6 +461,18 @@ def test_cross_checks_against_the_checkpoint():
     with pytest.raises(ParameterError, match="even state_dim"):
         p.check_against_policy(10, 7, 3)
     assert validate("state_joint_names", None) == [""]   # `[]` in a params file arrives as "not set"
+
+
+def test_state_selection_param_then_checkpoint_names():
+    ck = ["hand_x", "hand_y", "gripper"]
+    assert state_selection([""], ck, "position", 3) == ck                 # unset: the checkpoint's names
+    assert state_selection(["a", "b", "c"], ck, "position", 3) == ["a", "b", "c"]   # the parameter wins
+    assert state_selection([""], [], "position", 3) == []                 # unnamed checkpoint: message order
+    assert state_selection([""], ck[:2], "position", 3) == []             # names that do not fit: unused
+    assert state_selection([""], ["a", "a", "b"], "position", 3) == []    # ambiguous names: unused
+    assert state_selection([""], ck, "velocity", 3) == ck                 # one field: names per value
+    assert state_selection([""], ck, "position_velocity", 6) == []        # two fields: not the converter's
+    assert state_selection([""], ck, "position", 0) == []                 # no state
 
 
 def test_ros_arg_value_round_trips_through_yaml():

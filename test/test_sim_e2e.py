@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 import pytest
 
@@ -19,30 +20,58 @@ pytest.importorskip("rosbags")
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """One recorded reach demo, converted and trained for a few steps; returns the export folder."""
-    from mode_ros.data.bag import convert_bags
+def demo(tmp_path_factory):
+    """One recorded reach demo (rosbag2) and its topic map."""
     from mode_ros.sim.record import RecordConfig, record
-    from mode_ros.train.config import TrainConfig
-    from mode_ros.train.trainer import Trainer
 
     root = tmp_path_factory.mktemp("e2e")
     summary = record(RecordConfig(out=str(root / "bags"), tasks=["reach-v3"], episodes_per_task=1, seed=0,
                                   image_size=16, cameras=["corner"], noise=0.1), log=lambda s: None)
     bags = [root / "bags" / b for b in summary["tasks"]["reach-v3"]["bags"]]
     assert len(bags) == 1
-    rep = convert_bags(bags, root / "bags" / "metaworld_topics.yaml", root / "demos.hdf5", progress=False)
+    return root, bags
+
+
+def _convert_and_train(root, bags, name, topics):
+    from mode_ros.data.bag import convert_bags
+    from mode_ros.train.config import TrainConfig
+    from mode_ros.train.trainer import Trainer
+
+    rep = convert_bags(bags, topics, root / f"{name}.hdf5", progress=False)
     assert rep["totals"]["episodes"] == 1 and rep["totals"]["dropped_ticks"] == 0
     cfg = TrainConfig.from_dict({
-        "out_dir": str(root / "run"), "preset": "metaworld", "device": "cpu", "ckpt_every": 0,
+        "out_dir": str(root / name), "preset": "metaworld", "device": "cpu", "ckpt_every": 0,
         "policy": {"model": {"embed_dim": 32, "n_layers": 1, "n_heads": 2}},
-        "data": {"paths": [str(root / "demos.hdf5")], "cameras": [], "state_keys": ["state"]},
+        "data": {"paths": [str(root / f"{name}.hdf5")], "cameras": [], "state_keys": ["state"]},
         "optim": {"steps": 3, "batch_size": 8}})
     out = Trainer(cfg, quiet=True).train()
     assert out["steps"] == 3
-    export = root / "run" / "export"
+    export = root / name / "export"
     assert (export / "model.safetensors").is_file() and (export / "goal_embeddings.safetensors").is_file()
     return export
+
+
+@pytest.fixture(scope="module")
+def trained(demo):
+    """The demo converted (the full 21-d state) and trained for a few steps; returns the export folder."""
+    root, bags = demo
+    return _convert_and_train(root, bags, "run", root / "bags" / "metaworld_topics.yaml")
+
+
+PROPRIO = ["gripper_open", "hand_z", "hand_x", "hand_y"]   # not in the message's order
+
+
+@pytest.fixture(scope="module")
+def trained_proprio(demo):
+    """The same demo converted with a state of 4 named joints only (proprioception, in an order unlike the
+    JointState's), trained for a few steps: the checkpoint records the joints' names."""
+    import yaml
+
+    root, bags = demo
+    tm = yaml.safe_load((root / "bags" / "metaworld_topics.yaml").read_text())
+    tm["state"]["joints"] = PROPRIO
+    (root / "proprio_topics.yaml").write_text(yaml.safe_dump(tm))
+    return _convert_and_train(root, bags, "proprio", root / "proprio_topics.yaml")
 
 
 def test_trained_checkpoint_direct_eval(trained, tmp_path):
@@ -58,19 +87,57 @@ def test_trained_checkpoint_direct_eval(trained, tmp_path):
     assert json.loads((tmp_path / "r.json").read_text())["tasks"]["reach-v3"]["episodes"] == 1
 
 
+def test_checkpoint_records_its_state_names_and_eval_selects_them(trained, trained_proprio, monkeypatch):
+    """The trainer stores the converter's joint names in the checkpoint; `sim eval` feeds a policy trained
+    on some of the Meta-World state exactly those values, in the checkpoint's order."""
+    import numpy as np
+
+    from mode_ros.model.policy import MoDEPolicy
+    from mode_ros.sim import evaluate as ev
+    from mode_ros.sim.metaworld_env import STATE_NAMES
+
+    full = MoDEPolicy.from_pretrained(trained)
+    assert full.config.state_names == list(STATE_NAMES)
+    pol = MoDEPolicy.from_pretrained(trained_proprio)
+    assert pol.state_dim == 4 and pol.config.state_names == PROPRIO
+    assert list(ev.state_indices(pol)) == [STATE_NAMES.index(n) for n in PROPRIO] == [3, 2, 0, 1]
+    seen = []
+    real = pol.predict_chunk_batch
+
+    def spy(images, goals, states=None, seed=None):
+        seen.append(np.asarray(states))
+        return real(images, goals, states, seed=seed)
+
+    monkeypatch.setattr(pol, "predict_chunk_batch", spy)
+    sim = ev.MetaWorldSim("reach-v3", cameras=[], max_steps=5)
+    obs0 = sim.reset("eval", 0, 0)
+    ev.evaluate(pol, ev.EvalConfig(tasks=["reach-v3"], episodes=1, max_steps=5, replan_every=5), log=None)
+    assert seen[0].shape == (1, 4)
+    np.testing.assert_allclose(seen[0][0], obs0.state[[3, 2, 0, 1]], rtol=0, atol=1e-6)
+    pol.config.state_names = []          # an unnamed 4-d state cannot be matched to the 21 values
+    with pytest.raises(ValueError, match="must name them"):
+        ev.state_indices(pol)
+
+
 @pytest.mark.ros
-def test_trained_checkpoint_over_ros(trained, tmp_path):
-    """`mode-ros sim eval --ros`: the installed policy node on the fresh checkpoint drives the bridge."""
+def test_trained_checkpoint_over_ros(trained_proprio, tmp_path):
+    """`mode-ros sim eval --ros`: the installed policy node on the fresh checkpoint drives the bridge. The
+    checkpoint takes 4 named joints; the bridge publishes all 21 state values as one JointState, and the
+    node picks the checkpoint's joints by name (no state_joint_names given)."""
     from mode_ros.sim.evaluate import EvalConfig
     from mode_ros.sim.ros_eval import evaluate_ros
 
-    args = argparse.Namespace(checkpoint=str(trained), expert=False, rate=20.0, cameras=None,
+    args = argparse.Namespace(checkpoint=str(trained_proprio), expert=False, rate=20.0, cameras=None,
                               ros_mode="realtime", device="cpu", noise=0.0)
     cfg = EvalConfig(tasks=["reach-v3"], episodes=1, seed=0, max_steps=15, replan_every=5,
                      json_path=str(tmp_path / "ros.json"))
     lines: list[str] = []
     report = evaluate_ros(args, cfg, log=lines.append)
     assert report is not None, "\n".join(lines)
+    work = next(ln.split("work=", 1)[1].strip() for ln in lines if "work=" in ln)
+    node_log = (Path(work) / "policy.log").read_text()
+    assert f"state: joints {PROPRIO} of ~/joint_states, as recorded in the checkpoint" in node_log, node_log
+    assert "joint_states rejected" not in node_log, node_log
     r = report["tasks"]["reach-v3"]
     assert report["transport"] == "ros2" and r["episodes"] == 1
     ep = r["episode_results"][0]

@@ -158,6 +158,7 @@ class EpisodeWindowDataset(torch.utils.data.Dataset):
         goal_of = {s: i for i, s in enumerate(self.instructions)}
         self._goal = [goal_of[e[5]] for e in self._episodes]
         self.state_dim = int(self._episodes[0][3].shape[1]) if self.state_keys else 0
+        self.state_names = self._state_names()
 
         if action_normalizer is None:
             action_normalizer = ActionNormalizer(compute_stats([e[2] for e in self._episodes]),
@@ -176,6 +177,23 @@ class EpisodeWindowDataset(torch.utils.data.Dataset):
                              for e in self._episodes]
         lengths = np.array([len(e[2]) for e in self._episodes], dtype=np.int64)
         self._offsets = np.concatenate([[0], np.cumsum(lengths)])
+
+    def _state_names(self) -> list[str]:
+        """The state's value names, in order (the files' ``state_names`` of each state key), or [] when
+        a file does not name them all. Files that name one key differently are refused: their values
+        would be mixed up under one normalisation."""
+        out: list[str] = []
+        for k in self.state_keys:
+            known = [(r.path, list(r.state_names.get(k) or [])) for r in self.readers]
+            named = [(p, n) for p, n in known if n]
+            for p, n in named[1:]:
+                if n != named[0][1]:
+                    raise ValueError(f"state key {k!r}: {p} names its values {n}, {named[0][0]} names them "
+                                     f"{named[0][1]}")
+            if len(named) != len(known):
+                return []
+            out += named[0][1]
+        return out if len(out) == self.state_dim else []
 
     def __len__(self) -> int:
         return int(self._offsets[-1])

@@ -130,7 +130,9 @@ PARAMS: tuple[ParamSpec, ...] = (
               "header.frame_id of the published ActionChunk / JointTrajectory."),
     ParamSpec("state_joint_names", "string_array", [""],
               "Joints of ~/joint_states forming the state vector, in order (used only when the "
-              "checkpoint takes a state); [\"\"] = the first state_dim joints in message order."),
+              "checkpoint takes a state); [\"\"] = the joint names the checkpoint records (the trainer "
+              "keeps the converter's) unless state_field is position_velocity, else the first "
+              "state_dim joints in message order."),
     ParamSpec("state_field", "string", "position",
               "JointState field(s) forming the state: position, velocity or position_velocity.",
               choices=("position", "velocity", "position_velocity")),
@@ -303,6 +305,20 @@ class NodeParams:
         names = [n for n in self.trajectory_joint_names if n]
         if self.publish_joint_trajectory and names and len(names) != action_dim:
             raise ParameterError(f"trajectory_joint_names: has {len(names)} names, need action_dim = {action_dim}")
+
+
+def state_selection(param_names, checkpoint_names, state_field: str, state_dim: int) -> list:
+    """The joint names the node picks its state by from ~/joint_states, in order; [] = the first values
+    in message order. ``state_joint_names`` wins; unset, a checkpoint that records its state's names
+    (the trainer stores the converter's joint names) selects by them, unless the state is
+    ``position_velocity`` (the converter reads one JointState field, so its names are per value)."""
+    names = [n for n in (param_names or []) if n]
+    if names or state_dim <= 0:
+        return names
+    ck = [str(n) for n in (checkpoint_names or [])]
+    if state_field != "position_velocity" and len(ck) == state_dim and all(ck) and len(set(ck)) == len(ck):
+        return ck
+    return []
 
 
 def broadcast(values: list, n: int) -> list:

@@ -42,7 +42,7 @@ from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
 
 from mode_ros.msg import ActionChunk
 from mode_ros.ros.execution import ChunkExecutor, Plan, observation_seed, tick_window
-from mode_ros.ros.params import NODE_NAME, PARAMS, NodeParams, ParameterError, validate
+from mode_ros.ros.params import NODE_NAME, PARAMS, NodeParams, ParameterError, state_selection, validate
 from mode_ros.ros.safety import ActionSafety, NonFiniteActionError, output_gate
 from mode_ros.ros.stats import Counters, RateLimitedLog, RateMeter, WindowStats
 from mode_ros.ros.sync import StampBuffer, has_observation_in, match_stamps
@@ -306,7 +306,11 @@ class PolicyNode(LifecycleNode):
         self.joint_names = names or (policy.action_names if len(policy.action_names) == policy.action_dim
                                      else [f"a{i}" for i in range(policy.action_dim)])
         self.action_names = policy.action_names if len(policy.action_names) == policy.action_dim else []
-        self.state_names = [n for n in self.p.state_joint_names if n]
+        self.state_names = state_selection(self.p.state_joint_names, policy.config.state_names,
+                                           self.p.state_field, policy.state_dim)
+        if self.state_names and not [n for n in self.p.state_joint_names if n]:
+            self.get_logger().info(f"state: joints {self.state_names} of ~/joint_states, as recorded in the "
+                                   f"checkpoint (set state_joint_names to choose others)")
         self.latency = WindowStats(self.p.stats_window)
         self.rate = RateMeter(self.p.stats_window)
 
@@ -513,8 +517,9 @@ class PolicyNode(LifecycleNode):
                 parts.append(vals[idx])
             vec = np.concatenate(parts)
         except ValueError as exc:
-            self._reject("joint_states", f"joint_states rejected: joint missing ({exc}); "
-                                         f"state_joint_names={self.state_names}")
+            self._reject("joint_states", f"joint_states rejected: joint missing ({exc}); the state is "
+                                         f"selected by the joints {self.state_names} (state_joint_names, "
+                                         f"or the checkpoint's state names when that is unset)")
             return
         except IndexError:
             self._reject("joint_states", f"joint_states rejected: fewer values than needed for state_dim {n} "

@@ -94,6 +94,7 @@ class ModelInfo:
     action_names: list
     gripper_dims: list
     action_offset: list | None = None    # normalisation centre (the gripper sign threshold)
+    state_names: list = field(default_factory=list)   # the state's joint names, when the trainer recorded them
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike) -> "ModelInfo":
@@ -114,7 +115,7 @@ class ModelInfo:
             except (KeyError, ValueError, TypeError):
                 off = None
         return cls(list(cfg.camera_names), int(cfg.state_dim), int(cfg.chunk_size), int(cfg.action_dim),
-                   list(cfg.action_names), list(cfg.gripper_dims), off)
+                   list(cfg.action_names), list(cfg.gripper_dims), off, list(cfg.state_names))
 
 
 def timer_period_ns(control_rate_hz: float) -> int:
@@ -621,7 +622,8 @@ def _run_bag(opts: ReplayOptions, bag, values: dict, ckpt) -> dict:
         pol = opts.policy
         cfg = getattr(pol, "config", None)
         model = ModelInfo(list(pol.camera_names), int(pol.state_dim), int(pol.chunk_size), int(pol.action_dim),
-                          list(pol.action_names), list(getattr(cfg, "gripper_dims", []) or []), None)
+                          list(pol.action_names), list(getattr(cfg, "gripper_dims", []) or []), None,
+                          list(getattr(cfg, "state_names", []) or []))
     elif ckpt:
         model = ModelInfo.from_checkpoint(ckpt)
         values["checkpoint"] = str(Path(ckpt).resolve())

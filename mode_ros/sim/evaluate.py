@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .metaworld_env import (ACTION_DIM, ACTION_NAMES, MAX_EPISODE_STEPS, MT10, MT10_TASKS, STATE_DIM,
-                            MetaWorldSim, ScriptedExpert, camera_for, instruction_for, layout,
+                            STATE_NAMES, MetaWorldSim, ScriptedExpert, camera_for, instruction_for, layout,
                             task_for_instruction)
 
 
@@ -118,12 +118,31 @@ def _save_gif(path: Path, frames: list[np.ndarray], fps: float = 20.0) -> None:
     ims[0].save(path, save_all=True, append_images=ims[1:], duration=int(2000 / fps), loop=0)
 
 
+def state_indices(policy) -> np.ndarray | slice:
+    """Which of the 21 Meta-World state values the policy takes: all of them (state_dim 21), or the
+    ones its checkpoint names (``config.state_names``, e.g. a proprioception-only policy trained on
+    ``hand_x, hand_y, hand_z, gripper_open``)."""
+    state_dim = int(getattr(policy, "state_dim", 0) or 0)
+    names = list(getattr(getattr(policy, "config", None), "state_names", None) or [])
+    if state_dim == 0:
+        return slice(0, 0)
+    if len(names) == state_dim:
+        unknown = [n for n in names if n not in STATE_NAMES]
+        if unknown:
+            raise ValueError(f"the policy's state names {unknown} are not Meta-World state values "
+                             f"(known: {list(STATE_NAMES)})")
+        return np.array([STATE_NAMES.index(n) for n in names])
+    if state_dim == STATE_DIM:
+        return slice(None)
+    raise ValueError(f"policy.state_dim is {state_dim}; the Meta-World state has {STATE_DIM} values (a policy "
+                     f"trained on some of them must name them: config.state_names)")
+
+
 def evaluate_task(policy, task: str, cfg: EvalConfig, task_index: int = 0,
                   log: Callable[[str], None] | None = None) -> dict[str, Any]:
     cams = _policy_cameras(policy)
     state_dim = int(getattr(policy, "state_dim", 0) or 0)
-    if state_dim not in (0, STATE_DIM):
-        raise ValueError(f"policy.state_dim is {state_dim}; the Meta-World state has {STATE_DIM} values")
+    pick = state_indices(policy)
     chunk = int(getattr(policy, "chunk_size", 1))
     replan = max(1, min(cfg.replan_every or chunk, chunk))
     goal = instruction_for(task)
@@ -151,7 +170,7 @@ def evaluate_task(policy, task: str, cfg: EvalConfig, task_index: int = 0,
                 seed = (cfg.policy_seed * 1_000_003 + task_index * 10_007 + start * 101 + calls) % (2 ** 31)
                 t0 = time.perf_counter()
                 actions = _call_policy(policy, [[obs[b].images[c] for b in active] for c in cams], [goal] * len(active),
-                                       [obs[b].state for b in active] if state_dim else None, seed)
+                                       [obs[b].state[pick] for b in active] if state_dim else None, seed)
                 t_policy += time.perf_counter() - t0
                 calls += 1
                 t0 = time.perf_counter()

@@ -97,7 +97,7 @@ class Trainer:
         pcfg.action_dim = ds.action_dim
         pcfg.action_names = list(ds.action_names) if len(ds.action_names) == ds.action_dim else []
         pcfg.state_dim = ds.state_dim
-        pcfg.state_names = []
+        pcfg.state_names = list(ds.state_names)
         pcfg.validate()
         torch.manual_seed(cfg.seed)  # identical init on every rank
         self.policy = MoDEPolicy(pcfg, _to_affine(ds.action_normalizer), _to_affine(ds.state_normalizer))
