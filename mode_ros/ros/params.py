@@ -131,8 +131,8 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("state_joint_names", "string_array", [""],
               "Joints of ~/joint_states forming the state vector, in order (used only when the "
               "checkpoint takes a state); [\"\"] = the joint names the checkpoint records (the trainer "
-              "keeps the converter's) unless state_field is position_velocity, else the first "
-              "state_dim joints in message order."),
+              "keeps the converter's) unless state_field is position_velocity or a message lacks them, "
+              "else the first state_dim joints in message order."),
     ParamSpec("state_field", "string", "position",
               "JointState field(s) forming the state: position, velocity or position_velocity.",
               choices=("position", "velocity", "position_velocity")),

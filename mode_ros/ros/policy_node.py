@@ -308,7 +308,10 @@ class PolicyNode(LifecycleNode):
         self.action_names = policy.action_names if len(policy.action_names) == policy.action_dim else []
         self.state_names = state_selection(self.p.state_joint_names, policy.config.state_names,
                                            self.p.state_field, policy.state_dim)
-        if self.state_names and not [n for n in self.p.state_joint_names if n]:
+        # names the checkpoint recorded (not the parameter): a JointState without them (a checkpoint
+        # trained from an array topic, say) falls back to message order, as before names were recorded
+        self._state_names_recorded = bool(self.state_names) and not [n for n in self.p.state_joint_names if n]
+        if self._state_names_recorded:
             self.get_logger().info(f"state: joints {self.state_names} of ~/joint_states, as recorded in the "
                                    f"checkpoint (set state_joint_names to choose others)")
         self.latency = WindowStats(self.p.stats_window)
@@ -507,9 +510,16 @@ class PolicyNode(LifecycleNode):
                   "position_velocity": ["position", "velocity"]}[self.p.state_field]
         per = n // len(fields)
         try:
-            if self.state_names:
-                idx = [list(msg.name).index(j) for j in self.state_names]
+            names = list(msg.name)
+            by_name = bool(self.state_names) and (not self._state_names_recorded
+                                                  or set(self.state_names) <= set(names))
+            if by_name:
+                idx = [names.index(j) for j in self.state_names]
             else:
+                if self.state_names:
+                    self.get_logger().warning(
+                        f"joint_states has no joints {self.state_names} (the checkpoint's state names): using "
+                        f"the first {per} values in message order; set state_joint_names to choose", once=True)
                 idx = list(range(per))
             parts = []
             for f in fields:
@@ -517,9 +527,8 @@ class PolicyNode(LifecycleNode):
                 parts.append(vals[idx])
             vec = np.concatenate(parts)
         except ValueError as exc:
-            self._reject("joint_states", f"joint_states rejected: joint missing ({exc}); the state is "
-                                         f"selected by the joints {self.state_names} (state_joint_names, "
-                                         f"or the checkpoint's state names when that is unset)")
+            self._reject("joint_states", f"joint_states rejected: joint missing ({exc}); "
+                                         f"state_joint_names={self.state_names}")
             return
         except IndexError:
             self._reject("joint_states", f"joint_states rejected: fewer values than needed for state_dim {n} "
