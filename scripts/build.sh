@@ -14,6 +14,13 @@ log() { printf '[build %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 
 [ -x "$VENV/bin/python3" ] || { log "no venv at $VENV: run scripts/setup.sh"; exit 1; }
 
+# one build at a time in this workspace (two shells, or tests started side by side, share build_ws)
+mkdir -p "$WS"
+if command -v flock >/dev/null 2>&1 && [ -z "${MODE_ROS_BUILD_LOCKED:-}" ]; then
+  export MODE_ROS_BUILD_LOCKED=1
+  exec flock "$WS/.build.lock" "$0" "$@"
+fi
+
 inputs_hash() {
   (
     cd "$ROOT"
