@@ -20,6 +20,7 @@ _SUBCOMMANDS = {
     "train": "mode_ros.train.cli",
     "replay": "mode_ros.ros.replay_cli",
     "sim": "mode_ros.sim.cli",
+    "export": "mode_ros.export.cli",
 }
 
 
