@@ -23,6 +23,7 @@ from .config import PolicyConfig, preset
 from .denoiser import EDMPrecond, MoDEDenoiser
 from .encoders import GoalError, TextEncoder, build_vision_encoder, preprocess_images
 from .expert_cache import CachedSampler
+from .inpainting import ChunkPrefix
 from .sampling import make_schedule, sample_ddim, sample_training_sigmas
 
 log = logging.getLogger("mode_ros.policy")
@@ -373,8 +374,14 @@ class MoDEPolicy(nn.Module):
     def encode_goal(self, text: str) -> np.ndarray:
         return self.text.encode([text])[0].numpy()
 
-    def predict_chunk(self, images, goal_text: str, state=None, seed: int | None = None) -> np.ndarray:
-        """One chunk (chunk_size, action_dim) float32 in robot units for one observation."""
+    def predict_chunk(self, images, goal_text: str, state=None, seed: int | None = None,
+                      prefix: ChunkPrefix | None = None) -> np.ndarray:
+        """One chunk (chunk_size, action_dim) float32 in robot units for one observation. ``prefix``
+        (real-time chunking, mode_ros.model.inpainting): the previous plan over the new chunk's first
+        rows; its ``fixed`` rows are returned exactly, the overlap is pulled toward it. None: plain."""
+        if prefix is not None:
+            prefix.check(self.chunk_size, self.action_dim)
+            raise NotImplementedError("ChunkPrefix sampling is not implemented yet")
         out = self.predict_chunk_batch(
             None if images is None else ({k: np.asarray(v)[None] for k, v in images.items()} if isinstance(images, dict)
                                          else [np.asarray(v)[None] for v in images]),

@@ -1,0 +1,104 @@
+"""Real-time chunking (MODE_SPEC Appendix C): the next chunk as an inpainting problem.
+
+While a chunk is computed, the robot keeps executing the previous plan. ``ChunkPrefix`` carries the
+previous plan's rows that overlap the new chunk (already shifted to its time base: row j of
+``actions`` is what the previous plan says for row j of the new chunk), how many of them will run
+before the new chunk lands (``fixed`` = d) and how to impose them (``method``):
+
+* ``"replace"`` — at every denoising step the known rows, noised to the current sigma, replace the
+  sample over the soft mask W; the frozen rows (j < d) of the output are the previous plan exactly;
+* ``"guidance"`` — the denoised estimate is pulled toward the previous plan over W by a
+  vector-Jacobian product through the denoiser (Black et al. 2025, arXiv 2506.07339, transposed to
+  EDM/DDIM), with the step weight clipped at ``guidance_max``; frozen rows are also copied exactly.
+
+``prefix_weights`` gives W: 1 for j < d, decaying to 0 over the overlap d <= j < n, 0 for j >= n.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+METHODS = ("replace", "guidance")
+DECAYS = ("exp", "linear", "hard")
+
+
+class PrefixError(ValueError):
+    """A ChunkPrefix that does not fit the policy (shape, values, method)."""
+
+
+@dataclass(frozen=True)
+class ChunkPrefix:
+    """The previous plan over the new chunk's first rows, in robot units.
+
+    actions: (n, A) float, n <= chunk_size — the previous plan's actions for rows 0..n-1 of the new chunk.
+    fixed: d — rows that execute (from the previous plan) before the new chunk lands; 0 <= d <= n.
+    method: "replace" (inpainting at every step) or "guidance" (pull of the denoised estimate).
+    decay: weights over the overlap rows d <= j < n: "exp" (Black et al.), "linear", or "hard" (0).
+    guidance_max: clip of the guidance step weight (beta in Black et al.; only for "guidance").
+    """
+    actions: np.ndarray
+    fixed: int
+    method: str = "replace"
+    decay: str = "exp"
+    guidance_max: float = 5.0
+
+    def __post_init__(self):
+        a = np.asarray(self.actions, dtype=np.float32)
+        if a.ndim != 2 or a.shape[0] < 1 or a.shape[1] < 1:
+            raise PrefixError(f"ChunkPrefix.actions: expected shape (n, action_dim) with n >= 1, got {a.shape}")
+        if not np.all(np.isfinite(a)):
+            raise PrefixError("ChunkPrefix.actions contains NaN or Inf")
+        object.__setattr__(self, "actions", a)
+        if isinstance(self.fixed, bool) or not isinstance(self.fixed, (int, np.integer)):
+            raise PrefixError(f"ChunkPrefix.fixed: expected an int, got {self.fixed!r}")
+        if not 0 <= int(self.fixed) <= a.shape[0]:
+            raise PrefixError(f"ChunkPrefix.fixed: {self.fixed} not in [0, n={a.shape[0]}] (rows of actions)")
+        object.__setattr__(self, "fixed", int(self.fixed))
+        if self.method not in METHODS:
+            raise PrefixError(f"ChunkPrefix.method: {self.method!r} is not one of {METHODS}")
+        if self.decay not in DECAYS:
+            raise PrefixError(f"ChunkPrefix.decay: {self.decay!r} is not one of {DECAYS}")
+        if not (math.isfinite(self.guidance_max) and self.guidance_max >= 0):
+            raise PrefixError(f"ChunkPrefix.guidance_max: expected a finite value >= 0, got {self.guidance_max}")
+
+    @property
+    def rows(self) -> int:
+        """n: rows of the new chunk the previous plan covers."""
+        return self.actions.shape[0]
+
+    def check(self, chunk_size: int, action_dim: int) -> "ChunkPrefix":
+        """Raise PrefixError unless the prefix fits a policy with this chunk size and action dimension."""
+        n, a = self.actions.shape
+        if a != action_dim:
+            raise PrefixError(f"ChunkPrefix.actions: {a} action dims, the policy has {action_dim}")
+        if n > chunk_size:
+            raise PrefixError(f"ChunkPrefix.actions: {n} rows, more than the chunk size {chunk_size}")
+        return self
+
+    def weights(self, chunk_size: int) -> np.ndarray:
+        """W for this prefix over a chunk of ``chunk_size`` rows (see ``prefix_weights``)."""
+        return prefix_weights(self.rows, self.fixed, chunk_size, self.decay)
+
+
+def prefix_weights(n: int, fixed: int, chunk_size: int, decay: str = "exp") -> np.ndarray:
+    """Per-row weights W (chunk_size,) float32: 1 for j < fixed, decaying toward 0 for fixed <= j < n,
+    0 for j >= n. "exp": c = (n - j) / (n - fixed + 1), W = c (e^c - 1) / (e - 1) (Black et al. 2025);
+    "linear": W = c; "hard": W = 0 over the overlap."""
+    if not 0 <= fixed <= n <= chunk_size:
+        raise PrefixError(f"prefix weights: need 0 <= fixed ({fixed}) <= n ({n}) <= chunk_size ({chunk_size})")
+    if decay not in DECAYS:
+        raise PrefixError(f"prefix weights: decay {decay!r} is not one of {DECAYS}")
+    w = np.zeros(chunk_size, np.float64)
+    w[:fixed] = 1.0
+    j = np.arange(fixed, n)
+    c = (n - j) / (n - fixed + 1)
+    if decay == "exp":
+        w[fixed:n] = c * np.expm1(c) / math.expm1(1.0)
+    elif decay == "linear":
+        w[fixed:n] = c
+    return w.astype(np.float32)
+
+
+__all__ = ["ChunkPrefix", "PrefixError", "prefix_weights", "METHODS", "DECAYS"]
