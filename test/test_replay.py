@@ -16,8 +16,9 @@ import yaml
 import replay_helpers as H
 from replay_helpers import bags, const_ckpt  # noqa: F401 - session fixtures
 
-from mode_ros.ros.replay import Event, ReplayError, ReplayOptions, run_replay, schedule
-from mode_ros.ros.scoring import ChunkRecord, RecordedActions, Scorer
+from mode_ros.replay.runner import run_replay
+from mode_ros.replay.session import Event, ReplayError, ReplayOptions, schedule
+from mode_ros.replay.scoring import ChunkRecord, RecordedActions, Scorer
 
 MS = 1_000_000
 
@@ -77,8 +78,8 @@ def test_schedule_orders_clock_ticks_and_messages():
 
 
 def test_auto_topic_map_from_bag_topics():
-    from mode_ros.ros.replay import ModelInfo, auto_topic_map
-    from mode_ros.ros.replay_bag import TopicInfo
+    from mode_ros.replay.session import ModelInfo, auto_topic_map
+    from mode_ros.replay.bag_stream import TopicInfo
 
     model = ModelInfo(["static", "gripper"], 0, 10, 3, [], [])
     topics = {t: TopicInfo(t, ty) for t, ty in (
@@ -251,7 +252,7 @@ def test_streaming_memory_is_bounded_by_a_window(tmp_path):
     import torch  # noqa: F401
 
     import mode_ros.data.bag  # noqa: F401
-    import mode_ros.ros.replay_offline  # noqa: F401
+    import mode_ros.replay.offline  # noqa: F401
 
     old = (H.H, H.W)
     H.H = H.W = 96

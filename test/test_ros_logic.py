@@ -112,7 +112,7 @@ def test_unserved_tick_is_served_when_its_input_arrives(serve_late, image_at, se
     """NodeEmulator mirrors PolicyNode._kick_unserved/_serve_unserved: a tick that published nothing
     for want of an image is published as soon as the image arrives and the inference lands, before
     the next tick (this is what a lockstep simulator waits for)."""
-    from mode_ros.ros.replay_offline import NodeEmulator
+    from mode_ros.replay.offline import NodeEmulator
     NS = 1_000_000_000
     p = NodeParams.from_mapping({"checkpoint": "x", "goal": "go", "serve_late_ticks": serve_late,
                                  "control_rate_hz": 10.0})
@@ -122,7 +122,7 @@ def test_unserved_tick_is_served_when_its_input_arrives(serve_late, image_at, se
     rec, key, _ = emu.tick()
     assert rec is None and key == "no_image"
     emu.set_clock(int(1.005 * NS))
-    from mode_ros.ros.replay_offline import IMAGE
+    from mode_ros.replay.offline import IMAGE
     emu.on_image("cam", int(image_at * NS), IMAGE, _image_msg())
     assert pol.calls == (1 if serve_late else 0)          # the arrival requested the inference
     emu.set_clock(int(1.02 * NS))
@@ -144,7 +144,7 @@ def test_offline_emulation_of_lockstep_inference():
     """NodeEmulator mirrors lockstep_inference: every replan_every-th tick is served from row 0 of an
     inference on that tick's own image (stamp = the tick); a due tick whose image is older than one
     period publishes nothing (the node would wait for it), and the next tick with its image starts anew."""
-    from mode_ros.ros.replay_offline import IMAGE, NodeEmulator
+    from mode_ros.replay.offline import IMAGE, NodeEmulator
     NS = 1_000_000_000
     p = NodeParams.from_mapping({"checkpoint": "x", "goal": "go", "lockstep_inference": True,
                                  "control_rate_hz": 10.0, "replan_every": 3})
@@ -179,7 +179,7 @@ def test_rate_limit_holds_across_ticks_that_publish_nothing():
     """A camera gap stops the output for a while; when it resumes, the first action is limited relative
     to the last one published, not a jump to the model's new output (NodeEmulator mirrors the node's
     _on_tick; the limiter forgets only on activate and ~/enable false)."""
-    from mode_ros.ros.replay_offline import IMAGE, NodeEmulator
+    from mode_ros.replay.offline import IMAGE, NodeEmulator
     NS = 1_000_000_000
 
     class Pol:

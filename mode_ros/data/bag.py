@@ -34,7 +34,8 @@ from .images import ImageDecodeError, check_image, compressed_size, decode_compr
 from .rosmsgs import ACTION_CHUNK_TYPE, make_typestore
 from .topic_map import CameraSpec, SourceSpec, TopicMap, load_topic_map
 
-__all__ = ["convert_bags", "BagWriter", "report_path_for", "format_report"]
+__all__ = ["convert_bags", "BagWriter", "report_path_for", "format_report", "Stream", "BadMessage", "message_vector",
+           "bag_typestore", "CAMERA_TYPES", "VECTOR_TYPES"]
 
 IMAGE = "sensor_msgs/msg/Image"
 COMPRESSED = "sensor_msgs/msg/CompressedImage"
@@ -56,7 +57,7 @@ MARKER_TYPES = (STRING, BOOL, EMPTY)
 END_WORDS = {"stop", "end", "done", "finish", "finished", "success", "failure", "fail", "abort", "reset"}
 
 
-class _Bad(Exception):
+class BadMessage(Exception):
     def __init__(self, reason: str, detail: str = ""):
         super().__init__(detail or reason)
         self.reason, self.detail = reason, detail or reason
@@ -69,7 +70,7 @@ def _short(t: str) -> str:
 # --------------------------------------------------------------------------------------------
 # streams
 # --------------------------------------------------------------------------------------------
-class _Stream:
+class Stream:
     """Everything pass 1 keeps about one mapped stream of one bag."""
 
     def __init__(self, name: str, kind: str, topic: str, spec, tol_ns: int, time_source: str):
@@ -127,8 +128,8 @@ class _Stream:
         return f"mixed ({self.receive_stamped} receive-time fallbacks)"
 
 
-def _vector(msg, msgtype: str, stream: _Stream) -> tuple[np.ndarray, int, list[str] | None]:
-    """-> (values, time adjustment ns, default names) for one vector message; raises _Bad."""
+def message_vector(msg, msgtype: str, stream: Stream) -> tuple[np.ndarray, int, list[str] | None]:
+    """-> (values, time adjustment ns, default names) for one vector message; raises BadMessage."""
     spec: SourceSpec = stream.spec
     names = None
     adjust = 0
@@ -136,21 +137,21 @@ def _vector(msg, msgtype: str, stream: _Stream) -> tuple[np.ndarray, int, list[s
         arr = np.asarray(getattr(msg, spec.field), dtype=np.float64)
         jnames = list(msg.name)
         if arr.size != len(jnames):
-            raise _Bad("wrong_length", f"JointState {spec.field} has {arr.size} values for {len(jnames)} names")
+            raise BadMessage("wrong_length", f"JointState {spec.field} has {arr.size} values for {len(jnames)} names")
         if spec.joints:
             key = tuple(jnames)
             idx = stream._joint_idx.get(key)
             if idx is None:
                 missing = [j for j in spec.joints if j not in jnames]
                 if missing:
-                    raise _Bad("missing_joint", f"joints {missing} not in JointState names {jnames}")
+                    raise BadMessage("missing_joint", f"joints {missing} not in JointState names {jnames}")
                 idx = np.array([jnames.index(j) for j in spec.joints])
                 stream._joint_idx[key] = idx
             arr = arr[idx]
             names = list(spec.joints)
         else:
             if stream.names is not None and spec.indices is None and jnames != stream.names:
-                raise _Bad("joint_names_changed", f"JointState names {jnames} != first {stream.names}")
+                raise BadMessage("joint_names_changed", f"JointState names {jnames} != first {stream.names}")
             names = jnames
     elif msgtype in (TWIST_STAMPED, TWIST):
         tw = msg.twist if msgtype == TWIST_STAMPED else msg
@@ -165,9 +166,9 @@ def _vector(msg, msgtype: str, stream: _Stream) -> tuple[np.ndarray, int, list[s
         n, a = int(msg.chunk_size), int(msg.action_dim)
         acts = np.asarray(msg.actions, dtype=np.float64)
         if n <= 0 or a <= 0 or acts.size != n * a:
-            raise _Bad("wrong_length", f"ActionChunk has {acts.size} values for chunk_size {n} x action_dim {a}")
+            raise BadMessage("wrong_length", f"ActionChunk has {acts.size} values for chunk_size {n} x action_dim {a}")
         if spec.row >= n:
-            raise _Bad("row_out_of_range", f"ActionChunk row {spec.row} >= chunk_size {n}")
+            raise BadMessage("row_out_of_range", f"ActionChunk row {spec.row} >= chunk_size {n}")
         arr = acts.reshape(n, a)[spec.row]
         period = int(msg.control_period.sec) * 1_000_000_000 + int(msg.control_period.nanosec)
         adjust = (int(msg.first_index) + spec.row) * period
@@ -177,20 +178,20 @@ def _vector(msg, msgtype: str, stream: _Stream) -> tuple[np.ndarray, int, list[s
     elif msgtype in (F32, F64):
         arr = np.array([float(msg.data)])
     else:  # pragma: no cover - filtered before
-        raise _Bad("unsupported_type", msgtype)
+        raise BadMessage("unsupported_type", msgtype)
     if spec.indices is not None:
         if max(spec.indices) >= arr.size:
-            raise _Bad("wrong_length", f"index {max(spec.indices)} out of range for {arr.size} values")
+            raise BadMessage("wrong_length", f"index {max(spec.indices)} out of range for {arr.size} values")
         arr = arr[spec.indices]
         names = [names[i] for i in spec.indices] if names else None
     if not np.all(np.isfinite(arr)):
-        raise _Bad("non_finite", f"NaN/Inf in {arr.tolist()}")
+        raise BadMessage("non_finite", f"NaN/Inf in {arr.tolist()}")
     if stream.dim is None:
         if arr.size == 0:
-            raise _Bad("wrong_length", "empty vector")
+            raise BadMessage("wrong_length", "empty vector")
         stream.dim = int(arr.size)
     elif arr.size != stream.dim:
-        raise _Bad("wrong_length", f"{arr.size} values, expected {stream.dim}")
+        raise BadMessage("wrong_length", f"{arr.size} values, expected {stream.dim}")
     if names is None:
         names = [f"{stream.topic.strip('/')}[{i}]" for i in range(arr.size)]
     return arr, adjust, names
@@ -220,7 +221,7 @@ def _partition(points: Iterable[int]) -> list[tuple[int, int]]:
     return [(edges[i], edges[i + 1]) for i in range(len(edges) - 1)]
 
 
-def _segments(tm: TopicMap, streams: dict[str, _Stream], lang: tuple[np.ndarray, list[str]] | None,
+def _segments(tm: TopicMap, streams: dict[str, Stream], lang: tuple[np.ndarray, list[str]] | None,
               markers: tuple[np.ndarray, list] | None) -> list[tuple[int, int]]:
     points: list[int] = []
     if tm.split.by == "gap":
@@ -264,7 +265,7 @@ def _segments(tm: TopicMap, streams: dict[str, _Stream], lang: tuple[np.ndarray,
     return segs
 
 
-def _grid_start(start: int, end: int, period: float, streams: dict[str, _Stream], required: list[str]) -> tuple[int, str | None]:
+def _grid_start(start: int, end: int, period: float, streams: dict[str, Stream], required: list[str]) -> tuple[int, str | None]:
     """The first tick. Every stream is sampled at its latest message at or before a tick, so when the
     first action stream runs at the control rate, ticks that fall on its message times pick a command
     twice or skip one depending on timing jitter. In that case the grid moves to a quarter period after
@@ -284,7 +285,7 @@ def _grid_start(start: int, end: int, period: float, streams: dict[str, _Stream]
     return start + int(round(((phase + 0.25) % 1.0) * period)), acts[0]
 
 
-def _plan_episode(tm: TopicMap, seg_i: int, a: int, b: int, streams: dict[str, _Stream],
+def _plan_episode(tm: TopicMap, seg_i: int, a: int, b: int, streams: dict[str, Stream],
                   required: list[str], lang: tuple[np.ndarray, list[str]] | None) -> _EpisodePlan:
     ep = _EpisodePlan(segment=seg_i, a=a, b=b)
     period = 1e9 / tm.control_rate_hz
@@ -391,7 +392,7 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, unit="msg", file=sys.stderr, leave=False, dynamic_ncols=True)
 
 
-def _bag_typestore(connections) -> Any:
+def bag_typestore(connections) -> Any:
     """Stock Kilted types + ActionChunk, overridden by definitions embedded in the bag for types the
     store lacks or whose hash differs (so bags from other distros and custom types decode)."""
     from rosbags.interfaces import MessageDefinitionFormat
@@ -507,7 +508,7 @@ def _convert_open(bag, reader, tm: TopicMap, out, writer, overwrite, progress, b
     brep["storage"] = bag.suffix.lstrip(".") if bag.is_file() else "dir"
     brep["duration_s"] = round(reader.duration / 1e9, 3) if reader.message_count else 0.0
     # ---- streams and type checks
-    streams: dict[str, _Stream] = {}
+    streams: dict[str, Stream] = {}
     problems = []
 
     def need(topic: str, allowed: tuple[str, ...], role: str) -> None:
@@ -519,15 +520,15 @@ def _convert_open(bag, reader, tm: TopicMap, out, writer, overwrite, progress, b
 
     for cam in tm.cameras:
         need(cam.topic, CAMERA_TYPES, f"camera {cam.name!r}")
-        streams[f"camera:{cam.name}"] = _Stream(f"camera:{cam.name}", "camera", cam.topic, cam, tm.tol_ns(cam),
+        streams[f"camera:{cam.name}"] = Stream(f"camera:{cam.name}", "camera", cam.topic, cam, tm.tol_ns(cam),
                                                 tm.time_source_of(cam))
     for i, src in enumerate(tm.action):
         need(src.topic, VECTOR_TYPES, "action")
         name = f"action[{i}]:{src.topic}" if len(tm.action) > 1 else f"action:{src.topic}"
-        streams[name] = _Stream(name, "action", src.topic, src, tm.tol_ns(src), tm.time_source_of(src))
+        streams[name] = Stream(name, "action", src.topic, src, tm.tol_ns(src), tm.time_source_of(src))
     for src in tm.state:
         need(src.topic, VECTOR_TYPES, f"state {src.key!r}")
-        streams[f"state:{src.key}"] = _Stream(f"state:{src.key}", "state", src.topic, src, tm.tol_ns(src),
+        streams[f"state:{src.key}"] = Stream(f"state:{src.key}", "state", src.topic, src, tm.tol_ns(src),
                                               tm.time_source_of(src))
     lang_topic = tm.language.topic if tm.language.instruction is None else None
     if lang_topic:
@@ -542,9 +543,9 @@ def _convert_open(bag, reader, tm: TopicMap, out, writer, overwrite, progress, b
         raise _BagError("; ".join(problems) + f" (bag topics: {avail})")
     for s in streams.values():
         s.msgtype = types[s.topic]
-    typestore = _bag_typestore(reader.connections)
+    typestore = bag_typestore(reader.connections)
 
-    by_topic: dict[str, list[_Stream]] = defaultdict(list)
+    by_topic: dict[str, list[Stream]] = defaultdict(list)
     for s in streams.values():
         by_topic[s.topic].append(s)
     lang_st, lang_txt, lang_bad = [], [], Counter()
@@ -751,7 +752,7 @@ def _convert_open(bag, reader, tm: TopicMap, out, writer, overwrite, progress, b
     return nmsg, writer
 
 
-def _scan_camera(s: _Stream, msg, msgtype: str, recv: int, dup: int) -> None:
+def _scan_camera(s: Stream, msg, msgtype: str, recv: int, dup: int) -> None:
     t = s.stamp(msg, recv)
     try:
         if msgtype == IMAGE:
@@ -772,12 +773,12 @@ def _scan_camera(s: _Stream, msg, msgtype: str, recv: int, dup: int) -> None:
     s.values.append(hw)
 
 
-def _scan_vector(s: _Stream, msg, msgtype: str, recv: int) -> None:
+def _scan_vector(s: Stream, msg, msgtype: str, recv: int) -> None:
     n_hdr = s.header_stamped
     t = s.stamp(msg, recv)
     try:
-        arr, adjust, names = _vector(msg, msgtype, s)
-    except _Bad as exc:
+        arr, adjust, names = message_vector(msg, msgtype, s)
+    except BadMessage as exc:
         s.bad.append((t, exc.reason, exc.detail[:200]))
         return
     if s.names is None:

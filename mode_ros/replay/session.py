@@ -1,35 +1,10 @@
-"""Bag replay: run a checkpoint on recorded demonstrations and score what it would have done.
-
-``mode-ros replay BAG --checkpoint CKPT [--topics map.yaml] [--rate 1.0] [--out DIR] [--offline]``
-
-* **live** (default): starts the installed ``policy_node`` (``use_sim_time:=true``, parameters from
-  ``config/policy.yaml`` + overrides) or attaches to a running one (``--attach``), publishes the bag's
-  camera, goal (and state) messages on the node's topics with the recorded timing scaled by
-  ``--rate`` and ``/clock`` from the bag's receive times, records every ``ActionChunk`` the node
-  publishes and writes them to ``OUT/chunks`` (a rosbag2) beside ``OUT/report.json`` and plots.
-* **offline** (``--offline``): the same messages go straight to ``MoDEPolicy`` through the same
-  image decoding and the same chunk execution / safety / camera sync code as the node
-  (:mod:`mode_ros.ros.replay_offline`), in bag time, without DDS.
-
-Both modes see the same event sequence (:func:`schedule`): ``/clock`` jumps to half a control
-period before the bag's first message (so the node's first, jump-triggered timer tick lands off the
-grid), then the clock is set at every message time and at every multiple of the control period — the
-node's timer ticks exactly there. A message recorded at or before a tick time is delivered before
-that tick. The recorded actions (the topic map's ``action`` mapping, the same code as ``mode-ros
-convert bag``) are never sent to the node: they are what the predictions are scored against
-(:mod:`mode_ros.ros.scoring`).
-
-The bag is streamed (:mod:`mode_ros.ros.replay_bag`): memory is bounded by the camera sync queues,
-a short window of recorded actions and the chunks awaiting their recorded future, never by the bag
-size. A truncated/corrupt bag is salvaged and scored as far as it is readable; a mapped topic
-missing from the bag is reported by name and everything that does not need it still runs.
-"""
+"""What both replay modes share: options, checkpoint info, node parameters, the topic mapping, bag
+messages decoded into events, the event/tick :func:`schedule` and the :class:`Session` of one bag.
+See the package docstring (:mod:`mode_ros.replay`) for how a replay runs."""
 from __future__ import annotations
 
 import json
-import math
 import os
-import shutil
 import sys
 import time
 from collections import Counter
@@ -39,10 +14,11 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from mode_ros.data.topic_map import CameraSpec, TopicMap, TopicMapError, load_topic_map
+from mode_ros.data.topic_map import CameraSpec, TopicMap
 
-__all__ = ["ReplayOptions", "ModelInfo", "ReplayError", "run_replay", "schedule", "Event", "Mapping",
-           "resolve_mapping", "timer_period_ns"]
+__all__ = ["ReplayOptions", "ModelInfo", "ReplayError", "Session", "setup_session", "schedule", "Event", "Mapping",
+           "resolve_mapping", "timer_period_ns", "node_fqn", "load_params_file", "default_params_file",
+           "parse_value", "NS", "IMAGE", "COMPRESSED"]
 
 NS = 1_000_000_000
 IMAGE = "sensor_msgs/msg/Image"
@@ -176,8 +152,8 @@ class Mapping:
     camera_types: dict = field(default_factory=dict)   # model camera -> msgtype in the bag
     goal_topic: str | None = None
     static_goal: str | None = None
-    state_streams: list = field(default_factory=list)  # converter _Stream objects (kind "state")
-    action_streams: list = field(default_factory=list)  # converter _Stream objects (kind "action")
+    state_streams: list = field(default_factory=list)  # data.bag.Stream objects (kind "state")
+    action_streams: list = field(default_factory=list)  # data.bag.Stream objects (kind "action")
     problems: list = field(default_factory=list)
     notes: list = field(default_factory=list)
     transport: str = "raw"                             # what the node is fed: raw | compressed
@@ -225,7 +201,7 @@ def auto_topic_map(bag_topics: dict, model: ModelInfo) -> dict:
 
 def resolve_mapping(tm: TopicMap, bag_topics: dict, model: ModelInfo, goal_override: str | None,
                     image_transport: str | None = None) -> Mapping:
-    from mode_ros.data.bag import CAMERA_TYPES, VECTOR_TYPES, _Stream
+    from mode_ros.data.bag import CAMERA_TYPES, VECTOR_TYPES, Stream
 
     m = Mapping()
     avail = ", ".join(f"{t} [{ti.msgtype.split('/')[-1]}]" for t, ti in sorted(bag_topics.items()))
@@ -289,7 +265,7 @@ def resolve_mapping(tm: TopicMap, bag_topics: dict, model: ModelInfo, goal_overr
             if ti.msgtype not in VECTOR_TYPES:
                 missing.append(f"{kind} topic {src.topic!r} has type {ti.msgtype} (not an action/state type)")
                 continue
-            s = _Stream(name, kind, src.topic, src, tm.tol_ns(src), tm.time_source_of(src))
+            s = Stream(name, kind, src.topic, src, tm.tol_ns(src), tm.time_source_of(src))
             s.msgtype = ti.msgtype
             out.append(s)
         return out, missing
@@ -355,7 +331,7 @@ class Decoder:
         self.bad_examples.setdefault(topic, detail[:200])
 
     def decode(self, topic: str, msgtype: str, t: int, raw) -> list[Event]:
-        from mode_ros.data.bag import _Bad, _vector
+        from mode_ros.data.bag import BadMessage, message_vector
 
         roles = self.by_topic.get(topic)
         if not roles:
@@ -387,8 +363,8 @@ class Decoder:
                 n_hdr = s.header_stamped
                 st = s.stamp(msg, t)
                 try:
-                    arr, adjust, names = _vector(msg, msgtype, s)
-                except _Bad as exc:
+                    arr, adjust, names = message_vector(msg, msgtype, s)
+                except BadMessage as exc:
                     self._bad(topic, exc.reason, exc.detail)
                     continue
                 if s.names is None:
@@ -531,7 +507,7 @@ class Session:
 
 
 def _make_scorer(sess: Session):
-    from mode_ros.ros.scoring import RecordedActions, Scorer, TickLog
+    from mode_ros.replay.scoring import RecordedActions, Scorer, TickLog
 
     m, model, opts = sess.mapping, sess.model, sess.opts
     rec = None
@@ -555,189 +531,6 @@ def _make_scorer(sess: Session):
     sess.ticks = TickLog()
 
 
-def _prepare_out(opts: ReplayOptions) -> Path:
-    out = Path(opts.out) if opts.out else Path("replay_out") / Path(opts.bag).name.replace(".", "_")
-    if out.exists() and any(out.iterdir()):
-        if not opts.overwrite:
-            raise ReplayError(f"output folder {out} exists and is not empty (pass --overwrite)")
-        for name in ("chunks", "report.json", "actions.png", "error_per_step.png", "latency.png", "node.log"):
-            p = out / name
-            if p.is_dir():
-                shutil.rmtree(p)
-            elif p.exists():
-                p.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-    return out
-
-
-def run_replay(opts: ReplayOptions) -> dict:
-    """Replay one bag; returns the report (also written to OUT/report.json). Raises ReplayError when
-    nothing can run; problems that still allow a partial replay are listed in ``report["problems"]``."""
-    from mode_ros.ros.replay_bag import BagReadError, BagStream
-
-    if not opts.rate > 0:
-        raise ReplayError(f"--rate must be > 0, got {opts.rate}")
-    if opts.latency not in ("measured", "calibrated"):
-        try:
-            if float(opts.latency) < 0:
-                raise ValueError
-        except ValueError:
-            raise ReplayError(f"--latency must be 'calibrated', 'measured' or seconds >= 0, got "
-                              f"{opts.latency!r}") from None
-    opts.out = _prepare_out(opts)
-    # parameters: table defaults < params file < -p overrides
-    pfile = opts.params_file or default_params_file()
-    values = {k: v for k, v in load_params_file(pfile, opts.node_name).items()}
-    values.update(opts.params)
-    unknown = sorted(set(values) - {"use_sim_time"} - set(_param_names()))
-    if unknown:
-        raise ReplayError(f"unknown node parameter(s) {unknown}")
-    values.pop("use_sim_time", None)
-    ckpt = opts.checkpoint or values.get("checkpoint") or None
-    if opts.device:
-        values["device"] = opts.device
-    try:
-        bag = BagStream(opts.bag).open()
-    except BagReadError as exc:
-        _write_error_report(opts, str(exc))
-        raise ReplayError(str(exc)) from None
-    try:
-        return _run_bag(opts, bag, values, ckpt)
-    except ReplayError as exc:
-        _write_error_report(opts, str(exc))
-        raise
-    except BaseException as exc:   # Ctrl-C, out of memory, a bug: say so in OUT, keep what was recorded
-        _write_error_report(opts, f"replay stopped: {type(exc).__name__}: {exc} (the chunks published until "
-                                  f"then are in {Path(opts.out) / 'chunks'})")
-        raise
-    finally:
-        bag.close()
-
-
-def _run_bag(opts: ReplayOptions, bag, values: dict, ckpt) -> dict:
-    from mode_ros.ros.params import NodeParams, ParameterError
-
-    model = None
-    if opts.policy is not None:
-        pol = opts.policy
-        cfg = getattr(pol, "config", None)
-        model = ModelInfo(list(pol.camera_names), int(pol.state_dim), int(pol.chunk_size), int(pol.action_dim),
-                          list(pol.action_names), list(getattr(cfg, "gripper_dims", []) or []), None,
-                          list(getattr(cfg, "state_names", []) or []))
-    elif ckpt:
-        model = ModelInfo.from_checkpoint(ckpt)
-        values["checkpoint"] = str(Path(ckpt).resolve())
-    elif not opts.attach:
-        raise ReplayError("--checkpoint is required (or a params file / -p checkpoint=...)")
-    # topic map
-    if opts.topics:
-        try:
-            tm = load_topic_map(opts.topics)
-        except TopicMapError as exc:
-            raise ReplayError(f"topic map: {exc}") from None
-        tm_source = str(opts.topics)
-    else:
-        if model is None:
-            raise ReplayError("--topics is required when attaching without --checkpoint")
-        tm = load_topic_map(auto_topic_map(bag.topics, model))
-        tm_source = "auto"
-    # the node runs at the map's control rate unless told otherwise
-    if "control_rate_hz" not in opts.params:
-        values["control_rate_hz"] = float(tm.control_rate_hz)
-    try:
-        NodeParams.from_mapping(values)
-    except ParameterError as exc:
-        raise ReplayError(f"node parameter {exc}") from None
-    if opts.score_chunks:
-        run = run_score_only
-    elif opts.offline:
-        from mode_ros.ros.replay_offline import run_offline as run
-    else:
-        from mode_ros.ros.replay_live import run_live as run
-    sess = Session(opts, bag, model, tm, tm_source, values)
-    try:
-        run(sess)
-    finally:
-        sess.close_writer()   # an interrupted replay keeps the chunks recorded so far (sqlite commits on close)
-    return finish_report(sess)
-
-
-def run_score_only(sess: Session) -> None:
-    """Score the ActionChunks of another bag (e.g. `ros2 bag record` of a node fed by `ros2 bag play
-    --clock`) against this bag's recorded actions; no policy, no node. Ticks without output are not known
-    here (only the published chunks are)."""
-    from mode_ros.data.rosmsgs import ACTION_CHUNK_TYPE
-    from mode_ros.ros.replay_bag import BagReadError, BagStream
-    from mode_ros.ros.scoring import ChunkRecord
-
-    opts = sess.opts
-    if sess.model is None:
-        raise ReplayError("--score needs --checkpoint (for the action/chunk sizes and gripper dims)")
-    setup_session(sess)
-    try:
-        cb = BagStream(opts.score_chunks).open()
-    except BagReadError as exc:
-        raise ReplayError(f"--score: {exc}") from None
-    try:
-        topics = [t for t, ti in cb.topics.items() if ti.msgtype == ACTION_CHUNK_TYPE]
-        want = node_fqn(opts.node_name, opts.namespace) + "/action_chunk"
-        if want in topics:
-            topics = [want]
-        if len(topics) != 1:
-            raise ReplayError(f"--score: need exactly one {ACTION_CHUNK_TYPE} topic in {opts.score_chunks}, found "
-                              f"{topics or 'none'}")
-        sess.problems += [f"chunks bag: {p}" for p in cb.problems]
-        ts = cb.typestore
-        chunks = cb.messages(topics)
-        nxt = next(chunks, None)
-        scorer = sess.scorer
-        t_run = time.perf_counter()
-
-        def feed(upto):
-            nonlocal nxt
-            while nxt is not None and (upto is None or nxt[2] <= upto):
-                _tp, mt, t, raw = nxt
-                nxt = next(chunks, None)
-                try:
-                    m = ts.deserialize_cdr(raw, mt)
-                except Exception:  # noqa: BLE001
-                    sess.problems.append(f"chunks bag: undecodable ActionChunk at t={t}")
-                    continue
-                n, a = int(m.chunk_size), int(m.action_dim)
-                acts = np.asarray(m.actions, np.float32)
-                if acts.size != n * a or n == 0:
-                    sess.problems.append(f"chunks bag: ActionChunk at t={t} has {acts.size} actions for "
-                                         f"chunk_size {n} x action_dim {a}: not scored")
-                    continue
-                scorer.add(ChunkRecord(
-                    stamp_ns=int(m.header.stamp.sec) * NS + int(m.header.stamp.nanosec),
-                    first_index=int(m.first_index),
-                    period_ns=int(m.control_period.sec) * NS + int(m.control_period.nanosec),
-                    actions=acts.reshape(n, a), sequence=int(m.sequence), tick=int(m.tick), goal=str(m.goal),
-                    latency_s=int(m.inference_latency.sec) + int(m.inference_latency.nanosec) * 1e-9, tick_ns=t))
-                sess.ticks.published += 1
-
-        for ev in sess.events():
-            feed(ev.t)
-            if ev.kind == "action" and scorer.rec is not None:
-                scorer.rec.add(ev.source, ev.stamp_ns, ev.vec)
-            scorer.advance(ev.t)
-        feed(None)
-        scorer.finish(sess.last_ns)
-        sess.extra["run_wall_s"] = time.perf_counter() - t_run
-        sess.extra["score_only"] = {"chunks_bag": str(opts.score_chunks), "topic": topics[0]}
-        sess.notes.append("score-only: ticks without output are unknown (only the recorded chunks are)")
-        sess.ticks = None
-    finally:
-        cb.close()
-
-
-def _param_names():
-    from mode_ros.ros.params import PARAMS
-
-    return [p.name for p in PARAMS]
-
-
 def setup_session(sess: Session) -> None:
     """Mapping, decoder, scorer (after the model info is known)."""
     img_tr = sess.params_values.get("image_transport") if sess.opts.attach else None
@@ -748,123 +541,3 @@ def setup_session(sess: Session) -> None:
     sess.decoder = Decoder(sess.mapping, sess.bag.typestore)
     sess.decoder.m_time_source = sess.tm.time_source
     _make_scorer(sess)
-
-
-def finish_report(sess: Session) -> dict:
-    from mode_ros.ros.scoring import write_plots
-
-    opts = sess.opts
-    wall = time.perf_counter() - sess.t_start
-    run_wall = sess.extra.pop("run_wall_s", wall)
-    bag_s = ((sess.last_ns - sess.first_ns) / NS) if sess.first_ns is not None else 0.0
-    for p in sess.bag.problems:
-        if p not in sess.problems:
-            sess.problems.append(p)
-    if sess.scorer is not None and sess.mapping is not None and not (
-            len(sess.model.action_names) == sess.model.action_dim):
-        names = [n for s in sess.mapping.action_streams for n in (s.names or [])]
-        if len(names) == sess.scorer.a:
-            sess.scorer.names = names   # the checkpoint has no action names: the recorded ones
-    scores = sess.scorer.report() if sess.scorer is not None else {}
-    if scores.get("problem") and scores["problem"] not in sess.problems:
-        sess.problems.append(scores["problem"])
-    if sess.decoder is not None and sess.decoder.bad:
-        sess.problems.append("undecodable messages: " + ", ".join(f"{k} x{v}" for k, v in sess.decoder.bad.items()))
-    rep = {
-        "bag": str(opts.bag),
-        "mode": ("score-only" if opts.score_chunks else "offline" if opts.offline else
-                 ("live (attached)" if opts.attach else "live")),
-        "checkpoint": sess.params_values.get("checkpoint"),
-        "topic_map": sess.tm_source,
-        "rate": opts.rate,
-        "ok": not sess.problems,
-        "problems": sess.problems,
-        "notes": sess.notes,
-        "bag_info": {"storage": sess.bag.storage, "salvaged": sess.bag.salvaged,
-                     "topics": {t: {"type": ti.msgtype, "count": ti.count} for t, ti in sorted(sess.bag.topics.items())}},
-        "mapping": sess.mapping.describe() if sess.mapping else None,
-        "node_params": {k: sess.params_values.get(k) for k in (
-            "control_rate_hz", "replan_every", "latency_compensation", "temporal_ensembling",
-            "max_observation_age", "camera_sync_tolerance", "action_lower_bounds", "action_upper_bounds",
-            "max_action_delta", "seed", "device")},
-        "messages": {"read": sess.messages_read,
-                     "per_topic": dict(sess.decoder.counts) if sess.decoder else {},
-                     "bad": dict(sess.decoder.bad) if sess.decoder else {},
-                     "bad_examples": dict(sess.decoder.bad_examples) if sess.decoder else {}},
-        "timing": {"wall_s": round(wall, 3), "replay_wall_s": round(run_wall, 3), "bag_seconds": round(bag_s, 3),
-                   "messages_per_s": round(sess.messages_read / run_wall, 1) if run_wall > 0 else None,
-                   "bag_seconds_per_wall_second": round(bag_s / run_wall, 3) if run_wall > 0 else None},
-        "ticks": sess.ticks.report() if sess.ticks is not None else None,
-        "scores": scores,
-    }
-    rep.update(sess.extra)
-    plots = []
-    if sess.scorer is not None:
-        try:
-            plots = write_plots(sess.scorer, sess.out, sess.first_ns or 0,
-                                title=f"({Path(opts.bag).name}, {rep['mode']})")
-        except Exception as exc:  # noqa: BLE001 - plots are a convenience, never fatal
-            sess.problems.append(f"plots failed: {type(exc).__name__}: {exc}")
-    rep["outputs"] = {"report": str(sess.out / "report.json"),
-                      "chunks_bag": str(sess.out / "chunks") if (sess.out / "chunks").exists() else None,
-                      "plots": plots}
-    if (sess.out / "node.log").exists():
-        rep["outputs"]["node_log"] = str(sess.out / "node.log")
-    (sess.out / "report.json").write_text(json.dumps(_jsonable(rep), indent=1))
-    return rep
-
-
-def _write_error_report(opts: ReplayOptions, error: str) -> None:
-    try:
-        (Path(opts.out) / "report.json").write_text(json.dumps({"bag": str(opts.bag), "ok": False, "error": error,
-                                                                 "problems": [error]}, indent=1))
-    except OSError:
-        pass
-
-
-def _jsonable(x):
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, (np.floating, float)):
-        v = float(x)
-        return v if math.isfinite(v) else None
-    if isinstance(x, np.integer):
-        return int(x)
-    if isinstance(x, np.ndarray):
-        return _jsonable(x.tolist())
-    if isinstance(x, Path):
-        return str(x)
-    return x
-
-
-def format_summary(rep: dict) -> str:
-    """A few lines for the terminal."""
-    lines = [f"{rep['bag']} ({rep['mode']}): " + ("ok" if rep.get("ok") else f"{len(rep.get('problems', []))} problem(s)")]
-    for p in rep.get("problems", []):
-        lines.append(f"  problem: {p}")
-    if rep.get("error"):
-        return "\n".join(lines)
-    s = rep.get("scores") or {}
-    fa, ch = s.get("first_action") or {}, s.get("chunk") or {}
-    if fa.get("n"):
-        lines.append(f"  first action: MAE {fa['mae_mean']:.4g}  RMSE {fa['rmse_mean']:.4g}  (n={fa['n']})")
-    if ch.get("n"):
-        lines.append(f"  whole chunk:  MAE {ch['mae_mean']:.4g}  RMSE {ch['rmse_mean']:.4g}  (n={ch['n']})")
-    for name, g in ((s.get("gripper") or {}).get("first_action") or {}).items():
-        if g.get("n"):
-            lines.append(f"  gripper {name}: sign accuracy {g['sign_accuracy']:.3f} (n={g['n']})")
-    lat = ((s.get("latency") or {}).get("inference_latency_s")) or None
-    if lat:
-        lines.append(f"  inference latency: median {lat['median'] * 1e3:.1f} ms, p99 {lat['p99'] * 1e3:.1f} ms "
-                     f"({lat['n']} inferences)")
-    t = rep.get("ticks") or {}
-    if t:
-        why = ", ".join(f"{k}={v}" for k, v in (t.get("without_output_by_reason") or {}).items()) or "-"
-        lines.append(f"  ticks: {t.get('published')}/{t.get('expected')} published; without output: {why}")
-    tm = rep.get("timing") or {}
-    lines.append(f"  {rep['messages']['read']} messages, {tm.get('bag_seconds')} s of bag in {tm.get('replay_wall_s')} s "
-                 f"({tm.get('messages_per_s')} msg/s)")
-    lines.append(f"  report: {rep['outputs']['report']}")
-    return "\n".join(lines)

@@ -88,9 +88,9 @@ class BagStream:
             self.start_ns, self.end_ns = int(r.start_time), int(r.end_time)
         files = _storage_files(self.path)
         self.storage = {".mcap": "mcap", ".db3": "sqlite3"}.get(files[0].suffix, "") if files else ""
-        from mode_ros.data.bag import _bag_typestore
+        from mode_ros.data.bag import bag_typestore
 
-        self.typestore = _bag_typestore(r.connections)
+        self.typestore = bag_typestore(r.connections)
         return self
 
     def _salvage_open(self, why: str) -> None:

@@ -33,10 +33,10 @@ from mode_ros.data.images import ImageDecodeError, check_image, compressed_size,
 from mode_ros.ros.execution import ChunkExecutor, Plan, observation_seed, tick_window
 from mode_ros.ros.params import NodeParams
 from mode_ros.ros.safety import ActionSafety, NonFiniteActionError, output_gate
-from mode_ros.ros.scoring import ChunkRecord
+from mode_ros.replay.scoring import ChunkRecord
 from mode_ros.ros.sync import StampBuffer, has_observation_in, match_stamps
 
-__all__ = ["NodeEmulator", "run_offline"]
+__all__ = ["NodeEmulator", "run_offline", "reason_detail"]
 
 NS = 1_000_000_000
 IMAGE = "sensor_msgs/msg/Image"
@@ -387,7 +387,7 @@ def _decode(msgtype: str, msg) -> np.ndarray:
     return img if img.flags.writeable else img.copy()   # a view on the bag buffer: torch wants writable
 
 
-def _reason_detail(key: str, message: str) -> str:
+def reason_detail(key: str, message: str) -> str:
     """A count key for a suppressed tick: the reason with numbers removed."""
     return f"{key}: " + re.sub(r"-?\d+(\.\d+)?", "#", message)[:100]
 
@@ -397,7 +397,7 @@ def run_offline(sess) -> None:
     import torch
 
     from mode_ros.model.policy import MoDEPolicy
-    from mode_ros.ros.replay import ReplayError, node_fqn, schedule, setup_session, timer_period_ns
+    from mode_ros.replay.session import ReplayError, node_fqn, schedule, setup_session, timer_period_ns
 
     opts, p = sess.opts, sess.p
     if sess.model is None:
@@ -445,7 +445,7 @@ def run_offline(sess) -> None:
     def settle() -> None:
         for key, message in unserved:
             ticks.reasons[key] += 1
-            ticks.details[_reason_detail(key, message)] += 1
+            ticks.details[reason_detail(key, message)] += 1
         unserved.clear()
 
     def publish(rec: ChunkRecord) -> None:

@@ -79,7 +79,8 @@ def _floats(text):
 
 
 def main(args) -> int:
-    from mode_ros.ros.replay import ReplayError, ReplayOptions, format_summary, parse_value, run_replay
+    from mode_ros.replay.runner import format_summary, run_replay
+    from mode_ros.replay.session import ReplayError, ReplayOptions, parse_value
 
     params = {}
     for item in args.param:

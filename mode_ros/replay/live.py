@@ -3,9 +3,9 @@
 The replayer is an rclpy node in its own context. It starts the installed ``policy_node`` as a
 subprocess (``use_sim_time:=true``, ``--params-file`` + ``-p`` overrides, log in ``OUT/node.log``) or
 attaches to a running one, waits until it is active and subscribed, then walks the same
-:func:`~mode_ros.ros.replay.schedule` as the offline mode in wall time scaled by ``--rate``:
+:func:`~mode_ros.replay.session.schedule` as the offline mode in wall time scaled by ``--rate``:
 ``/clock`` values, camera/goal/state messages (raw CDR from the bag where nothing has to change),
-and control ticks, where a shadow :class:`~mode_ros.ros.replay_offline.NodeEmulator` (gates only, no
+and control ticks, where a shadow :class:`~mode_ros.replay.offline.NodeEmulator` (gates only, no
 model) records why the node may not publish. Every ``ActionChunk`` (and ``/diagnostics``) the node
 publishes is written to ``OUT/chunks`` with the bag time at which it arrived and scored.
 """
@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from mode_ros.ros.processes import ros_arg_value, stop_process_group
-from mode_ros.ros.scoring import ChunkRecord
+from mode_ros.replay.scoring import ChunkRecord
 
 __all__ = ["run_live"]
 
@@ -84,7 +84,7 @@ class _Rx:
 
 
 def run_live(sess) -> None:
-    from mode_ros.ros.replay import ReplayError
+    from mode_ros.replay.session import ReplayError
 
     try:
         import rclpy
@@ -172,7 +172,7 @@ def _wait(pred, timeout, period=0.05):
 
 def _run(sess, node):
     from mode_ros.ros.params import PARAMS, NodeParams
-    from mode_ros.ros.replay import ModelInfo, ReplayError, node_fqn, setup_session
+    from mode_ros.replay.session import ModelInfo, ReplayError, node_fqn, setup_session
 
     opts = sess.opts
     fqn = node_fqn(opts.node_name, opts.namespace)
@@ -210,7 +210,7 @@ def _run(sess, node):
             overrides["state_field"] = "position"
         sess.params_values.update({k: v for k, v in overrides.items() if k != "use_sim_time"})
         sess.p = NodeParams.from_mapping(sess.params_values)
-        from mode_ros.ros.replay import default_params_file
+        from mode_ros.replay.session import default_params_file
 
         pfile = opts.params_file or default_params_file()
         cmd = [str(_executable()), "--ros-args"]
@@ -260,8 +260,8 @@ def _replay(sess, node, fqn, proc):
     from mode_ros.data.rosmsgs import ACTION_CHUNK_TYPE
     from mode_ros.msg import ActionChunk
     from mode_ros.ros.params import state_selection
-    from mode_ros.ros.replay import COMPRESSED, IMAGE, ReplayError, schedule, timer_period_ns
-    from mode_ros.ros.replay_offline import NodeEmulator, _reason_detail
+    from mode_ros.replay.session import COMPRESSED, IMAGE, ReplayError, schedule, timer_period_ns
+    from mode_ros.replay.offline import NodeEmulator, reason_detail
 
     opts, p, m, model = sess.opts, sess.p, sess.mapping, sess.model
     goal_qos = QoSProfile(depth=1, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE,
@@ -315,7 +315,7 @@ def _replay(sess, node, fqn, proc):
             if matched:
                 continue
             ticks.reasons[key] += 1
-            ticks.details[_reason_detail(key, msg)] += 1
+            ticks.details[reason_detail(key, msg)] += 1
 
     def match_tick(rec: ChunkRecord):
         slot0 = rec.slot_ns(0)
