@@ -9,7 +9,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("convert", help="convert rosbag2 bags or LIBERO/robomimic HDF5 into episodes",
                               description="Convert recorded demonstrations into the episode HDF5 format "
                                           "(docs/DATA.md).")
-    sub = p.add_subparsers(dest="convert_kind", metavar="{bag,hdf5}")
+    sub = p.add_subparsers(dest="convert_kind", metavar="{bag,hdf5,lerobot}")
     p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
 
     b = sub.add_parser("bag", help="rosbag2 (.db3/.mcap or bag directories) -> episodes",
@@ -46,6 +46,10 @@ def register(subparsers) -> None:
     h.add_argument("--overwrite", action="store_true")
     h.add_argument("--quiet", action="store_true")
     h.set_defaults(func=_hdf5)
+
+    from .lerobot_cli import register_convert   # argparse only; LeRobot datasets (lerobot_import.py)
+
+    register_convert(sub)
 
 
 def _bag(args) -> int:
