@@ -1,0 +1,59 @@
+"""``mode-ros export onnx CKPT --out DIR``: one ONNX model per action chunk (mode_ros.export.onnx).
+
+Imported when the parser is built: nothing heavy at module level.
+"""
+from __future__ import annotations
+
+import json
+
+
+def register_export(sub) -> None:
+    p = sub.add_parser(
+        "onnx", help="export a checkpoint's whole action chunk as one ONNX model (onnxruntime / TensorRT)",
+        description="Export one action chunk (image encoders, state/goal tokens, the N cached denoising "
+                    "steps with their experts baked in, DDIM updates, de-normalisation) as DIR/model.onnx "
+                    "plus DIR/export.json. Inputs: images (uint8, if the checkpoint has cameras), goal "
+                    "embedding, state (robot units, if any), initial noise; output: actions in robot units. "
+                    "The export is checked with the ONNX checker and against the PyTorch cached sampler "
+                    "with onnxruntime (exit 1 when they differ by more than the tolerance).")
+    p.add_argument("checkpoint", help="mode_ros checkpoint directory")
+    p.add_argument("--out", required=True, help="output directory (model.onnx, export.json)")
+    p.add_argument("--steps", type=int, default=None, help="DDIM steps baked into the graph (default: the checkpoint's)")
+    p.add_argument("--batch", type=int, default=1,
+                   help="batch size of the example inputs used to trace and verify (the batch axis stays dynamic)")
+    p.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32",
+                   help="denoiser weights and compute (encoders stay fp32, as in PyTorch)")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17)")
+    p.set_defaults(func=cmd_export_onnx)
+
+
+def cmd_export_onnx(a) -> int:
+    from pathlib import Path
+
+    from ..model.policy import MoDEPolicy
+    from .onnx import OPSET, TOLERANCE, OnnxExportError, export_onnx
+
+    if not (Path(a.checkpoint) / "config.yaml").is_file():
+        print(f"export onnx: {a.checkpoint} is not a mode_ros checkpoint (no config.yaml)")
+        return 2
+    try:
+        policy = MoDEPolicy.from_pretrained(a.checkpoint)
+        meta = export_onnx(policy, a.out, steps=a.steps, batch=a.batch, dtype=a.dtype, checkpoint=a.checkpoint,
+                           opset=a.opset or OPSET)
+    except (OnnxExportError, ValueError, FileNotFoundError) as exc:
+        print(f"export onnx: {exc}")
+        return 2
+    v = meta["verify"]
+    per_layer = {}
+    for key, n in meta["graph"]["expert_matmuls"].get("w1", {}).items():
+        layer = key.rsplit(".", 1)[0]
+        per_layer[layer] = per_layer.get(layer, 0) + n
+    print(json.dumps({"out": str(Path(a.out) / "model.onnx"), "steps": meta["steps"], "dtype": meta["dtype"],
+                      "file_MB": round(meta["file_bytes"] / 1e6, 2), "export_s": round(meta["export_seconds"], 1),
+                      "topk_nodes": meta["graph"]["topk"], "expert_up_projections_per_layer": per_layer,
+                      "max_abs_diff_normalized": v["max_abs_diff_normalized"]}, indent=1))
+    tol = TOLERANCE[a.dtype]
+    if not v["max_abs_diff_normalized"] <= tol:
+        print(f"export onnx: onnxruntime differs from PyTorch by {v['max_abs_diff_normalized']:.3g} (> {tol:g})")
+        return 1
+    return 0

@@ -1,0 +1,140 @@
+"""onnxruntime backend: run a policy's chunks through its ONNX export (``mode-ros export onnx``).
+
+    chunk = attach_onnx(policy, "export_dir/", checkpoint="ckpt/")   # checks, then policy.backend = chunk
+    actions = policy.predict_chunk(images, "open the drawer", state)   # same API, same inputs and noise
+
+The policy keeps its own input handling (image checks and resizing, the goal text encoder, state
+checks, the seeded noise); the exported graph replaces only the tensor computation of the chunk,
+normalisation and de-normalisation included. Loading refuses, with ``OnnxExportError`` naming the
+file, an export that is unreadable, was changed after export, or belongs to another checkpoint or
+layout.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .onnx import FORMAT, META_FILE, MODEL_FILE, OnnxExportError, file_sha256, policy_layout, weights_sha256
+
+_ORT_TYPES = {"uint8": "tensor(uint8)", "float32": "tensor(float)"}
+
+
+def _read_meta(path: Path) -> dict:
+    meta_path = path / META_FILE
+    if not (path / MODEL_FILE).is_file() or not meta_path.is_file():
+        raise OnnxExportError(f"{path}: not an ONNX export (needs {MODEL_FILE} and {META_FILE}; "
+                              "write one with `mode-ros export onnx`)")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except ValueError as exc:
+        raise OnnxExportError(f"{meta_path}: not valid JSON ({exc})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise OnnxExportError(f"{meta_path}: format {meta.get('format') if isinstance(meta, dict) else None!r}, "
+                              f"expected {FORMAT!r}")
+    return meta
+
+
+def _check_signature(path: Path, meta: dict, session) -> None:
+    """The session's inputs/outputs are the ones the metadata describes (names, ranks, types, sizes)."""
+    got = {i.name: i for i in session.get_inputs() + session.get_outputs()}
+    for spec in meta["inputs"] + meta["outputs"]:
+        arg = got.get(spec["name"])
+        if arg is None:
+            raise OnnxExportError(f"{path / MODEL_FILE}: has no {spec['name']!r} (inputs/outputs: {sorted(got)})")
+        dims = [d if isinstance(d, int) else "batch" for d in arg.shape]
+        if dims != spec["shape"] or arg.type != _ORT_TYPES.get(spec["dtype"], arg.type):
+            raise OnnxExportError(f"{path / MODEL_FILE}: {spec['name']} is {arg.type} {arg.shape}, "
+                                  f"{META_FILE} says {spec['dtype']} {spec['shape']}")
+    extra = sorted({i.name for i in session.get_inputs()} - {s["name"] for s in meta["inputs"]})
+    if extra:
+        raise OnnxExportError(f"{path / MODEL_FILE}: inputs {extra} not in {META_FILE}")
+
+
+class OnnxChunk:
+    """One exported chunk in an onnxruntime session: ``run`` takes the policy's tensors (images uint8,
+    goal embedding, state in robot units as numpy, noise) and returns actions in robot units."""
+
+    def __init__(self, path: Path, meta: dict, session):
+        self.path, self.meta, self.session = path, meta, session
+        self.input_names = [s["name"] for s in meta["inputs"]]
+        self.steps = int(meta["steps"])
+
+    @classmethod
+    def load(cls, path: str | Path, threads: int | None = None, device: str = "cpu") -> "OnnxChunk":
+        """Read and check ``path`` (an export directory). ``threads``: onnxruntime's intra-op threads
+        (default: its own choice); ``device`` "cuda" uses the CUDA provider when installed."""
+        import onnxruntime as ort
+
+        path = Path(path)
+        meta = _read_meta(path)
+        digest = file_sha256(path / MODEL_FILE)
+        if digest != meta.get("onnx_sha256"):
+            raise OnnxExportError(f"{path / MODEL_FILE}: sha256 {digest[:12]}… differs from the one recorded in "
+                                  f"{META_FILE} ({str(meta.get('onnx_sha256'))[:12]}…): the file was changed or replaced")
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = int(threads)
+            opts.inter_op_num_threads = 1
+        providers = ["CPUExecutionProvider"]
+        if device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
+            providers.insert(0, "CUDAExecutionProvider")
+        try:
+            session = ort.InferenceSession(str(path / MODEL_FILE), opts, providers=providers)
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types for unreadable models
+            raise OnnxExportError(f"{path / MODEL_FILE}: onnxruntime cannot load it ({type(exc).__name__}: "
+                                  f"{str(exc).strip()[:300]})") from None
+        _check_signature(path, meta, session)
+        return cls(path, meta, session)
+
+    def check_policy(self, policy, checkpoint: str | Path | None = None) -> None:
+        """Refuse an export of another checkpoint or layout. With ``checkpoint`` (the directory the
+        policy was loaded from) the weights file's sha256 is compared, otherwise the policy's weights."""
+        want, got = self.meta["policy"], policy_layout(policy)
+        diff = [f"{k}: export {want.get(k)!r}, policy {v!r}" for k, v in got.items() if want.get(k) != v]
+        if diff:
+            raise OnnxExportError(f"{self.path}: exported for another layout ({'; '.join(diff)})")
+        ident = self.meta["checkpoint"]
+        if checkpoint is not None and ident.get("model_sha256"):
+            from ..model.policy import WEIGHTS_FILE
+            same = file_sha256(Path(checkpoint) / WEIGHTS_FILE) == ident["model_sha256"]
+            what = f"checkpoint {checkpoint}"
+        else:
+            same = weights_sha256(policy) == ident["weights_sha256"]
+            what = "the policy's weights (float32)"
+        if not same:
+            raise OnnxExportError(f"{self.path}: exported from another checkpoint ({ident.get('path') or 'weights'} "
+                                  f"sha256 differs from {what})")
+
+    def run_all(self, images, goal, state, noise) -> tuple[np.ndarray, np.ndarray]:
+        """(actions in robot units, normalised actions), each (B, K, A) float32."""
+        given = {"images": images, "goal": goal, "state": state, "noise": noise}
+        feeds = {}
+        for name in self.input_names:
+            v = given[name]
+            if v is None:
+                raise OnnxExportError(f"{self.path}: input {name!r} is required")
+            v = v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)
+            feeds[name] = np.ascontiguousarray(v, dtype=np.uint8 if name == "images" else np.float32)
+        robot, norm = self.session.run(["actions", "actions_normalized"], feeds)
+        return robot, norm
+
+    def run(self, images, goal, state, noise) -> np.ndarray:
+        return self.run_all(images, goal, state, noise)[0]
+
+
+def attach_onnx(policy, path: str | Path, checkpoint: str | Path | None = None, threads: int | None = None,
+                logger=None) -> OnnxChunk:
+    """Load the export at ``path``, check it against ``policy`` and make it the policy's backend
+    (``policy.backend``). The policy's sampler takes the export's number of steps (its PyTorch path
+    and diagnostics then describe the same chunk). Raises ``OnnxExportError``."""
+    chunk = OnnxChunk.load(path, threads=threads, device=str(policy.device))
+    chunk.check_policy(policy, checkpoint)
+    if policy.num_steps != chunk.steps:
+        if logger:
+            logger.info("onnx export %s has %d steps; the policy had %d: using %d", path, chunk.steps,
+                        policy.num_steps, chunk.steps)
+        policy.set_num_steps(chunk.steps)
+    policy.backend = chunk
+    return chunk
