@@ -85,6 +85,9 @@ class MoDEPolicy(nn.Module):
         self.use_cache = True
         self.fused = None   # optional FusedSampler (mode_ros.model.fast), see enable_fast()
         self._graph = None  # optional CUDA graph runner (mode_ros.model.graph)
+        # optional replacement of the chunk's tensor computation, e.g. an ONNX export run by onnxruntime
+        # (mode_ros.export.onnx_runtime.attach_onnx): backend.run(images, goal_emb, states, noise) -> robot units
+        self.backend = None
         # any load_state_dict into the denoiser (also a partial one, e.g. experts only) invalidates the
         # routing table, the fused copies of the weights and the captured graph
         self.denoiser.register_load_state_dict_post_hook(self._weights_loaded)
@@ -408,6 +411,8 @@ class MoDEPolicy(nn.Module):
             gen = torch.Generator(device=self.device)
             gen.manual_seed(int(seed))
         noise = torch.randn(b, self.chunk_size, self.action_dim, device=self.device, generator=gen)
+        if self.backend is not None:   # same checked inputs and noise; states in robot units
+            return self.backend.run(img, goal, None if st is None else np.asarray(states, np.float32), noise)
         return self.postprocess(self._normalized_fast(img, goal, st, noise))
 
     def postprocess(self, a_norm: torch.Tensor) -> np.ndarray:
