@@ -27,7 +27,7 @@ import numpy as np
 __all__ = ["LeRobotError", "LeRobotMap", "load_lerobot_map", "guess_map", "feature_names", "VERSIONS",
            "INDEX_FEATURES", "V3_DATA_PATH", "V3_VIDEO_PATH", "V3_EPISODES_PATH", "TASKS_PATH",
            "vector_column", "VideoFrames", "VideoWriter", "VCODECS", "camera_slot", "state_feature_key",
-           "state_key_of", "read_json"]
+           "state_key_of", "read_json", "PIX_FMTS", "check_video_format"]
 
 VERSIONS = ("v2.0", "v2.1", "v3.0")
 #: per-frame bookkeeping columns every LeRobot dataset has (dtype, shape [1], names null)
@@ -39,6 +39,7 @@ V3_EPISODES_PATH = "meta/episodes/chunk-{chunk_index:03d}/file-{file_index:03d}.
 TASKS_PATH = "meta/tasks.parquet"
 #: --vcodec -> (FFmpeg encoder, the name info.json records)
 VCODECS = {"h264": ("libx264", "h264"), "av1": ("libsvtav1", "av1")}
+PIX_FMTS = ("yuv420p", "yuv444p")
 IMAGE_PREFIX = "observation.images."
 
 
@@ -235,24 +236,32 @@ class VideoFrames:
         self._c.close()
 
 
+def check_video_format(vcodec: str, pix_fmt: str) -> None:
+    """h264 with yuv420p or yuv444p, av1 with yuv420p; anything else raises LeRobotError."""
+    if vcodec not in VCODECS or pix_fmt not in PIX_FMTS or (vcodec == "av1" and pix_fmt != "yuv420p"):
+        raise LeRobotError(f"unsupported video format {vcodec}/{pix_fmt} (h264 with {list(PIX_FMTS)}, "
+                           "av1 with yuv420p)")
+
+
 class VideoWriter:
     """One mp4 per camera and file: frames get consecutive pts on a 1/fps time base (so frame k is at
-    k/fps s), yuv420p, H.264 (libx264) or AV1 (SVT-AV1)."""
+    k/fps s), H.264 (libx264) or AV1 (SVT-AV1), yuv420p (LeRobot's default) or yuv444p (full colour
+    resolution: small saturated details of low-resolution renders survive)."""
 
-    def __init__(self, path: Path, fps: float, height: int, width: int, vcodec: str = "h264", crf: int = 18):
+    def __init__(self, path: Path, fps: float, height: int, width: int, vcodec: str = "h264", crf: int = 18,
+                 pix_fmt: str = "yuv420p"):
         import av
         from fractions import Fraction
 
-        if vcodec not in VCODECS:
-            raise LeRobotError(f"vcodec must be one of {sorted(VCODECS)}, got {vcodec!r}")
-        if height % 2 or width % 2:
-            raise LeRobotError(f"{path}: yuv420p video needs even frame sizes, got {width}x{height}")
+        check_video_format(vcodec, pix_fmt)
+        if pix_fmt == "yuv420p" and (height % 2 or width % 2):
+            raise LeRobotError(f"{path}: yuv420p video needs even frame sizes, got {width}x{height} (use yuv444p)")
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._c = av.open(str(self.path), "w")
         rate = Fraction(fps).limit_denominator(1001)
         self._s = self._c.add_stream(VCODECS[vcodec][0], rate=rate)
-        self._s.width, self._s.height, self._s.pix_fmt = width, height, "yuv420p"
+        self._s.width, self._s.height, self._s.pix_fmt = width, height, pix_fmt
         self._s.time_base = 1 / rate
         self._s.options = ({"crf": str(crf), "preset": "veryfast"} if vcodec == "h264"
                            else {"crf": str(crf), "preset": "8"})

@@ -38,6 +38,8 @@ def register_export(sub) -> None:
     p.add_argument("--out", required=True, metavar="DATASET_DIR")
     p.add_argument("--topics", metavar="MAP.yaml", help="topic map for bag inputs (config/bag_topics.example.yaml)")
     p.add_argument("--vcodec", default="h264", choices=["h264", "av1"], help="video codec (default h264)")
+    p.add_argument("--pix-fmt", default="yuv420p", choices=["yuv420p", "yuv444p"],
+                   help="yuv420p (default, LeRobot's) or yuv444p (full colour resolution, h264 only)")
     p.add_argument("--crf", type=int, default=18, help="constant rate factor (lower = closer to the source; default 18)")
     p.add_argument("--robot-type", help="info.json robot_type")
     p.add_argument("--overwrite", action="store_true", help="replace DATASET_DIR if it is a LeRobot dataset")
@@ -74,7 +76,7 @@ def _export(args) -> int:
 
     try:
         tm = load_topic_map(args.topics) if args.topics else None
-        rep = export_lerobot(args.inputs, args.out, topic_map=tm, vcodec=args.vcodec, crf=args.crf,
+        rep = export_lerobot(args.inputs, args.out, topic_map=tm, vcodec=args.vcodec, crf=args.crf, pix_fmt=args.pix_fmt,
                              overwrite=args.overwrite, progress=not args.quiet, robot_type=args.robot_type)
     except (LeRobotError, TopicMapError, FileExistsError, FileNotFoundError) as exc:
         print(f"mode-ros export lerobot: {exc}", file=sys.stderr)

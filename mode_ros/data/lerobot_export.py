@@ -22,7 +22,7 @@ import numpy as np
 
 from .episodes import Episode, EpisodeReader
 from .lerobot import (INDEX_FEATURES, TASKS_PATH, V3_DATA_PATH, V3_EPISODES_PATH, V3_VIDEO_PATH, VCODECS,
-                      LeRobotError, VideoWriter, state_feature_key)
+                      LeRobotError, VideoWriter, check_video_format, state_feature_key)
 
 __all__ = ["export_lerobot", "format_export_report", "vector_stats", "histogram_stats", "QUANTILES",
            "EPISODE_SUFFIXES"]
@@ -89,13 +89,13 @@ def _fps_value(fps: float) -> int | float:
     return int(fps) if float(fps).is_integer() else float(fps)
 
 
-def _features(r: EpisodeReader, cams: dict[str, tuple[int, int]], fps: float, vcodec: str) -> dict:
+def _features(r: EpisodeReader, cams: dict[str, tuple[int, int]], fps: float, vcodec: str, pix_fmt: str) -> dict:
     feats = {}
     fps = _fps_value(fps)
     for cam, (h, w) in cams.items():
         feats["observation.images." + cam] = {
             "dtype": "video", "shape": [h, w, 3], "names": ["height", "width", "channels"],
-            "info": {"video.height": h, "video.width": w, "video.codec": VCODECS[vcodec][1], "video.pix_fmt": "yuv420p",
+            "info": {"video.height": h, "video.width": w, "video.codec": VCODECS[vcodec][1], "video.pix_fmt": pix_fmt,
                      "video.is_depth_map": False, "video.fps": fps, "video.channels": 3, "has_audio": False}}
     first = r.episode(0)
     for k in r.state_keys:
@@ -119,8 +119,8 @@ def _check_same(readers: list[EpisodeReader]) -> None:
 class _Exporter:
     """Streams episodes into the v3.0 files: the data parquet, one mp4 per camera, the episode rows."""
 
-    def __init__(self, out: Path, reader: EpisodeReader, fps: float, vcodec: str, crf: int):
-        self.out, self.fps, self.vcodec, self.crf = out, fps, vcodec, crf
+    def __init__(self, out: Path, reader: EpisodeReader, fps: float, vcodec: str, crf: int, pix_fmt: str):
+        self.out, self.fps, self.vcodec, self.crf, self.pix_fmt = out, fps, vcodec, crf, pix_fmt
         self.cams = list(reader.camera_names)
         self.state_keys = list(reader.state_keys)
         self.hw = {c: reader.episode(0).image_shape(c) for c in self.cams}
@@ -144,7 +144,8 @@ class _Exporter:
             at = self.video_at[cam]
             path = self.out / V3_VIDEO_PATH.format(video_key="observation.images." + cam, chunk_index=at.chunk,
                                                    file_index=at.file)
-            v = self.videos[cam] = VideoWriter(path, self.fps, *self.hw[cam], vcodec=self.vcodec, crf=self.crf)
+            v = self.videos[cam] = VideoWriter(path, self.fps, *self.hw[cam], vcodec=self.vcodec, crf=self.crf,
+                                                 pix_fmt=self.pix_fmt)
         return v
 
     def episode(self, ep: Episode, where: str) -> str | None:
@@ -281,22 +282,21 @@ def _gaps(ep: Episode, rate: float) -> int:
 
 
 def export_lerobot(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, *, topic_map=None,
-                   vcodec: str = "h264", crf: int = 18, overwrite: bool = False, progress: bool = True,
-                   robot_type: str | None = None) -> dict:
+                   vcodec: str = "h264", crf: int = 18, pix_fmt: str = "yuv420p", overwrite: bool = False,
+                   progress: bool = True, robot_type: str | None = None) -> dict:
     """Write episode files and/or bags (converted with ``topic_map``) as one LeRobot v3.0 dataset.
     Returns the report (episodes/frames in and out, skipped episodes with reasons, timestamp gaps)."""
     t0 = time.perf_counter()
     inputs = [Path(p) for p in inputs]
     files = [p for p in inputs if p.suffix.lower() in EPISODE_SUFFIXES]
     bags = [p for p in inputs if p.suffix.lower() not in EPISODE_SUFFIXES]
-    if vcodec not in VCODECS:
-        raise LeRobotError(f"vcodec must be one of {sorted(VCODECS)}, got {vcodec!r}")
+    check_video_format(vcodec, pix_fmt)
     if bags and topic_map is None:
         raise LeRobotError(f"bags {[str(b) for b in bags[:3]]} need a topic map (--topics MAP.yaml)")
     out = Path(out)
     _prepare_out(out, overwrite)
-    report: dict = {"output": str(out), "vcodec": vcodec, "crf": crf, "inputs": [], "skipped": {},
-                    "timestamp_gaps": {}}
+    report: dict = {"output": str(out), "vcodec": vcodec, "crf": crf, "pix_fmt": pix_fmt, "inputs": [],
+                    "skipped": {}, "timestamp_gaps": {}}
     with tempfile.TemporaryDirectory(prefix="mode_ros_lerobot_") as tmp:
         if bags:
             from .bag import convert_bags
@@ -309,14 +309,15 @@ def export_lerobot(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, 
                 files.append(conv)
         if not files:
             raise LeRobotError("no episodes to export (no episode files, and the bags gave none)")
-        _export_files(files, out, vcodec, crf, progress, robot_type, report)
+        _export_files(files, out, (vcodec, crf, pix_fmt), progress, robot_type, report)
     dt = time.perf_counter() - t0
     report["elapsed_s"] = round(dt, 3)
     report["frames_per_s"] = round(report["frames_in"] / dt, 1) if dt > 0 else None
     return report
 
 
-def _export_files(files: list[Path], out: Path, vcodec: str, crf: int, progress: bool, robot_type, report: dict) -> None:
+def _export_files(files: list[Path], out: Path, video: tuple[str, int, str], progress: bool, robot_type,
+                  report: dict) -> None:
     readers = [EpisodeReader(p) for p in files]
     try:
         _check_same(readers)
@@ -324,8 +325,8 @@ def _export_files(files: list[Path], out: Path, vcodec: str, crf: int, progress:
         fps = r0.control_rate_hz
         if not fps > 0:
             raise LeRobotError(f"{r0.path}: no control_rate_hz (LeRobot needs fps)")
-        ex = _Exporter(out, r0, fps, vcodec, crf)
-        feats = _features(r0, ex.hw, fps, vcodec)
+        ex = _Exporter(out, r0, fps, *video)
+        feats = _features(r0, ex.hw, fps, video[0], video[2])
         bar = None
         if progress:
             from tqdm import tqdm
@@ -370,6 +371,6 @@ def format_export_report(rep: dict) -> str:
         lines.append(f"warning: {k} has {n} dropped-tick gap(s); LeRobot frames are contiguous (timestamp = "
                      "frame_index / fps)")
     lines.append(f"total: {rep['episodes']}/{rep['episodes_in']} episodes, {rep['frames']}/{rep['frames_in']} frames, "
-                 f"{rep['tasks']} tasks -> {rep['output']} (LeRobot v3.0, {rep['vcodec']}) in {rep['elapsed_s']} s "
-                 f"({rep['frames_per_s']} frames/s)")
+                 f"{rep['tasks']} tasks -> {rep['output']} (LeRobot v3.0, {rep['vcodec']} {rep['pix_fmt']}) in "
+                 f"{rep['elapsed_s']} s ({rep['frames_per_s']} frames/s)")
     return "\n".join(lines)

@@ -81,9 +81,11 @@ def _episodes_v3(root: Path, info: dict, video_keys: list[str]) -> list[EpisodeR
     if not files:
         raise LeRobotError(f"{root / 'meta' / 'episodes'}: no chunk-*/file-*.parquet (episode metadata missing)")
     out = []
+    import pyarrow.parquet as pq
+
     for f in files:
-        t = _read_parquet(f)
-        cols = {c: t.column(c).to_pylist() for c in t.column_names if not c.startswith("stats/")}
+        t = _read_parquet(f, [c for c in pq.read_schema(f).names if not c.startswith("stats/")])
+        cols = {c: t.column(c).to_pylist() for c in t.column_names}
         need = ["episode_index", "length", "data/chunk_index", "data/file_index"]
         need += [f"videos/{k}/{x}" for k in video_keys for x in ("chunk_index", "file_index", "from_timestamp")]
         missing = [c for c in need if c not in cols]
@@ -190,9 +192,9 @@ class _Importer:
         cols = ["episode_index", "timestamp", "task_index", *dict.fromkeys([*m.action, *m.state, *cams_in_parquet])]
         import pyarrow.parquet as pq
 
-        have = pq.read_schema(path).names if path.exists() else []
         if not path.exists():
             raise LeRobotError(f"{path}: data file missing")
+        have = pq.read_schema(path).names
         missing = [c for c in cols if c not in have]
         if missing:
             raise LeRobotError(f"{path}: feature column(s) {missing} missing (missing feature)")
