@@ -124,10 +124,11 @@ def recorded_at(tau_ns: int, seconds: float, tol_ns: int = 100_000_000) -> np.nd
     return action_at(int(ts[i])).astype(np.float32).astype(np.float64)
 
 
-def make_checkpoint(out: Path, low=None, high=None, action_dim: int = 3) -> Path:
-    """`mode-ros init --preset tiny`; low == high makes the output constant (normalisation scale 1e-6)."""
+def make_checkpoint(out: Path, low=None, high=None, action_dim: int = 3, cameras=CAMERAS) -> Path:
+    """`mode-ros init --preset tiny`; low == high makes the output constant (normalisation scale 1e-6);
+    ``cameras=()``: a state-only checkpoint."""
     cmd = [sys.executable, "-m", "mode_ros.cli", "init", "--preset", "tiny", "--out", str(out),
-           "--cameras", ",".join(CAMERAS), "--action-dim", str(action_dim), "--state-dim", str(STATE_DIM),
+           "--cameras", ",".join(cameras), "--action-dim", str(action_dim), "--state-dim", str(STATE_DIM),
            "--goals", GOAL]
     if low is not None:
         cmd += ["--action-low", ",".join(map(str, low)), "--action-high", ",".join(map(str, high))]
@@ -231,6 +232,12 @@ def const_ckpt(tmp_path_factory):
 def rand_ckpt(tmp_path_factory):
     """A real randomly initialised tiny checkpoint (its output depends on the images and the seed)."""
     return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "rand")
+
+
+@pytest.fixture(scope="session")
+def state_ckpt(tmp_path_factory):
+    """A random tiny checkpoint without cameras: its observation is the joint state alone."""
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "state", cameras=())
 
 
 @pytest.fixture(scope="session")

@@ -17,11 +17,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_core_imports_without_rclpy():
-    """A fresh interpreter imports the ground floor (and the ROS-free parts of mode_ros.ros) without
+    """A fresh interpreter imports the ground floor (and the ROS-free controller, mode_ros.control, and parameter table) without
     pulling in rclpy or any ROS Python package."""
     mods = ["mode_ros", "mode_ros.model", "mode_ros.data", "mode_ros.train", "mode_ros.ros",
-            "mode_ros.ros.params", "mode_ros.ros.execution", "mode_ros.ros.safety", "mode_ros.ros.sync",
-            "mode_ros.ros.stats"]
+            "mode_ros.ros.params", "mode_ros.control", "mode_ros.control.controller", "mode_ros.control.strategy",
+            "mode_ros.control.virtual", "mode_ros.control.execution", "mode_ros.control.safety",
+            "mode_ros.control.sync", "mode_ros.control.stats"]
     code = (
         "import importlib, json, sys\n"
         f"for m in {mods!r}:\n"

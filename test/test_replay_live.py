@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import replay_helpers as H
-from replay_helpers import bags, const_ckpt, rand_ckpt  # noqa: F401 - session fixtures
+from replay_helpers import bags, const_ckpt, rand_ckpt, state_ckpt  # noqa: F401 - session fixtures
 from ros_helpers import executable, share_file, wait_until
 
 pytestmark = pytest.mark.ros
@@ -88,6 +88,25 @@ def test_live_matches_offline_when_every_tick_is_computed(bags, rand_ckpt, tmp_p
         assert abs(o - l_) < 0.015 * o, (part, o, l_)
     assert abs(off["ticks"]["published"] - live["ticks"]["published"]) <= 2
     assert off["scores"]["first_action"]["mae_mean"] > 0.01      # a random policy: far from the recording
+
+
+def test_state_only_checkpoint_offline_publishes_and_matches_live(bags, state_ckpt, tmp_path):  # noqa: F811
+    """A checkpoint without cameras (its observation is the joint state): offline replay publishes chunks
+    (it once dropped the state and published 0 of 30 ticks, exit 0) and agrees with the live node on the
+    same bag within the tolerance of the camera test above (>= 90 % of the chunks equal within 5e-3)."""
+    common = ["--checkpoint", str(state_ckpt), "--topics", str(bags["map"]), "-p", "torch_threads=1",
+              "-p", "seed=0", "-p", "replan_every=1", "--quiet"]
+    rc, so, se = H.run_cli([str(bags["mcap"]), "--offline", "--latency", "0", "--out", str(tmp_path / "off"), *common])
+    assert rc == 0, so + se
+    off = H.load_report(tmp_path / "off")
+    assert off["offline"]["inference_failures"] == 0 and off["ticks"]["published"] >= 0.9 * off["ticks"]["expected"]
+    rc, so, se = H.run_cli([str(bags["mcap"]), "--rate", "0.25", "--out", str(tmp_path / "live"), *common])
+    assert rc == 0, so + se
+    a = {(c["stamp"], c["first_index"]): c["actions"] for c in H.chunks_from_bag(tmp_path / "off" / "chunks")}
+    b = {(c["stamp"], c["first_index"]): c["actions"] for c in H.chunks_from_bag(tmp_path / "live" / "chunks")}
+    both = set(a) & set(b)
+    assert len(both) >= 0.9 * max(len(a), len(b)) and len(both) >= 20, sorted(set(a) ^ set(b))
+    assert max(float(np.abs(a[k] - b[k]).max()) for k in both) < 5e-3
 
 
 def _stale_ticks_expected(seconds: float, gap, max_age: float = 0.5) -> int:

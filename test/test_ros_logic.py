@@ -1,4 +1,4 @@
-"""Unit tests of the ROS-free logic behind the policy node (mode_ros.ros.execution/safety/sync/stats/params)."""
+"""Unit tests of the ROS-free logic behind the policy node (mode_ros.control.execution/safety/sync/stats/params)."""
 from __future__ import annotations
 
 import math
@@ -6,11 +6,11 @@ import math
 import numpy as np
 import pytest
 
-from mode_ros.ros.execution import ChunkExecutor, Plan, observation_seed
+from mode_ros.control.execution import ChunkExecutor, Plan, observation_seed
 from mode_ros.ros.params import PARAMS, NodeParams, ParameterError, render_yaml, state_selection, validate
-from mode_ros.ros.safety import ActionSafety, NonFiniteActionError
-from mode_ros.ros.stats import Counters, RateLimitedLog, RateMeter, WindowStats
-from mode_ros.ros.sync import StampBuffer, match_stamps
+from mode_ros.control.safety import ActionSafety, NonFiniteActionError
+from mode_ros.control.stats import Counters, RateLimitedLog, RateMeter, WindowStats
+from mode_ros.control.sync import StampBuffer, match_stamps
 
 T, A, DT = 10, 3, 0.1
 
@@ -87,7 +87,7 @@ def test_restep_serves_the_same_tick_once():
 
 
 class _ConstPolicy:
-    """What NodeEmulator needs of MoDEPolicy: a chunk whose row i is i, every call counted."""
+    """What the controller needs of MoDEPolicy: a chunk whose row i is i, every call counted."""
     camera_names, state_dim = ["cam"], 0
 
     def __init__(self):
@@ -109,15 +109,15 @@ def _image_msg():
     (False, 1.0, False),    # serve_late_ticks off: the tick stays empty
 ])
 def test_unserved_tick_is_served_when_its_input_arrives(serve_late, image_at, served):
-    """NodeEmulator mirrors PolicyNode._kick_unserved/_serve_unserved: a tick that published nothing
+    """The controller (driven offline) does as PolicyNode._kick_unserved/_serve_unserved: a tick that published nothing
     for want of an image is published as soon as the image arrives and the inference lands, before
     the next tick (this is what a lockstep simulator waits for)."""
-    from mode_ros.replay.offline import NodeEmulator
+    from mode_ros.replay.offline import OfflineDriver
     NS = 1_000_000_000
     p = NodeParams.from_mapping({"checkpoint": "x", "goal": "go", "serve_late_ticks": serve_late,
                                  "control_rate_hz": 10.0})
     pol = _ConstPolicy()
-    emu = NodeEmulator(p, ["cam"], 0, T, A, policy=pol, latency=0.01)
+    emu = OfflineDriver(p, ["cam"], 0, T, A, policy=pol, latency=0.01)
     emu.set_clock(1 * NS)
     rec, key, _ = emu.tick()
     assert rec is None and key == "no_image"
@@ -126,10 +126,10 @@ def test_unserved_tick_is_served_when_its_input_arrives(serve_late, image_at, se
     emu.on_image("cam", int(image_at * NS), IMAGE, _image_msg())
     assert pol.calls == (1 if serve_late else 0)          # the arrival requested the inference
     emu.set_clock(int(1.02 * NS))
-    rec = emu.complete()
+    rec = emu.land(emu.vt.clock_ns)
     if served:
         assert rec is not None and rec.tick_ns == 1 * NS and rec.first_index == 0
-        assert rec.stamp_ns == 1 * NS and emu.counters["late_served"] == 1
+        assert rec.plan.stamp == 1 * NS and emu.ctl.counters.get("late_served") == 1
     else:
         assert rec is None
     emu.set_clock(int(1.1 * NS))
@@ -141,19 +141,19 @@ def test_unserved_tick_is_served_when_its_input_arrives(serve_late, image_at, se
 
 
 def test_offline_emulation_of_lockstep_inference():
-    """NodeEmulator mirrors lockstep_inference: every replan_every-th tick is served from row 0 of an
+    """The controller (driven offline) does as lockstep_inference: every replan_every-th tick is served from row 0 of an
     inference on that tick's own image (stamp = the tick); a due tick whose image is older than one
     period publishes nothing (the node would wait for it), and the next tick with its image starts anew."""
-    from mode_ros.replay.offline import IMAGE, NodeEmulator
+    from mode_ros.replay.offline import IMAGE, OfflineDriver
     NS = 1_000_000_000
     p = NodeParams.from_mapping({"checkpoint": "x", "goal": "go", "lockstep_inference": True,
                                  "control_rate_hz": 10.0, "replan_every": 3})
     pol = _ConstPolicy()
-    emu = NodeEmulator(p, ["cam"], 0, T, A, policy=pol, latency=0.5)   # latency plays no part
+    emu = OfflineDriver(p, ["cam"], 0, T, A, policy=pol, latency=0.5)   # latency plays no part
     out = []
 
     def row(rec):
-        return (rec.tick_ns - NS) * 10 // NS, (rec.stamp_ns - NS) * 10 // NS, rec.first_index, rec.actions[0, 0]
+        return (rec.tick_ns - NS) * 10 // NS, (rec.plan.stamp - NS) * 10 // NS, rec.first_index, rec.actions[0, 0]
 
     for k in range(13):
         t = NS + k * NS // 10
@@ -167,7 +167,7 @@ def test_offline_emulation_of_lockstep_inference():
         if k == 10:
             emu.set_clock(t + NS // 100)
             emu.on_image("cam", t, IMAGE, _image_msg())
-            rec = emu.complete()                    # served late, from its own observation, row 0
+            rec = emu.land(emu.vt.clock_ns)                    # served late, from its own observation, row 0
             out.append(row(rec))
     assert out == [(0, 0, 0, 0), (1, 0, 1, 1), (2, 0, 2, 2), (3, 3, 0, 0), (4, 3, 1, 1), (5, 3, 2, 2),
                    "lockstep_wait", (7, 7, 0, 0), (8, 7, 1, 1), (9, 7, 2, 2), "lockstep_wait", (10, 10, 0, 0),
@@ -177,9 +177,9 @@ def test_offline_emulation_of_lockstep_inference():
 
 def test_rate_limit_holds_across_ticks_that_publish_nothing():
     """A camera gap stops the output for a while; when it resumes, the first action is limited relative
-    to the last one published, not a jump to the model's new output (NodeEmulator mirrors the node's
+    to the last one published, not a jump to the model's new output (The controller (driven offline) does as the node's
     _on_tick; the limiter forgets only on activate and ~/enable false)."""
-    from mode_ros.replay.offline import IMAGE, NodeEmulator
+    from mode_ros.replay.offline import IMAGE, OfflineDriver
     NS = 1_000_000_000
 
     class Pol:
@@ -191,7 +191,7 @@ def test_rate_limit_holds_across_ticks_that_publish_nothing():
     p = NodeParams.from_mapping({"checkpoint": "x", "goal": "go", "control_rate_hz": 10.0, "replan_every": 1,
                                  "max_action_delta": [0.1], "max_observation_age": 0.5})
     pol = Pol()
-    emu = NodeEmulator(p, ["cam"], 0, T, A, policy=pol, latency=0.0)
+    emu = OfflineDriver(p, ["cam"], 0, T, A, policy=pol, latency=0.0)
     out, keys = [], []
     for k in range(10, 40):                     # 1.0 .. 3.9 s: no images during [2.0, 3.0)
         t = k * NS // 10
@@ -202,7 +202,7 @@ def test_rate_limit_holds_across_ticks_that_publish_nothing():
             emu.on_image("cam", t, IMAGE, _image_msg())
         rec, key, _ = emu.tick()
         keys.append(key)
-        late = emu.complete() if emu.inflight is not None else None
+        late = emu.land(emu.vt.clock_ns)
         for r in (rec, late):
             if r is not None:
                 out.append((k, r.actions))

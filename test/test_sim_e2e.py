@@ -178,7 +178,7 @@ def _direct_lockstep_episodes(checkpoint, task: str, episodes: int, replan: int,
     import numpy as np
 
     from mode_ros.model.policy import MoDEPolicy
-    from mode_ros.ros.execution import observation_seed
+    from mode_ros.control.execution import observation_seed
     from mode_ros.sim.metaworld_env import MetaWorldSim, instruction_for, layout
 
     policy = MoDEPolicy.from_pretrained(str(checkpoint), device="cpu")

@@ -377,6 +377,18 @@ class MoDEPolicy(nn.Module):
     def encode_goal(self, text: str) -> np.ndarray:
         return self.text.encode([text])[0].numpy()
 
+    def goal_problem(self, text: str) -> str | None:
+        """Why ``text`` cannot be used as a goal with this checkpoint (None: it can; it is embedded now,
+        so its first inference costs no encoding). Names the known instructions when there are few."""
+        try:
+            self.encode_goal(text)
+        except ValueError as exc:   # GoalError: empty, too long, no text weights and not cached
+            known = self.known_goals
+            if known and len(known) <= 20:
+                return f"{exc}; known instructions: " + "; ".join(repr(g) for g in known)
+            return f"{exc} ({len(known)} cached instructions)" if known else str(exc)
+        return None
+
     def predict_chunk(self, images, goal_text: str, state=None, seed: int | None = None,
                       prefix: ChunkPrefix | None = None) -> np.ndarray:
         """One chunk (chunk_size, action_dim) float32 in robot units for one observation. ``prefix``

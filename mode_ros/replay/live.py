@@ -5,7 +5,7 @@ subprocess (``use_sim_time:=true``, ``--params-file`` + ``-p`` overrides, log in
 attaches to a running one, waits until it is active and subscribed, then walks the same
 :func:`~mode_ros.replay.session.schedule` as the offline mode in wall time scaled by ``--rate``:
 ``/clock`` values, camera/goal/state messages (raw CDR from the bag where nothing has to change),
-and control ticks, where a shadow :class:`~mode_ros.replay.offline.NodeEmulator` (gates only, no
+and control ticks, where a shadow :class:`~mode_ros.replay.offline.OfflineDriver` (the node's controller, gates only, no
 model) records why the node may not publish. Every ``ActionChunk`` (and ``/diagnostics``) the node
 publishes is written to ``OUT/chunks`` with the bag time at which it arrived and scored.
 """
@@ -261,7 +261,7 @@ def _replay(sess, node, fqn, proc):
     from mode_ros.msg import ActionChunk
     from mode_ros.ros.params import state_selection
     from mode_ros.replay.session import COMPRESSED, IMAGE, ReplayError, schedule, timer_period_ns
-    from mode_ros.replay.offline import NodeEmulator, reason_detail
+    from mode_ros.replay.offline import OfflineDriver, reason_detail
 
     opts, p, m, model = sess.opts, sess.p, sess.mapping, sess.model
     goal_qos = QoSProfile(depth=1, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE,
@@ -295,7 +295,7 @@ def _replay(sess, node, fqn, proc):
     writer = sess.open_writer()
     ts = writer.typestore
     scorer, ticks = sess.scorer, sess.ticks
-    shadow = NodeEmulator(p, model.camera_names, model.state_dim, model.chunk_size, model.action_dim, policy=None)
+    shadow = OfflineDriver(p, model.camera_names, model.state_dim, model.chunk_size, model.action_dim, policy=None)
     P = timer_period_ns(p.control_rate_hz)
     chunk_topic = f"{fqn}/action_chunk"
     if m.static_goal is not None:
@@ -469,7 +469,7 @@ def _replay(sess, node, fqn, proc):
         elif kind == "tick":
             ticks.expected += 1
             scorer.trace_tick(x)
-            g = shadow.gate(shadow.now()) or _no_plan_reason(shadow)
+            g = shadow.ctl.gate(shadow.ctl.now()) or shadow.ctl.no_plan_reason()
             pending_ticks.append([x, g[0], g[1], False])
             resolve_ticks(x - horizon)
         else:
@@ -522,12 +522,19 @@ def _replay(sess, node, fqn, proc):
                                  "OUT/chunks, not scored")
     if diag_last:
         keep = ("ticks_published", "ticks_suppressed", "stale", "inferences", "inference_failures", "dropped_results",
+                "goals_refused", "execution_strategy", "estimated_d",
                 "rejected", "images_received", "inference_latency_median_ms", "inference_latency_p99_ms",
                 "achieved_rate_hz", "missed_ticks", "late_ticks_merged", "late_served", "reason", "last_failure")
         nd = {k: diag_last.get(k) for k in keep if k in diag_last}
         nd.update({k: v for k, v in diag_last.items() if k.startswith(("suppressed.", "rejected."))})
         nd["at_bag_time_s"] = round(diag_last.get("_stamp", 0) / NS, 3)
         sess.extra["node_diagnostics"] = nd
+        fails, refused = int(diag_last.get("inference_failures", 0) or 0), int(diag_last.get("goals_refused", 0) or 0)
+        if fails:
+            sess.problems.append(f"{fails} inference(s) failed in the node (last: "
+                                 f"{diag_last.get('last_failure') or 'see node.log'})")
+        if refused:
+            sess.problems.append(f"{refused} goal(s) refused by the node (see node.log)")
     if stats["late_s_max"] > P / NS:
         sess.notes.append(f"the replayer fell behind the requested rate by up to {stats['late_s_max']:.3f} s "
                           "(wall): lower --rate for exact timing")
@@ -536,14 +543,3 @@ def _replay(sess, node, fqn, proc):
     node.destroy_subscription(chunk_sub)
     node.destroy_subscription(diag_sub)
 
-
-def _no_plan_reason(shadow) -> tuple[str, str]:
-    """Why a tick whose gates passed published nothing (live): unsynchronised cameras, or no chunk
-    (waiting for an inference, or the tick was missed)."""
-    from mode_ros.ros.sync import match_stamps
-
-    snaps = {c: b.snapshot() for c, b in shadow.buffers.items()}
-    if snaps and match_stamps({c: [s for s, _ in v] for c, v in snaps.items()},
-                              shadow.p.camera_sync_tolerance) is None:
-        return "no_plan", "no plan for this tick (cameras not synchronised within camera_sync_tolerance)"
-    return "no_plan", "no plan for this tick (waiting for an inference, or the tick was missed)"

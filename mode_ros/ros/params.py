@@ -104,6 +104,13 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("ensembling_decay", "double", 0.01,
               "Temporal ensembling weight decay m in w_i = exp(-m * i), i = 0 for the oldest chunk.",
               min=0.0, max=100.0),
+    ParamSpec("execution_strategy", "string", "replan",
+              "How consecutive chunks are executed (mode_ros.control.strategy): replan (re-plan every "
+              "replan_every rows, rows overtaken by the inference latency skipped), open_loop (whole chunks), "
+              "ensemble (temporal ensembling; also chosen by temporal_ensembling: true), rtc_replace / "
+              "rtc_guidance (real-time chunking: the next chunk is inpainted over the rows of the current plan "
+              "that run before it lands, d estimated from the inference latency; d and the strategy are in "
+              "/diagnostics).", choices=("replan", "open_loop", "ensemble", "rtc_replace", "rtc_guidance")),
     ParamSpec("max_observation_age", "double", 0.5,
               "Seconds (node clock, so use_sim_time works): a camera or state older than this stops the "
               "output until fresh data arrives.", min=0.001, max=3600.0, live=True),
@@ -240,6 +247,7 @@ class NodeParams:
     latency_compensation: bool = True
     temporal_ensembling: bool = False
     ensembling_decay: float = 0.01
+    execution_strategy: str = "replan"
     max_observation_age: float = 0.5
     camera_sync_tolerance: float = 0.02
     sync_queue_size: int = 10

@@ -1,11 +1,12 @@
 """The MoDE policy node: cameras + language goal in, ``mode_ros/ActionChunk`` out at the control rate.
 
-A thin shell over ``MoDEPolicy`` (docs/CONTRACTS.md): messages are converted to arrays
-(``mode_ros.data.images``), the policy computes chunks in its own thread, and the pure logic lives in
-ROS-free modules shared with replay: ``execution`` (which row to publish at each tick, latency
-skipping, re-planning, temporal ensembling), ``safety`` (finite check, bounds, rate limit), ``sync``
-(multi-camera stamp matching), ``stats`` (latency/rate statistics, rate-limited logs), ``params``
-(the parameter table).
+A shell over ``MoDEPolicy`` (docs/CONTRACTS.md) and the one chunk controller
+(:class:`mode_ros.control.controller.ChunkController`, ROS-free, shared with offline replay and sim
+eval): the node holds the parameters (``params``), the lifecycle, the subscriptions (messages converted
+to arrays: ``mode_ros.data.images``, ``convert``), the control timer, the inference thread, publishing
+and /diagnostics. Everything between an input and a published chunk — stamps, camera sync, goal
+validation, the tick grid, the freshness gate, late serving, lockstep, plan adoption, the execution
+strategy (``execution_strategy``) and the safety step — is the controller's.
 
 Lifecycle (rclpy.lifecycle): configure = read/validate parameters, load the checkpoint, warm up,
 create subscriptions/publishers and the inference thread; activate = start the control timer;
@@ -17,8 +18,6 @@ configures and activates itself. Topics (relative to the node): ``~/image_<camer
 from __future__ import annotations
 
 import array
-import math
-import re
 import sys
 import threading
 import time
@@ -41,11 +40,9 @@ from std_srvs.srv import SetBool
 from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
 
 from mode_ros.msg import ActionChunk
-from mode_ros.ros.execution import ChunkExecutor, Plan, observation_seed, tick_window
 from mode_ros.ros.params import NODE_NAME, PARAMS, NodeParams, ParameterError, state_selection, validate
-from mode_ros.ros.safety import ActionSafety, NonFiniteActionError, output_gate
-from mode_ros.ros.stats import Counters, RateLimitedLog, RateMeter, WindowStats
-from mode_ros.ros.sync import StampBuffer, has_observation_in, match_stamps
+from mode_ros.control.controller import NS, ChunkController, Output
+from mode_ros.control.stats import Counters, RateLimitedLog, RateMeter
 
 _ROS_TYPES = {
     "bool": ParameterType.PARAMETER_BOOL, "int": ParameterType.PARAMETER_INTEGER,
@@ -54,8 +51,12 @@ _ROS_TYPES = {
     "string_array": ParameterType.PARAMETER_STRING_ARRAY,
 }
 
+# ~/goal has two subscriptions: transient-local (a goal latched before the node started) and volatile
+# (`ros2 topic pub`, any default-QoS publisher); a latched goal arrives on both, the repeat is ignored
 GOAL_QOS = QoSProfile(depth=1, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE,
                       durability=DurabilityPolicy.TRANSIENT_LOCAL)
+GOAL_VOLATILE_QOS = QoSProfile(depth=10, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE,
+                               durability=DurabilityPolicy.VOLATILE)
 OUTPUT_QOS = QoSProfile(depth=10, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE)
 
 
@@ -75,10 +76,6 @@ def descriptor(spec) -> ParameterDescriptor:
         d.floating_point_range = [FloatingPointRange(from_value=float(spec.min), to_value=float(spec.max),
                                                      step=0.0)]
     return d
-
-
-def stamp_to_sec(t) -> float:
-    return t.sec + t.nanosec * 1e-9
 
 
 def sec_to_duration(s: float) -> Duration:
@@ -116,65 +113,37 @@ class _StdLogger:
         self._l.info(msg % args if args else msg)
 
 
-class _Observation:
-    __slots__ = ("images", "stamp", "stamp_sec", "state", "goal", "generation")
-
-
 class PolicyNode(LifecycleNode):
     """See the module docstring."""
 
     def __init__(self, node_name: str = NODE_NAME, **kwargs):
-        self.lock = threading.RLock()  # executor, goal, enabled, plan state
+        self.lock = threading.RLock()  # the controller's lock too: a chunk is published under it (tick order)
         self._tick_timer = None
         self._infer_thread: threading.Thread | None = None
         self._entities: list[Any] = []
         self._chunk_pub = self._traj_pub = None
-        self.executor_: ChunkExecutor | None = None
+        self.ctl: ChunkController | None = None   # the control logic (mode_ros.control), from configure on
         super().__init__(node_name, **kwargs)
         for spec in PARAMS:
             self.declare_parameter(spec.name, spec.default, descriptor(spec))
         self.add_on_set_parameters_callback(self._validate_parameters)
         self.p = self._read_params()
         self._log = RateLimitedLog(self.p.log_throttle_period)
-        self.counters = Counters()
-        self.latency = WindowStats(self.p.stats_window)
+        self.counters = Counters()   # shared with the controller
         self.rate = RateMeter(self.p.stats_window)
 
         self.policy = None
-        self.safety: ActionSafety | None = None
-        self.enabled = bool(self.p.start_enabled)
-        self.goal = ""
-        self.goal_generation = 0
-        self.active = False
-        self.buffers: dict[str, StampBuffer] = {}
-        self.state: tuple[float, np.ndarray, float] | None = None   # (stamp, vector, receive time)
-        self._state_prev_stamp: float | None = None   # stamp of the state before it (_gate at a past tick)
+        self.enabled = bool(self.p.start_enabled)   # ~/enable (kept across configure/cleanup)
         self.reason = "unconfigured"
-        self.last_failure = ""
-        self.sequence = 0
-        self.tick_count = 0
-        self._last_tick_ns = -1
         self._expected_latency = 0.0
-        self._zero_stamp_warned: set[str] = set()
-        self._clock_high: float | None = None   # the latest node clock reading seen (see _check_clock)
-
         self._infer_stop = threading.Event()
         self._infer_request = threading.Event()
-        self._inflight = False
-        # the last tick, when it published nothing and may still be served (serve_late_ticks):
-        # (its scheduled time, whether the executor already stepped it)
-        self._unserved: tuple[Any, bool] | None = None
-        # lockstep_inference: the tick (rclpy Time) whose own observation the next inference must use
-        self._sync_tick = None
-        self._sync_retry = False   # the last inference must be retried (observation incomplete, goal changed)
 
         self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         self._diag_timer = self.create_timer(self.p.diagnostics_period, self._publish_diagnostics)
         self.create_service(SetBool, "~/enable", self._on_enable)
         if hasattr(self, "add_post_set_parameters_callback"):
             self.add_post_set_parameters_callback(self._apply_live_parameters)
-        if self.p.goal:
-            self._set_goal(self.p.goal, source="parameter goal")
         if self.p.autostart:
             self._autostart_timer = self.create_timer(0.0, self._autostart)
 
@@ -219,18 +188,16 @@ class PolicyNode(LifecycleNode):
     def _ratelimited(self, key: str, level: str, message: str) -> None:
         self._log(key, lambda m: self._emit(level, m), message)
 
-    def _reject(self, kind: str, message: str) -> None:
-        """An input was rejected: count it per kind and log it, rate-limited per kind of input and
-        reason (numbers ignored), so a flood of one bad input cannot hide a different problem."""
-        self.counters.inc(f"rejected.{kind}")
-        key = f"rejected.{kind}:" + re.sub(r"[\d.]+", "#", message)[:80]
-        self._ratelimited(key, "warning", message)
+    def _ctl_log(self, level: str, key: str | None, message: str) -> None:
+        """The controller's log: rate-limited per key (None: always)."""
+        if key is None:
+            self._emit(level, message)
+        else:
+            self._ratelimited(key, level, message)
 
-    def _suppress(self, key: str, message: str, level: str = "warning") -> None:
-        """A tick published nothing: count it, remember why, log (rate-limited per reason)."""
-        self.counters.inc(f"suppressed.{key}")
-        self.reason = message
-        self._ratelimited(f"suppressed.{key}", level, f"not publishing: {message}")
+    def _reject(self, kind: str, message: str) -> None:
+        """An input was rejected: counted per kind and logged, rate-limited per kind and reason."""
+        self.ctl.reject_input(kind, message)
 
     # ---- lifecycle ------------------------------------------------------------------------------------
     def _autostart(self) -> None:
@@ -251,7 +218,8 @@ class PolicyNode(LifecycleNode):
         self.get_logger().info(f"configured in {time.perf_counter() - t0:.1f} s: cameras "
                                f"{self.policy.camera_names}, chunk {self.policy.chunk_size}x"
                                f"{self.policy.action_dim}, state_dim {self.policy.state_dim}, "
-                               f"{self.p.control_rate_hz:g} Hz, replan every {self.executor_.replan_every}")
+                               f"{self.p.control_rate_hz:g} Hz, execution {self.ctl.strategy.name} (replan every "
+                               f"{self.ctl.executor.replan_every})")
         return TransitionCallbackReturn.SUCCESS
 
     def _configure(self) -> None:
@@ -292,16 +260,16 @@ class PolicyNode(LifecycleNode):
         if self.p.warmup:
             self._expected_latency = float(policy.warmup(runs=3))  # median of 3 calls
             try:  # build the text tower now, so that a new goal costs one encoding, not a model build
-                policy.encode_goal(self.goal or "warm up")
+                policy.encode_goal(self.p.goal or "warm up")
             except ValueError as exc:
                 self.get_logger().info(f"text encoder not available ({exc}): only the checkpoint's cached "
                                        f"goals can be used: {policy.known_goals}")
-        period = 1.0 / self.p.control_rate_hz
-        self.executor_ = ChunkExecutor(policy.chunk_size, policy.action_dim, period, self.p.replan_every,
-                                       self.p.latency_compensation, self.p.temporal_ensembling,
-                                       self.p.ensembling_decay)
-        self.safety = ActionSafety(policy.action_dim, self.p.action_lower_bounds, self.p.action_upper_bounds,
-                                   self.p.max_action_delta)
+        self.ctl = ChunkController(self.p, policy.camera_names, policy.state_dim, policy.chunk_size,
+                                   policy.action_dim, clock=lambda: self.get_clock().now().nanoseconds,
+                                   log=self._ctl_log, goal_check=policy.goal_problem,
+                                   initial_latency=self._expected_latency, lock=self.lock, counters=self.counters)
+        self.ctl.set_enabled(self.enabled)
+        self.ctl.set_active(False)
         names = [n for n in self.p.trajectory_joint_names if n]
         self.joint_names = names or (policy.action_names if len(policy.action_names) == policy.action_dim
                                      else [f"a{i}" for i in range(policy.action_dim)])
@@ -314,7 +282,6 @@ class PolicyNode(LifecycleNode):
         if self._state_names_recorded:
             self.get_logger().info(f"state: joints {self.state_names} of ~/joint_states, as recorded in the "
                                    f"checkpoint (set state_joint_names to choose others)")
-        self.latency = WindowStats(self.p.stats_window)
         self.rate = RateMeter(self.p.stats_window)
 
         # outputs (lifecycle publishers: they only publish while active)
@@ -322,7 +289,6 @@ class PolicyNode(LifecycleNode):
         if self.p.publish_joint_trajectory:
             self._traj_pub = self.create_lifecycle_publisher(JointTrajectory, "~/joint_trajectory", OUTPUT_QOS)
         # inputs
-        self.buffers = {c: StampBuffer(self.p.sync_queue_size) for c in policy.camera_names}
         for cam in policy.camera_names:
             if self.p.image_transport == "compressed":
                 sub = self.create_subscription(CompressedImage, f"~/image_{cam}/compressed",
@@ -332,13 +298,18 @@ class PolicyNode(LifecycleNode):
                 sub = self.create_subscription(Image, f"~/image_{cam}", lambda m, c=cam: self._on_image(c, m),
                                                qos_profile_sensor_data)
             self._entities.append(sub)
-        self._entities.append(self.create_subscription(String, "~/goal", self._on_goal, GOAL_QOS))
+        from rclpy.event_handler import SubscriptionEventCallbacks
+
+        # a volatile publisher (ros2 topic pub) is served by the second subscription: no QoS warning here
+        quiet = SubscriptionEventCallbacks(incompatible_qos=lambda event: None)
+        self._entities.append(self.create_subscription(String, "~/goal", self._on_goal, GOAL_QOS,
+                                                       event_callbacks=quiet))
+        self._entities.append(self.create_subscription(String, "~/goal", self._on_goal, GOAL_VOLATILE_QOS))
         if policy.state_dim > 0:
             self._entities.append(self.create_subscription(JointState, "~/joint_states", self._on_joint_state,
                                                            qos_profile_sensor_data))
         self._infer_stop.clear()
-        self._inflight = False   # a request cut short by the last cleanup must not block this run
-        self._sync_tick, self._sync_retry = None, False
+        self._infer_request.clear()   # a wake-up left by the last cleanup is no request
         if self.p.lockstep_inference and not self.get_parameter("use_sim_time").value:
             self.get_logger().warning("lockstep_inference is on without use_sim_time: every tick that needs a "
                                       "new chunk publishes nothing until the inference lands (meant for a "
@@ -348,10 +319,7 @@ class PolicyNode(LifecycleNode):
         self._infer_thread.start()
 
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
-        with self.lock:
-            self.executor_.reset()
-            self.safety.reset()
-            self.active = True
+        self.ctl.set_active(True)
         self.rate.reset()
         self._tick_timer = self.create_timer(1.0 / self.p.control_rate_hz, _with_timer_info(self._on_tick))
         self.reason = "active"
@@ -384,10 +352,8 @@ class PolicyNode(LifecycleNode):
         return TransitionCallbackReturn.SUCCESS
 
     def _stop_ticking(self) -> None:
-        with self.lock:
-            self.active = False
-            if self.executor_ is not None:
-                self.executor_.reset()
+        if self.ctl is not None:
+            self.ctl.set_active(False)
         if self._tick_timer is not None:
             self.destroy_timer(self._tick_timer)
             self._tick_timer = None
@@ -407,13 +373,8 @@ class PolicyNode(LifecycleNode):
             if pub is not None:
                 self.destroy_lifecycle_publisher(pub)
         self._chunk_pub = self._traj_pub = None
-        self.buffers = {}
-        self.state = None
-        self._state_prev_stamp = None
-        self._inflight = False
         self.policy = None
-        self.executor_ = None
-        self.safety = None
+        self.ctl = None
 
     def destroy_node(self):
         self._stop_ticking()
@@ -421,90 +382,37 @@ class PolicyNode(LifecycleNode):
         return super().destroy_node()
 
     # ---- inputs -----------------------------------------------------------------------------------------
-    def _stamp(self, key: str, header) -> tuple[float, Time, float] | None:
-        """(seconds, original stamp, receive time in seconds) of a message; a zero stamp is replaced
-        by the receive time (logged once); a stamp further in the future than max_observation_age is
-        rejected."""
-        now = self.get_clock().now()
-        recv = now.nanoseconds * 1e-9
-        self._check_clock(recv)
-        t = stamp_to_sec(header.stamp)
-        if t == 0.0:
-            if key not in self._zero_stamp_warned:
-                self._zero_stamp_warned.add(key)
-                self.get_logger().warning(f"{key}: header stamp is zero; using the receive time instead")
-            return recv, now.to_msg(), recv
-        ahead = t - recv
-        if ahead > self.p.max_observation_age:
-            self._reject(f"{key}.future_stamp", f"{key}: header stamp is {ahead:.3f} s in the future "
-                                                f"(clock mismatch? use_sim_time?)")
-            return None
-        return t, header.stamp, recv
+    @staticmethod
+    def _stamp_ns(header) -> int:
+        return int(header.stamp.sec) * NS + int(header.stamp.nanosec)
 
-    def _check_clock(self, now: float) -> None:
-        """The node's clock went back by more than a control period (a simulator reset, a bag played
-        again with use_sim_time): every buffered input belongs to the old timeline (its stamps would
-        look fresh for as long as the jump) — drop them, the state and the plan, and log it."""
-        with self.lock:
-            high = self._clock_high
-            self._clock_high = now if high is None else max(high, now)
-            if high is None or high - now <= 1.0 / self.p.control_rate_hz:
-                return
-            self._clock_high = now
-            for b in self.buffers.values():
-                b.clear()
-            self.state = None
-            self._state_prev_stamp = None
-            if self.executor_ is not None:
-                self.executor_.reset()
-            self._unserved = None
-            # an inference already running answers an observation of the old timeline: its chunk (stamped
-            # in the "future" of the new clock) would hold row 0 until the clock caught up; drop it
-            self.goal_generation += 1
-        self.counters.inc("clock_jumps_back")
-        self.get_logger().warning(f"clock jumped back {high - now:.3f} s (to {now:.3f} s): buffered images, "
-                                  "state and plan dropped")
+    def _start_inference(self, start: bool) -> None:
+        """The controller claimed an inference (an input arrived for an unserved tick, a tick is due)."""
+        if start:
+            self._infer_request.set()
 
     def _on_image(self, cam: str, msg: Image) -> None:
         from mode_ros.data.images import ImageDecodeError, decode_image
 
-        st = self._stamp(f"image_{cam}", msg.header)
-        if st is None:
-            return
         try:
             img = decode_image(msg.encoding, msg.height, msg.width, msg.step, msg.data,
                                is_bigendian=bool(msg.is_bigendian))
         except ImageDecodeError as exc:
             self._reject(f"image_{cam}", f"camera {cam}: image rejected: {exc}")
             return
-        self._buffer_image(cam, st, img)
+        self._start_inference(self.ctl.on_image(cam, self._stamp_ns(msg.header), img))
 
     def _on_compressed(self, cam: str, msg: CompressedImage) -> None:
         from mode_ros.data.images import ImageDecodeError, decode_compressed
 
-        st = self._stamp(f"image_{cam}", msg.header)
-        if st is None:
-            return
         try:
             img = decode_compressed(msg.format, msg.data)
         except ImageDecodeError as exc:
             self._reject(f"image_{cam}", f"camera {cam}: compressed image rejected: {exc}")
             return
-        self._buffer_image(cam, st, img)
-
-    def _buffer_image(self, cam: str, st, img) -> None:
-        dropped = self.buffers[cam].add(st[0], (st[1], img), recv=st[2], now=st[2])
-        if dropped:
-            self.counters.inc(f"dropped_future_frames.{cam}", dropped)
-            self._ratelimited(f"future_{cam}", "warning",
-                              f"camera {cam}: {dropped} frame(s) stamped ahead of the node clock dropped once a "
-                              "frame stamped on time arrived (a stamp glitch would otherwise stay the newest)")
-        self._kick_unserved()
+        self._start_inference(self.ctl.on_image(cam, self._stamp_ns(msg.header), img))
 
     def _on_joint_state(self, msg: JointState) -> None:
-        st = self._stamp("joint_states", msg.header)
-        if st is None:
-            return
         n = self.policy.state_dim if self.policy is not None else 0
         fields = {"position": ["position"], "velocity": ["velocity"],
                   "position_velocity": ["position", "velocity"]}[self.p.state_field]
@@ -534,243 +442,64 @@ class PolicyNode(LifecycleNode):
             self._reject("joint_states", f"joint_states rejected: fewer values than needed for state_dim {n} "
                                          f"({self.p.state_field})")
             return
-        if vec.shape != (n,):
-            self._reject("joint_states", f"joint_states rejected: state has {vec.size} values, the checkpoint "
-                                         f"needs {n}")
-            return
-        with np.errstate(over="ignore"):
-            vec32 = vec.astype(np.float32)
-        if not np.isfinite(vec32).all():
-            self._reject("joint_states", "joint_states rejected: contains NaN or Inf (or a value beyond float32)")
-            return
-        with self.lock:
-            if self.state is not None and st[0] < self.state[0]:
-                newest = self.state[0]
-            else:
-                newest = None
-                self._state_prev_stamp = None if self.state is None else self.state[0]
-                self.state = (st[0], vec32, st[2])
-        if newest is not None:
-            self._reject("joint_states", f"joint_states rejected: stamp {st[0]:.3f} s is older than the newest "
-                                         f"state ({newest:.3f} s): out of order")
-            return
-        self._kick_unserved()
+        self._start_inference(self.ctl.on_state(self._stamp_ns(msg.header), vec))
 
     def _on_goal(self, msg: String) -> None:
         self._set_goal(msg.data, source="~/goal")
 
     def _set_goal(self, text: str, source: str) -> None:
-        clean = " ".join(str(text).split())
-        with self.lock:
-            if not clean:
-                reason = "empty goal"
-            elif len(clean) > self.p.max_goal_length:
-                reason = f"goal of {len(clean)} characters exceeds max_goal_length {self.p.max_goal_length}"
-            else:
-                reason = ""
-            if reason:
-                # a rejected goal stops the output: continuing the previous task is not what was asked
-                self.goal = ""
-                self.goal_generation += 1
-                if self.executor_ is not None:
-                    self.executor_.reset()
-                self._reject("goal", f"{source}: {reason}; output stopped until a valid goal arrives")
-                return
-            if clean == self.goal:
-                return
-            self.goal = clean
-            self.goal_generation += 1
-            if self.executor_ is not None:
-                self.executor_.reset()  # the old plan is discarded; the next chunk answers the new goal
-        self.get_logger().info(f"new goal from {source}: {clean[:200]!r}")
-        self._kick_unserved()
+        """A goal the checkpoint cannot use (empty, too long, not embeddable) is refused with one log line
+        and stops the output (the previous goal is dropped); before configure it waits in self.p.goal."""
+        if self.ctl is None:
+            self.p.goal = text
+            return
+        self._start_inference(self.ctl.set_goal(text, source)[1])
 
     def _on_enable(self, request: SetBool.Request, response: SetBool.Response) -> SetBool.Response:
-        with self.lock:
-            changed = self.enabled != bool(request.data)
-            self.enabled = bool(request.data)
-            if not self.enabled and self.executor_ is not None:
-                self.executor_.reset()
-                self.safety.reset()
-        if self.enabled:
-            self._kick_unserved()   # lockstep_inference: the tick the simulator waits on
+        changed = self.enabled != bool(request.data)
+        self.enabled = bool(request.data)
+        if self.ctl is not None:   # enabling may serve the tick a lockstep simulator waits on
+            self._start_inference(self.ctl.set_enabled(self.enabled))
         response.success = True
         response.message = ("enabled" if self.enabled else "disabled") + ("" if changed else " (unchanged)")
         self.get_logger().info(f"~/enable: {response.message}")
         return response
 
     # ---- the control tick ---------------------------------------------------------------------------------
-    def _gate(self, now: float, as_received_by_now: bool = True) -> tuple[str, str] | None:
-        """Why nothing may be published at ``now``: (key, message), or None. Inputs count as they
-        had been received by ``now`` (a late tick callback), unless ``as_received_by_now`` is False
-        (serving a past tick late from inputs that arrived after it)."""
-        state_stamp = None if self.state is None else self.state[0]
-        if as_received_by_now and self.state is not None and self.state[2] > now:
-            state_stamp = self._state_prev_stamp   # the newest state had not arrived by then
-        rb = now if as_received_by_now else None
-        return output_gate(self.enabled, self.goal,
-                           {c: b.latest_stamp(received_by=rb) for c, b in self.buffers.items()},
-                           state_stamp, self.policy.state_dim > 0, now, self.p.max_observation_age)
-
     def _on_tick(self, info=None) -> None:
-        # A tick stands for a point of the timer's grid, not for the moment its callback got a thread:
-        # when it runs late (the executor thread waited for the GIL while the inference thread ran;
-        # with sim time the next /clock may have come first) it chooses its row and judges its inputs
-        # (as received by then) for the newest grid point not after now, as if on time. If that point
-        # was handled already (two late callbacks), the second one is merged below.
-        now_t = self.get_clock().now()
-        self._check_clock(now_t.nanoseconds * 1e-9)
-        if info is not None:
-            sched = info.expected_call_time.nanoseconds
-            late = now_t.nanoseconds - sched
-            if sched > 0 and late > 0:
-                period_ns = round(1e9 / self.p.control_rate_hz)
-                missed = late // period_ns   # grid points skipped (callback late or clock jumped): no chunk
-                if missed and self._last_tick_ns >= 0:
-                    self.counters.inc("missed_ticks", int(missed))
-                now_t = rclpy.time.Time(nanoseconds=sched + missed * period_ns, clock_type=now_t.clock_type)
-        now = now_t.nanoseconds * 1e-9
-        with self.lock:
-            if now_t.nanoseconds == self._last_tick_ns:
-                # a timer callback that ran late, after the next one was already due (sim time: the
-                # next /clock came first): the tick at this clock reading has been handled; a second
-                # chunk for the same instant would only duplicate it
-                self.counters.inc("late_ticks_merged")
-                return
-            self._last_tick_ns = now_t.nanoseconds
-            self._unserved = None
-            if not self.active or self.executor_ is None:
-                return
-            gate = self._gate(now)
-            if gate is not None:
-                # the plan is dropped; the rate limiter keeps the last action the robot received, so the
-                # first action after the gap is limited relative to it (reset only on activate/disable)
-                self.executor_.reset()
-                self._suppress(*gate, level="info" if gate[0] in ("disabled", "no_goal") else "warning")
-                if self._serve_late and (gate[0] != "disabled" or self.p.lockstep_inference):
-                    self._unserved = (now_t, False)   # (lockstep: ~/enable true serves it)
-                return
-            if self.p.lockstep_inference and self.executor_.chunk_due(now):
-                # lockstep simulation: this tick waits for a chunk computed from its own observation
-                # (sim time stands still meanwhile), then _serve_unserved publishes it from row 0
-                self._unserved = (now_t, False)
-                self._sync_tick = now_t
-                if not self._inflight and self._tick_observation_ready(now):
-                    self._inflight = True
-                    self._infer_request.set()
-                return
-            if (not self.p.lockstep_inference and not self._inflight
-                    and self.executor_.needs_replan(now, self._expected_latency)):
-                self._inflight = True
-                self._infer_request.set()
-            step = self.executor_.step(now)
-            if step is None:
-                why = self.last_failure or "waiting for the first chunk"
-                self._suppress("no_plan", f"no plan for this tick ({why})",
-                               level="warning" if self.last_failure else "info")
-                if self._serve_late:
-                    self._unserved = (now_t, True)
-                return
-            self._publish_step(now_t, step)
-
-    @property
-    def _serve_late(self) -> bool:
-        return self.p.serve_late_ticks or self.p.lockstep_inference
-
-    def _tick_observation_ready(self, t: float) -> bool:
-        """lockstep_inference: every input needed has a message of the tick at ``t`` (stamped within
-        half a period of it: its own observation, which a lockstep simulator publishes with the clock)."""
-        st = self.state
-        return has_observation_in(self.buffers, None if st is None else st[0],
-                                  self.policy is not None and self.policy.state_dim > 0,
-                                  *tick_window(t, 1.0 / self.p.control_rate_hz))
-
-    def _kick_unserved(self) -> None:
-        """An input arrived: if the last tick went unserved for want of it and could now be served,
-        request the inference (serve_late_ticks; a lockstep simulator waits for exactly this)."""
-        if self._unserved is None or self._inflight:
+        """One timer tick: the controller picks the grid point (a late callback stands for its scheduled
+        time), gates, steps the plan and applies the safety step; the chunk is published under the lock."""
+        ctl = self.ctl
+        if ctl is None:
             return
+        scheduled = info.expected_call_time.nanoseconds if info is not None else None
         with self.lock:
-            if self._unserved is None or self._inflight or not self.active or self.executor_ is None:
-                return
-            t = self._unserved[0].nanoseconds * 1e-9
-            if self._gate(t, as_received_by_now=False) is not None:
-                return
-            if self.p.lockstep_inference:
-                if not self._tick_observation_ready(t):
-                    return
-                self._sync_tick = self._unserved[0]
-            self._inflight = True
-            self._infer_request.set()
+            res = ctl.tick(scheduled)
+            if res.output is not None:
+                self._publish(res.output)
+        self._start_inference(res.request)
 
-    def _serve_unserved(self) -> None:
-        """A plan was added: publish the last tick now if it went unserved and the next one is not
-        due yet (stamped and stepped for that tick: the same rows, safety and message as on time).
-        lockstep_inference: only from a plan of that tick's own observation; a plan of an earlier tick
-        (the simulator moved on while it was computed) is kept and the tick asks for its own."""
-        with self.lock:
-            u = self._unserved
-            if u is None or not self.active or self.executor_ is None:
-                return
-            tick_t, stepped = u
-            if self.get_clock().now().nanoseconds - tick_t.nanoseconds >= 1e9 / self.p.control_rate_hz:
-                self._unserved = None          # the next tick is due: it serves itself
-                return
-            t = tick_t.nanoseconds * 1e-9
-            if self._gate(t, as_received_by_now=False) is not None:
-                return
-            newest = self.executor_.newest
-            if self.p.lockstep_inference:
-                lo, hi = tick_window(t, 1.0 / self.p.control_rate_hz)
-                if newest is None or newest.obs_time > hi:
-                    return
-                if newest.obs_time <= lo and not stepped:
-                    self._sync_retry = True   # the inference loop asks for this tick's own observation
-                    return
-            elif newest is None or newest.obs_time > t + 1e-6:
-                return   # a plan from an observation taken after the tick: it serves the next tick
-            step = self.executor_.restep(t) if stepped else self.executor_.step(t)
-            self._unserved = (tick_t, True) if step is None else None
-            if step is not None and self._publish_step(tick_t, step):
-                self.counters.inc("late_served")
-
-    def _publish_step(self, tick_t, step) -> bool:
-        """Safety filter, then publish ``step`` as the chunk of the tick at ``tick_t`` (called under
-        the lock by the timer and by the late-serving inference thread, so that chunks leave in tick
-        order). False when the actions were unsafe (dropped, plan discarded)."""
-        try:
-            actions = self.safety.apply(step.actions)
-        except (NonFiniteActionError, ValueError) as exc:
-            self.executor_.reset()
-            self._suppress("unsafe", f"unsafe actions dropped: {exc}", level="error")
-            return False
-        self.tick_count += 1
-        self._publish(tick_t, step, actions, self.tick_count)
-        self.rate.tick(time.monotonic())
-        self.counters.inc("published")
-        self.reason = "publishing"
-        return True
-
-    def _publish(self, now_t, step, actions: np.ndarray, tick: int) -> None:
+    def _publish(self, out: Output) -> None:
         period = 1.0 / self.p.control_rate_hz
-        plan = step.plan
+        plan, actions = out.plan, out.actions
         msg = ActionChunk()
-        msg.header.stamp = plan.stamp
+        msg.header.stamp = Time(sec=int(plan.stamp) // NS, nanosec=int(plan.stamp) % NS)
         msg.header.frame_id = self.p.action_frame_id
         msg.control_period = sec_to_duration(period)
         msg.chunk_size = int(actions.shape[0])
         msg.action_dim = int(actions.shape[1])
         msg.action_names = list(self.action_names)
         msg.actions = array.array("f", np.ascontiguousarray(actions, dtype=np.float32).tobytes())
-        msg.first_index = int(step.first_index)
+        msg.first_index = int(out.first_index)
         msg.sequence = int(plan.sequence)
-        msg.tick = int(tick)
+        msg.tick = int(out.tick)
         msg.goal = plan.goal
         msg.inference_latency = sec_to_duration(plan.latency)
         self._chunk_pub.publish(msg)
+        self.rate.tick(time.monotonic())
         if self._traj_pub is not None:
             traj = JointTrajectory()
-            traj.header.stamp = now_t.to_msg()
+            traj.header.stamp = Time(sec=out.tick_ns // NS, nanosec=out.tick_ns % NS)
             traj.header.frame_id = self.p.action_frame_id
             traj.joint_names = list(self.joint_names)
             for j, row in enumerate(actions):
@@ -781,173 +510,52 @@ class PolicyNode(LifecycleNode):
             self._traj_pub.publish(traj)
 
     # ---- inference thread ------------------------------------------------------------------------------------
-    def _observation(self, now: float, at=None) -> _Observation | str:
-        """The newest complete observation, or the reason why there is none. With ``at`` (a tick's
-        rclpy Time, lockstep_inference) the observation of that tick: stamped within half a period of it."""
-        with self.lock:
-            goal, gen = self.goal, self.goal_generation
-            state = self.state
-        if not goal:
-            return "no goal"
-        if at is not None and not self._tick_observation_ready(at.nanoseconds * 1e-9):
-            return f"waiting for the observation of the tick at {at.nanoseconds * 1e-9:.3f} s (lockstep_inference)"
-        snaps = {c: b.snapshot() for c, b in self.buffers.items()}
-        if at is not None:   # frames stamped after the tick's window are not its observation
-            hi = tick_window(at.nanoseconds * 1e-9, 1.0 / self.p.control_rate_hz)[1]
-            snaps = {c: [e for e in v if e[0] <= hi] for c, v in snaps.items()}
-        if not snaps:
-            # a checkpoint without cameras: the observation time is now (lockstep: the tick's)
-            obs = _Observation()
-            if at is not None:
-                obs.images, obs.stamp_sec, obs.stamp = [], at.nanoseconds * 1e-9, at.to_msg()
-            else:
-                obs.images, obs.stamp_sec, obs.stamp = [], now, self.get_clock().now().to_msg()
-        else:
-            idx = match_stamps({c: [s for s, _ in v] for c, v in snaps.items()}, self.p.camera_sync_tolerance)
-            if idx is None:
-                latest = ", ".join(f"{c}@{v[-1][0]:.3f}" if v else f"{c}: none" for c, v in snaps.items())
-                self.counters.inc("rejected.unsynchronised")
-                return (f"no set of camera images within camera_sync_tolerance "
-                        f"{self.p.camera_sync_tolerance:g} s (latest: {latest})")
-            ref = next(iter(snaps))
-            obs = _Observation()
-            obs.stamp_sec = snaps[ref][idx[ref]][0]
-            obs.stamp = snaps[ref][idx[ref]][1][0]
-            obs.images = [snaps[c][idx[c]][1][1] for c in snaps]
-            oldest = min(snaps[c][idx[c]][0] for c in snaps)
-            if now - oldest > self.p.max_observation_age:
-                return f"newest synchronised observation is {now - oldest:.3f} s old (stale)"
-        obs.state = None
-        if self.policy.state_dim > 0:
-            if state is None:
-                return "no joint_states yet"
-            obs.state = state[1]
-        obs.goal, obs.generation = goal, gen
-        return obs
-
     def _inference_loop(self) -> None:
         while not self._infer_stop.is_set():
             if not self._infer_request.wait(timeout=0.2):
                 continue
             self._infer_request.clear()
-            if self._infer_stop.is_set():
-                break
-            try:
-                self._infer_once()
-            except Exception as exc:  # noqa: BLE001 - the thread must survive anything
-                self.last_failure = f"inference failed: {type(exc).__name__}: {exc}"
-                self.counters.inc("inference_failures")
-                self._ratelimited("inference", "error", self.last_failure)
-            finally:
-                with self.lock:
-                    self._inflight = False
-            if self._sync_retry:
-                # lockstep_inference: the tick's observation was not complete when this inference looked
-                # (if the rest arrived meanwhile, its kick found this one in flight), or the result was
-                # dropped for a new goal: go again if the waiting tick can be served now
-                self._kick_unserved()
-
-    def _infer_once(self) -> None:
-        policy = self.policy
-        if policy is None:
-            return
-        now = self.get_clock().now().nanoseconds * 1e-9
-        at = self._sync_tick if self.p.lockstep_inference else None
-        obs = self._observation(now, at)
-        self._sync_retry = at is not None and isinstance(obs, str) and obs.startswith("waiting")
-        if self._sync_retry:
-            self.counters.inc("lockstep_observation_waits")
-            return
-        if isinstance(obs, str):
-            self.last_failure = obs
-            self._ratelimited("observation", "warning", f"no inference: {obs}")
-            return
-        seed = observation_seed(self.p.seed, int(obs.stamp.sec) * 1_000_000_000 + int(obs.stamp.nanosec))
-        t0 = time.perf_counter()
-        try:
-            actions = policy.predict_chunk(obs.images, obs.goal, state=obs.state, seed=seed)
-        except ValueError as exc:  # GoalError, bad image/state: the policy names the problem
-            self.last_failure = f"inference refused: {exc}"
-            self.counters.inc("inference_failures")
-            self._ratelimited("inference", "error", self.last_failure)
-            return
-        latency = time.perf_counter() - t0
-        self.latency.add(latency)
-        self.counters.inc("inferences")
-        actions = np.asarray(actions, dtype=np.float32)
-        if actions.shape != (policy.chunk_size, policy.action_dim) or not np.isfinite(actions).all():
-            self.last_failure = (f"inference produced an invalid chunk (shape {actions.shape}, "
-                                 f"{int((~np.isfinite(actions)).sum())} non-finite values): dropped")
-            self.counters.inc("inference_failures")
-            self._ratelimited("inference", "error", self.last_failure)
-            return
-        q = self.latency.percentile(90) if len(self.latency) >= 5 else max(self.latency.values())
-        with self.lock:
-            self._expected_latency = q
-            if obs.generation != self.goal_generation or not self.active or self.executor_ is None:
-                self.counters.inc("dropped_results")  # goal changed (or deactivated) meanwhile
-                # lockstep_inference: the waiting tick needs an inference for the new goal
-                self._sync_retry = self.p.lockstep_inference
-                return
-            self.sequence += 1
-            # lockstep_inference: the chunk's rows count from the tick it was computed for (its observation
-            # is stamped within half a period of it), so they fall on the ticks
-            obs_time = obs.stamp_sec if at is None else at.nanoseconds * 1e-9
-            plan = Plan(actions=actions, obs_time=obs_time, ready_time=now + latency,
-                        sequence=self.sequence, goal=obs.goal, latency=latency, stamp=obs.stamp)
-            self.executor_.add(plan, self.get_clock().now().nanoseconds * 1e-9)
-            self.last_failure = ""
-        if self._serve_late:
-            self._serve_unserved()
+            ctl, policy = self.ctl, self.policy
+            if self._infer_stop.is_set() or ctl is None or policy is None:
+                continue
+            ctl.infer(policy.predict_chunk, time.perf_counter, emit=self._publish)
+            # lockstep_inference: the waiting tick's observation was incomplete, or the result was for an
+            # old goal: go again if the tick can be served now
+            self._start_inference(ctl.retry_due())
 
     # ---- diagnostics -----------------------------------------------------------------------------------------
     def _publish_diagnostics(self) -> None:
-        c = self.counters.snapshot()
-        state = self._state_machine.current_state[1] if hasattr(self, "_state_machine") else "?"
-        lat = self.latency
+        ctl = self.ctl
         periods = self.rate.periods()
         values = {
-            "lifecycle_state": state,
+            "lifecycle_state": self._state_machine.current_state[1] if hasattr(self, "_state_machine") else "?",
             "enabled": self.enabled,
-            "goal": self.goal,
+            "goal": self.p.goal,
             "checkpoint": self.p.checkpoint,
             "device": str(self.policy.device) if self.policy is not None else "",
             "control_rate_hz": self.p.control_rate_hz,
             "achieved_rate_hz": round(self.rate.rate(), 3),
             "period_jitter_ms": round(float(periods.std()) * 1e3, 3) if periods.size > 1 else 0.0,
-            "inference_latency_median_ms": round(lat.median() * 1e3, 2) if len(lat) else "",
-            "inference_latency_p99_ms": round(lat.percentile(99) * 1e3, 2) if len(lat) else "",
-            "inferences": c.get("inferences", 0),
-            "inference_failures": c.get("inference_failures", 0),
-            "ticks_published": c.get("published", 0),
-            "late_served": c.get("late_served", 0),
-            "late_ticks_merged": c.get("late_ticks_merged", 0),
-            "missed_ticks": c.get("missed_ticks", 0),
-            "ticks_suppressed": sum(v for k, v in c.items() if k.startswith("suppressed.")),
-            "stale": c.get("suppressed.stale", 0),
-            "dropped_results": c.get("dropped_results", 0),
-            "lockstep_observation_waits": c.get("lockstep_observation_waits", 0),
-            "images_received": sum(b.received for b in self.buffers.values()),
-            "rejected": sum(v for k, v in c.items() if k.startswith("rejected.")),
-            "reason": self.reason,
-            "last_failure": self.last_failure,
         }
-        values.update({k: v for k, v in c.items() if k.startswith(("rejected.", "suppressed."))})
+        if ctl is not None:
+            values.update(ctl.diagnostics())   # goal, strategy, estimated d, latency, counters, reason
+        reason = ctl.reason if ctl is not None and ctl.active and ctl.reason else self.reason
+        last_failure = ctl.last_failure if ctl is not None else ""
+        values["reason"] = reason
         st = DiagnosticStatus()
         st.name = f"{self.get_fully_qualified_name()}: MoDE policy"
         st.hardware_id = values["device"]
-        if self.reason == "publishing":
+        if reason == "publishing":
             st.level, st.message = DiagnosticStatus.OK, "publishing"
-        elif self.reason.startswith(("configure failed", "unsafe")) or self.last_failure:
-            st.level, st.message = DiagnosticStatus.ERROR, self.last_failure or self.reason
+        elif reason.startswith(("configure failed", "unsafe")) or last_failure:
+            st.level, st.message = DiagnosticStatus.ERROR, last_failure or reason
         else:
-            st.level, st.message = DiagnosticStatus.WARN, self.reason
+            st.level, st.message = DiagnosticStatus.WARN, reason
         st.values = [KeyValue(key=k, value=str(v)) for k, v in values.items()]
         arr = DiagnosticArray()
         arr.header.stamp = self.get_clock().now().to_msg()
         arr.status = [st]
         self._diag_pub.publish(arr)
-
 
 def main(args=None) -> int:
     # The inference thread runs Python (torch dispatch) most of the time; a shorter GIL switch interval

@@ -241,3 +241,150 @@ def format_table(report: dict) -> str:
     lines.append("-" * 57)
     lines.append(f"{'mean (' + report.get('label', 'policy') + ')':26s} {report['mean_success']:8.2f}")
     return "\n".join(lines)
+
+
+# ---- closed loop through the chunk controller with an injected inference delay -------------------------
+@dataclass
+class DelayEvalConfig:
+    """``mode-ros sim eval --delay-ticks …``: every (strategy, d) pair runs the same held-out episodes
+    through :class:`~mode_ros.control.controller.ChunkController` in sim time; an inference requested at
+    a tick lands ``d`` ticks later while the previous plan keeps executing (d = 0: before the next tick)."""
+    tasks: list[str] = field(default_factory=lambda: list(MT10))
+    episodes: int = 5
+    seed: int = 0
+    delays: list[int] = field(default_factory=lambda: [0, 2, 4, 5])
+    strategies: list[str] = field(default_factory=lambda: ["replan", "rtc_replace", "rtc_guidance", "ensemble"])
+    replan_every: int = 5            # rows per chunk for replan / rtc (ensemble: 1)
+    rate_hz: float = 20.0            # the sim's control rate (one env step per tick)
+    max_steps: int = MAX_EPISODE_STEPS
+    image_size: int = 64
+    policy_seed: int = 0
+    json_path: str | None = None
+
+
+def _controller(policy, strategy: str, d: int, cfg: DelayEvalConfig, goal: str):
+    """A ChunkController + VirtualTime for one episode: inference takes ``d`` ticks of sim time."""
+    from mode_ros.control.controller import ChunkController
+    from mode_ros.control.virtual import VirtualTime
+    from mode_ros.ros.params import NodeParams
+
+    period = 1.0 / cfg.rate_hz
+    p = NodeParams.from_mapping({
+        "checkpoint": "sim", "control_rate_hz": cfg.rate_hz, "goal": goal, "seed": cfg.policy_seed,
+        "replan_every": 1 if strategy == "ensemble" else min(cfg.replan_every, policy.chunk_size),
+        "execution_strategy": strategy, "max_observation_age": 3600.0})
+    vt = VirtualTime()
+    ctl = ChunkController(p, list(getattr(policy, "camera_names", []) or []), policy.state_dim, policy.chunk_size,
+                          policy.action_dim, vt.clock, initial_latency=d * period)
+    vt.attach(ctl, policy.predict_chunk, latency=lambda wall: d * period)
+    return ctl, vt
+
+
+def run_delay_episode(policy, task: str, index: int, strategy: str, d: int, cfg: DelayEvalConfig,
+                      task_index: int = 0) -> dict:
+    """One held-out episode; returns success, steps and the executed actions' changes at chunk switches
+    (the newest plan changed) and inside chunks."""
+    cams = _policy_cameras(policy)
+    pick = state_indices(policy)
+    sim = MetaWorldSim(task, cameras=cams, image_size=cfg.image_size, max_steps=cfg.max_steps)
+    goal = instruction_for(task)
+    ctl, vt = _controller(policy, strategy, d, cfg, goal)
+    period_ns = ctl.period_ns
+    t0 = (1 + task_index * 100_000 + index * 100) * 1_000_000_000   # stamps (and sampler noise) per episode
+    try:
+        obs = sim.reset("eval", cfg.seed, index)
+        prev = None            # (action, plan sequence) executed at the previous tick
+        switch, inside, idle = [], [], 0
+        res = None
+        for k in range(cfg.max_steps):
+            t = t0 + k * period_ns
+            out = _controlled_tick(ctl, vt, t, obs, cams, pick, policy)
+            if out is None:
+                action, idle, prev = np.zeros(ACTION_DIM, np.float32), idle + 1, None
+            else:
+                action = np.clip(out.actions[0], -1.0, 1.0)
+                if prev is not None:
+                    (switch if out.plan.sequence != prev[1] else inside).append(float(np.linalg.norm(action - prev[0])))
+                prev = (action, out.plan.sequence)
+            res = sim.step(action)
+            obs = res.obs
+            if res.done:
+                break
+    finally:
+        sim.close()
+    return {"success": bool(res is not None and res.success), "steps": int(sim.steps), "switch_changes": switch,
+            "inside_changes": inside, "ticks_without_action": idle, "inferences": len(vt.walls),
+            "inference_wall_s": float(np.sum(vt.walls)) if vt.walls else 0.0,
+            "estimated_d": ctl.estimated_d, "inference_failures": ctl.counters.get("inference_failures")}
+
+
+def _controlled_tick(ctl, vt, t: int, obs, cams, pick, policy):
+    """A result due by ``t`` lands (just before the tick), the inputs of the tick (stamped t), the tick;
+    a result landing at this very tick (d = 0, or the first chunk) serves it late."""
+    vt.set_clock(t)
+    vt.land(t)
+    for c, name in zip(cams, getattr(policy, "camera_names", []) or []):
+        vt.kick(ctl.on_image(name, t, obs.images[c]))
+    if policy.state_dim:
+        vt.kick(ctl.on_state(t, obs.state[pick]))
+    res = ctl.tick()
+    if res.request:
+        vt.start()
+    return res.output or vt.land(t)
+
+
+def _summarise(episodes: list[dict]) -> dict:
+    succ = [e for e in episodes if e["success"]]
+    sw = [x for e in episodes for x in e["switch_changes"]]
+    ins = [x for e in episodes for x in e["inside_changes"]]
+    n_inf = sum(e["inferences"] for e in episodes)
+    return {"episodes": len(episodes), "success_rate": len(succ) / len(episodes) if episodes else 0.0,
+            "mean_steps_success": float(np.mean([e["steps"] for e in succ])) if succ else None,
+            "switch_change": float(np.mean(sw)) if sw else None, "inside_change": float(np.mean(ins)) if ins else None,
+            "switch_over_inside": float(np.mean(sw) / np.mean(ins)) if sw and ins and np.mean(ins) > 0 else None,
+            "ms_per_chunk": 1e3 * sum(e["inference_wall_s"] for e in episodes) / n_inf if n_inf else None,
+            "ticks_without_action": int(sum(e["ticks_without_action"] for e in episodes)),
+            "inference_failures": int(sum(e["inference_failures"] for e in episodes))}
+
+
+def evaluate_delays(policy, cfg: DelayEvalConfig, log: Callable[[str], None] | None = print,
+                    label: str = "policy") -> dict:
+    """Every strategy x delay on ``cfg.tasks`` x ``cfg.episodes``; the report (JSON at cfg.json_path)
+    has per-task and pooled figures. The JSON is rewritten after every (strategy, d) so a long run that
+    is stopped keeps what it measured."""
+    report: dict[str, Any] = {"label": label, "config": asdict(cfg), "results": {}}
+    t_start = time.perf_counter()
+    for strategy in cfg.strategies:
+        for d in cfg.delays:
+            eps_by_task = {}
+            for ti, task in enumerate(cfg.tasks):
+                eps_by_task[task] = [run_delay_episode(policy, task, i, strategy, d, cfg, ti)
+                                     for i in range(cfg.episodes)]
+            pooled = _summarise([e for v in eps_by_task.values() for e in v])
+            pooled["tasks"] = {t: _summarise(v) for t, v in eps_by_task.items()}
+            report["results"][f"{strategy}@{d}"] = {"strategy": strategy, "d": d, **pooled}
+            report["seconds"] = time.perf_counter() - t_start
+            if log:
+                log(f"{strategy:13s} d={d}: success {pooled['success_rate']:.3f}  steps "
+                    f"{pooled['mean_steps_success'] or float('nan'):.1f}  switch/inside "
+                    f"{pooled['switch_over_inside'] or float('nan'):.2f}  ({report['seconds']:.0f} s)")
+            if cfg.json_path:
+                Path(cfg.json_path).parent.mkdir(parents=True, exist_ok=True)
+                Path(cfg.json_path).write_text(json.dumps(report, indent=1))
+    if log:
+        log(format_delay_table(report))
+    return report
+
+
+def format_delay_table(report: dict) -> str:
+    head = (f"{'strategy':13s} {'d':>2s} {'success':>8s} {'steps':>7s} {'switch':>7s} {'inside':>7s} "
+            f"{'sw/in':>6s} {'ms/chunk':>9s} {'idle':>5s}")
+    lines = [head, "-" * len(head)]
+
+    def f(v, fmt):
+        return "-" if v is None else format(v, fmt)
+    for r in report["results"].values():
+        lines.append(f"{r['strategy']:13s} {r['d']:2d} {r['success_rate']:8.3f} {f(r['mean_steps_success'], '7.1f')} "
+                     f"{f(r['switch_change'], '7.4f')} {f(r['inside_change'], '7.4f')} "
+                     f"{f(r['switch_over_inside'], '6.2f')} {f(r['ms_per_chunk'], '9.1f')} {r['ticks_without_action']:5d}")
+    return "\n".join(lines)

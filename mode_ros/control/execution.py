@@ -1,4 +1,4 @@
-"""Executing action chunks at the control rate (ROS-free, shared by the node and bag replay).
+"""Executing action chunks at the control rate (ROS-free; used by the one ChunkController).
 
 Time convention: a chunk computed from an observation stamped ``t_obs`` has row ``i`` meant for the
 control slot ``[t_obs + i*period, t_obs + (i+1)*period)``. At a control tick at time ``now`` the row
