@@ -8,14 +8,15 @@ has no positional embedding. Attention is plain causal over the whole sequence.
 """
 from __future__ import annotations
 
-import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .blocks import CausalSelfAttention, RMSNorm
 from .config import DenoiserConfig
-from .moe import NoiseRouter, SwiGLUExperts, dense_gates, load_balance_loss, sampled_gates, topk_gates
+from .moe import NoiseRouter, SwiGLUExperts, dense_gates, load_balance_loss
+from .sampling import edm_denoise
 
 
 class MoDEBlock(nn.Module):
@@ -38,20 +39,22 @@ class MoDEBlock(nn.Module):
         return (y if self.cfg.residual == "reference" else h) + moe_out
 
     def route(self, c: torch.Tensor, n_tokens: int) -> torch.Tensor:
-        """(B, T, E) gate matrix: sampled per token row in training, deterministic top-k otherwise."""
-        probs = self.router.probs(c[:, 0])  # (B, E): the router input is the same for every token
-        if self.training:
-            idx, g = sampled_gates(probs.unsqueeze(1).expand(-1, n_tokens, -1), self.cfg.top_k)
-            return dense_gates(idx, g, self.cfg.num_experts)
-        idx, g = topk_gates(probs, self.cfg.top_k)
-        return dense_gates(idx, g, self.cfg.num_experts).unsqueeze(1).expand(-1, n_tokens, -1)
+        """(B, T, E) gate matrix: sampled per token row in training, deterministic top-k otherwise
+        (``NoiseRouter.route``; the router input is the same for every token)."""
+        idx, g, _ = self.router.route(c[:, 0], self.cfg.top_k, rows=n_tokens if self.training else None)
+        gates = dense_gates(idx, g, self.cfg.num_experts)
+        return gates if self.training else gates.unsqueeze(1).expand(-1, n_tokens, -1)
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, mode: str = "dense"):
+    def forward(self, x: torch.Tensor, c: torch.Tensor, mode: str = "dense", selection=None):
         """mode "dense": all experts masked by the gates (training and exact batched eval; no syncs).
         mode "sync": reference-like eval — only the experts selected by some sample are run (this reads
-        the selection on the host, one sync per layer, like the reference's uncached path)."""
+        the selection on the host, one sync per layer, like the reference's uncached path).
+        selection (experts as Python ints, gates (k,)): a routing fixed beforehand (the cached
+        sampler's table): only those experts run, as views of the stacked weights; returns gates None."""
         h = self.attend(x, c)
         y = self.ln_2(h)
+        if selection is not None:
+            return self.residual(h, y, self.moe.forward_selected(y, *selection)), None
         gates = self.route(c, y.shape[1])
         if mode == "sync" and not self.training:
             g = gates[:, 0]  # (B, E), equal for all tokens
@@ -89,10 +92,13 @@ class MoDEDenoiser(nn.Module):
     def n_tokens(self) -> int:
         return 1 + self.cfg.goal_seq_len + self.n_cameras * self.cfg.obs_seq_len + (self.state_dim > 0) + self.chunk_size
 
-    def noise_embedding(self, sigma: torch.Tensor) -> torch.Tensor:
-        """c(sigma) = W2 (W1 (ln sigma / 4) + b1), shape (B, 1, d). Affine in ln sigma."""
-        s = (sigma.reshape(-1, 1, 1).log() / 4).to(self.sigma_emb.weight.dtype)
-        return self.sigma_linear(self.sigma_emb(s))
+    def noise_embedding(self, sigma: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """c(sigma) = W2 (W1 (ln sigma / 4) + b1), shape (B, 1, d). Affine in ln sigma. dtype: compute
+        in this dtype (float32 routing tables of a bf16 model) without copying the module."""
+        dt = self.sigma_emb.weight.dtype if dtype is None else dtype
+        s = (sigma.reshape(-1, 1, 1).log() / 4).to(dt)
+        w1, b1, w2 = (p.to(dt) for p in (self.sigma_emb.weight, self.sigma_emb.bias, self.sigma_linear.weight))
+        return F.linear(F.linear(s, w1, b1), w2)
 
     def context_tokens(self, goal: torch.Tensor, obs: torch.Tensor | None, state: torch.Tensor | None,
                        goal_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -124,6 +130,19 @@ class MoDEDenoiser(nn.Module):
     def head(self, x: torch.Tensor) -> torch.Tensor:
         return self.out(self.ln(x[:, -self.chunk_size:]))
 
+    def body(self, c: torch.Tensor, ctx: torch.Tensor, a_in: torch.Tensor, mode: str = "dense",
+             selections=None):
+        """THE network of one denoising step: tokens [c, ctx, action tokens of a_in] through every block,
+        the head on the action rows. c: (B, 1, d) noise embedding, ctx: ``context_tokens``, a_in: the
+        c_in-scaled noisy actions (B, K, A). selections: per layer (experts, gates) fixed beforehand
+        (the cached sampler), else each block routes (``mode``). Returns (F (B, K, A), per-layer gates)."""
+        x = torch.cat([c, ctx, self.action_tokens(a_in)], dim=1)
+        all_gates = []
+        for l, blk in enumerate(self.blocks):
+            x, gates = blk(x, c, mode, None if selections is None else selections[l])
+            all_gates.append(gates)
+        return self.head(x), all_gates
+
     # ---- plain forward ------------------------------------------------------------------------
     def forward(self, a_in: torch.Tensor, sigma: torch.Tensor, goal: torch.Tensor,
                 obs: torch.Tensor | None = None, state: torch.Tensor | None = None,
@@ -138,24 +157,20 @@ class MoDEDenoiser(nn.Module):
         if self.training and self.cfg.goal_drop > 0:
             g = goal if goal.dim() == 3 else goal.unsqueeze(1)
             goal_mask = torch.bernoulli(torch.full_like(g, 1 - self.cfg.goal_drop))
-        x = torch.cat([c, self.context_tokens(goal, obs, state, goal_mask), self.action_tokens(a_in)], dim=1)
-        lb, all_gates = [], []
-        for blk in self.blocks:
-            x, gates = blk(x, c, mode)
-            if return_aux:
-                lb.append(load_balance_loss(gates, self.cfg.num_experts))
-                all_gates.append(gates[:, 0])
-        f = self.head(x)
+        f, gates = self.body(c, self.context_tokens(goal, obs, state, goal_mask), a_in, mode)
         if return_aux:
-            return f, {"load_balance": torch.stack(lb).mean(), "gates": torch.stack(all_gates, 1)}
+            lb = [load_balance_loss(g, self.cfg.num_experts) for g in gates]
+            return f, {"load_balance": torch.stack(lb).mean(), "gates": torch.stack([g[:, 0] for g in gates], 1)}
         return f
 
-    def routing(self, sigma: torch.Tensor):
-        """Eval routing for given sigmas: indices (S, L, k), gates (S, L, k), probs (S, L, E)."""
-        c = self.noise_embedding(sigma.reshape(-1))[:, 0]
-        probs = torch.stack([blk.router.probs(c) for blk in self.blocks], dim=1)
-        idx, gates = topk_gates(probs, self.cfg.top_k)
-        return idx, gates, probs
+    def routing(self, sigma: torch.Tensor, dtype: torch.dtype | None = None, with_embedding: bool = False):
+        """Inference routing for given sigmas (``NoiseRouter.route`` per layer): indices (S, L, k),
+        gates (S, L, k), probs (S, L, E) [, the noise embeddings (S, 1, d) if ``with_embedding``].
+        dtype: compute in this dtype (the cached sampler routes in float32 whatever the model dtype)."""
+        c = self.noise_embedding(sigma.reshape(-1), dtype)
+        routes = [blk.router.route(c[:, 0], self.cfg.top_k, dtype=dtype) for blk in self.blocks]
+        idx, gates, probs = (torch.stack(r, dim=1) for r in zip(*routes))
+        return (idx, gates, probs, c) if with_embedding else (idx, gates, probs)
 
 
 class EDMPrecond:
@@ -177,8 +192,7 @@ class EDMPrecond:
         if sigma.dim() == 0:
             sigma = sigma.expand(x.shape[0])
         c_skip, c_out, c_in = (s.view(-1, 1, 1) for s in self.scalings(sigma))
-        f = net(x * c_in, sigma, goal, obs, state, mode=mode)
-        return c_skip * x + c_out * f
+        return edm_denoise(x, lambda a_in: net(a_in, sigma, goal, obs, state, mode=mode), c_in, c_skip, c_out)
 
     def loss(self, net: MoDEDenoiser, actions: torch.Tensor, sigma: torch.Tensor, goal, obs=None,
              state=None, noise: torch.Tensor | None = None, weight: torch.Tensor | None = None):

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from .denoiser import EDMPrecond, MoDEDenoiser
-from .sampling import ddim_step
+from .sampling import ddim_loop, edm_denoise
 
 
 @dataclass
@@ -42,29 +42,15 @@ class RoutingTable:
         n_layers = len(self.indices[0])
         return [len({tuple(sorted(self.indices[s][l])) for s in range(len(self.indices))}) for l in range(n_layers)]
 
+    def selections(self, i: int) -> list:
+        """Step i's routing as ``MoDEDenoiser.body`` takes it: per layer (expert ints, gates (k,))."""
+        return [(sel, self.gates[i, l]) for l, sel in enumerate(self.indices[i])]
+
     def usage(self, num_experts: int) -> torch.Tensor:
         """(S, L, E) gate mass per step, layer and expert (0 for unselected): the Fig. 6 heat map."""
         S, L, _ = self.indices_t.shape
         out = torch.zeros(S, L, num_experts)
         return out.scatter(-1, self.indices_t.cpu(), self.gates.float().cpu())
-
-
-def _routing_fp32(net: MoDEDenoiser, sigma: torch.Tensor):
-    """Noise embeddings and top-k routing computed in float32 from the current weights."""
-    import torch.nn.functional as F
-    from .moe import topk_gates
-
-    s = (sigma.reshape(-1, 1).float().log() / 4)
-    c = F.linear(F.linear(s, net.sigma_emb.weight.float(), net.sigma_emb.bias.float()), net.sigma_linear.weight.float())
-    probs = []
-    for blk in net.blocks:
-        r = blk.router
-        logits = F.linear(F.gelu(F.linear(c, r.fc1.weight.float(), r.fc1.bias.float())), r.fc2.weight.float(), r.fc2.bias.float())
-        shifted = (logits - logits.amax(-1, keepdim=True)) / r.temperature
-        probs.append(shifted.softmax(-1).clamp(1e-9, 1 - 1e-9))
-    probs = torch.stack(probs, 1)
-    idx, gates = topk_gates(probs, net.cfg.top_k)
-    return idx, gates, probs, c.unsqueeze(1)
 
 
 def _weights_key(net: MoDEDenoiser) -> tuple:
@@ -105,7 +91,8 @@ class CachedSampler:
         sig64 = self._sigmas_cpu
         sig = sig64.to(dev, torch.float32)
         steps = sig[:-1]
-        idx, gates, probs, c = _routing_fp32(net, steps)     # same routing whatever the model dtype
+        # the model's one routing function, in float32: the same routing whatever the model dtype
+        idx, gates, probs, c = net.routing(steps, torch.float32, with_embedding=True)
         c_skip, c_out, c_in = self.precond.scalings(steps)
         ratio = sig[1:] / sig[:-1]
         idx_cpu = idx.cpu()                                  # the one sync, at build time
@@ -122,33 +109,21 @@ class CachedSampler:
         return self.table
 
     def denoise_step(self, i: int, x: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
-        """D(x; sigma_i) with cached routing. ctx: embedded context tokens (B, Tc, d)."""
+        """D(x; sigma_i) with cached routing: ``edm_denoise`` around ``MoDEDenoiser.body`` with step i's
+        table row (noise embedding, expert selection, scalings). ctx: embedded context tokens (B, Tc, d).
+        Differentiable in x (no in-place ops): real-time chunking's guidance takes its VJP."""
         net, t = self.net, self.table
-        b = x.shape[0]
-        c = t.noise_emb[i].expand(b, 1, -1)
-        a_in = (x * t.c_in[i]).to(ctx.dtype)
-        h = torch.cat([c, ctx, net.action_tokens(a_in)], dim=1)
-        for l, blk in enumerate(net.blocks):
-            h = blk.attend(h, c)
-            y = blk.ln_2(h)
-            out = blk.moe.forward_selected(y, t.indices[i][l], t.gates[i, l])
-            h = blk.residual(h, y, out)
-        f = net.head(h).float()
-        return t.c_skip[i] * x + t.c_out[i] * f
+        c = t.noise_emb[i].expand(x.shape[0], 1, -1)
+        sel = t.selections(i)
+        return edm_denoise(x, lambda a_in: net.body(c, ctx, a_in.to(ctx.dtype), selections=sel)[0].float(),
+                           t.c_in[i], t.c_skip[i], t.c_out[i])
 
     def sample(self, x_T: torch.Tensor, goal: torch.Tensor, obs=None, state=None,
-               return_trajectory: bool = False):
-        """x_T: (B, K, A) float32 = sigma_max * N(0, I). Everything stays on the device."""
+               return_trajectory: bool = False, guide=None):
+        """x_T: (B, K, A) float32 = sigma_max * N(0, I). Everything stays on the device. Public API of
+        the cached chunk (the ONNX export traces it through ``MoDEPolicy.sample_normalized``).
+        guide: real-time chunking's per-step correction (see ``sampling.ddim_loop``)."""
         t = self.ensure()
         ctx = self.net.context_tokens(goal, obs, state)
-        x = x_T
-        xs, ds = [], []
-        for i in range(len(t.indices)):
-            d = self.denoise_step(i, x, ctx)
-            if return_trajectory:
-                xs.append(x)
-                ds.append(d)
-            x = ddim_step(x, d, t.ratio[i])
-        if return_trajectory:
-            return x, torch.stack(xs), torch.stack(ds)
-        return x
+        return ddim_loop(lambda i, x: self.denoise_step(i, x, ctx), x_T, t.ratio, guide=guide,
+                         return_trajectory=return_trajectory)

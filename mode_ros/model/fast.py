@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from . import triton_kernels as tk
 from .expert_cache import CachedSampler
-from .sampling import ddim_step
+from .sampling import ddim_loop, ddim_step, edm_denoise
 
 
 def _rms(x: torch.Tensor, g: torch.Tensor, eps: float) -> torch.Tensor:
@@ -148,23 +148,26 @@ def fused_layer(h, c, ln1_g, wqkv, bqkv, qg, kg, wproj, ln2_g, w1f, b1f, w2f, ga
 def fused_step(x, ctx, c, c_in, c_skip, c_out, ratio, action_w, action_pos, lnf_g, out_w, out_b,
                layers, n_heads: int, eps: float, reference_residual: bool, attention: str,
                int8_kernel: bool = False, gemm: str = "torch"):
-    """One DDIM step (denoise + update) as one function of tensors: compiled once for all steps."""
+    """One DDIM step (denoise + update) as one function of tensors: compiled once for all steps.
+    ``sampling.edm_denoise`` around the fused layers, then ``sampling.ddim_step`` (ratio 0: D itself).
+    The all-Triton step is their kernel lowering: ``tk.step_in`` scales x by c_in into the tokens,
+    ``tk.step_out`` computes the head, edm_denoise's output and ddim_step in one kernel (checked against
+    these two functions by test/triton_interp_checks.py)."""
     if gemm == "triton" and attention == "triton":
         # the whole step as Triton kernels: tokens + first norm, seven per layer, head + DDIM update
         h, u = tk.step_in(x, c_in, c, ctx, action_w, action_pos, layers[0][0], eps)
         y = tk.layer_chain(h, c, layers, lnf_g, n_heads, eps, reference_residual, u=u)
         return tk.step_out(y, out_w, out_b, x, c_skip, c_out, ratio)
-    b = x.shape[0]
-    cc = c.expand(b, 1, -1)
-    a_in = (x * c_in).to(ctx.dtype)
-    h = torch.cat([cc, ctx, F.linear(a_in, action_w) + action_pos], dim=1)
+    cc = c.expand(x.shape[0], 1, -1)
     k = action_pos.shape[1]
-    for L in layers:
-        h = fused_layer(h, cc, *L[:11], n_heads=n_heads, eps=eps, reference_residual=reference_residual,
-                        attention=attention, w1s=L[11], w2s=L[12], int8_kernel=int8_kernel, gemm=gemm)
-    f = F.linear(_rms(h[:, -k:], lnf_g, eps), out_w, out_b).float()
-    d = c_skip * x + c_out * f
-    return d + ratio * (x - d)
+
+    def network(a_in):
+        h = torch.cat([cc, ctx, F.linear(a_in.to(ctx.dtype), action_w) + action_pos], dim=1)
+        for L in layers:
+            h = fused_layer(h, cc, *L[:11], n_heads=n_heads, eps=eps, reference_residual=reference_residual,
+                            attention=attention, w1s=L[11], w2s=L[12], int8_kernel=int8_kernel, gemm=gemm)
+        return F.linear(_rms(h[:, -k:], lnf_g, eps), out_w, out_b).float()
+    return ddim_step(x, edm_denoise(x, network, c_in, c_skip, c_out), ratio)
 
 
 class FusedSampler:
@@ -329,44 +332,49 @@ class FusedSampler:
             self.build()
 
     def denoise_step(self, i: int, x: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+        """D(x; sigma_i): ``sampling.edm_denoise`` around the fused layers (the whole-step function with
+        DDIM ratio 0 when the step is one compiled / Triton function)."""
         net, t = self.net, self.cached.table
-        b = x.shape[0]
-        c = t.noise_emb[i].expand(b, 1, -1)
-        a_in = (x * t.c_in[i]).to(ctx.dtype)
-        h = torch.cat([c, ctx, net.action_tokens(a_in)], dim=1)
+        if self.whole_step:
+            return self._whole_step(i, x, ctx, torch.zeros_like(t.ratio[i]))
+        c = t.noise_emb[i].expand(x.shape[0], 1, -1)
         cfg = net.cfg
         ref = cfg.residual == "reference"
-        for l, L in enumerate(self.layers):
-            w1f, b1f, w2f, s1, s2 = self.experts[(l, t.indices[i][l])]
-            h = self._fn(h, c, L["ln1_g"], L["wqkv"], L["bqkv"], L["qg"], L["kg"], L["wproj"], L["ln2_g"],
-                         w1f, b1f, w2f, t.gates[i, l], cfg.n_heads, cfg.norm_eps, ref,
-                         attention=self.attention, w1s=s1, w2s=s2, int8_kernel=self.int8_kernel, gemm=self.gemm)
-        f = net.head(h).float()
-        return t.c_skip[i] * x + t.c_out[i] * f
 
-    def sample(self, x_T: torch.Tensor, goal: torch.Tensor, obs=None, state=None, return_trajectory: bool = False):
-        self.ensure()
-        t = self.cached.table
-        net = self.net
-        ctx = net.context_tokens(goal, obs, state)
-        x = x_T
-        if not self.whole_step:
-            for i in range(len(t.indices)):
-                x = ddim_step(x, self.denoise_step(i, x, ctx), t.ratio[i])
-            return x
-        cfg = net.cfg
-        start = cfg.goal_seq_len + cfg.obs_seq_len - 1
-        pos = net.pos_emb[:, start: start + net.chunk_size]
-        if self.gemm == "triton":
-            tk.set_pdl(self.pdl)   # module-wide launch option: set by the sampler that launches
-        for i in range(len(t.indices)):
-            layers = []
+        def network(a_in):
+            h = torch.cat([c, ctx, net.action_tokens(a_in.to(ctx.dtype))], dim=1)
             for l, L in enumerate(self.layers):
                 w1f, b1f, w2f, s1, s2 = self.experts[(l, t.indices[i][l])]
-                layers.append((L["ln1_g"], L["wqkv"], L["bqkv"], L["qg"], L["kg"], L["wproj"], L["ln2_g"],
-                               w1f, b1f, w2f, t.gates[i, l], s1, s2))
-            x = self._step(x, ctx, t.noise_emb[i], t.c_in[i], t.c_skip[i], t.c_out[i], t.ratio[i],
-                           net.action_emb.weight, pos, net.ln.g, net.out.weight, net.out.bias, layers,
-                           cfg.n_heads, cfg.norm_eps, cfg.residual == "reference", self.attention,
-                           self.int8_kernel, self.gemm)
-        return x
+                h = self._fn(h, c, L["ln1_g"], L["wqkv"], L["bqkv"], L["qg"], L["kg"], L["wproj"], L["ln2_g"],
+                             w1f, b1f, w2f, t.gates[i, l], cfg.n_heads, cfg.norm_eps, ref, attention=self.attention,
+                             w1s=s1, w2s=s2, int8_kernel=self.int8_kernel, gemm=self.gemm)
+            return net.head(h).float()
+        return edm_denoise(x, network, t.c_in[i], t.c_skip[i], t.c_out[i])
+
+    def _whole_step(self, i: int, x: torch.Tensor, ctx: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
+        """``fused_step`` for step i of the table: D and the DDIM update with ``ratio`` in one function."""
+        net, t, cfg = self.net, self.cached.table, self.net.cfg
+        start = cfg.goal_seq_len + cfg.obs_seq_len - 1
+        pos = net.pos_emb[:, start: start + net.chunk_size]
+        layers = []
+        for l, L in enumerate(self.layers):
+            w1f, b1f, w2f, s1, s2 = self.experts[(l, t.indices[i][l])]
+            layers.append((L["ln1_g"], L["wqkv"], L["bqkv"], L["qg"], L["kg"], L["wproj"], L["ln2_g"],
+                           w1f, b1f, w2f, t.gates[i, l], s1, s2))
+        return self._step(x, ctx, t.noise_emb[i], t.c_in[i], t.c_skip[i], t.c_out[i], ratio,
+                          net.action_emb.weight, pos, net.ln.g, net.out.weight, net.out.bias, layers,
+                          cfg.n_heads, cfg.norm_eps, cfg.residual == "reference", self.attention,
+                          self.int8_kernel, self.gemm)
+
+    def sample(self, x_T: torch.Tensor, goal: torch.Tensor, obs=None, state=None, return_trajectory: bool = False,
+               guide=None):
+        """``CachedSampler.sample`` with the fused layers: the same ``sampling.ddim_loop``; a whole-step
+        function advances x in one call unless a ``guide`` needs D itself."""
+        self.ensure()
+        t = self.cached.table
+        ctx = self.net.context_tokens(goal, obs, state)
+        if self.gemm == "triton":
+            tk.set_pdl(self.pdl)   # module-wide launch option: set by the sampler that launches
+        advance = (lambda i, x: self._whole_step(i, x, ctx, t.ratio[i])) if self.whole_step else None
+        return ddim_loop(lambda i, x: self.denoise_step(i, x, ctx), x_T, t.ratio, advance=advance, guide=guide,
+                         return_trajectory=return_trajectory)

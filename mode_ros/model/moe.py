@@ -24,13 +24,27 @@ class NoiseRouter(nn.Module):
             nn.init.normal_(lin.weight, std=0.02)
             nn.init.zeros_(lin.bias)
 
-    def logits(self, c: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(c)))
+    def logits(self, c: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """dtype: compute in this dtype (e.g. float32 routing of a bf16 model) without copying the module."""
+        w = (lambda t: t) if dtype is None else (lambda t: t.to(dtype))  # noqa: E731
+        return F.linear(F.gelu(F.linear(c, w(self.fc1.weight), w(self.fc1.bias))), w(self.fc2.weight), w(self.fc2.bias))
 
-    def probs(self, c: torch.Tensor) -> torch.Tensor:
-        logits = self.logits(c)
+    def probs(self, c: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        logits = self.logits(c, dtype)
         shifted = (logits - logits.amax(dim=-1, keepdim=True)) / self.temperature
         return shifted.softmax(dim=-1).clamp(1e-9, 1.0 - 1e-9)
+
+    def route(self, c: torch.Tensor, k: int, rows: int | None = None, dtype: torch.dtype | None = None):
+        """THE routing function (training, plain eval, the cached sampler's table, exporters all call it).
+        c: noise embeddings (…, d). rows None: deterministic top-k (inference), idx/gates (…, k);
+        rows n: training — k experts drawn without replacement independently for each of n token rows,
+        idx/gates (…, n, k). Returns (idx, gates, probs (…, E))."""
+        p = self.probs(c, dtype)
+        if rows is None:
+            idx, g = topk_gates(p, k)
+        else:
+            idx, g = sampled_gates(p.unsqueeze(-2).expand(*p.shape[:-1], rows, p.shape[-1]), k)
+        return idx, g, p
 
 
 def topk_gates(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -44,22 +44,43 @@ def sample_training_sigmas(cfg: DiffusionConfig, n: int, generator: torch.Genera
     return log_sigma.exp().to(torch.float32 if device is None else torch.float32).to(device)
 
 
+def edm_denoise(x: torch.Tensor, network, c_in, c_skip, c_out) -> torch.Tensor:
+    """THE EDM denoiser: D(x; sigma) = c_skip·x + c_out·F(c_in·x), with ``network(a_in) -> F`` the
+    network at this sigma (plain forward, cached-routing body, fused or compiled layers)."""
+    return c_skip * x + c_out * network(x * c_in)
+
+
 def ddim_step(x: torch.Tensor, denoised: torch.Tensor, ratio: torch.Tensor | float) -> torch.Tensor:
     """x_{i+1} = D_i + (sigma_{i+1}/sigma_i)(x_i - D_i); ratio 0 at the last step gives x = D exactly."""
     return denoised + ratio * (x - denoised)
 
 
-@torch.no_grad()
-def sample_ddim(denoise_fn, x_T: torch.Tensor, sigmas: torch.Tensor, return_trajectory: bool = False):
-    """Plain DDIM loop: ``denoise_fn(x, sigma_scalar_tensor)`` -> D. sigmas has the trailing 0."""
+def ddim_loop(denoise, x_T: torch.Tensor, ratios: torch.Tensor, advance=None, guide=None,
+              return_trajectory: bool = False):
+    """THE DDIM loop (every sampler runs it). ``denoise(i, x) -> D(x; sigma_i)``; ``ratios[i] =
+    sigma_{i+1}/sigma_i``. ``advance(i, x)``: the same step fused into one function (a compiled or
+    Triton whole step: ``ddim_step(x, denoise(i, x), ratios[i])`` computed at once), used when given
+    and no ``guide`` is. ``guide(i, x, denoise) -> (x, D)``: real-time chunking's per-step correction
+    (``mode_ros.model.inpainting``: the sample inpainted, or D guided, toward a known prefix)."""
     x = x_T
-    traj_x, traj_d = [], []
-    for i in range(len(sigmas) - 1):
-        d = denoise_fn(x, sigmas[i])
+    xs, ds = [], []
+    for i in range(len(ratios)):
+        if guide is None and advance is not None and not return_trajectory:
+            x = advance(i, x)
+            continue
+        x, d = guide(i, x, denoise) if guide is not None else (x, denoise(i, x))
         if return_trajectory:
-            traj_x.append(x)
-            traj_d.append(d)
-        x = ddim_step(x, d, sigmas[i + 1] / sigmas[i])
+            xs.append(x)
+            ds.append(d)
+        x = ddim_step(x, d, ratios[i])
     if return_trajectory:
-        return x, torch.stack(traj_x), torch.stack(traj_d)
+        return x, torch.stack(xs), torch.stack(ds)
     return x
+
+
+@torch.no_grad()
+def sample_ddim(denoise_fn, x_T: torch.Tensor, sigmas: torch.Tensor, return_trajectory: bool = False,
+                guide=None):
+    """Plain DDIM: ``denoise_fn(x, sigma_scalar_tensor)`` -> D. sigmas has the trailing 0."""
+    return ddim_loop(lambda i, x: denoise_fn(x, sigmas[i]), x_T, sigmas[1:] / sigmas[:-1], guide=guide,
+                     return_trajectory=return_trajectory)
