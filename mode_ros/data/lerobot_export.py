@@ -60,19 +60,6 @@ def histogram_stats(hist: np.ndarray, frames: int) -> dict:
     return res
 
 
-def _merge_stats(stats: list[dict], weights: list[int]) -> dict:
-    """Frame-weighted merge of per-episode image stats (mean/std exact; quantiles weighted averages)."""
-    w = np.asarray(weights, np.float64) / float(sum(weights))
-    a = {k: np.asarray([s[k] for s in stats], np.float64) for k in stats[0] if k != "count"}
-    mean = np.tensordot(w, a["mean"], 1)
-    var = np.tensordot(w, a["std"] ** 2 + a["mean"] ** 2, 1) - mean ** 2
-    out = {"min": a["min"].min(0), "max": a["max"].max(0), "mean": mean, "std": np.sqrt(np.maximum(var, 0))}
-    out.update({k: np.tensordot(w, a[k], 1) for k in QUANTILES})
-    res = {k: v.tolist() for k, v in out.items()}
-    res["count"] = [int(sum(weights))]
-    return res
-
-
 class _Rolling:
     """Chunk/file indices of one kind of file (data parquet or one camera's mp4s)."""
 
@@ -128,7 +115,7 @@ class _Exporter:
         self.rows: dict[str, list] = {}
         self.episode_rows: list[dict] = []
         self.values: dict[str, list[np.ndarray]] = {}
-        self.image_stats: dict[str, tuple[list, list]] = {c: ([], []) for c in self.cams}
+        self.histograms = {c: np.zeros((3, 256), np.int64) for c in self.cams}   # whole-dataset image stats
         self.data_at, self.data_bytes, self.data_start = _Rolling(), 0, 0
         self.video_at = {c: _Rolling() for c in self.cams}
         self.videos: dict[str, VideoWriter] = {}
@@ -191,8 +178,7 @@ class _Exporter:
             for ch in range(3):
                 hist[ch] += np.bincount(block[..., ch].reshape(-1), minlength=256)
         st = histogram_stats(hist, ep.length)
-        self.image_stats[cam][0].append(st)
-        self.image_stats[cam][1].append(ep.length)
+        self.histograms[cam] += hist
         key = "observation.images." + cam
         at = self.video_at[cam]
         out = {f"videos/{key}/chunk_index": at.chunk, f"videos/{key}/file_index": at.file,
@@ -254,9 +240,8 @@ def _write_meta(ex: _Exporter, out: Path, feats: dict, fps: float, robot_type: s
         pq.write_table(pa.Table.from_pylist(ex.episode_rows), path)
     _write_tasks(out, ex.tasks)
     stats = {k: vector_stats(np.concatenate(v).reshape(ex.frames, -1)) for k, v in ex.values.items()}
-    for c, (st, w) in ex.image_stats.items():
-        if st:
-            stats["observation.images." + c] = _merge_stats(st, w)
+    if ex.frames:
+        stats.update({"observation.images." + c: histogram_stats(h, ex.frames) for c, h in ex.histograms.items()})
     (out / "meta" / "stats.json").write_text(json.dumps(stats, indent=4))
     info = {"codebase_version": "v3.0", "robot_type": robot_type, "total_episodes": n_eps, "total_frames": ex.frames,
             "total_tasks": len(ex.tasks), "chunks_size": CHUNKS_SIZE, "data_files_size_in_mb": DATA_FILES_MB,
