@@ -101,4 +101,67 @@ def prefix_weights(n: int, fixed: int, chunk_size: int, decay: str = "exp") -> n
     return w.astype(np.float32)
 
 
-__all__ = ["ChunkPrefix", "PrefixError", "prefix_weights", "METHODS", "DECAYS"]
+__all__ = ["ChunkPrefix", "PrefixError", "PrefixGuide", "prefix_guide", "prefix_weights", "METHODS", "DECAYS"]
+
+
+class PrefixGuide:
+    """Real-time chunking's per-step correction for ``sampling.ddim_loop`` (``guide(i, x, denoise) ->
+    (x, D)``), in normalised action units, on any sampler whose ``denoise(i, x)`` is D(x; sigma_i).
+
+    known: (B, K, A) the previous plan (rows beyond a prefix: anything, their weight is 0);
+    weights: (B, K) W; noise: (B, K, A) the sample's initial noise, reused as the known rows' noise
+    (DDIM is deterministic: the known rows follow one noise direction, like the sample itself);
+    sigmas: (S + 1,) the schedule. method "replace": x <- W (known + sigma_i noise) + (1 - W) x, then D;
+    "guidance": D + w_i J^T (W (known - D)) with J = dD/dx (one vector-Jacobian product through the
+    denoiser) and w_i = min(guidance_max, (sigma_i^2 + sigma_data^2) / sigma_data^2) — PiGDM's
+    1 / r_sigma^2 in D units, clipped as in Black et al. 2025 (their beta)."""
+
+    def __init__(self, method: str, known, weights, noise, sigmas, sigma_data: float, guidance_max: float = 5.0):
+        import torch
+        if method not in METHODS:
+            raise PrefixError(f"method {method!r} is not one of {METHODS}")
+        self.method = method
+        self.needs_grad = method == "guidance"   # a VJP through the denoiser: eager, differentiable paths
+        self.known = known.float()
+        self.w = weights.float().unsqueeze(-1)
+        self.noise = noise.float()
+        self.sigmas = sigmas.float()
+        sd2 = float(sigma_data) ** 2
+        self.step_weight = ((self.sigmas ** 2 + sd2) / sd2).clamp(max=float(guidance_max))
+        self._torch = torch
+
+    def __call__(self, i: int, x, denoise):
+        if self.method == "replace":
+            x = self.w * (self.known + self.sigmas[i] * self.noise) + (1 - self.w) * x
+            return x, denoise(i, x)
+        torch = self._torch
+        with torch.enable_grad():
+            xg = x.detach().requires_grad_(True)
+            d = denoise(i, xg)
+            (g,) = torch.autograd.grad(d, xg, grad_outputs=self.w * (self.known - d.detach()))
+        return x, d.detach() + self.step_weight[i] * g
+
+
+def prefix_guide(prefixes, normalize, noise, sigmas, sigma_data: float) -> PrefixGuide | None:
+    """The guide for a batch: ``prefixes`` one ChunkPrefix or None per sample (None everywhere: no
+    guide, the plain sampler); ``normalize`` maps robot units to the model's (numpy); ``noise``
+    (B, K, A) the initial noise. Prefixes of one batch share method and guidance_max."""
+    import torch
+    b, k, a = noise.shape
+    if len(prefixes) != b:
+        raise PrefixError(f"{len(prefixes)} prefixes for a batch of {b}")
+    given = [p for p in prefixes if p is not None]
+    if not given:
+        return None
+    if len({(p.method, p.guidance_max) for p in given}) > 1:
+        raise PrefixError("the prefixes of one batch must share method and guidance_max")
+    known = np.zeros((b, k, a), np.float32)
+    w = np.zeros((b, k), np.float32)
+    for j, p in enumerate(prefixes):
+        if p is not None:
+            p.check(k, a)
+            known[j, :p.rows] = normalize(p.actions)
+            w[j] = p.weights(k)
+    dev = noise.device
+    return PrefixGuide(given[0].method, torch.from_numpy(known).to(dev), torch.from_numpy(w).to(dev), noise,
+                       sigmas.to(dev), sigma_data, given[0].guidance_max)

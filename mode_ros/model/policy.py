@@ -23,7 +23,7 @@ from .config import PolicyConfig, preset
 from .denoiser import EDMPrecond, MoDEDenoiser
 from .encoders import GoalError, TextEncoder, build_vision_encoder, preprocess_images
 from .expert_cache import CachedSampler
-from .inpainting import ChunkPrefix
+from .inpainting import ChunkPrefix, PrefixGuide, prefix_guide
 from .sampling import make_schedule, sample_ddim, sample_training_sigmas
 
 log = logging.getLogger("mode_ros.policy")
@@ -305,8 +305,9 @@ class MoDEPolicy(nn.Module):
 
     @torch.no_grad()
     def sample_normalized(self, images, goal_emb, state=None, noise=None, cached: bool | None = None,
-                          generator: torch.Generator | None = None) -> torch.Tensor:
-        """Normalised action chunks (B, K, A) from tensors already on the device."""
+                          generator: torch.Generator | None = None, guide: PrefixGuide | None = None) -> torch.Tensor:
+        """Normalised action chunks (B, K, A) from tensors already on the device. ``guide``: real-time
+        chunking (``chunk_guide``); guidance needs gradients, so it runs the cached eager sampler."""
         b = goal_emb.shape[0]
         dev = self.device
         if noise is None:
@@ -319,14 +320,17 @@ class MoDEPolicy(nn.Module):
         sigmas_max = self.config.diffusion.sigma_max
         x_T = noise.float() * sigmas_max
         if cached if cached is not None else self.use_cache:
-            if self.fused is not None:
-                return self.fused.sample(x_T, goal, obs, st)
-            return self.sampler.sample(x_T, goal, obs, st)
+            if self.fused is not None and guide is not None and guide.needs_grad:
+                self._log_once("rtc_fused", "real-time chunking guidance takes a vector-Jacobian product "
+                               "through the denoiser: it runs the cached eager sampler, not the fused one")
+            elif self.fused is not None:
+                return self.fused.sample(x_T, goal, obs, st, guide=guide)
+            return self.sampler.sample(x_T, goal, obs, st, guide=guide)
         sig = self.sampler._sigmas_cpu.to(dev, torch.float32)
 
         def fn(x, s):
             return self.precond.denoise(self.denoiser, x.to(dt), s.to(dt), goal, obs, st, mode="sync").float()
-        return sample_ddim(fn, x_T, sig)
+        return sample_ddim(fn, x_T, sig, guide=guide)
 
     # ---- numpy API used by the ROS node, replay and sim --------------------------------------------
     def _images_to_tensor(self, images, batched: bool) -> torch.Tensor | None:
@@ -394,22 +398,23 @@ class MoDEPolicy(nn.Module):
         """One chunk (chunk_size, action_dim) float32 in robot units for one observation. ``prefix``
         (real-time chunking, mode_ros.model.inpainting): the previous plan over the new chunk's first
         rows; its ``fixed`` rows are returned exactly, the overlap is pulled toward it. None: plain."""
-        if prefix is not None:
-            prefix.check(self.chunk_size, self.action_dim)
-            raise NotImplementedError("ChunkPrefix sampling is not implemented yet")
         out = self.predict_chunk_batch(
             None if images is None else ({k: np.asarray(v)[None] for k, v in images.items()} if isinstance(images, dict)
                                          else [np.asarray(v)[None] for v in images]),
-            [goal_text], None if state is None else np.asarray(state, dtype=np.float32)[None], seed=seed)
+            [goal_text], None if state is None else np.asarray(state, dtype=np.float32)[None], seed=seed,
+            prefixes=None if prefix is None else [prefix])
         return out[0]
 
-    def predict_chunk_batch(self, images, goal_texts: Sequence[str], states=None, seed: int | None = None) -> np.ndarray:
+    def predict_chunk_batch(self, images, goal_texts: Sequence[str], states=None, seed: int | None = None,
+                            prefixes: Sequence[ChunkPrefix | None] | None = None) -> np.ndarray:
+        """Chunks (B, chunk_size, action_dim) in robot units. ``prefixes``: one ChunkPrefix or None per
+        sample (real-time chunking, see ``predict_chunk``); prefixes of one batch share their method."""
         if self.training:
             # inference in training mode would apply dropout and BatchNorm batch statistics (and update
             # the running ones): always evaluate, and give the module back as it was
             self.eval()
             try:
-                return self.predict_chunk_batch(images, goal_texts, states, seed)
+                return self.predict_chunk_batch(images, goal_texts, states, seed, prefixes)
             finally:
                 self.train()
         b = len(goal_texts)
@@ -423,9 +428,29 @@ class MoDEPolicy(nn.Module):
             gen = torch.Generator(device=self.device)
             gen.manual_seed(int(seed))
         noise = torch.randn(b, self.chunk_size, self.action_dim, device=self.device, generator=gen)
-        if self.backend is not None:   # same checked inputs and noise; states in robot units
+        guide = self.chunk_guide(prefixes, noise) if prefixes is not None else None
+        if self.backend is not None and guide is None:   # same checked inputs and noise; states in robot units
             return self.backend.run(img, goal, None if st is None else np.asarray(states, np.float32), noise)
-        return self.postprocess(self._normalized_fast(img, goal, st, noise))
+        out = self.postprocess(self._normalized_fast(img, goal, st, noise, guide))
+        for j, p in enumerate(prefixes or ()):
+            if p is not None:   # the rows executed before this chunk lands: the previous plan, exactly
+                out[j, :p.fixed] = p.actions[:p.fixed]
+        return out
+
+    def chunk_guide(self, prefixes: Sequence[ChunkPrefix | None], noise: torch.Tensor) -> PrefixGuide | None:
+        """Real-time chunking's per-step correction for this batch (None when no sample has a prefix)."""
+        guide = prefix_guide(prefixes, self.action_norm.normalize, noise, self.sampler.ensure().sigmas,
+                             self.config.diffusion.sigma_data)
+        if guide is not None and self.backend is not None:
+            self._log_once("rtc_backend", "real-time chunking runs in PyTorch (the %s backend samples "
+                           "without a prefix)", type(self.backend).__name__)
+        return guide
+
+    def _log_once(self, key: str, msg: str, *args) -> None:
+        seen = self.__dict__.setdefault("_logged", set())
+        if key not in seen:
+            seen.add(key)
+            log.info(msg, *args)
 
     def postprocess(self, a_norm: torch.Tensor) -> np.ndarray:
         """Normalised (…, K, A) -> robot units; gripper dims binarised by sign in normalised space
@@ -435,11 +460,13 @@ class MoDEPolicy(nn.Module):
             a[..., g] = np.where(a[..., g] >= 0, 1.0, -1.0)
         return self.action_norm.denormalize(a).astype(np.float32)   # constant dims: their recorded value
 
-    def _normalized_fast(self, img, goal, st, noise) -> torch.Tensor:
-        """Normalised chunk through whatever fast path is active (the CUDA graph when captured)."""
-        if self._graph is not None and self._graph.batch == goal.shape[0] and self._graph.key == self.sampler.key():
+    def _normalized_fast(self, img, goal, st, noise, guide: PrefixGuide | None = None) -> torch.Tensor:
+        """Normalised chunk through whatever fast path is active (the CUDA graph when captured; a chunk
+        with a real-time-chunking ``guide`` runs the eager samplers on the same routing table)."""
+        if (guide is None and self._graph is not None and self._graph.batch == goal.shape[0]
+                and self._graph.key == self.sampler.key()):
             return self._graph(img, goal, st, noise)
-        return self.sample_normalized(img, goal, st, noise)
+        return self.sample_normalized(img, goal, st, noise, guide=guide)
 
     def select_fast(self, candidates: Sequence[dict], runs: int = 10, tolerance: float = 0.05,
                     logger=None) -> dict:

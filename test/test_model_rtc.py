@@ -1,0 +1,145 @@
+"""Real-time chunking in the DDIM sampler (mode_ros.model.inpainting, MODE_SPEC Appendix C): the
+previous plan's rows imposed by replacement or guidance, on the one sampler loop and routing table."""
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from mode_ros.model.inpainting import ChunkPrefix, PrefixError, prefix_weights
+from mode_ros.model.policy import Affine, MoDEPolicy
+
+STATE_ONLY = {"arch": "none", "image_size": [32, 32], "random_shift_pad": [0]}
+
+
+def tiny_policy(seed: int = 0) -> MoDEPolicy:
+    """Tiny state-only policy with a non-identity normalisation and a gripper dimension."""
+    torch.manual_seed(seed)
+    p = MoDEPolicy.from_preset("tiny", seed=seed, camera_names=[], state_dim=3, vision=STATE_ONLY,
+                               gripper_dims=[6]).eval()
+    p.action_norm = Affine(np.linspace(-0.3, 0.4, 7), np.linspace(0.05, 2.0, 7))
+    p.action_norm.offset[6] = 0.0
+    p.set_goal_embeddings({"go": torch.randn(512)})
+    return p
+
+
+def inputs(p: MoDEPolicy, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(1, 512, generator=g), torch.randn(1, 3, generator=g), torch.randn(1, 10, 7, generator=g)
+
+
+STATE = np.array([0.1, -0.2, 0.3], np.float32)
+
+
+def test_chunk_prefix_validation_names_the_problem():
+    a = np.zeros((6, 7), np.float32)
+    for kwargs, msg in (({"actions": np.zeros(7)}, "shape (n, action_dim)"),
+                        ({"actions": a, "fixed": 7}, "fixed: 7 not in [0, n=6]"),
+                        ({"actions": a, "fixed": 2.0}, "expected an int"),
+                        ({"actions": a, "method": "blend"}, "method: 'blend'"),
+                        ({"actions": a, "decay": "cosine"}, "decay: 'cosine'"),
+                        ({"actions": a * np.nan}, "NaN"),
+                        ({"actions": a, "guidance_max": -1.0}, "guidance_max")):
+        with pytest.raises(PrefixError, match=msg.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+            ChunkPrefix(**{"fixed": 1, **kwargs})
+    with pytest.raises(PrefixError, match="4 action dims, the policy has 7"):
+        ChunkPrefix(np.zeros((3, 4)), 1).check(10, 7)
+    with pytest.raises(PrefixError, match="11 rows, more than the chunk size 10"):
+        ChunkPrefix(np.zeros((11, 7)), 1).check(10, 7)
+    p = tiny_policy()
+    with pytest.raises(PrefixError, match="4 action dims"):
+        p.predict_chunk(None, "go", STATE, seed=0, prefix=ChunkPrefix(np.zeros((3, 4)), 1))
+
+
+def test_prefix_weights_frozen_decaying_free():
+    w = prefix_weights(8, 3, 10)
+    assert np.array_equal(w[:3], np.ones(3)) and np.array_equal(w[8:], np.zeros(2))
+    assert np.all(np.diff(w[3:8]) < 0) and 0 < w[7] < w[3] < 1
+    # Black et al.: c = (n - j) / (n - d + 1), W = c (e^c - 1) / (e - 1)
+    c = 5 / 6
+    assert w[3] == pytest.approx(c * np.expm1(c) / np.expm1(1.0), rel=1e-6)
+    assert np.array_equal(prefix_weights(8, 3, 10, "hard"), np.r_[np.ones(3), np.zeros(7)].astype(np.float32))
+    assert prefix_weights(8, 3, 10, "linear")[3] == pytest.approx(5 / 6)
+    with pytest.raises(PrefixError, match="fixed"):
+        prefix_weights(4, 5, 10)
+
+
+def test_no_prefix_and_zero_weights_reproduce_the_plain_sampler_bit_for_bit():
+    """prefix=None is the plain sampler; a prefix whose weights are all 0 (fixed 0, hard decay) runs
+    the RTC machinery (inpainting arithmetic, the VJP) and still changes no bit."""
+    p = tiny_policy()
+    goal, st, noise = inputs(p)
+    plain = p.sample_normalized(None, goal, st, noise)
+    a = p.predict_chunk(None, "go", STATE, seed=5)
+    assert np.array_equal(a, p.predict_chunk(None, "go", STATE, seed=5, prefix=None))
+    for method in ("replace", "guidance"):
+        pre = ChunkPrefix(np.ones((6, 7), np.float32), fixed=0, method=method, decay="hard")
+        out = p.sample_normalized(None, goal, st, noise, guide=p.chunk_guide([pre], noise))
+        assert torch.equal(out, plain), method
+        assert np.array_equal(p.predict_chunk(None, "go", STATE, seed=5, prefix=pre), a), method
+
+
+@pytest.mark.parametrize("method", ["replace", "guidance"])
+def test_prefix_rows_equal_previous_plan_and_overlap_is_pulled(method):
+    """The d executed rows are the previous plan exactly in robot units (non-identity normalisation,
+    a gripper dimension); before that copy the sampler itself lands on them (normalised units: replace
+    within 1e-2, guidance within 1e-3 — its last step has weight 1 and D ~ x); the overlap rows are
+    much closer to the previous plan than without a prefix."""
+    p = tiny_policy()
+    prev = p.predict_chunk(None, "go", STATE, seed=11)          # the previous plan
+    plain = p.predict_chunk(None, "go", STATE, seed=3)
+    pre = ChunkPrefix(prev[3:], fixed=3, method=method)          # executed 3 rows since; 3 more before landing
+    got = p.predict_chunk(None, "go", STATE, seed=3, prefix=pre)
+    assert np.array_equal(got[:3], prev[3:6])
+    assert np.all(np.isin(got[:, 6], [-2.0, 2.0]))               # gripper stays binarised (scale 2)
+    overlap = slice(3, 7)
+    err = np.abs(got[overlap, :6] - prev[3:][overlap, :6]).mean()
+    err_plain = np.abs(plain[overlap, :6] - prev[3:][overlap, :6]).mean()
+    assert err < 0.6 * err_plain, (err, err_plain)
+    # normalised, before the copy of the frozen rows
+    goal, st, noise = inputs(p)
+    known = torch.from_numpy(p.action_norm.normalize(prev[3:]))
+    out = p.sample_normalized(None, goal, st, noise, guide=p.chunk_guide([pre], noise))[0]
+    tol = 1e-2 if method == "replace" else 1e-3
+    assert (out[:3, :6] - known[:3, :6]).abs().max() < tol
+
+
+def test_routing_table_is_reused_not_recomputed(monkeypatch):
+    p = tiny_policy()
+    p.predict_chunk(None, "go", STATE, seed=0)
+    table, key = p.sampler.table, p.sampler.table.key
+    calls = []
+    monkeypatch.setattr(p.denoiser, "routing", lambda *a, **k: calls.append(1))
+    for method in ("replace", "guidance"):
+        p.predict_chunk(None, "go", STATE, seed=1, prefix=ChunkPrefix(np.zeros((7, 7), np.float32), 2, method))
+    assert calls == [] and p.sampler.table is table and p.sampler.table.key == key
+    assert all(not t.requires_grad for t in (table.gates, table.noise_emb))
+
+
+def test_fused_sampler_replacement_and_guidance_fallback(caplog):
+    """Replacement runs on the fused sampler (same result as the cached one to rounding); guidance
+    needs a VJP and runs the cached eager sampler, with the reason logged once."""
+    p = tiny_policy()
+    prev = p.predict_chunk(None, "go", STATE, seed=11)
+    ref = {m: p.predict_chunk(None, "go", STATE, seed=3, prefix=ChunkPrefix(prev[3:], 3, m))
+           for m in ("replace", "guidance")}
+    p.enable_fast(fused=True)
+    assert p.fused is not None
+    got = p.predict_chunk(None, "go", STATE, seed=3, prefix=ChunkPrefix(prev[3:], 3, "replace"))
+    assert np.abs(got - ref["replace"]).max() < 1e-4 and np.array_equal(got[:3], prev[3:6])
+    with caplog.at_level(logging.INFO, logger="mode_ros.policy"):
+        for _ in range(2):
+            got = p.predict_chunk(None, "go", STATE, seed=3, prefix=ChunkPrefix(prev[3:], 3, "guidance"))
+            assert np.array_equal(got, ref["guidance"])
+    assert sum("cached eager sampler" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_batch_prefixes_must_share_method():
+    p = tiny_policy()
+    a = np.zeros((5, 7), np.float32)
+    with pytest.raises(PrefixError, match="share method"):
+        p.predict_chunk_batch(None, ["go", "go"], np.zeros((2, 3), np.float32), seed=0,
+                              prefixes=[ChunkPrefix(a, 1, "replace"), ChunkPrefix(a, 1, "guidance")])
+    out = p.predict_chunk_batch(None, ["go", "go"], np.stack([STATE, STATE]), seed=0,
+                                prefixes=[None, ChunkPrefix(a + 0.25, 2)])
+    assert np.array_equal(out[1, :2], a[:2] + 0.25) and not np.array_equal(out[0, :2], a[:2] + 0.25)
