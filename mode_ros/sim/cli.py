@@ -75,10 +75,54 @@ def register(subparsers) -> None:
     e.add_argument("--cameras", type=_cams, default=None,
                    help="--ros: cameras the bridge publishes (default: none for a checkpoint without cameras, "
                         "else corner,gripperPOV)")
+    e.add_argument("--delay-ticks", default=None, metavar="D,D,...",
+                   help="closed loop through the node's chunk controller in sim time with an injected inference "
+                        "delay of d control ticks (the previous chunk keeps executing meanwhile), e.g. 0,2,4,5: "
+                        "every --strategy x d on the same held-out episodes; reports success, steps to success and "
+                        "the action change at chunk switches vs inside chunks (JSON with --json, and a table)")
+    e.add_argument("--strategy", default="replan,rtc_replace,rtc_guidance,ensemble", metavar="S,S,...",
+                   help="--delay-ticks: execution strategies (replan, open_loop, ensemble, rtc_replace, "
+                        "rtc_guidance); replan and rtc re-plan every --replan-every rows (default 5), ensemble every row")
     e.add_argument("--weight-quant", choices=["none", "int8", "fp8"], default="none",
                    help="in-process policy: fused sampler with weight-only int8/fp8 experts (fp8: CUDA only)")
     e.set_defaults(func=_cmd_eval)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
+
+
+def _cmd_eval_delays(args, tasks) -> int:
+    """--delay-ticks: every strategy x d through the chunk controller (mode_ros.sim.evaluate.evaluate_delays)."""
+    from mode_ros.control.strategy import STRATEGIES
+
+    from .evaluate import DelayEvalConfig, evaluate_delays
+    if args.expert or args.ros:
+        print("mode-ros sim eval --delay-ticks: needs --checkpoint and runs in process (no --expert, --ros)",
+              file=sys.stderr)
+        return 2
+    try:
+        delays = [int(x) for x in args.delay_ticks.split(",") if x.strip()]
+    except ValueError:
+        print(f"mode-ros sim eval: --delay-ticks {args.delay_ticks!r}: expected integers, e.g. 0,2,4,5", file=sys.stderr)
+        return 2
+    strategies = [x.strip() for x in args.strategy.split(",") if x.strip()]
+    bad = [x for x in strategies if x not in STRATEGIES] + [str(d) for d in delays if d < 0]
+    if bad or not delays or not strategies:
+        print(f"mode-ros sim eval: bad --strategy/--delay-ticks value(s) {bad} (strategies: {', '.join(STRATEGIES)}; "
+              "delays >= 0)", file=sys.stderr)
+        return 2
+    import torch
+
+    from mode_ros.model.policy import MoDEPolicy
+    torch.set_num_threads(1)   # one inference at a time; the cores are better left to the simulator
+    policy = MoDEPolicy.from_pretrained(args.checkpoint, device=args.device)
+    policy.warmup()
+    cfg = DelayEvalConfig(tasks=tasks, episodes=args.episodes, seed=args.seed, delays=delays, strategies=strategies,
+                          replan_every=args.replan_every or 5, rate_hz=args.rate, max_steps=args.max_steps,
+                          image_size=args.image_size, policy_seed=args.policy_seed, json_path=args.json_path)
+    report = evaluate_delays(policy, cfg, label=f"MoDE {args.checkpoint}")
+    fails = sum(r["inference_failures"] for r in report["results"].values())
+    if fails:
+        print(f"mode-ros sim eval: {fails} inference(s) failed (see the JSON)", file=sys.stderr)
+    return 1 if fails else 0
 
 
 def _cmd_record(args) -> int:
@@ -109,6 +153,8 @@ def _cmd_eval(args) -> int:
         print(f"mode-ros sim eval: {args.checkpoint} is not a mode_ros checkpoint (no config.yaml)", file=sys.stderr)
         return 2
     tasks = args.tasks if isinstance(args.tasks, list) else _tasks(args.tasks)
+    if args.delay_ticks is not None:
+        return _cmd_eval_delays(args, tasks)
     cfg = EvalConfig(tasks=tasks, episodes=args.episodes, seed=args.seed, replan_every=args.replan_every,
                      max_steps=args.max_steps, image_size=args.image_size, batch=args.batch,
                      gif_dir=args.gif_dir, json_path=args.json_path, policy_seed=args.policy_seed)
