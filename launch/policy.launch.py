@@ -4,6 +4,13 @@
     ros2 launch mode_ros policy.launch.py checkpoint:=/ckpt device:=cuda use_sim_time:=true \\
         camera_remappings:="image_static:=/camera/color/image_raw;image_gripper:=/wrist/image_raw"
     ros2 topic pub --once /mode_policy/goal std_msgs/msg/String "{data: 'open the drawer'}"
+    # or latched, received by a node started later:
+    ros2 topic pub --qos-durability transient_local --qos-reliability reliable /mode_policy/goal \\
+        std_msgs/msg/String "{data: 'open the drawer'}"
+
+~/goal takes both a default-QoS (volatile) publisher and a transient-local one. A goal the checkpoint
+cannot embed (no CLIP text weights, not among its cached instructions) is refused with one log line
+listing the known instructions, and the output stops until a valid goal arrives.
 
 The node subscribes to ~/image_<camera> for every camera slot of the checkpoint (or
 ~/image_<camera>/compressed with image_transport: compressed); remap them to the robot's topics with
