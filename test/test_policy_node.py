@@ -246,9 +246,12 @@ def test_goal_change_discards_old_plan(rig):
 def test_diagnostics(rig):
     from diagnostic_msgs.msg import DiagnosticArray
 
+    rig.goal(GOALS[1])   # set here: passes when selected alone (no goal left by an earlier test)
+    wait_new(rig, time.monotonic(), lambda m: m.goal == GOALS[1], 20, "a chunk for the goal")
     d = rig.h.collect(DiagnosticArray, "/diagnostics", 10)
     try:
-        got = wait_until(lambda: [s for a in d.msgs() for s in a.status if NODE in s.name], 10, "diagnostics")
+        got = wait_until(lambda: [s for a in d.msgs() for s in a.status if NODE in s.name and any(
+            v.key == "goal" and v.value == GOALS[1] for v in s.values)], 10, "diagnostics with the goal")
         kv = {v.key: v.value for v in got[-1].values}
         for k in ("inference_latency_median_ms", "inference_latency_p99_ms", "achieved_rate_hz", "stale",
                   "rejected", "dropped_results", "goal", "ticks_published"):
@@ -408,6 +411,7 @@ def test_bad_inputs_are_rejected_and_logged(rig):
 
 
 def test_stale_camera_stops_output_and_it_resumes(rig):
+    rig.goal(GOALS[0])
     wait_new(rig, time.monotonic(), lambda m: m.goal == GOALS[0], 10, "output")
     rig.feed.set(cameras={"static"})          # the gripper camera stops
     wait_until(lambda: len(window(rig, 0.3)) == 0, MAX_AGE + 5, "output to stop", on_fail=rig.node.tail)

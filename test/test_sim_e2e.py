@@ -151,7 +151,7 @@ def test_bundled_checkpoint_is_installed_and_works():
     """The MT10 checkpoint shipped in the package: installed, a few MB, needs no CLIP weights (its goal
     cache holds the 10 instructions, other goals are refused), and it solves held-out reach layouts."""
     from mode_ros.model.policy import MoDEPolicy
-    from mode_ros.sim.cli import bundled_checkpoint
+    from mode_ros.model.checkpoint import bundled_checkpoint
     from mode_ros.sim.evaluate import EvalConfig, evaluate
     from mode_ros.sim.metaworld_env import MT10_TASKS
 
@@ -214,7 +214,7 @@ def test_bundled_checkpoint_over_ros_lockstep_equals_direct(tmp_path):
     actions, by digest), and only rows 0 .. replan_every-1 of each chunk are executed - the result does
     not depend on how fast this machine infers. Before, sim time ran on while the node computed, and
     MT10 lockstep scored 0.935 against 0.985 directly (docs/SIM.md)."""
-    from mode_ros.sim.cli import bundled_checkpoint
+    from mode_ros.model.checkpoint import bundled_checkpoint
     from mode_ros.sim.evaluate import EvalConfig
     from mode_ros.sim.ros_eval import evaluate_ros
 

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .checkpoint import config_for
 from .config import PolicyConfig, preset
 from .info import denoiser_counts
 
@@ -68,7 +69,7 @@ def bench_preset(name: str, device: str, dtypes: list[str], paths: list[str], ba
     dev = torch.device(device)
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    cfg = preset(name)
+    cfg = config_for(name)   # a preset, or a checkpoint folder / 'bundled'
     cfg.diffusion.num_steps = steps
     rows = []
     bw = copy_bandwidth(dev)

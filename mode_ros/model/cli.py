@@ -4,26 +4,37 @@ from __future__ import annotations
 import json
 import sys
 
+from .config import PRESETS
+
 
 def register(sub) -> None:
-    p = sub.add_parser("info", help="parameter counts and FLOPs of a preset or checkpoint")
-    p.add_argument("--preset", default=None, help="preset name (paper-8l, paper-8l-r50, pretrain-12l, small, tiny)")
-    p.add_argument("--checkpoint", default=None, help="checkpoint folder instead of a preset")
+    p = sub.add_parser("info", help="what a checkpoint or preset takes and gives, parameter counts and FLOPs",
+                       description="Cameras and image size, state, action size/names/bounds, chunk size and "
+                                   "sampling steps; for a checkpoint also its known goals, normalisation, control "
+                                   "rate and training steps; then parameter counts and FLOPs. Nothing is loaded "
+                                   "or initialised (instant, no GPU).")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--preset", default=None, choices=PRESETS, metavar="PRESET",
+                     help=f"a preset: {', '.join(PRESETS)} (default: paper-8l when no --checkpoint)")
+    src.add_argument("--checkpoint", default=None, metavar="CKPT",
+                     help="a checkpoint folder, or 'bundled' (the MT10 checkpoint shipped in the package)")
     p.add_argument("--no-text", action="store_true", help="skip counting the CLIP text tower")
-    p.add_argument("--json", action="store_true", help="print only JSON")
+    p.add_argument("--json", action="store_true", help="print JSON instead of the tables")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("bench", help="latency of one action chunk (JSON + table + PNG)")
-    p.add_argument("--presets", default="small", help="comma list of presets")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--presets", default="small",
+                   help="comma list of presets (" + ", ".join(PRESETS) + ") or checkpoint folders / 'bundled' "
+                        "(their architecture, random weights)")
+    p.add_argument("--device", default="auto", help="torch device: auto (cuda if available, else cpu), cpu, cuda")
     p.add_argument("--dtypes", default=None, help="comma list of fp32,bf16,fp16 (default: fp32 on CPU, fp32,bf16 on CUDA)")
     p.add_argument("--paths", default="uncached,cached,dense",
                    help="comma list of uncached, cached, fused, compiled, int8, fp8 (CUDA), dense; CUDA only: "
                         "graph, fused-graph, compiled-graph, int8-graph, fp8-graph")
-    p.add_argument("--batches", default="1")
-    p.add_argument("--runs", type=int, default=50)
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--batches", default="1", help="comma list of batch sizes (observations per chunk call)")
+    p.add_argument("--runs", type=int, default=50, help="timed chunks per configuration (median and p99 reported)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed chunks before timing (allocation, autotuning)")
+    p.add_argument("--steps", type=int, default=10, help="denoising steps per chunk")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--attention", default=None, choices=("sdpa", "matmul", "elementwise", "triton"),
                    help="attention formulation of the fused paths (default: matmul when compiled, else sdpa; "
@@ -40,6 +51,10 @@ def register(sub) -> None:
                         "inside a CUDA graph (writes kernels.json, kernels.txt): for tuning on your GPU")
     p.add_argument("--sweep", default="full", choices=("full", "default"),
                    help="with --kernels: every launch configuration, or only the Triton defaults")
+    p.add_argument("--rtc", action="store_true",
+                   help="instead: the extra cost per chunk of real-time chunking (plain / replacement / guidance, "
+                        "cached and fused samplers, interleaved in one run; --presets may name checkpoints, e.g. "
+                        "bundled, loaded with their weights; --threads default 2; writes rtc_cost.json/.txt)")
     p.add_argument("--aot", action="store_true",
                    help="no GPU needed: compile every Triton kernel of one chunk of the all-Triton step (and the "
                         "on-device tuning's candidates) for CUDA sm_<--arch> with the installed Triton, and report "
@@ -52,48 +67,48 @@ def register(sub) -> None:
 
     p = sub.add_parser("check-reference", help="compare this package's model with a reference fixture folder")
     p.add_argument("fixture", help="folder with config.json, weights.safetensors, cases.safetensors")
-    p.add_argument("--tol", type=float, default=1e-5)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--tol", type=float, default=1e-5, help="largest max|diff| per compared tensor (default 1e-5)")
+    p.add_argument("--device", default="cpu", help="torch device of the comparison (default cpu)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     p.set_defaults(func=cmd_check_reference)
 
     p = sub.add_parser("import-reference", help="convert an authors'-layout checkpoint into a mode_ros checkpoint")
     p.add_argument("file", help=".ckpt / .pt / .safetensors with model.inner_model.*, static_resnet.*, gripper_resnet.* keys")
     p.add_argument("--preset", default="pretrain-12l", help="architecture of the file (paper-8l, pretrain-12l, …)")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="checkpoint folder to write")
     p.add_argument("--goals", default="", help="';'-separated instructions to embed now (needs --text-weights)")
     p.add_argument("--text-weights", default=None, help="local open_clip checkpoint for the goal embeddings")
     p.set_defaults(func=cmd_import_reference)
 
     p = sub.add_parser("init", help="write a randomly initialised checkpoint (for tests and demos)")
-    p.add_argument("--preset", default="tiny")
-    p.add_argument("--out", required=True)
-    p.add_argument("--cameras", default=None, help="comma list of camera names ('' for none)")
-    p.add_argument("--action-dim", type=int, default=None)
-    p.add_argument("--state-dim", type=int, default=None)
+    p.add_argument("--preset", default="tiny", choices=PRESETS, metavar="PRESET",
+                   help=f"architecture: {', '.join(PRESETS)} (default tiny)")
+    p.add_argument("--out", required=True, help="checkpoint folder to write")
+    p.add_argument("--cameras", default=None, help="comma list of camera names ('' for none; default: the preset's)")
+    p.add_argument("--action-dim", type=int, default=None, help="action size (default: the preset's)")
+    p.add_argument("--state-dim", type=int, default=None, help="proprioceptive state size (default: the preset's)")
     p.add_argument("--goals", default="", help="';'-separated instructions whose embeddings to ship")
     p.add_argument("--action-low", default=None, help="comma list: per-dim robot-unit minimum (sets normalisation)")
-    p.add_argument("--action-high", default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--action-high", default=None, help="comma list: per-dim robot-unit maximum (with --action-low)")
+    p.add_argument("--seed", type=int, default=0, help="torch seed of the random weights")
     p.set_defaults(func=cmd_init)
 
 
 def cmd_info(args) -> int:
-    from .config import PolicyConfig, preset
-    from .info import format_table, policy_counts
+    from .info import checkpoint_info, describe, format_contract, format_table, policy_counts
 
     if args.checkpoint:
-        import yaml
-        from pathlib import Path
-        cfg = PolicyConfig.from_dict(yaml.safe_load((Path(args.checkpoint) / "config.yaml").read_text()))
-        name = args.checkpoint
+        name, info = args.checkpoint, checkpoint_info(args.checkpoint, include_text=not args.no_text)
     else:
+        from .config import preset
         name = args.preset or "paper-8l"
         cfg = preset(name)
-    counts = policy_counts(cfg, include_text=not args.no_text)
-    if not args.json:
-        print(format_table(name, counts))
-    print(json.dumps({"name": name, **counts}))
+        info = {**describe(cfg), "counts": policy_counts(cfg, include_text=not args.no_text)}
+    if args.json:
+        print(json.dumps({"name": name, **info}))
+    else:
+        print(f"{name}\n{format_contract(info)}\n")
+        print(format_table(name, info["counts"]))
     return 0
 
 
@@ -108,6 +123,11 @@ def cmd_bench(args) -> int:
         torch.set_num_threads(args.threads)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     dtypes = args.dtypes.split(",") if args.dtypes else (["fp32", "bf16"] if device == "cuda" else ["fp32"])
+    if args.rtc:
+        from .rtc_bench import main as rtc_main
+        return rtc_main(["--presets", args.presets, "--runs", str(args.runs), "--warmup", str(args.warmup),
+                         "--steps", str(args.steps), "--threads", str(args.threads or 2)]
+                        + (["--out", args.out] if args.out else []))
     if args.aot:
         return _bench_aot(args, args.dtypes.split(",") if args.dtypes else ["bf16"])
     if args.kernels:

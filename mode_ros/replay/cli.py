@@ -30,7 +30,8 @@ def register(subparsers) -> None:
                               description=DESCRIPTION,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("bags", nargs="+", metavar="BAG", help="bag folder, .db3 or .mcap (several: one report each)")
-    p.add_argument("--checkpoint", metavar="CKPT", help="checkpoint folder (required unless --attach)")
+    p.add_argument("--checkpoint", metavar="CKPT", help="checkpoint folder, or 'bundled' (the MT10 checkpoint "
+                   "shipped in the package); required unless --attach")
     p.add_argument("--topics", metavar="MAP.yaml",
                    help="topic map of `mode-ros convert bag` (cameras, language, action[, state]); default: "
                         "guessed from the bag (…/image_<camera>, …/goal, …/action)")
@@ -43,8 +44,8 @@ def register(subparsers) -> None:
                         "of a node fed by `ros2 bag play --clock BAG`) against BAG's recorded actions")
     p.add_argument("--attach", action="store_true",
                    help="use the running node NAMESPACE/NODE_NAME (must have use_sim_time:=true)")
-    p.add_argument("--node-name", default="mode_policy")
-    p.add_argument("--namespace", default="")
+    p.add_argument("--node-name", default="mode_policy", help="name of the policy node started or attached to")
+    p.add_argument("--namespace", default="", help="its namespace (default: none)")
     p.add_argument("--params-file", metavar="YAML", help="node parameters (default: the installed config/policy.yaml)")
     p.add_argument("-p", "--param", action="append", default=[], metavar="NAME=VALUE",
                    help="node parameter override, repeatable (e.g. -p replan_every=1 -p seed=0)")

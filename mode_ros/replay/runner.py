@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from mode_ros.data.topic_map import TopicMapError, load_topic_map
+from mode_ros.model.checkpoint import resolve_checkpoint
 from mode_ros.ros.params import PARAMS, NodeParams, ParameterError
 from mode_ros.replay.session import (NS, ModelInfo, ReplayError, ReplayOptions, Session, auto_topic_map,
                                      default_params_file, load_params_file, node_fqn, setup_session)
@@ -87,7 +88,7 @@ def _run_bag(opts: ReplayOptions, bag, values: dict, ckpt) -> dict:
                           list(getattr(cfg, "state_names", []) or []))
     elif ckpt:
         model = ModelInfo.from_checkpoint(ckpt)
-        values["checkpoint"] = str(Path(ckpt).resolve())
+        values["checkpoint"] = str(resolve_checkpoint(ckpt).resolve())   # the node may run elsewhere
     elif not opts.attach:
         raise ReplayError("--checkpoint is required (or a params file / -p checkpoint=...)")
     # topic map

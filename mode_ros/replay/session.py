@@ -74,15 +74,13 @@ class ModelInfo:
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike) -> "ModelInfo":
-        import yaml
+        from mode_ros.model.checkpoint import CheckpointError, checkpoint_config, resolve_checkpoint
 
-        from mode_ros.model.config import PolicyConfig
-
-        path = Path(path)
-        cfgp = path / "config.yaml"
-        if not cfgp.is_file():
-            raise ReplayError(f"checkpoint {path} is not a mode_ros checkpoint (no config.yaml)")
-        cfg = PolicyConfig.from_dict(yaml.safe_load(cfgp.read_text()))
+        try:
+            path = resolve_checkpoint(path)   # 'bundled' and folders, as every command
+            cfg = checkpoint_config(path)
+        except CheckpointError as exc:
+            raise ReplayError(str(exc)) from None
         off = None
         normp = path / "normalization.json"
         if normp.is_file():
