@@ -46,6 +46,17 @@ def _parse_remappings(text: str):
     return pairs
 
 
+def _log_arguments(node_name: str, namespace: str, level: str, all_level: str) -> list:
+    """--ros-args logging options: ``log_level`` sets only the node's own logger (named
+    NAMESPACE.NODE_NAME with dots, e.g. robot1.mode_policy); ``all_log_level`` sets the default level
+    of every logger, rcl and the middleware included (their debug output is hundreds of lines a second)."""
+    args = ["--log-level", all_level] if all_level else []
+    if level:
+        logger = ".".join([p for p in namespace.strip("/").split("/") if p] + [node_name])
+        args += ["--log-level", f"{logger}:={level}"]
+    return args
+
+
 def _launch_node(context, *args, **kwargs):
     def arg(name):
         return LaunchConfiguration(name).perform(context)
@@ -67,7 +78,7 @@ def _launch_node(context, *args, **kwargs):
         namespace=arg("namespace"),
         parameters=[arg("params_file"), overrides],
         remappings=remappings,
-        ros_arguments=["--log-level", arg("log_level")],
+        ros_arguments=_log_arguments(arg("node_name"), arg("namespace"), arg("log_level"), arg("all_log_level")),
         output="screen",
         emulate_tty=True,
     )
@@ -98,6 +109,11 @@ def generate_launch_description():
         DeclareLaunchArgument("camera_remappings", default_value="",
                               description="Camera topic remappings, e.g. "
                                           "'image_static:=/cam/image_raw;image_gripper:=/wrist/image_raw'."),
-        DeclareLaunchArgument("log_level", default_value="info", description="Node log level."),
+        DeclareLaunchArgument("log_level", default_value="info",
+                              description="Level of the node's own logger: debug, info, warn, error or fatal "
+                                          "(rcl and the middleware stay quiet; see all_log_level)."),
+        DeclareLaunchArgument("all_log_level", default_value="",
+                              description="Level of every logger, rcl and rmw included (empty: unchanged); "
+                                          "debug prints hundreds of lines a second."),
         OpaqueFunction(function=_launch_node),
     ])

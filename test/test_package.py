@@ -100,7 +100,7 @@ def test_policy_yaml_matches_parameter_table():
 LAUNCH = ROOT / "launch" / "policy.launch.py"
 LAUNCH_ARGS = {"checkpoint", "params_file", "device", "namespace", "use_sim_time", "node_name",
                "goal_topic", "action_chunk_topic", "joint_trajectory_topic", "joint_states_topic",
-               "camera_remappings", "log_level"}
+               "camera_remappings", "log_level", "all_log_level"}
 
 
 def _calls(tree, name):
@@ -133,6 +133,65 @@ def test_launch_file_structure_static():
     assert const(kw["executable"]) == "policy_node"
     for k in ("name", "namespace", "parameters", "remappings", "output"):
         assert k in kw, k
+
+
+def _launch_function(name: str):
+    """One plain function of the launch file, compiled alone (launch_ros is not installable here)."""
+    tree = ast.parse(LAUNCH.read_text())
+    fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == name)
+    ns: dict = {}
+    exec(compile(ast.Module(body=[fn], type_ignores=[]), str(LAUNCH), "exec"), ns)
+    return ns[name]
+
+
+def test_launch_log_level_is_scoped_to_the_node_logger():
+    """log_level:=debug sets only the node's logger (--log-level NAMESPACE.NAME:=debug), so rcl and rmw do
+    not print their debug output (157 lines in 25 s of start-up, measured); all_log_level sets them all;
+    the arguments are the ones the node's rcl accepts (checked by starting the node in
+    test_node_log_level_argument_scopes_debug)."""
+    log_args = _launch_function("_log_arguments")
+    assert log_args("mode_policy", "", "debug", "") == ["--log-level", "mode_policy:=debug"]
+    assert log_args("mode_policy", "/robot1/arm/", "warn", "") == ["--log-level", "robot1.arm.mode_policy:=warn"]
+    assert log_args("p", "", "info", "debug") == ["--log-level", "debug", "--log-level", "p:=info"]
+    assert log_args("p", "", "", "") == []
+    tree = ast.parse(LAUNCH.read_text())
+    node = _calls(tree, "Node")[0]
+    ros_args = next(k.value for k in node.keywords if k.arg == "ros_arguments")
+    assert isinstance(ros_args, ast.Call) and ros_args.func.id == "_log_arguments"
+    assert [a.args[0].value for a in ros_args.args] == ["node_name", "namespace", "log_level", "all_log_level"]
+
+
+@pytest.mark.ros
+def test_node_log_level_argument_scopes_debug(tmp_path):
+    """The installed node with the launch file's arguments for log_level:=debug: its own INFO lines, no
+    [rcl]/[rmw] DEBUG lines (with a plain --log-level debug there are over a hundred at start-up)."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from ros_helpers import executable
+
+    args = _launch_function("_log_arguments")("mode_policy", "", "debug", "")
+    proc = subprocess.Popen([str(executable("policy_node")), "--ros-args", "-p", "checkpoint:=" + str(tmp_path),
+                             *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        lines = []
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if "configure failed" in line:   # an empty folder: the node says so, then stays up
+                break
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(30)
+    text = "".join(lines)
+    assert "configure failed" in text and "[mode_policy]" in text, text[-2000:]
+    assert "[rcl]" not in text and "[rmw" not in text, text[:2000]
 
 
 def test_launch_description_with_launch_ros():
