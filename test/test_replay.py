@@ -144,6 +144,26 @@ def test_offline_oracle_scores_zero_and_a_shifted_mapping_scores_worse(bags, tmp
         assert Path(p).stat().st_size > 5000
 
 
+def test_failed_inferences_are_a_problem(bags, tmp_path):  # noqa: F811
+    """A replay whose inferences all fail publishes nothing and says so: not ok (the CLI exits 1), the
+    problem names the failure (it once printed `ok` with 173 failed inferences)."""
+    from mode_ros.replay.runner import format_summary
+
+    class Refusing(H.OraclePolicy):
+        def predict_chunk(self, images, goal, state=None, seed=None):
+            raise ValueError("this policy needs a state vector")
+
+    opts = ReplayOptions(bag=Path(bags["mcap"]), topics=str(bags["map"]), offline=True, out=tmp_path / "o",
+                         policy=Refusing(3.0), params={"checkpoint": "oracle"}, progress=False, latency="0")
+    rep = run_replay(opts)
+    assert not rep["ok"] and rep["ticks"]["published"] == 0
+    fails = rep["offline"]["inference_failures"]
+    assert fails >= 25
+    problem = [p for p in rep["problems"] if "inference(s) failed" in p]
+    assert problem and problem[0].startswith(f"{fails} ") and "needs a state vector" in problem[0]
+    assert f"problem: {problem[0]}" in format_summary(rep)
+
+
 def test_offline_cli_constant_checkpoint_matches_independent_scores(bags, const_ckpt, tmp_path):  # noqa: F811
     out = tmp_path / "out"
     rc, so, se = H.run_cli([str(bags["sqlite3"]), "--checkpoint", str(const_ckpt), "--topics", str(bags["map"]),
