@@ -56,19 +56,17 @@ def run(args) -> dict:
     from sensor_msgs.msg import Image
     from std_msgs.msg import String
 
-    from mode_ros.model.policy import CONFIG_FILE
+    from mode_ros.model.checkpoint import checkpoint_config, resolve_checkpoint
     from mode_ros.msg import ActionChunk
     from mode_ros.ros.policy_node import GOAL_QOS
 
     os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
     tmp = Path(tempfile.mkdtemp(prefix="mode_ros_bench_"))
-    ckpt = Path(args.checkpoint) if args.checkpoint else tmp / "tiny"
+    ckpt = resolve_checkpoint(args.checkpoint) if args.checkpoint else tmp / "tiny"
     if not args.checkpoint:
         print(f"making a tiny random checkpoint in {ckpt} ...", file=sys.stderr)
         _make_checkpoint(ckpt, args.cameras, args.action_dim)
-    import yaml
-
-    cams = list(yaml.safe_load((ckpt / CONFIG_FILE).read_text()).get("camera_names") or [])
+    cams = list(checkpoint_config(ckpt).camera_names)
     exe = Path(get_package_prefix("mode_ros")) / "lib" / "mode_ros" / "policy_node"
     ns = "/bench_policy"
     params = {"checkpoint": str(ckpt), "device": args.device, "control_rate_hz": args.rate,

@@ -55,12 +55,10 @@ def policy_remaps(node: str = POLICY_NODE) -> list[str]:
 def checkpoint_cameras(checkpoint: str, default: list[str]) -> list[str]:
     """MuJoCo cameras the checkpoint's camera slots read ([] for a state-only policy)."""
     try:
-        import yaml
+        from mode_ros.model.checkpoint import checkpoint_config
 
         from .metaworld_env import camera_for
-        cfg = yaml.safe_load((Path(checkpoint) / "config.yaml").read_text()) or {}
-        slots = cfg.get("camera_names", None)
-        return default if slots is None else [camera_for(s) for s in slots]
+        return [camera_for(s) for s in checkpoint_config(checkpoint).camera_names]
     except Exception:  # noqa: BLE001 - unreadable/unknown: publish the default cameras
         return default
 
