@@ -18,7 +18,7 @@ def register(subparsers) -> None:
                                    "is written beside --out, suffix replaced (demos.hdf5 -> demos.report.json).")
     b.add_argument("bags", nargs="+", metavar="BAG", help="bag directory, .db3 or .mcap file (one or more)")
     b.add_argument("--topics", required=True, metavar="MAP.yaml", help="topic map (config/bag_topics.example.yaml)")
-    b.add_argument("--out", required=True, metavar="OUT.hdf5")
+    b.add_argument("--out", required=True, metavar="OUT.hdf5", help="episode file to write")
     b.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     b.add_argument("--instruction", help="fixed language instruction (overrides the map's language)")
     b.add_argument("--control-rate-hz", type=float, help="override control_rate_hz of the map")
@@ -29,22 +29,23 @@ def register(subparsers) -> None:
 
     h = sub.add_parser("hdf5", help="LIBERO/robomimic HDF5 -> episodes",
                        description="Copy LIBERO/robomimic demos into the episode format (images chunked + gzip).")
-    h.add_argument("inputs", nargs="+", metavar="IN.hdf5")
-    h.add_argument("--out", required=True, metavar="OUT.hdf5")
+    h.add_argument("inputs", nargs="+", metavar="IN.hdf5", help="LIBERO/robomimic HDF5 file(s)")
+    h.add_argument("--out", required=True, metavar="OUT.hdf5", help="episode file to write")
     h.add_argument("--map", action="append", default=[], metavar="OBS_KEY=CAMERA",
                    help="obs key -> camera slot, repeatable (default: agentview_rgb=static, eye_in_hand_rgb=gripper "
                         "for LIBERO; agentview_image/robot0_eye_in_hand_image for robomimic)")
     h.add_argument("--state", action="append", default=[], metavar="OBS_KEY",
                    help="obs key copied as proprioceptive state, repeatable (e.g. joint_states)")
-    h.add_argument("--actions-key", default="actions")
+    h.add_argument("--actions-key", default="actions", help="dataset of each demo holding the actions (default actions)")
     h.add_argument("--language", help="instruction for every demo (default: attrs/problem_info/file name)")
-    h.add_argument("--no-language-from-filename", action="store_true")
+    h.add_argument("--no-language-from-filename", action="store_true",
+                   help="do not derive a missing instruction from the file name (such demos get an empty one)")
     h.add_argument("--flip", nargs="?", const="vertical", default="none", choices=["none", "vertical", "horizontal", "rot180"],
                    help="fix upside-down LIBERO renders (--flip = vertical)")
     h.add_argument("--resize", type=int, nargs=2, metavar=("H", "W"), help="resize frames while copying")
     h.add_argument("--control-rate-hz", type=float, help="default: env_args control_freq, else 20")
-    h.add_argument("--overwrite", action="store_true")
-    h.add_argument("--quiet", action="store_true")
+    h.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    h.add_argument("--quiet", action="store_true", help="no progress bars, only the summary")
     h.set_defaults(func=_hdf5)
 
     from .lerobot_cli import register_convert   # argparse only; LeRobot datasets (lerobot_import.py)
@@ -52,10 +53,23 @@ def register(subparsers) -> None:
     register_convert(sub)
 
 
+def _out_is_dir(kind: str, out: str) -> bool:
+    """--out names an existing folder: one line, before anything is read."""
+    from pathlib import Path
+
+    if not Path(out).is_dir():
+        return False
+    print(f"mode-ros convert {kind}: --out {out} is a directory (give the episode file to write, e.g. "
+          f"{Path(out) / 'demos.hdf5'})", file=sys.stderr)
+    return True
+
+
 def _bag(args) -> int:
     from .bag import convert_bags, format_report
     from .topic_map import TopicMapError, load_topic_map
 
+    if _out_is_dir("bag", args.out):
+        return 2
     try:
         tm = load_topic_map(args.topics)
     except TopicMapError as exc:
@@ -84,6 +98,8 @@ def _bag(args) -> int:
 def _hdf5(args) -> int:
     from .hdf5_import import import_hdf5
 
+    if _out_is_dir("hdf5", args.out):
+        return 2
     cmap = None
     if args.map:
         cmap = {}

@@ -24,6 +24,10 @@ __all__ = [
     "check_image",
     "decode_compressed",
     "compressed_size",
+    "compressed_header",
+    "compressed_codec",
+    "pixel_limit",
+    "MAX_PIXELS",
     "encode_image",
     "encode_compressed",
 ]
@@ -32,7 +36,7 @@ __all__ = [
 class ImageDecodeError(ValueError):
     """An image payload cannot be converted; the message names the problem and ``reason`` is a short
     code for counting (unknown_encoding, zero_size, step_too_small, data_too_short, bad_data,
-    corrupt_compressed, too_large)."""
+    corrupt_compressed, unsupported_format, truncated, too_large)."""
 
     def __init__(self, message: str, reason: str = "bad_data"):
         super().__init__(message)
@@ -100,10 +104,12 @@ def _check_raw(encoding: str, height: int, width: int, step: int):
     return enc, ch, bpc, height, width, step
 
 
-def check_image(encoding: str, height: int, width: int, step: int, nbytes: int) -> tuple[int, int]:
+def check_image(encoding: str, height: int, width: int, step: int, nbytes: int, *,
+                max_pixels: int | None = None) -> tuple[int, int]:
     """Validate raw Image metadata without touching pixels; returns (height, width) or raises
     :class:`ImageDecodeError` exactly as :func:`decode_image` would."""
     _, _, _, height, width, step = _check_raw(encoding, height, width, step)
+    _check_pixels(height, width, max_pixels, f"image ({encoding})")
     if nbytes < height * step:
         raise ImageDecodeError(
             f"image data has {nbytes} bytes, shorter than height*step = {height}*{step} = {height * step} "
@@ -112,16 +118,19 @@ def check_image(encoding: str, height: int, width: int, step: int, nbytes: int) 
 
 
 def decode_image(encoding: str, height: int, width: int, step: int, data: Any, *,
-                 is_bigendian: bool = False, scale16: float | None = None) -> np.ndarray:
+                 is_bigendian: bool = False, scale16: float | None = None,
+                 max_pixels: int | None = None) -> np.ndarray:
     """Convert a raw ``sensor_msgs/Image`` payload to ``HxWx3 uint8`` RGB.
 
     Supports rgb8, bgr8, rgba8, bgra8 (alpha dropped), mono8/8UC1 (replicated to 3 channels),
     8UC3/8UC4 (OpenCV BGR order) and mono16/16UC1 (scaled to 8 bit: ``x >> 8``, or with
     ``scale16=M`` clipped to ``[0, M]`` and stretched, e.g. ``M=4000`` for depth in mm).
-    ``step`` (bytes per row, >= width*bytes_per_pixel) is honoured: row padding is removed.
+    ``step`` (bytes per row, >= width*bytes_per_pixel) is honoured: row padding is removed. More than
+    ``max_pixels`` (default :data:`MAX_PIXELS`) is refused (too_large).
     Raises :class:`ImageDecodeError` naming the problem.
     """
     enc, ch, bpc, height, width, step = _check_raw(encoding, height, width, step)
+    _check_pixels(height, width, max_pixels, f"image ({encoding})")
     buf = _as_uint8(data)
     row_bytes = width * ch * bpc
     need = height * step
@@ -151,6 +160,32 @@ def decode_image(encoding: str, height: int, width: int, step: int, data: Any, *
     return np.ascontiguousarray(out)
 
 
+#: Largest image (pixels) decoded when the caller gives no limit: 8192 x 4096 (a 4K camera is 8.3 M).
+MAX_PIXELS = 8192 * 4096
+#: An auto limit is this many times the model's input image, and at least MIN_AUTO_PIXELS.
+AUTO_PIXELS_FACTOR = 64
+MIN_AUTO_PIXELS = 1920 * 1200
+
+
+def pixel_limit(image_size: tuple[int, int] | None, max_pixels: int = 0) -> int:
+    """The decode limit in pixels: ``max_pixels`` when > 0, else derived from the model's input size
+    ``(H, W)``: AUTO_PIXELS_FACTOR x H x W, at least MIN_AUTO_PIXELS (1920 x 1200), or MAX_PIXELS
+    without a size."""
+    if max_pixels > 0:
+        return int(max_pixels)
+    if not image_size:
+        return MAX_PIXELS
+    h, w = (int(v) for v in image_size)
+    return max(AUTO_PIXELS_FACTOR * h * w, MIN_AUTO_PIXELS)
+
+
+def _check_pixels(height: int, width: int, max_pixels: int | None, what: str) -> None:
+    limit = MAX_PIXELS if max_pixels is None else int(max_pixels)
+    if height * width > limit:
+        raise ImageDecodeError(f"{what} declares {width}x{height} = {height * width} pixels, above the limit of "
+                               f"{limit} (image too large to decode)", "too_large")
+
+
 def _png_offset(buf: bytes | memoryview) -> int:
     """compressedDepth payloads carry a 12-byte config header before the PNG stream."""
     b = bytes(buf[:64])
@@ -158,40 +193,132 @@ def _png_offset(buf: bytes | memoryview) -> int:
     return max(i, 0)
 
 
-def _open_compressed(fmt: str, data: Any):
-    from PIL import Image, UnidentifiedImageError
+def compressed_codec(fmt: str) -> str | None:
+    """The codec a ``CompressedImage.format`` names: "PNG", "JPEG", or None for an empty format (then
+    the data may be either); any other format raises ``ImageDecodeError`` (unsupported_format)."""
+    f = str(fmt).lower()
+    if "png" in f:
+        return "PNG"
+    if "jpeg" in f or "jpg" in f:
+        return "JPEG"
+    if not f.strip():
+        return None
+    raise ImageDecodeError(f"compressed image format {fmt!r} is not supported (jpeg or png)", "unsupported_format")
 
+
+def _ceil(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+_SOF_HUFFMAN = {0xC0: 2, 0xC1: 2, 0xC2: 1}   # SOF marker -> least bits one 8x8 block can be coded in
+
+
+def _jpeg_header(raw: bytes) -> tuple[int, int, int]:
+    """(height, width, least entropy-coded bytes the declared size needs) from the JPEG markers, without
+    decoding. Each 8x8 block of a Huffman-coded JPEG takes at least one code (DC; sequential: DC and
+    EOB/AC), so a header claiming more blocks than the scan data can hold is detected here."""
+    n, i, sof = len(raw), 2, None
+    while i + 4 <= n:
+        if raw[i] != 0xFF:
+            raise ValueError(f"no JPEG marker at byte {i}")
+        marker = raw[i + 1]
+        if marker == 0xFF:           # fill byte
+            i += 1
+            continue
+        seglen = int.from_bytes(raw[i + 2:i + 4], "big")
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            seg = raw[i + 4:i + 2 + seglen]
+            if len(seg) < 6:
+                raise ValueError("short SOF segment")
+            h, w, nc = int.from_bytes(seg[1:3], "big"), int.from_bytes(seg[3:5], "big"), seg[5]
+            comps = [(seg[7 + 3 * k] >> 4, seg[7 + 3 * k] & 15) for k in range(nc) if 8 + 3 * k < len(seg)]
+            sof = (marker, h, w, comps)
+        elif marker == 0xDA:         # start of scan: entropy-coded data follows the segment
+            if sof is None:
+                raise ValueError("scan before the frame header (SOF)")
+            marker, h, w, comps = sof
+            bits = _SOF_HUFFMAN.get(marker, 0)
+            hmax = max((c[0] for c in comps), default=1) or 1
+            vmax = max((c[1] for c in comps), default=1) or 1
+            blocks = sum(_ceil(_ceil(w * hs, hmax), 8) * _ceil(_ceil(h * vs, vmax), 8) for hs, vs in comps)
+            return h, w, blocks * bits // 8
+        i += 2 + seglen
+    raise ValueError("no frame header and scan (SOF/SOS) before the end of the data")
+
+
+def compressed_header(fmt: str, data: Any, max_pixels: int | None = None) -> tuple[str, int, int]:
+    """(codec, height, width) of a CompressedImage from its header bytes only (PNG IHDR or JPEG SOF):
+    nothing is decoded or allocated, so a bomb header costs microseconds. Raises
+    :class:`ImageDecodeError`: unsupported_format, corrupt_compressed, zero_size, too_large (more than
+    ``max_pixels``, default :data:`MAX_PIXELS`), truncated (a JPEG declaring more blocks than its data
+    can code)."""
+    codec = compressed_codec(fmt)
     raw = data if isinstance(data, (bytes, bytearray)) else _as_uint8(data).tobytes()
     if len(raw) == 0:
         raise ImageDecodeError(f"compressed image ({fmt!r}) has no data", "corrupt_compressed")
-    off = _png_offset(raw) if "compresseddepth" in str(fmt).lower() else 0
-    try:
-        return Image.open(io.BytesIO(raw[off:] if off else raw))
-    except Image.DecompressionBombError as exc:   # an Exception, not an OSError: would escape
-        raise ImageDecodeError(f"compressed image ({fmt!r}, {len(raw)} bytes) is too large to decode: {exc}",
-                              "too_large") from None
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        why = re.sub(r" <_io\.BytesIO object at 0x[0-9a-f]+>", "", str(exc))
-        raise ImageDecodeError(f"cannot decode compressed image (format {fmt!r}, {len(raw)} bytes): {why}",
-                              "corrupt_compressed") from None
-
-
-def compressed_size(fmt: str, data: Any) -> tuple[int, int]:
-    """(height, width) of a compressed image from its header only (no pixel decoding)."""
-    img = _open_compressed(fmt, data)
-    w, h = img.size
+    raw = raw[_png_offset(raw):] if "compresseddepth" in str(fmt).lower() else raw
+    is_png, is_jpeg = raw[:8] == b"\x89PNG\r\n\x1a\n", raw[:2] == b"\xff\xd8"
+    if (codec or ("PNG" if is_png else "JPEG")) == "PNG":
+        if not is_png or len(raw) < 24 or raw[12:16] != b"IHDR":
+            raise ImageDecodeError(f"cannot decode compressed image (format {fmt!r}, {len(raw)} bytes): "
+                                   "not PNG data (no PNG signature and IHDR)", "corrupt_compressed")
+        w, h = int.from_bytes(raw[16:20], "big"), int.from_bytes(raw[20:24], "big")
+        codec = "PNG"
+    else:
+        try:
+            if not is_jpeg:
+                raise ValueError("no JPEG start-of-image marker")
+            h, w, need = _jpeg_header(raw)
+        except (ValueError, IndexError) as exc:
+            raise ImageDecodeError(f"cannot decode compressed image (format {fmt!r}, {len(raw)} bytes): not "
+                                   f"JPEG data ({exc})", "corrupt_compressed") from None
+        _check_pixels(h, w, max_pixels, f"compressed image ({fmt!r})")
+        if len(raw) < need:
+            raise ImageDecodeError(f"compressed image (format {fmt!r}) declares {w}x{h} pixels but its {len(raw)} "
+                                   f"bytes cannot code them (at least {need} needed): truncated", "truncated")
+        codec = "JPEG"
     if h <= 0 or w <= 0:
         raise ImageDecodeError(f"compressed image ({fmt!r}) has zero size", "zero_size")
+    _check_pixels(h, w, max_pixels, f"compressed image ({fmt!r})")
+    return codec, h, w
+
+
+def compressed_size(fmt: str, data: Any, *, max_pixels: int | None = None) -> tuple[int, int]:
+    """(height, width) of a compressed image from its header only (no pixel decoding); a size above
+    ``max_pixels`` (default :data:`MAX_PIXELS`) raises ``ImageDecodeError`` (too_large)."""
+    _, h, w = compressed_header(fmt, data, max_pixels)
     return h, w
 
 
-def decode_compressed(format: str, data: Any, *, scale16: float | None = None) -> np.ndarray:  # noqa: A002
+def _open_compressed(fmt: str, data: Any, max_pixels: int | None):
+    from PIL import Image, ImageFile
+
+    codec, h, w = compressed_header(fmt, data, max_pixels)
+    raw = data if isinstance(data, (bytes, bytearray)) else _as_uint8(data).tobytes()
+    off = _png_offset(raw) if "compresseddepth" in str(fmt).lower() else 0
+    ImageFile.LOAD_TRUNCATED_IMAGES = False   # a truncated image raises; it is never padded with grey
+    try:
+        img = Image.open(io.BytesIO(raw[off:] if off else raw), formats=(codec,))
+    except Image.DecompressionBombError as exc:   # an Exception, not an OSError: would escape
+        raise ImageDecodeError(f"compressed image ({fmt!r}, {len(raw)} bytes) is too large to decode: {exc}",
+                              "too_large") from None
+    except (OSError, ValueError) as exc:
+        why = re.sub(r" <_io\.BytesIO object at 0x[0-9a-f]+>", "", str(exc))
+        raise ImageDecodeError(f"cannot decode compressed image (format {fmt!r}, {len(raw)} bytes): {why}",
+                              "corrupt_compressed") from None
+    return img, (h, w)
+
+
+def decode_compressed(format: str, data: Any, *, scale16: float | None = None,  # noqa: A002
+                      max_pixels: int | None = None) -> np.ndarray:
     """Decode a ``sensor_msgs/CompressedImage`` payload (JPEG or PNG, incl. 16-bit/compressedDepth
-    PNG) to ``HxWx3 uint8`` RGB. The codec is sniffed from the data; ``format`` is used in messages
-    and to spot ``compressedDepth``. Truncated or corrupt data raises :class:`ImageDecodeError`."""
+    PNG) to ``HxWx3 uint8`` RGB. Only the codec ``format`` names is decoded (an empty format: JPEG or
+    PNG by the data); the declared size is checked against ``max_pixels`` (default :data:`MAX_PIXELS`)
+    from the header before anything is decoded. Truncated or corrupt data raises
+    :class:`ImageDecodeError` (reasons unsupported_format, too_large, truncated, corrupt_compressed)."""
     from PIL import Image
 
-    img = _open_compressed(format, data)
+    img, (h, w) = _open_compressed(format, data, max_pixels)
     try:
         img.load()
         mode = img.mode
@@ -199,16 +326,15 @@ def decode_compressed(format: str, data: Any, *, scale16: float | None = None) -
             arr = np.asarray(img)
             if arr.dtype != np.uint16:
                 arr = np.clip(arr, 0, 65535).astype(np.uint16)
-            return np.ascontiguousarray(np.repeat(_scale16(arr, scale16)[:, :, None], 3, axis=2))
-        if mode != "RGB":
-            img = img.convert("RGB")
-        out = np.asarray(img)
+            out = np.ascontiguousarray(np.repeat(_scale16(arr, scale16)[:, :, None], 3, axis=2))
+        else:
+            out = np.asarray(img if mode == "RGB" else img.convert("RGB"))
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise ImageDecodeError(f"cannot decode compressed image (format {format!r}): {exc}",
-                              "corrupt_compressed") from None
-    if out.ndim != 3 or out.shape[2] != 3 or out.shape[0] == 0 or out.shape[1] == 0:
-        raise ImageDecodeError(f"compressed image (format {format!r}) decoded to shape {out.shape}",
-                              "corrupt_compressed")
+        reason = "truncated" if "truncated" in str(exc) else "corrupt_compressed"
+        raise ImageDecodeError(f"cannot decode compressed image (format {format!r}): {exc}", reason) from None
+    if out.shape != (h, w, 3):
+        raise ImageDecodeError(f"compressed image (format {format!r}) decoded to shape {out.shape}, its header "
+                              f"declares {h}x{w}", "corrupt_compressed")
     return out
 
 

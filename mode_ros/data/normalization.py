@@ -23,7 +23,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 __all__ = ["Stats", "compute_stats", "Normalizer", "ActionNormalizer", "StateNormalizer",
-           "save_normalization", "load_normalization"]
+           "save_normalization", "load_normalization", "NormalizationError", "load_checkpoint_normalization"]
 
 MODES = ("minmax", "quantile")
 
@@ -205,3 +205,58 @@ def load_normalization(path: str | os.PathLike) -> tuple[ActionNormalizer, State
     act = ActionNormalizer.from_dict(d["action"])
     st = StateNormalizer.from_dict(d["state"]) if d.get("state") else None
     return act, st
+
+
+class NormalizationError(ValueError):
+    """A checkpoint's normalisation file is missing or invalid; the message names the file and key."""
+
+
+def _check_affine(entry, dim: int, where: str) -> None:
+    if not isinstance(entry, dict):
+        raise NormalizationError(f"{where}: expected a mapping with offset and scale, got {type(entry).__name__}")
+    for key in ("offset", "scale") + (("constant",) if "constant" in entry else ()):
+        vals = entry.get(key)
+        if not isinstance(vals, list):
+            raise NormalizationError(f"{where}.{key}: missing or not a list")
+        if len(vals) != dim:
+            raise NormalizationError(f"{where}.{key}: has {len(vals)} values, the model needs {dim}")
+        if key == "constant":
+            continue
+        try:
+            arr = np.asarray(vals, np.float64)
+        except (TypeError, ValueError):
+            raise NormalizationError(f"{where}.{key}: not a list of numbers") from None
+        bad = np.flatnonzero(~np.isfinite(arr)).tolist()
+        if bad:
+            raise NormalizationError(f"{where}.{key}: non-finite value(s) in dimension(s) {bad}")
+        if key == "scale" and np.any(arr <= 0):
+            raise NormalizationError(f"{where}.scale: must be > 0, dimension(s) "
+                                     f"{np.flatnonzero(arr <= 0).tolist()} are not")
+
+
+def load_checkpoint_normalization(path: str | os.PathLike, action_dim: int, state_dim: int) -> dict:
+    """Read and validate a checkpoint's ``normalization.json`` (affine ``offset``/``scale`` per key):
+    ``action`` always, ``state`` when ``state_dim > 0``; every value finite, every scale > 0, lengths
+    equal to the model's dims. Returns ``{"action": {...}, "state": {...} | None}``; anything else
+    raises :class:`NormalizationError` naming the file and the key (a checkpoint without its
+    statistics would otherwise run in normalised units as if they were robot units)."""
+    path = Path(path)
+    if not path.is_file():
+        raise NormalizationError(f"{path}: missing (the checkpoint's action/state statistics; without them "
+                                 "actions would be published in normalised units)")
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise NormalizationError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(d, dict):
+        raise NormalizationError(f"{path}: expected a mapping with 'action' (and 'state'), got {type(d).__name__}")
+    if d.get("action") is None:
+        raise NormalizationError(f"{path}: key 'action' missing")
+    _check_affine(d["action"], action_dim, f"{path}: action")
+    if state_dim > 0:
+        if d.get("state") is None:
+            raise NormalizationError(f"{path}: key 'state' missing (the model takes a state of {state_dim} values)")
+        _check_affine(d["state"], state_dim, f"{path}: state")
+    elif d.get("state") is not None:
+        raise NormalizationError(f"{path}: key 'state' given but the model takes no state (state_dim 0)")
+    return {"action": d["action"], "state": d.get("state") if state_dim > 0 else None}

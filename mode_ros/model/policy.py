@@ -19,6 +19,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..data.normalization import load_checkpoint_normalization
+# the checkpoint's files and its one error type (not found, unreadable, not fitting the model)
+from .checkpoint import CONFIG_FILE, GOALS_FILE, NORM_FILE, WEIGHTS_FILE, CheckpointError, resolve_checkpoint
 from .config import PolicyConfig, preset
 from .denoiser import EDMPrecond, MoDEDenoiser
 from .encoders import GoalError, TextEncoder, build_vision_encoder, preprocess_images
@@ -28,8 +31,14 @@ from .sampling import make_schedule, sample_ddim, sample_training_sigmas
 
 log = logging.getLogger("mode_ros.policy")
 
-CONFIG_FILE, WEIGHTS_FILE, NORM_FILE, GOALS_FILE = (
-    "config.yaml", "model.safetensors", "normalization.json", "goal_embeddings.safetensors")
+
+def _read_file(path: Path, read):
+    """``read(path)``, any failure raised as :class:`CheckpointError` naming the file."""
+    try:
+        return read(path)
+    except Exception as exc:  # noqa: BLE001 - safetensors, yaml, json, torch: one error naming the file
+        why = " ".join(str(exc).split()).removeprefix(f"{path}: ")   # one line (YAML errors span several)
+        raise CheckpointError(f"{path}: {why}" if why else f"{path}: {type(exc).__name__}") from None
 
 
 class Affine:
@@ -156,21 +165,23 @@ class MoDEPolicy(nn.Module):
         from safetensors import safe_open
         from safetensors.torch import load_file
 
-        path = Path(path)
-        if not (path / CONFIG_FILE).is_file():
-            raise FileNotFoundError(f"{path} is not a mode_ros checkpoint (no {CONFIG_FILE})")
-        cfg = PolicyConfig.from_dict(yaml.safe_load((path / CONFIG_FILE).read_text()))
+        path = resolve_checkpoint(path)   # a folder or 'bundled'; CheckpointError says what is missing
+
+        def read_config(f):
+            with open(f) as stream:   # a YAML error then names the file, not "<unicode string>"
+                return PolicyConfig.from_dict(yaml.safe_load(stream))
+        cfg = _read_file(path / CONFIG_FILE, read_config)
         if cfg.text.weights and not Path(cfg.text.weights).is_absolute():
             cfg.text.weights = str(path / cfg.text.weights)
         cfg.vision.weights = None  # backbone init weights are already inside model.safetensors
-        norm = json.loads((path / NORM_FILE).read_text()) if (path / NORM_FILE).is_file() else {}
-        policy = cls(cfg, Affine.from_dict(norm["action"]) if "action" in norm else None,
-                     Affine.from_dict(norm["state"]) if "state" in norm else None)
-        policy.load_state_dict(load_file(str(path / WEIGHTS_FILE)), strict=True)
+        norm = _read_file(path / NORM_FILE, lambda f: load_checkpoint_normalization(f, cfg.action_dim, cfg.state_dim))
+        policy = cls(cfg, Affine.from_dict(norm["action"]), Affine.from_dict(norm["state"]) if norm["state"] else None)
+        _read_file(path / WEIGHTS_FILE, lambda f: policy.load_state_dict(load_file(str(f)), strict=True))
         if (path / GOALS_FILE).is_file():
-            with safe_open(str(path / GOALS_FILE), "pt") as f:
-                goals = json.loads(f.metadata()["goals"])
-                emb = f.get_tensor("embeddings")
+            def read_goals(f):
+                with safe_open(str(f), "pt") as sf:
+                    return json.loads(sf.metadata()["goals"]), sf.get_tensor("embeddings")
+            goals, emb = _read_file(path / GOALS_FILE, read_goals)
             policy.text.pin(dict(zip(goals, emb)))
         policy.eval()
         if num_steps:
@@ -546,13 +557,25 @@ class MoDEPolicy(nn.Module):
             t0 = time.perf_counter()
             if goal is None:
                 emb = torch.zeros(1, 512, device=self.device)
-                self.sample_normalized(self._images_to_tensor(imgs, False), emb, self._state_to_tensor(st, 1, False))
+                out = self.sample_normalized(self._images_to_tensor(imgs, False), emb,
+                                             self._state_to_tensor(st, 1, False))
             else:
-                self.predict_chunk(imgs, goal, st)
+                out = self.predict_chunk(imgs, goal, st)
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
+        self._check_finite_chunk(torch.as_tensor(out))
         return float(sorted(times)[len(times) // 2])
 
+    def _check_finite_chunk(self, chunk: torch.Tensor) -> None:
+        """A warm-up chunk with NaN/Inf means the weights (or normalisation) are broken: refuse."""
+        if bool(torch.isfinite(chunk).all()):
+            return
+        bad = sum(int((~torch.isfinite(v)).sum()) for v in self.state_dict().values() if v.is_floating_point())
+        total = sum(v.numel() for v in self.state_dict().values() if v.is_floating_point())
+        raise CheckpointError(f"{WEIGHTS_FILE}: the warm-up chunk is not finite; {bad} of {total} weights are NaN/Inf"
+                              if bad else "the warm-up chunk is not finite (the weights are finite: check the "
+                              f"normalisation in {NORM_FILE})")
 
-__all__ = ["MoDEPolicy", "Affine", "GoalError"]
+
+__all__ = ["MoDEPolicy", "Affine", "GoalError", "CheckpointError"]

@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-__all__ = ["ParamSpec", "PARAMS", "PARAMS_BY_NAME", "NodeParams", "ParameterError", "validate",
+__all__ = ["ParamSpec", "PARAMS", "PARAMS_BY_NAME", "NodeParams", "ParameterError", "validate", "unknown_parameters",
            "render_yaml", "broadcast"]
 
 NODE_NAME = "mode_policy"
@@ -122,6 +122,10 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("image_transport", "string", "raw",
               "raw: sensor_msgs/Image on ~/image_<camera>; compressed: sensor_msgs/CompressedImage on "
               "~/image_<camera>/compressed.", choices=("raw", "compressed")),
+    ParamSpec("max_image_pixels", "int", 0,
+              "Largest camera image (width x height) accepted; a larger one is rejected from its header, before "
+              "decoding (rejected.image_<camera>:too_large). 0 = 64 x the checkpoint's image size, at least "
+              "1920 x 1200.", min=0, max=2**31 - 1),
     ParamSpec("action_lower_bounds", "double_array", [-math.inf],
               "Per-dimension lower bounds (robot units); one value applies to all dimensions; "
               "[-.inf] = unbounded."),
@@ -252,6 +256,7 @@ class NodeParams:
     camera_sync_tolerance: float = 0.02
     sync_queue_size: int = 10
     image_transport: str = "raw"
+    max_image_pixels: int = 0
     action_lower_bounds: list = field(default_factory=lambda: [-math.inf])
     action_upper_bounds: list = field(default_factory=lambda: [math.inf])
     max_action_delta: list = field(default_factory=lambda: [math.inf])
@@ -327,6 +332,20 @@ def state_selection(param_names, checkpoint_names, state_field: str, state_dim: 
     if state_field != "position_velocity" and len(ck) == state_dim and all(ck) and len(set(ck)) == len(ck):
         return ck
     return []
+
+
+def unknown_parameters(given, known) -> list[str]:
+    """One warning per parameter name in ``given`` (the overrides of a params file or ``-p``) that is not
+    in ``known``, naming the closest known name (a typo like ``chekpoint`` is otherwise ignored)."""
+    import difflib
+
+    known = sorted(set(known))
+    out = []
+    for name in sorted(set(given) - set(known)):
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        out.append(f"unknown parameter {name!r} given to the node, ignored{hint}")
+    return out
 
 
 def broadcast(values: list, n: int) -> list:

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -27,6 +28,20 @@ from .config import TrainConfig
 from .schedule import EMA, param_groups, tri_stage_lr
 
 log = logging.getLogger("mode_ros.train")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot start or go on; the message names the file or the step and value at fault.
+    ``exit_code``: 2 = could not run (bad data, config, out_dir, train_state.pt), 1 = stopped with
+    problems (a non-finite loss or gradient: nothing non-finite is exported)."""
+
+    def __init__(self, message: str, exit_code: int = 2):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+STATE_FILE = "train_state.pt"
+TMP_EXPORT_GLOB = ".tmp_ckpt_*"   # MoDEPolicy.save_pretrained's temp folders (left by a kill -9)
 
 
 class _LossModule(nn.Module):
@@ -83,10 +98,13 @@ class Trainer:
 
         pcfg = cfg.policy_config()
         cams = cfg.data.cameras  # None: the file's cameras; []: a state-only policy
-        self.dataset = EpisodeWindowDataset(
-            cfg.data.paths, camera_names=cams or None,
-            image_size=tuple(pcfg.vision.image_size) if cams != [] else None, chunk_size=pcfg.chunk_size,
-            state_keys=cfg.data.state_keys, normalization=cfg.data.normalization)
+        try:
+            self.dataset = EpisodeWindowDataset(
+                cfg.data.paths, camera_names=cams or None,
+                image_size=tuple(pcfg.vision.image_size) if cams != [] else None, chunk_size=pcfg.chunk_size,
+                state_keys=cfg.data.state_keys, normalization=cfg.data.normalization)
+        except (OSError, KeyError, ValueError, TypeError) as exc:
+            raise TrainingError(_data_error(cfg.data.paths, exc)) from None
         ds = self.dataset
         if cams == []:
             ds.camera_names = []  # windows then carry no images (nothing is read from disk)
@@ -135,8 +153,10 @@ class Trainer:
             raise ValueError(f"optim.batch_size {o.batch_size} must be divisible by the number of ranks {self.world}")
         self.local_batch = o.batch_size // self.world
         if len(ds) == 0:
-            raise ValueError("the dataset has no training windows")
+            raise TrainingError(f"data.paths {cfg.data.paths}: no training windows")
         self.out = Path(cfg.out_dir)
+        if self.out.exists() and not self.out.is_dir():
+            raise TrainingError(f"out_dir {self.out}: exists and is not a folder")
         self.is_main = self.rank == 0
         self.tb = None
 
@@ -212,22 +232,45 @@ class Trainer:
         for g in self.opt.param_groups:
             g["lr"] = self.lr_at(self.step)
         use_amp = self.device.type == "cuda" and o.bf16
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_amp):
-            total, loss, aux = self.ddp(batch, sigma, noise)
+        try:
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_amp):
+                total, loss, aux = self.ddp(batch, sigma, noise)
+        except RuntimeError as exc:   # e.g. the router's sampling on NaN probabilities
+            if not re.search(r"\b(nan|inf)\b", str(exc), re.IGNORECASE):
+                raise
+            self._diverged(f"the forward pass met non-finite values ({' '.join(str(exc).split())})")
+        self._check_finite("loss", float(total))
         self.opt.zero_grad(set_to_none=True)
         total.backward()
-        gnorm = None
+        params = [q for q in self.policy.parameters() if q.grad is not None]
         if o.grad_clip:
-            gnorm = float(torch.nn.utils.clip_grad_norm_(self.policy.parameters(), o.grad_clip))
+            gnorm = float(torch.nn.utils.clip_grad_norm_(params, o.grad_clip))
+        else:
+            gnorm = float(torch.nn.utils.get_total_norm([q.grad for q in params]))
+        self._check_finite("gradient norm", gnorm)   # before the step: the weights stay finite
         self.opt.step()
+        # finite gradients can still step to non-finite weights (weight decay x a huge lr); one sync
+        weights_ok = torch.stack([torch.isfinite(q).all() for q in params]).all()
+        if not bool(weights_ok):
+            self._diverged("the optimizer step made weights non-finite")
         if self.ema is not None:
             self.ema.update(self.policy)
         self.step += 1
         out = {"loss": loss.item(), "load_balance": aux["load_balance"].item(), "lr": self.opt.param_groups[0]["lr"],
                "usage": aux["gates"].detach().float().mean(0).cpu()}
-        if gnorm is not None:
-            out["grad_norm"] = gnorm
+        out["grad_norm"] = gnorm
         return out
+
+    def _check_finite(self, what: str, value: float) -> None:
+        if not math.isfinite(value):
+            self._diverged(f"the {what} is {value}")
+
+    def _diverged(self, why: str) -> None:
+        raise TrainingError(
+            f"training stopped at step {self.step}: {why} (lr {self.lr_at(self.step):.3g}; a "
+            f"learning rate too high for the data is the usual cause); nothing non-finite was written"
+            + (f", the last saved checkpoint in {self.out} is kept" if (self.out / STATE_FILE).is_file() else ""),
+            exit_code=1)
 
     def train(self, steps: int | None = None) -> dict:
         o = self.cfg.optim
@@ -247,24 +290,18 @@ class Trainer:
             except ImportError:
                 pass
         t0, n0 = time.perf_counter(), self.step
-        while self.step < end:
-            m = self.train_step()
-            self.losses.append(m["loss"])
-            if self.is_main:
-                sps = (self.step - n0) * o.batch_size / max(1e-9, time.perf_counter() - t0)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{m['loss']:.4f}", lb=f"{m['load_balance']:.3f}", sps=f"{sps:.1f}")
-                if self.tb is not None and (self.step % self.cfg.log_every == 0 or self.step == end):
-                    self.tb.add_scalar("loss/diffusion", m["loss"], self.step)
-                    self.tb.add_scalar("loss/load_balance", m["load_balance"], self.step)
-                    self.tb.add_scalar("lr", m["lr"], self.step)
-                    self.tb.add_scalar("throughput/samples_per_s", sps, self.step)
-                    for l, row in enumerate(m["usage"]):
-                        for e, v in enumerate(row):
-                            self.tb.add_scalar(f"expert_usage/layer{l}/expert{e}", float(v), self.step)
-            if self.cfg.ckpt_every and self.step % self.cfg.ckpt_every == 0 and self.step < end:
-                self.save_checkpoint()
+        try:
+            while self.step < end:
+                m = self.train_step()
+                self.losses.append(m["loss"])
+                if self.is_main:
+                    self._report(m, end, bar, (self.step - n0) * o.batch_size / max(1e-9, time.perf_counter() - t0))
+                if self.cfg.ckpt_every and self.step % self.cfg.ckpt_every == 0 and self.step < end:
+                    self.save_checkpoint()
+        except TrainingError:
+            if bar is not None:
+                bar.close()   # the error then starts a line of its own
+            raise
         elapsed = time.perf_counter() - t0
         if bar is not None:
             bar.close()
@@ -278,6 +315,20 @@ class Trainer:
             if self.tb is not None:
                 self.tb.flush()
         return summary
+
+    def _report(self, m: dict, end: int, bar, sps: float) -> None:
+        """Progress bar and TensorBoard scalars of one step (rank 0)."""
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{m['loss']:.4f}", lb=f"{m['load_balance']:.3f}", sps=f"{sps:.1f}")
+        if self.tb is not None and (self.step % self.cfg.log_every == 0 or self.step == end):
+            self.tb.add_scalar("loss/diffusion", m["loss"], self.step)
+            self.tb.add_scalar("loss/load_balance", m["load_balance"], self.step)
+            self.tb.add_scalar("lr", m["lr"], self.step)
+            self.tb.add_scalar("throughput/samples_per_s", sps, self.step)
+            for l, row in enumerate(m["usage"]):
+                for e, v in enumerate(row):
+                    self.tb.add_scalar(f"expert_usage/layer{l}/expert{e}", float(v), self.step)
 
     # ---- checkpoints -----------------------------------------------------------------------------
     def export_policy(self) -> MoDEPolicy:
@@ -294,14 +345,19 @@ class Trainer:
                 torch.distributed.barrier()
             return
         self.out.mkdir(parents=True, exist_ok=True)
+        bad = [k for k, v in self.policy.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise TrainingError(f"step {self.step}: {len(bad)} weight tensor(s) are non-finite ({bad[:3]}): not "
+                                f"saved; the last saved checkpoint in {self.out} is kept", exit_code=1)
+        _remove_stale_exports(self.out)
         state = {"step": self.step, "model": self.policy.state_dict(), "optim": self.opt.state_dict(),
                  "ema": self.ema.state_dict() if self.ema else None, "losses": self.losses,
                  "rng": {"torch": torch.get_rng_state(),
                          "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
                  "config": self.cfg_dict(), "normalization": self._norm_state()}
-        tmp = self.out / "train_state.pt.tmp"
+        tmp = self.out / (STATE_FILE + ".tmp")
         torch.save(state, tmp)
-        os.replace(tmp, self.out / "train_state.pt")
+        os.replace(tmp, self.out / STATE_FILE)
         pol = self.export_policy()
         _save_with_norm(pol, self.out / "export")
         try:
@@ -323,10 +379,18 @@ class Trainer:
                 for k, a in (("action", self.policy.action_norm), ("state", self.policy.state_norm))}
 
     def resume(self) -> bool:
-        p = self.out / "train_state.pt"
+        """Continue from OUT_DIR/train_state.pt; False when there is none. A file that cannot be read
+        (empty, truncated, not a training state) raises :class:`TrainingError` naming it."""
+        p = self.out / STATE_FILE
         if not p.is_file():
             return False
-        st = torch.load(p, map_location="cpu", weights_only=False)
+        try:
+            st = torch.load(p, map_location="cpu", weights_only=False)
+            if not isinstance(st, dict) or not {"step", "model", "optim", "losses", "rng"} <= set(st):
+                raise ValueError("not a mode_ros training state (keys step, model, optim, losses, rng)")
+        except Exception as exc:  # noqa: BLE001 - pickle/zip/EOF errors of a broken file: one line naming it
+            raise TrainingError(f"{p}: cannot resume from it: {type(exc).__name__}: {exc} (delete it to start "
+                                f"from step 0)") from None
         saved = st.get("normalization")
         if saved is not None:
             # the statistics are refitted from cfg.data at start-up: if the data changed since the
@@ -352,6 +416,31 @@ class Trainer:
             torch.manual_seed(self.cfg.seed + self.rank + 1000 * self.step)
         self._say(f"resumed from {p} at step {self.step}")
         return True
+
+
+def _data_error(paths, exc: Exception) -> str:
+    """A one-line message for a dataset that cannot be opened, naming the file at fault."""
+    from ..data.episodes import EpisodeReader
+
+    if any(str(p) in str(exc) for p in paths):
+        return str(exc)
+    for p in paths:
+        try:
+            EpisodeReader(p)
+        except Exception as err:  # noqa: BLE001 - h5py raises OSError/KeyError for broken files
+            return f"{p}: not an episode file ({type(err).__name__}: {err})"
+    return f"data.paths {list(paths)}: {type(exc).__name__}: {exc}"
+
+
+def _remove_stale_exports(out: Path) -> None:
+    """Temp folders of an export cut short (kill -9 inside save_pretrained); only this process writes
+    into out_dir, so any of them is stale."""
+    import shutil
+
+    for d in out.glob(TMP_EXPORT_GLOB):
+        if d.is_dir():
+            shutil.rmtree(d, ignore_errors=True)
+            log.warning("removed %s, left by an export that did not finish", d)
 
 
 def _shift(x: torch.Tensor, shifts: torch.Tensor | None, pad: int) -> torch.Tensor:
