@@ -63,9 +63,8 @@ class VirtualTime:
 
     def start(self) -> None:
         """The controller claimed an inference: compute it now; it lands after the modelled latency."""
-        ctl = self.controller
-        req = ctl.prepare()
-        if isinstance(req, str):
+        req = self.request()
+        if req is None:
             return
         t0 = time.perf_counter()
         actions, error = None, ""
@@ -73,12 +72,26 @@ class VirtualTime:
             actions = req.call(self.predict)
         except ValueError as exc:
             error = f"inference refused: {exc}"
-        wall = time.perf_counter() - t0
+        self.submit(req, actions, error, time.perf_counter() - t0)
+
+    def request(self) -> Request | None:
+        """The request of the inference the controller claimed (None: none can run now, it said why).
+        With :meth:`submit`, a caller may compute several controllers' requests in one batch."""
+        req = self.controller.prepare()
+        return None if isinstance(req, str) else req
+
+    def submit(self, req: Request, actions=None, error: str = "", wall: float = 0.0) -> None:
+        """The result of ``req``, computed now in ``wall`` seconds: it lands after the modelled latency."""
         self.walls.append(wall)
-        lockstep = ctl.p.lockstep_inference
+        lockstep = self.controller.p.lockstep_inference
         latency = 0.0 if lockstep or error else float(self.latency(wall))
         done = self.clock_ns + int(round(latency * self.rate * 1e9))
         self.pending = Pending(done, req, actions, error, latency, wall)
+
+    @property
+    def claimed(self) -> bool:
+        """The controller claimed an inference that has not started yet."""
+        return self.controller.inflight and self.pending is None
 
     def land(self, upto_ns: int | None = None) -> Output | None:
         """The inference in flight lands if it is done by ``upto_ns`` (default: now), with the clock as

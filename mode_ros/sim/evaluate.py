@@ -280,57 +280,123 @@ def _controller(policy, strategy: str, d: int, cfg: DelayEvalConfig, goal: str):
     return ctl, vt
 
 
+class _Episode:
+    """One held-out episode under its own controller, stepped tick by tick (see run_delay_episodes)."""
+
+    def __init__(self, policy, task: str, index: int, strategy: str, d: int, cfg: DelayEvalConfig, task_index: int):
+        self.sim = MetaWorldSim(task, cameras=_policy_cameras(policy), image_size=cfg.image_size,
+                                max_steps=cfg.max_steps)
+        self.ctl, self.vt = _controller(policy, strategy, d, cfg, instruction_for(task))
+        self.t0 = (1 + task_index * 100_000 + index * 100) * 1_000_000_000   # stamps (and noise) per episode
+        self.obs = self.sim.reset("eval", cfg.seed, index)
+        self.prev = None              # (action, plan sequence) executed at the previous tick
+        self.switch, self.inside, self.idle = [], [], 0
+        self.result = None
+        self.cpu = 0.0                # CPU seconds of this episode's inferences (its share of a batch)
+
+    def tick(self, k: int, cams, pick, names) -> int:
+        """Inputs and tick at step k (a result due by then lands first); returns the tick time."""
+        t = self.t0 + k * self.ctl.period_ns
+        self.vt.set_clock(t)
+        self.vt.land(t)
+        for c, name in zip(cams, names):
+            self.ctl.on_image(name, t, self.obs.images[c])
+        if self.ctl.state_dim:
+            self.ctl.on_state(t, self.obs.state[pick])
+        self.res = self.ctl.tick()
+        return t
+
+    def act(self, t: int) -> bool:
+        """Execute this tick's action (a result landing now, d = 0, serves the tick late); True: done."""
+        out = self.res.output or self.vt.land(t)
+        if out is None:
+            action, self.idle, self.prev = np.zeros(ACTION_DIM, np.float32), self.idle + 1, None
+        else:
+            action = np.clip(out.actions[0], -1.0, 1.0)
+            if self.prev is not None:
+                same = out.plan.sequence == self.prev[1]
+                (self.inside if same else self.switch).append(float(np.linalg.norm(action - self.prev[0])))
+            self.prev = (action, out.plan.sequence)
+        self.result = self.sim.step(action)
+        self.obs = self.result.obs
+        return self.result.done
+
+    def summary(self) -> dict:
+        vt, ctl = self.vt, self.ctl
+        return {"success": bool(self.result is not None and self.result.success), "steps": int(self.sim.steps),
+                "switch_changes": self.switch, "inside_changes": self.inside, "ticks_without_action": self.idle,
+                "inferences": len(vt.walls), "inference_wall_s": float(np.sum(vt.walls)) if vt.walls else 0.0,
+                "inference_cpu_s": self.cpu,
+                "estimated_d": ctl.estimated_d, "inference_failures": ctl.counters.get("inference_failures")}
+
+
+def _infer_batch(policy, episodes: list) -> None:
+    """The inferences the episodes' controllers claimed this tick, in one batched call when possible."""
+    reqs = [(e, e.vt.request()) for e in episodes if e.vt.claimed]
+    reqs = [(e, r) for e, r in reqs if r is not None]
+    if not reqs:
+        return
+    c0 = time.process_time()
+    try:
+        _call_batch(policy, reqs)
+    finally:
+        cpu = (time.process_time() - c0) / len(reqs)
+        for e, _ in reqs:
+            e.cpu += cpu
+
+
+def _call_batch(policy, reqs: list) -> None:
+    batch_fn = getattr(policy, "predict_chunk_batch", None)
+    if batch_fn is None or len(reqs) == 1:
+        for e, r in reqs:
+            t0 = time.perf_counter()
+            try:
+                e.vt.submit(r, r.call(policy.predict_chunk), wall=time.perf_counter() - t0)
+            except ValueError as exc:
+                e.vt.submit(r, error=f"inference refused: {exc}")
+        return
+    images = [np.stack([r.images[c] for _, r in reqs]) for c in range(len(reqs[0][1].images))] or None
+    states = np.stack([r.state for _, r in reqs]) if reqs[0][1].state is not None else None
+    prefixes = [r.prefix for _, r in reqs]
+    t0 = time.perf_counter()
+    try:
+        out = np.asarray(batch_fn(images, [r.goal for _, r in reqs], states, seed=reqs[0][1].seed,
+                                  prefixes=prefixes if any(p is not None for p in prefixes) else None))
+    except ValueError as exc:
+        for e, r in reqs:
+            e.vt.submit(r, error=f"inference refused: {exc}")
+        return
+    wall = (time.perf_counter() - t0) / len(reqs)   # per chunk
+    for (e, r), actions in zip(reqs, out):
+        e.vt.submit(r, actions, wall=wall)
+
+
+def run_delay_episodes(policy, task: str, indices: Sequence[int], strategy: str, d: int, cfg: DelayEvalConfig,
+                       task_index: int = 0) -> list[dict]:
+    """Held-out episodes of one task side by side (one controller each, one batched policy call per
+    tick); per episode: success, steps, the executed actions' changes at chunk switches (the newest plan
+    changed) and inside chunks, ticks without an action (before the first chunk lands)."""
+    cams, pick = _policy_cameras(policy), state_indices(policy)
+    names = list(getattr(policy, "camera_names", []) or [])
+    episodes = [_Episode(policy, task, i, strategy, d, cfg, task_index) for i in indices]
+    try:
+        active = list(episodes)
+        for k in range(cfg.max_steps):
+            times = [e.tick(k, cams, pick, names) for e in active]
+            _infer_batch(policy, active)
+            active = [e for e, t in zip(active, times) if not e.act(t)]
+            if not active:
+                break
+        return [e.summary() for e in episodes]
+    finally:
+        for e in episodes:
+            e.sim.close()
+
+
 def run_delay_episode(policy, task: str, index: int, strategy: str, d: int, cfg: DelayEvalConfig,
                       task_index: int = 0) -> dict:
-    """One held-out episode; returns success, steps and the executed actions' changes at chunk switches
-    (the newest plan changed) and inside chunks."""
-    cams = _policy_cameras(policy)
-    pick = state_indices(policy)
-    sim = MetaWorldSim(task, cameras=cams, image_size=cfg.image_size, max_steps=cfg.max_steps)
-    goal = instruction_for(task)
-    ctl, vt = _controller(policy, strategy, d, cfg, goal)
-    period_ns = ctl.period_ns
-    t0 = (1 + task_index * 100_000 + index * 100) * 1_000_000_000   # stamps (and sampler noise) per episode
-    try:
-        obs = sim.reset("eval", cfg.seed, index)
-        prev = None            # (action, plan sequence) executed at the previous tick
-        switch, inside, idle = [], [], 0
-        res = None
-        for k in range(cfg.max_steps):
-            t = t0 + k * period_ns
-            out = _controlled_tick(ctl, vt, t, obs, cams, pick, policy)
-            if out is None:
-                action, idle, prev = np.zeros(ACTION_DIM, np.float32), idle + 1, None
-            else:
-                action = np.clip(out.actions[0], -1.0, 1.0)
-                if prev is not None:
-                    (switch if out.plan.sequence != prev[1] else inside).append(float(np.linalg.norm(action - prev[0])))
-                prev = (action, out.plan.sequence)
-            res = sim.step(action)
-            obs = res.obs
-            if res.done:
-                break
-    finally:
-        sim.close()
-    return {"success": bool(res is not None and res.success), "steps": int(sim.steps), "switch_changes": switch,
-            "inside_changes": inside, "ticks_without_action": idle, "inferences": len(vt.walls),
-            "inference_wall_s": float(np.sum(vt.walls)) if vt.walls else 0.0,
-            "estimated_d": ctl.estimated_d, "inference_failures": ctl.counters.get("inference_failures")}
-
-
-def _controlled_tick(ctl, vt, t: int, obs, cams, pick, policy):
-    """A result due by ``t`` lands (just before the tick), the inputs of the tick (stamped t), the tick;
-    a result landing at this very tick (d = 0, or the first chunk) serves it late."""
-    vt.set_clock(t)
-    vt.land(t)
-    for c, name in zip(cams, getattr(policy, "camera_names", []) or []):
-        vt.kick(ctl.on_image(name, t, obs.images[c]))
-    if policy.state_dim:
-        vt.kick(ctl.on_state(t, obs.state[pick]))
-    res = ctl.tick()
-    if res.request:
-        vt.start()
-    return res.output or vt.land(t)
+    """One held-out episode (:func:`run_delay_episodes` with one index)."""
+    return run_delay_episodes(policy, task, [index], strategy, d, cfg, task_index)[0]
 
 
 def _summarise(episodes: list[dict]) -> dict:
@@ -343,6 +409,7 @@ def _summarise(episodes: list[dict]) -> dict:
             "switch_change": float(np.mean(sw)) if sw else None, "inside_change": float(np.mean(ins)) if ins else None,
             "switch_over_inside": float(np.mean(sw) / np.mean(ins)) if sw and ins and np.mean(ins) > 0 else None,
             "ms_per_chunk": 1e3 * sum(e["inference_wall_s"] for e in episodes) / n_inf if n_inf else None,
+            "cpu_ms_per_chunk": 1e3 * sum(e["inference_cpu_s"] for e in episodes) / n_inf if n_inf else None,
             "ticks_without_action": int(sum(e["ticks_without_action"] for e in episodes)),
             "inference_failures": int(sum(e["inference_failures"] for e in episodes))}
 
@@ -358,8 +425,7 @@ def evaluate_delays(policy, cfg: DelayEvalConfig, log: Callable[[str], None] | N
         for d in cfg.delays:
             eps_by_task = {}
             for ti, task in enumerate(cfg.tasks):
-                eps_by_task[task] = [run_delay_episode(policy, task, i, strategy, d, cfg, ti)
-                                     for i in range(cfg.episodes)]
+                eps_by_task[task] = run_delay_episodes(policy, task, range(cfg.episodes), strategy, d, cfg, ti)
             pooled = _summarise([e for v in eps_by_task.values() for e in v])
             pooled["tasks"] = {t: _summarise(v) for t, v in eps_by_task.items()}
             report["results"][f"{strategy}@{d}"] = {"strategy": strategy, "d": d, **pooled}
@@ -378,7 +444,7 @@ def evaluate_delays(policy, cfg: DelayEvalConfig, log: Callable[[str], None] | N
 
 def format_delay_table(report: dict) -> str:
     head = (f"{'strategy':13s} {'d':>2s} {'success':>8s} {'steps':>7s} {'switch':>7s} {'inside':>7s} "
-            f"{'sw/in':>6s} {'ms/chunk':>9s} {'idle':>5s}")
+            f"{'sw/in':>6s} {'cpu ms/chunk':>12s} {'idle':>5s}")
     lines = [head, "-" * len(head)]
 
     def f(v, fmt):
@@ -386,5 +452,6 @@ def format_delay_table(report: dict) -> str:
     for r in report["results"].values():
         lines.append(f"{r['strategy']:13s} {r['d']:2d} {r['success_rate']:8.3f} {f(r['mean_steps_success'], '7.1f')} "
                      f"{f(r['switch_change'], '7.4f')} {f(r['inside_change'], '7.4f')} "
-                     f"{f(r['switch_over_inside'], '6.2f')} {f(r['ms_per_chunk'], '9.1f')} {r['ticks_without_action']:5d}")
+                     f"{f(r['switch_over_inside'], '6.2f')} {f(r.get('cpu_ms_per_chunk'), '12.1f')} "
+                     f"{r['ticks_without_action']:5d}")
     return "\n".join(lines)
