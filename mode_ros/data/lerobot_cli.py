@@ -16,13 +16,13 @@ def register_convert(sub) -> None:
                        description="Import local LeRobot dataset folders (nothing is downloaded) into the episode "
                                    "format. A JSON report (episodes/frames in and out, skipped episodes with reasons) "
                                    "is written beside --out (demos.hdf5 -> demos.report.json).")
-    p.add_argument("datasets", nargs="+", metavar="DATASET_DIR")
-    p.add_argument("--out", required=True, metavar="OUT.hdf5")
+    p.add_argument("datasets", nargs="+", metavar="DATASET_DIR", help="local LeRobot dataset folder(s) (v2.1 or v3.0)")
+    p.add_argument("--out", required=True, metavar="OUT.hdf5", help="episode file to write")
     p.add_argument("--map", metavar="MAP.yaml", help="LeRobot keys -> cameras/state/action "
                    "(config/lerobot_map.example.yaml; default: every image/video feature is a camera, "
                    "observation.state the state, action the action)")
     p.add_argument("--instruction", help="fixed language goal instead of the dataset's task strings")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the full report as JSON")
     p.set_defaults(func=_convert)
@@ -34,8 +34,9 @@ def register_export(sub) -> None:
                        description="Write episode files (.hdf5) and/or bags (converted with --topics through the "
                                    "bag converter) as one LeRobot v3.0 dataset folder: meta/info.json, stats.json, "
                                    "tasks.parquet, episodes/, data/ parquet and one mp4 per camera.")
-    p.add_argument("inputs", nargs="+", metavar="EPISODES_OR_BAG")
-    p.add_argument("--out", required=True, metavar="DATASET_DIR")
+    p.add_argument("inputs", nargs="+", metavar="EPISODES_OR_BAG",
+                   help="episode HDF5 files, or bags (folder, .db3, .mcap; with --topics)")
+    p.add_argument("--out", required=True, metavar="DATASET_DIR", help="LeRobot v3.0 dataset folder to write")
     p.add_argument("--topics", metavar="MAP.yaml", help="topic map for bag inputs (config/bag_topics.example.yaml)")
     p.add_argument("--vcodec", default="h264", choices=["h264", "av1"], help="video codec (default h264)")
     p.add_argument("--pix-fmt", default="yuv420p", choices=["yuv420p", "yuv444p"],

@@ -81,7 +81,7 @@ def register(subparsers) -> None:
                         "the action change at chunk switches vs inside chunks (JSON with --json, and a table)")
     e.add_argument("--strategy", default="replan,rtc_replace,rtc_guidance,ensemble", metavar="S,S,...",
                    help="--delay-ticks: execution strategies (replan, open_loop, ensemble, rtc_replace, "
-                        "rtc_guidance); replan and rtc re-plan every --replan-every rows (default 5), ensemble every row")
+                        "rtc_guidance); replan and rtc re-plan every --replan-every rows (5 when unset), ensemble every row")
     e.add_argument("--weight-quant", choices=["none", "int8", "fp8"], default="none",
                    help="in-process policy: fused sampler with weight-only int8/fp8 experts (fp8: CUDA only)")
     e.set_defaults(func=_cmd_eval)
