@@ -132,7 +132,8 @@ def test_one_checkpoint_resolver_with_clear_errors(tmp_path, capsys):
         resolve_checkpoint(run)
     with pytest.raises(CheckpointError, match="config.yaml but no model.safetensors"):
         resolve_checkpoint(run / "export")
-    assert isinstance(CheckpointError("x"), FileNotFoundError) and isinstance(CheckpointError("x"), ValueError)
+    from mode_ros.model import policy
+    assert policy.CheckpointError is CheckpointError   # one error type for every checkpoint problem
     # the same resolver behind the commands: 'bundled' works where a folder does, a bad folder is exit 2
     from mode_ros.replay.session import ModelInfo, ReplayError
     assert ModelInfo.from_checkpoint("bundled").state_dim == 21

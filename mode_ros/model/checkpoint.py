@@ -27,9 +27,9 @@ _WHAT = (f"a mode_ros checkpoint is a folder with {CONFIG_FILE} and {WEIGHTS_FIL
          f"OUT/export; 'bundled' names the MT10 checkpoint shipped in the package")
 
 
-class CheckpointError(ConfigError, FileNotFoundError):
-    """A checkpoint argument names no (complete) checkpoint folder (a ConfigError of the model layer,
-    and a FileNotFoundError for callers that handle missing files)."""
+class CheckpointError(ConfigError):
+    """A checkpoint argument names no (complete) checkpoint folder, or a checkpoint file cannot be read
+    or does not fit the model; the message starts with the folder or file."""
 
 
 def bundled_checkpoint(name: str = "bundled") -> Path:
