@@ -360,3 +360,52 @@ def test_convert_out_existing_directory_one_line(tmp_path, episodes, capsys):
                  ["convert", "bag", str(tmp_path), "--topics", "x.yaml", "--out", str(out)]):
         rc, err = run_cli(argv, capsys)
         assert rc == 2 and f"{out} is a directory" in one_line(err), err
+
+
+# ---- replay: problems named, exit codes --------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def replay_bag(tmp_path_factory):
+    import yaml
+
+    import replay_helpers as RH
+
+    d = tmp_path_factory.mktemp("replay")
+    bag = RH.write_bag(d / "bag", "sqlite3", seconds=1.5)
+    (d / "map.yaml").write_text(yaml.safe_dump(RH.TOPIC_MAP))
+    return bag, d / "map.yaml"
+
+
+def init_ckpt(out: Path, state_dim: int) -> Path:
+    from mode_ros.cli import main
+
+    assert main(["init", "--preset", "tiny", "--out", str(out), "--cameras", "static,gripper", "--action-dim", "3",
+                 "--state-dim", str(state_dim), "--goals", "open the drawer"]) == 0
+    return out
+
+
+def test_replay_checkpoint_state_not_fitting_the_bag_is_a_problem(replay_bag, tmp_path, capsys):
+    bag, topics = replay_bag
+    ck = init_ckpt(tmp_path / "ck4", state_dim=4)       # the bag's state has 3 joints
+    capsys.readouterr()
+    rc, _ = run_cli(["replay", str(bag), "--checkpoint", str(ck), "--topics", str(topics), "--offline", "--out",
+                     str(tmp_path / "out"), "-p", "torch_threads=1", "-p", "warmup=false", "--quiet"], capsys)
+    rep = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert rc == 1 and not rep["ok"]
+    assert any(p.startswith("all ") and "joint_states messages were rejected (the checkpoint's state_dim is 4"
+               in p for p in rep["problems"]), rep["problems"]
+
+
+def test_replay_usage_and_checkpoint_file_errors(replay_bag, tmp_path, capsys):
+    bag, topics = replay_bag
+    from mode_ros.cli import main
+
+    with pytest.raises(SystemExit) as ei:
+        main(["replay", str(bag), "--duration", "-3"])
+    assert ei.value.code == 2 and "--duration: must be > 0, got -3" in capsys.readouterr().err
+    ck = init_ckpt(tmp_path / "ck", state_dim=3)
+    weights = ck / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:4096])    # truncated
+    capsys.readouterr()
+    rc, err = run_cli(["replay", str(bag), "--checkpoint", str(ck), "--topics", str(topics), "--offline",
+                       "--out", str(tmp_path / "out"), "--quiet"], capsys)
+    assert rc == 2 and str(weights) in one_line(err), err

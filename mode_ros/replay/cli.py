@@ -35,7 +35,7 @@ def register(subparsers) -> None:
     p.add_argument("--topics", metavar="MAP.yaml",
                    help="topic map of `mode-ros convert bag` (cameras, language, action[, state]); default: "
                         "guessed from the bag (…/image_<camera>, …/goal, …/action)")
-    p.add_argument("--rate", type=float, default=1.0,
+    p.add_argument("--rate", type=_positive, default=1.0,
                    help="playback speed (live: wall pacing; offline: scales the emulated inference latency)")
     p.add_argument("--out", metavar="DIR", help="output folder (default replay_out/<bag name>)")
     p.add_argument("--offline", action="store_true", help="no DDS: MoDEPolicy in-process, node logic emulated")
@@ -62,13 +62,24 @@ def register(subparsers) -> None:
     p.add_argument("--tick-settle", type=float, default=0.015, metavar="S",
                    help="live: wall seconds after each control tick before the next bag message is published, so "
                         "the node's tick and inference thread see the inputs of that tick (0: pure recorded timing)")
-    p.add_argument("--duration", type=float, metavar="S", help="replay only the first S seconds of each bag")
+    p.add_argument("--duration", type=_positive, metavar="S", help="replay only the first S seconds of each bag")
     p.add_argument("--storage", choices=["sqlite3", "mcap"], help="format of OUT/chunks (default: the input's)")
     p.add_argument("--start-timeout", type=float, default=300.0, help="seconds to wait for the node to be active")
     p.add_argument("--overwrite", action="store_true", help="reuse a non-empty OUT")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the report JSON instead of the summary")
     p.set_defaults(func=main)
+
+
+def _positive(text: str) -> float:
+    """argparse type: a number > 0 (a negative --duration is a usage error, not a TypeError later)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return v
 
 
 def _ints(text):

@@ -195,6 +195,22 @@ def run_offline(sess) -> None:
         sess.problems.append(f"{fails} inference(s) failed (last: {drv.ctl.last_failure or 'see counters'})")
     if refused:
         sess.problems.append(f"{refused} goal(s) refused ({drv.ctl.last_failure or 'see counters'})")
+    sess.problems += never_accepted(drv.ctl, counters)
+
+
+def never_accepted(ctl, counters: dict) -> list[str]:
+    """An input of which every message was rejected (a checkpoint whose state or cameras do not fit the
+    bag): the replay published nothing for a reason the tick counts alone would hide."""
+    out = []
+    n = int(counters.get("rejected.joint_states", 0))
+    if n and ctl.state is None and ctl.state_dim > 0:
+        out.append(f"all {n} joint_states messages were rejected (the checkpoint's state_dim is {ctl.state_dim}; "
+                   "see counters rejected.joint_states*)")
+    for cam, buf in ctl.buffers.items():
+        n = int(counters.get(f"rejected.image_{cam}", 0))
+        if n and buf.received == 0:
+            out.append(f"all {n} images of camera {cam} were rejected (see counters rejected.image_{cam}*)")
+    return out
 
 
 class _ChunkWriter:

@@ -40,7 +40,10 @@ from std_srvs.srv import SetBool
 from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
 
 from mode_ros.msg import ActionChunk
-from mode_ros.ros.params import NODE_NAME, PARAMS, NodeParams, ParameterError, state_selection, validate
+from mode_ros.data.images import pixel_limit
+from mode_ros.ros.convert import InputRejected, joint_state_vector
+from mode_ros.ros.params import (NODE_NAME, PARAMS, NodeParams, ParameterError, state_selection, unknown_parameters,
+                                 validate)
 from mode_ros.control.controller import NS, ChunkController, Output
 from mode_ros.control.stats import Counters, RateLimitedLog, RateMeter
 
@@ -57,12 +60,18 @@ GOAL_QOS = QoSProfile(depth=1, history=HistoryPolicy.KEEP_LAST, reliability=Reli
                       durability=DurabilityPolicy.TRANSIENT_LOCAL)
 GOAL_VOLATILE_QOS = QoSProfile(depth=10, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE,
                                durability=DurabilityPolicy.VOLATILE)
+# every ~/enable request is answered: the default service QoS (keep last 10) drops requests that
+# arrive together beyond the 10th (issue 19: 10-12 of 60 simultaneous calls answered)
+SERVICE_QOS = QoSProfile(history=HistoryPolicy.KEEP_ALL, reliability=ReliabilityPolicy.RELIABLE)
 OUTPUT_QOS = QoSProfile(depth=10, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE)
 
 
 def descriptor(spec) -> ParameterDescriptor:
     """ParameterDescriptor (type, description, range, constraints) of one entry of the table."""
     d = ParameterDescriptor(name=spec.name, type=_ROS_TYPES[spec.type], description=spec.description)
+    # double parameters take any type from rclpy and are checked by params.validate: an integer
+    # (`control_rate_hz: 30`) is accepted as a float, a string is refused naming the parameter
+    d.dynamic_typing = spec.type in ("double", "double_array")
     extra = []
     if spec.choices:
         extra.append("one of: " + ", ".join(spec.choices))
@@ -126,6 +135,11 @@ class PolicyNode(LifecycleNode):
         super().__init__(node_name, **kwargs)
         for spec in PARAMS:
             self.declare_parameter(spec.name, spec.default, descriptor(spec))
+        # rclpy keeps the overrides of a params file / -p without a public accessor; a name no one
+        # declared is a typo the node would otherwise ignore silently
+        overrides = getattr(self, "_parameter_overrides", {})
+        for line in unknown_parameters(overrides, [n for n in overrides if self.has_parameter(n)]):
+            self.get_logger().warning(line)
         self.add_on_set_parameters_callback(self._validate_parameters)
         self.p = self._read_params()
         self._log = RateLimitedLog(self.p.log_throttle_period)
@@ -135,13 +149,14 @@ class PolicyNode(LifecycleNode):
         self.policy = None
         self.enabled = bool(self.p.start_enabled)   # ~/enable (kept across configure/cleanup)
         self.reason = "unconfigured"
+        self.finalized = False   # set by the shutdown transition: main() then exits
         self._expected_latency = 0.0
         self._infer_stop = threading.Event()
         self._infer_request = threading.Event()
 
         self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         self._diag_timer = self.create_timer(self.p.diagnostics_period, self._publish_diagnostics)
-        self.create_service(SetBool, "~/enable", self._on_enable)
+        self.create_service(SetBool, "~/enable", self._on_enable, qos_profile=SERVICE_QOS)
         if hasattr(self, "add_post_set_parameters_callback"):
             self.add_post_set_parameters_callback(self._apply_live_parameters)
         if self.p.autostart:
@@ -236,6 +251,8 @@ class PolicyNode(LifecycleNode):
         dtype = None if self.p.dtype == "auto" else self.p.dtype
         policy = MoDEPolicy.from_pretrained(self.p.checkpoint, device=self.p.device, dtype=dtype)
         self.p.check_against_policy(policy.chunk_size, policy.action_dim, policy.state_dim)
+        self._max_pixels = pixel_limit(policy.config.vision.image_size if policy.camera_names else None,
+                                       self.p.max_image_pixels)
         self.policy = policy
         mode = self.p.fast_inference
         if mode == "auto":
@@ -344,6 +361,7 @@ class PolicyNode(LifecycleNode):
         self._stop_ticking()
         self._release()
         self.reason = "finalized"
+        self.finalized = True   # main() answers this transition, then the process exits (a launch file sees it)
         return TransitionCallbackReturn.SUCCESS
 
     def on_error(self, state: LifecycleState) -> TransitionCallbackReturn:
@@ -396,8 +414,9 @@ class PolicyNode(LifecycleNode):
 
         try:
             img = decode_image(msg.encoding, msg.height, msg.width, msg.step, msg.data,
-                               is_bigendian=bool(msg.is_bigendian))
+                               is_bigendian=bool(msg.is_bigendian), max_pixels=self._max_pixels)
         except ImageDecodeError as exc:
+            self.counters.inc(f"rejected.image_{cam}:{exc.reason}")
             self._reject(f"image_{cam}", f"camera {cam}: image rejected: {exc}")
             return
         self._start_inference(self.ctl.on_image(cam, self._stamp_ns(msg.header), img))
@@ -406,43 +425,27 @@ class PolicyNode(LifecycleNode):
         from mode_ros.data.images import ImageDecodeError, decode_compressed
 
         try:
-            img = decode_compressed(msg.format, msg.data)
+            img = decode_compressed(msg.format, msg.data, max_pixels=self._max_pixels)
         except ImageDecodeError as exc:
+            self.counters.inc(f"rejected.image_{cam}:{exc.reason}")
             self._reject(f"image_{cam}", f"camera {cam}: compressed image rejected: {exc}")
             return
         self._start_inference(self.ctl.on_image(cam, self._stamp_ns(msg.header), img))
 
     def _on_joint_state(self, msg: JointState) -> None:
         n = self.policy.state_dim if self.policy is not None else 0
-        fields = {"position": ["position"], "velocity": ["velocity"],
-                  "position_velocity": ["position", "velocity"]}[self.p.state_field]
-        per = n // len(fields)
         try:
-            names = list(msg.name)
-            by_name = bool(self.state_names) and (not self._state_names_recorded
-                                                  or set(self.state_names) <= set(names))
-            if by_name:
-                idx = [names.index(j) for j in self.state_names]
-            else:
-                if self.state_names:
-                    self.get_logger().warning(
-                        f"joint_states has no joints {self.state_names} (the checkpoint's state names): using "
-                        f"the first {per} values in message order; set state_joint_names to choose", once=True)
-                idx = list(range(per))
-            parts = []
-            for f in fields:
-                vals = np.asarray(getattr(msg, f), dtype=np.float64)
-                parts.append(vals[idx])
-            vec = np.concatenate(parts)
-        except ValueError as exc:
-            self._reject("joint_states", f"joint_states rejected: joint missing ({exc}); "
-                                         f"state_joint_names={self.state_names}")
+            vec32, by_name = joint_state_vector(msg, self.p.state_field, n, self.state_names,
+                                                select_optional=self._state_names_recorded)
+        except InputRejected as exc:
+            self.counters.inc(f"rejected.joint_states:{exc.reason}")
+            self._reject("joint_states", f"{exc}; state_joint_names={self.state_names}")
             return
-        except IndexError:
-            self._reject("joint_states", f"joint_states rejected: fewer values than needed for state_dim {n} "
-                                         f"({self.p.state_field})")
-            return
-        self._start_inference(self.ctl.on_state(self._stamp_ns(msg.header), vec))
+        if self.state_names and not by_name:
+            self.get_logger().warning(
+                f"joint_states has no joints {self.state_names} (the checkpoint's state names): using the first "
+                f"values in message order; set state_joint_names to choose", once=True)
+        self._start_inference(self.ctl.on_state(self._stamp_ns(msg.header), vec32))
 
     def _on_goal(self, msg: String) -> None:
         self._set_goal(msg.data, source="~/goal")
@@ -579,7 +582,12 @@ def main(args=None) -> int:
     executor = SingleThreadedExecutor()
     executor.add_node(node)
     try:
-        executor.spin()
+        while not node.finalized:   # spin(), until the shutdown transition
+            executor.spin_once()
+        end = time.monotonic() + 0.5   # let the transition's response reach the caller
+        while time.monotonic() < end:
+            executor.spin_once(timeout_sec=0.05)
+        node.get_logger().info("finalized (shutdown transition): exiting")
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:
