@@ -135,7 +135,9 @@ def test_one_checkpoint_resolver_with_clear_errors(tmp_path, capsys):
     from mode_ros.model import policy
     assert policy.CheckpointError is CheckpointError   # one error type for every checkpoint problem
     # the same resolver behind the commands: 'bundled' works where a folder does, a bad folder is exit 2
+    from mode_ros.model.policy import MoDEPolicy
     from mode_ros.replay.session import ModelInfo, ReplayError
+    assert MoDEPolicy.from_pretrained("bundled").known_goals[0] == "close the drawer"   # also the node's parameter
     assert ModelInfo.from_checkpoint("bundled").state_dim == 21
     with pytest.raises(ReplayError, match="not a mode_ros checkpoint"):
         ModelInfo.from_checkpoint(tmp_path)

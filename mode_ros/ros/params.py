@@ -41,8 +41,8 @@ class ParamSpec:
 
 PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("checkpoint", "string", "",
-              "Checkpoint folder (config.yaml, model.safetensors, normalization.json, goal_embeddings). "
-              "Required: configure fails without it."),
+              "Checkpoint folder (config.yaml, model.safetensors, normalization.json, goal_embeddings), or "
+              "'bundled' (the MT10 checkpoint in the package). Required: configure fails without it."),
     ParamSpec("device", "string", "auto",
               "Torch device: auto (CUDA when present, else CPU), cpu, cuda or cuda:N.",
               pattern=r"auto|cpu|cuda(:\d+)?"),
