@@ -225,6 +225,9 @@ def _jpeg_header(raw: bytes) -> tuple[int, int, int]:
         if marker == 0xFF:           # fill byte
             i += 1
             continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:   # markers without a length
+            i += 2
+            continue
         seglen = int.from_bytes(raw[i + 2:i + 4], "big")
         if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
             seg = raw[i + 4:i + 2 + seglen]
@@ -293,8 +296,8 @@ def compressed_size(fmt: str, data: Any, *, max_pixels: int | None = None) -> tu
 def _open_compressed(fmt: str, data: Any, max_pixels: int | None):
     from PIL import Image, ImageFile
 
-    codec, h, w = compressed_header(fmt, data, max_pixels)
     raw = data if isinstance(data, (bytes, bytearray)) else _as_uint8(data).tobytes()
+    codec, h, w = compressed_header(fmt, raw, max_pixels)
     off = _png_offset(raw) if "compresseddepth" in str(fmt).lower() else 0
     ImageFile.LOAD_TRUNCATED_IMAGES = False   # a truncated image raises; it is never padded with grey
     try:

@@ -582,12 +582,13 @@ def main(args=None) -> int:
     executor = SingleThreadedExecutor()
     executor.add_node(node)
     try:
-        while not node.finalized:   # spin(), until the shutdown transition
+        while rclpy.ok() and not node.finalized:   # spin(), until the shutdown transition
             executor.spin_once()
-        end = time.monotonic() + 0.5   # let the transition's response reach the caller
-        while time.monotonic() < end:
-            executor.spin_once(timeout_sec=0.05)
-        node.get_logger().info("finalized (shutdown transition): exiting")
+        if node.finalized:
+            end = time.monotonic() + 0.5   # let the transition's response reach the caller
+            while rclpy.ok() and time.monotonic() < end:
+                executor.spin_once(timeout_sec=0.05)
+            node.get_logger().info("finalized (shutdown transition): exiting")
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:
