@@ -226,3 +226,23 @@ def test_node_and_offline_replay_drive_the_one_controller():
     node = (ROOT / "mode_ros/ros/policy_node.py").read_text()
     offline = (ROOT / "mode_ros/replay/offline.py").read_text()
     assert "ChunkController(" in node and "ChunkController(" in offline
+
+
+def test_enable_disable_and_deactivate_drop_the_plan():
+    """~/enable false: nothing is published, the plan and the rate limiter's memory are dropped; enabling
+    again claims an inference for the waiting tick at once (lockstep: the tick the simulator waits on)."""
+    clock, pol = Clock(), Policy()
+    ctl = make(clock, goal="go", max_action_delta=[1000.0], lockstep_inference=True, replan_every=5)
+    run(ctl, clock, pol, 1.0)
+    assert ctl.executor.newest is not None and ctl.safety.last is not None
+    assert ctl.set_enabled(False) is False
+    assert ctl.executor.newest is None and ctl.safety.last is None
+    res = run(ctl, clock, pol, 1.1)
+    assert res.output is None and res.key == "disabled"
+    assert ctl.set_enabled(True) is True                         # the waiting tick at 1.1 can be served now
+    out = ctl.infer(pol, lambda: 0.0)
+    assert out is not None and out.tick_ns == int(1.1 * NS) and out.first_index == 0
+    ctl.set_active(False)
+    assert ctl.executor.newest is None
+    clock.at(1.2)
+    assert ctl.tick().key == "inactive"
