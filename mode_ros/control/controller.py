@@ -24,8 +24,9 @@ None = always), counters through :class:`~mode_ros.control.stats.Counters`.
 """
 from __future__ import annotations
 
+import re
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
 import numpy as np
@@ -100,7 +101,6 @@ class Request:
     seed: int | None
     prefix: Any = None         # mode_ros.model.inpainting.ChunkPrefix | None
     requested_at: float = 0.0
-    kwargs: dict = field(default_factory=dict)
 
     def call(self, predict: Callable) -> np.ndarray:
         """``predict(images, goal, state=, seed=[, prefix=])`` (the MoDEPolicy.predict_chunk signature)."""
@@ -176,8 +176,6 @@ class ChunkController:
         return int(np.ceil(self.expected_latency / self.period - 1e-6)) if self.expected_latency > 0 else 0
 
     def _reject(self, kind: str, message: str) -> None:
-        import re
-
         self.counters.inc(f"rejected.{kind}")
         self.log("warning", f"rejected.{kind}:" + re.sub(r"[\d.]+", "#", message)[:80], message)
 
