@@ -477,6 +477,10 @@ class MoDEPolicy(nn.Module):
         if (guide is None and self._graph is not None and self._graph.batch == goal.shape[0]
                 and self._graph.key == self.sampler.key()):
             return self._graph(img, goal, st, noise)
+        if guide is not None and self._graph is not None:
+            self._log_once("rtc_graph", "real-time chunking: chunks with a prefix run the eager %s sampler, "
+                           "not the captured CUDA graph (it has no inputs for the prefix)",
+                           "fused" if self.fused is not None and not guide.needs_grad else "cached")
         return self.sample_normalized(img, goal, st, noise, guide=guide)
 
     def select_fast(self, candidates: Sequence[dict], runs: int = 10, tolerance: float = 0.05,
