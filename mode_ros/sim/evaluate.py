@@ -424,19 +424,20 @@ def evaluate_delays(policy, cfg: DelayEvalConfig, log: Callable[[str], None] | N
     for strategy in cfg.strategies:
         for d in cfg.delays:
             eps_by_task = {}
-            for ti, task in enumerate(cfg.tasks):
+            for ti, task in enumerate(cfg.tasks):   # the JSON after every task: a stopped run keeps its part
                 eps_by_task[task] = run_delay_episodes(policy, task, range(cfg.episodes), strategy, d, cfg, ti)
-            pooled = _summarise([e for v in eps_by_task.values() for e in v])
-            pooled["tasks"] = {t: _summarise(v) for t, v in eps_by_task.items()}
-            report["results"][f"{strategy}@{d}"] = {"strategy": strategy, "d": d, **pooled}
-            report["seconds"] = time.perf_counter() - t_start
+                pooled = _summarise([e for v in eps_by_task.values() for e in v])
+                pooled["tasks"] = {t: _summarise(v) for t, v in eps_by_task.items()}
+                pooled["complete"] = len(eps_by_task) == len(cfg.tasks)
+                report["results"][f"{strategy}@{d}"] = {"strategy": strategy, "d": d, **pooled}
+                report["seconds"] = time.perf_counter() - t_start
+                if cfg.json_path:
+                    Path(cfg.json_path).parent.mkdir(parents=True, exist_ok=True)
+                    Path(cfg.json_path).write_text(json.dumps(report, indent=1))
             if log:
                 log(f"{strategy:13s} d={d}: success {pooled['success_rate']:.3f}  steps "
                     f"{pooled['mean_steps_success'] or float('nan'):.1f}  switch/inside "
                     f"{pooled['switch_over_inside'] or float('nan'):.2f}  ({report['seconds']:.0f} s)")
-            if cfg.json_path:
-                Path(cfg.json_path).parent.mkdir(parents=True, exist_ok=True)
-                Path(cfg.json_path).write_text(json.dumps(report, indent=1))
     if log:
         log(format_delay_table(report))
     return report
@@ -450,8 +451,9 @@ def format_delay_table(report: dict) -> str:
     def f(v, fmt):
         return "-" if v is None else format(v, fmt)
     for r in report["results"].values():
+        part = "" if r.get("complete", True) else f"  ({len(r['tasks'])} tasks)"
         lines.append(f"{r['strategy']:13s} {r['d']:2d} {r['success_rate']:8.3f} {f(r['mean_steps_success'], '7.1f')} "
                      f"{f(r['switch_change'], '7.4f')} {f(r['inside_change'], '7.4f')} "
                      f"{f(r['switch_over_inside'], '6.2f')} {f(r.get('cpu_ms_per_chunk'), '12.1f')} "
-                     f"{r['ticks_without_action']:5d}")
+                     f"{r['ticks_without_action']:5d}{part}")
     return "\n".join(lines)
