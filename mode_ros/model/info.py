@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from ..data.normalization import load_checkpoint_normalization
 from .checkpoint import GOALS_FILE, NORM_FILE, TRAINING_FILE, checkpoint_config, resolve_checkpoint
 from .config import PolicyConfig
 from .denoiser import MoDEDenoiser, count_matmul_flops
@@ -127,10 +128,10 @@ def describe(cfg: PolicyConfig, checkpoint: str | Path | None = None) -> dict:
     if checkpoint is None:
         return d
     path = resolve_checkpoint(checkpoint)
-    norm = _read_json(path / NORM_FILE)
+    norm = load_checkpoint_normalization(path / NORM_FILE, cfg.action_dim, cfg.state_dim)   # as loading does
     d["checkpoint"] = str(path)
-    d["normalization"] = {k: _norm_entry(norm.get(k)) for k in ("action", "state") if norm.get(k)}
-    d["action"]["bounds"] = _bounds(norm.get("action"))
+    d["normalization"] = {k: _norm_entry(norm[k]) for k in ("action", "state") if norm[k]}
+    d["action"]["bounds"] = _bounds(norm["action"])
     d["goals"] = _known_goals(path / GOALS_FILE)
     training = _training_record(path)
     d["control_rate_hz"] = training.get("control_rate_hz")
@@ -159,10 +160,8 @@ def _norm_entry(e: dict) -> dict:
             "constant_dims": [i for i, c in enumerate(e.get("constant") or []) if c]}
 
 
-def _bounds(e: dict | None) -> dict | None:
+def _bounds(e: dict) -> dict:
     """Per-dimension action range: the training data's min/max when recorded, else offset ± scale."""
-    if not e:
-        return None
     stats = (e.get("data") or {}).get("stats") or {}
     if "min" in stats and "max" in stats:
         return {"low": stats["min"], "high": stats["max"], "source": "training data min/max"}
@@ -236,8 +235,6 @@ def format_contract(d: dict) -> str:
         for key, n in d["normalization"].items():
             extra = f", constant dims {n['constant_dims']}" if n["constant_dims"] else ""
             rows.append((f"normalisation {key}", f"{n['mode']} (offset/scale per dim{extra})"))
-        if not d["normalization"]:
-            rows.append(("normalisation", "none recorded (identity)"))
         t = d["training"]
         rows.append(("training steps", f"{t['steps']} ({t['source']})" if t.get("steps") is not None
                      else "not recorded"))
