@@ -140,6 +140,9 @@ def evaluate_ros(args, cfg: EvalConfig, log=print) -> dict | None:
                             "-p", f"seed:={cfg.policy_seed}"]
         if cfg.replan_every:
             policy_cmd += ["-p", f"replan_every:={cfg.replan_every}"]
+        strategy = str(getattr(args, "strategy", "") or "")
+        if strategy and "," not in strategy:   # --strategy S: the node's execution_strategy
+            policy_cmd += ["-p", f"execution_strategy:={strategy}"]
         if getattr(args, "ros_mode", "lockstep") == "lockstep":
             # inference takes no sim time: each chunk comes from the observation of the tick it starts
             # at, so the result does not depend on this machine's speed
