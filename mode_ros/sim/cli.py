@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 import sys
 
 
@@ -40,9 +39,9 @@ def register(subparsers) -> None:
     r.add_argument("--noise", type=float, default=0.0, help="std of Gaussian noise added to expert actions")
     r.add_argument("--rate", type=float, default=20.0, help="control rate (Hz) = sim-clock ticks per env step")
     r.add_argument("--max-steps", type=int, default=500, help="episode step limit (<= 500)")
-    r.add_argument("--storage", choices=["mcap", "sqlite3"], default="mcap")
+    r.add_argument("--storage", choices=["mcap", "sqlite3"], default="mcap", help="rosbag2 storage format")
     r.add_argument("--keep-failures", action="store_true", help="also write episodes the expert failed")
-    r.add_argument("--max-attempts", type=int, default=None, help="per task (default 2N+10)")
+    r.add_argument("--max-attempts", type=int, default=None, help="attempts per task (unset: 2N+10)")
     r.add_argument("--post-success-steps", type=int, default=0, help="steps recorded after the first success")
     r.add_argument("--overwrite", action="store_true", help="replace existing bags of the same name")
     r.set_defaults(func=_cmd_record)
@@ -50,14 +49,14 @@ def register(subparsers) -> None:
     e = sub.add_parser("eval", help="closed-loop success per task on held-out layouts",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     src = e.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", help="checkpoint folder (MoDEPolicy.from_pretrained); 'bundled' = the "
-                     "MT10 checkpoint shipped in the package (mode_ros/assets/metaworld_mt10)")
+    src.add_argument("--checkpoint", help="checkpoint folder, or 'bundled' (the MT10 checkpoint shipped in the "
+                     "package, mode_ros/assets/metaworld_mt10)")
     src.add_argument("--expert", action="store_true", help="evaluate the scripted experts (baseline)")
-    e.add_argument("--tasks", type=_tasks, default="all")
+    e.add_argument("--tasks", type=_tasks, default="all", help="'all' (MT10) or a comma list, e.g. reach,push")
     e.add_argument("--episodes", type=int, default=20, help="held-out episodes per task")
     e.add_argument("--seed", type=int, default=0, help="held-out layout seed (split 'eval')")
-    e.add_argument("--replan-every", type=int, default=None, help="rows of each chunk executed (default: all)")
-    e.add_argument("--max-steps", type=int, default=500)
+    e.add_argument("--replan-every", type=int, default=None, help="rows of each chunk executed before the next inference (unset: all)")
+    e.add_argument("--max-steps", type=int, default=500, help="episode step limit (<= 500)")
     e.add_argument("--image-size", type=int, default=64, help="rendered image size (match the training data)")
     e.add_argument("--batch", type=int, default=0, help="episodes run side by side per task (0 = all)")
     e.add_argument("--device", default="auto", help="policy device: auto|cpu|cuda")
@@ -73,7 +72,7 @@ def register(subparsers) -> None:
                         "ticks are paced by the wall clock (realtime: like a robot)")
     e.add_argument("--rate", type=float, default=20.0, help="--ros: control rate (Hz) of bridge and policy node")
     e.add_argument("--cameras", type=_cams, default=None,
-                   help="--ros: cameras the bridge publishes (default: none for a checkpoint without cameras, "
+                   help="--ros: cameras the bridge publishes (unset: none for a checkpoint without cameras, "
                         "else corner,gripperPOV)")
     e.add_argument("--delay-ticks", default=None, metavar="D,D,...",
                    help="closed loop through the node's chunk controller in sim time with an injected inference "
@@ -82,7 +81,8 @@ def register(subparsers) -> None:
                         "the action change at chunk switches vs inside chunks (JSON with --json, and a table)")
     e.add_argument("--strategy", default="replan,rtc_replace,rtc_guidance,ensemble", metavar="S,S,...",
                    help="--delay-ticks: execution strategies (replan, open_loop, ensemble, rtc_replace, "
-                        "rtc_guidance); replan and rtc re-plan every --replan-every rows (default 5), ensemble every row")
+                        "rtc_guidance); replan and rtc re-plan every --replan-every rows (5 when unset), ensemble every "
+                        "row; with --ros one strategy, set as the node's execution_strategy")
     e.add_argument("--weight-quant", choices=["none", "int8", "fp8"], default="none",
                    help="in-process policy: fused sampler with weight-only int8/fp8 experts (fp8: CUDA only)")
     e.set_defaults(func=_cmd_eval)
@@ -138,20 +138,14 @@ def _cmd_record(args) -> int:
     return 0 if complete else 1  # 1: some task has fewer successful demos than asked
 
 
-def bundled_checkpoint():
-    """The Meta-World MT10 checkpoint shipped inside the package (docs/SIM.md "Results")."""
-    from pathlib import Path
-    return Path(__file__).resolve().parents[1] / "assets" / "metaworld_mt10"
-
-
 def _cmd_eval(args) -> int:
+    from mode_ros.model.checkpoint import resolve_checkpoint
+
     from .evaluate import EvalConfig, ExpertPolicy, evaluate
-    if args.checkpoint in ("bundled", "metaworld_mt10"):
-        args.checkpoint = str(bundled_checkpoint())
-    if not args.expert and args.checkpoint and not (Path(args.checkpoint) / "config.yaml").is_file():
-        # checked here: with --ros the node would load it, fail to configure and leave us waiting
-        print(f"mode-ros sim eval: {args.checkpoint} is not a mode_ros checkpoint (no config.yaml)", file=sys.stderr)
-        return 2
+    if not args.expert:
+        # resolved here ('bundled' -> its folder; CheckpointError: exit 2): with --ros the node would
+        # load it, fail to configure and leave us waiting
+        args.checkpoint = str(resolve_checkpoint(args.checkpoint))
     tasks = args.tasks if isinstance(args.tasks, list) else _tasks(args.tasks)
     if args.delay_ticks is not None:
         return _cmd_eval_delays(args, tasks)
