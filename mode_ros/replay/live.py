@@ -259,6 +259,7 @@ def _replay(sess, node, fqn, proc):
     from mode_ros.data.images import ImageDecodeError, decode_compressed
     from mode_ros.data.rosmsgs import ACTION_CHUNK_TYPE
     from mode_ros.msg import ActionChunk
+    from mode_ros.ros.convert import STATE_FIELDS
     from mode_ros.ros.params import state_selection
     from mode_ros.replay.session import COMPRESSED, IMAGE, ReplayError, schedule, timer_period_ns
     from mode_ros.replay.offline import OfflineDriver, reason_detail
@@ -382,8 +383,7 @@ def _replay(sess, node, fqn, proc):
     state_msg_type = "sensor_msgs/msg/JointState"
     # the JointState the node is fed: the joints an attached node selects by (its state_joint_names or the
     # checkpoint's state names), else replay_state_i (a node started here is told these names)
-    fields = {"position": ("position",), "velocity": ("velocity",),
-              "position_velocity": ("position", "velocity")}[p.state_field]
+    fields = STATE_FIELDS[p.state_field]   # the JointState fields the node concatenates
     per = model.state_dim // len(fields) if model.state_dim else 0
     state_names = state_selection(p.state_joint_names, model.state_names, p.state_field, model.state_dim)
     if len(state_names) != per:
