@@ -185,3 +185,24 @@ def test_recipes_train_a_camera_policy_from_the_cli(tmp_path, capsys, recipe):
     assert sorted(d["goals"]) == ["open the drawer", "push the button"]
     if recipe == "train_quick_images.yaml":
         assert d["cameras"]["image_size"] == [64, 64] and d["cameras"]["encoder"] == "film_resnet18"
+
+
+def test_init_from_resolves_checkpoints_like_every_command(tmp_path, capsys):
+    """The trainer's init_from takes what --checkpoint takes (a folder or 'bundled', the resolver's error
+    otherwise); a file stays an authors'-layout checkpoint."""
+    import torch
+
+    from mode_ros.model.policy import MoDEPolicy
+    from mode_ros.train.config import TrainConfig
+    from mode_ros.train.trainer import Trainer
+
+    data = write_episodes(tmp_path / "eps.hdf5", size=16)
+    assert main(["init", "--preset", "tiny", "--out", str(tmp_path / "ck"), "--action-dim", "3", "--seed", "7"]) == 0
+    cfg = {"out_dir": str(tmp_path / "run"), "preset": "tiny", "policy": {"vision": {"image_size": [16, 16]}},
+           "data": {"paths": [str(data)]}, "optim": {"steps": 1, "batch_size": 2}, "device": "cpu"}
+    with pytest.raises(CheckpointError, match="not a mode_ros checkpoint"):
+        Trainer(TrainConfig.from_dict({**cfg, "init_from": str(tmp_path)}), quiet=True)
+    tr = Trainer(TrainConfig.from_dict({**cfg, "init_from": str(tmp_path / "ck")}), quiet=True)
+    src = MoDEPolicy.from_pretrained(tmp_path / "ck")
+    got, want = tr.policy.denoiser.blocks[0].attn.query.weight, src.denoiser.blocks[0].attn.query.weight
+    assert torch.equal(got.detach().cpu(), want)

@@ -165,8 +165,8 @@ class Trainer:
         from ..model.reference import load_reference_into
 
         p = Path(path)
-        if (p / "config.yaml").is_file():
-            src = MoDEPolicy.from_pretrained(p)
+        if not p.is_file():   # a checkpoint folder or 'bundled' (resolve_checkpoint says what is wrong)
+            src = MoDEPolicy.from_pretrained(path)
             missing, unexpected = self.policy.load_state_dict(src.state_dict(), strict=False)
             self._say(f"init_from {p}: {len(missing)} missing, {len(unexpected)} unexpected keys")
             return
