@@ -62,6 +62,8 @@ def register(subparsers) -> None:
     e.add_argument("--device", default="auto", help="policy device: auto|cpu|cuda")
     e.add_argument("--noise", type=float, default=0.0, help="--expert only: action noise std")
     e.add_argument("--policy-seed", type=int, default=0, help="base seed of the diffusion sampler")
+    e.add_argument("--steps", type=int, default=None,
+                   help="DDIM denoising steps per chunk (default: the checkpoint's; in-process policy, not --ros)")
     e.add_argument("--json", dest="json_path", default=None, help="write the report here")
     e.add_argument("--gif-dir", default=None, help="write one GIF (first episode) per task here")
     e.add_argument("--ros", action="store_true",
@@ -113,7 +115,7 @@ def _cmd_eval_delays(args, tasks) -> int:
 
     from mode_ros.model.policy import MoDEPolicy
     torch.set_num_threads(1)   # one inference at a time; the cores are better left to the simulator
-    policy = MoDEPolicy.from_pretrained(args.checkpoint, device=args.device)
+    policy = MoDEPolicy.from_pretrained(args.checkpoint, device=args.device, num_steps=args.steps)
     policy.warmup()
     cfg = DelayEvalConfig(tasks=tasks, episodes=args.episodes, seed=args.seed, delays=delays, strategies=strategies,
                           replan_every=args.replan_every or 5, rate_hz=args.rate, max_steps=args.max_steps,
@@ -153,6 +155,10 @@ def _cmd_eval(args) -> int:
                      max_steps=args.max_steps, image_size=args.image_size, batch=args.batch,
                      gif_dir=args.gif_dir, json_path=args.json_path, policy_seed=args.policy_seed)
     if args.ros:
+        if args.steps:
+            print("mode-ros sim eval: --steps is for the in-process policy (the node uses the checkpoint's)",
+                  file=sys.stderr)
+            return 2
         try:
             from .ros_eval import evaluate_ros
         except ImportError as exc:
@@ -164,8 +170,8 @@ def _cmd_eval(args) -> int:
         policy, label = ExpertPolicy(noise=args.noise, seed=args.policy_seed), "scripted expert"
     else:
         from mode_ros.model.policy import MoDEPolicy
-        policy = MoDEPolicy.from_pretrained(args.checkpoint, device=args.device)
-        label = f"MoDE {args.checkpoint}"
+        policy = MoDEPolicy.from_pretrained(args.checkpoint, device=args.device, num_steps=args.steps)
+        label = f"MoDE {args.checkpoint}" + (f" ({args.steps} steps)" if args.steps else "")
         if args.weight_quant != "none":
             import logging
             state = policy.enable_fast(fused=True, weight_quant=args.weight_quant, logger=logging.getLogger("mode_ros"))
