@@ -360,8 +360,8 @@ def _call_batch(policy, reqs: list) -> None:
     prefixes = [r.prefix for _, r in reqs]
     t0 = time.perf_counter()
     try:
-        out = np.asarray(batch_fn(images, [r.goal for _, r in reqs], states, seed=reqs[0][1].seed,
-                                  prefixes=prefixes if any(p is not None for p in prefixes) else None))
+        kw = {"prefixes": prefixes} if any(p is not None for p in prefixes) else {}   # RTC only
+        out = np.asarray(batch_fn(images, [r.goal for _, r in reqs], states, seed=reqs[0][1].seed, **kw))
     except ValueError as exc:
         for e, r in reqs:
             e.vt.submit(r, error=f"inference refused: {exc}")
