@@ -7,7 +7,7 @@ expert indices are Python ints, the loop is unrolled) and the graph has no route
 expert weights of the graph are the selected experts only, each (layer, expert) stored once and
 named ``denoiser.blocks.L.moe.expertE.w1|b1|w2`` so they can be counted (``graph_summary``).
 
-Inputs (batch dimension dynamic): ``images`` (B, C, 3, H, W) uint8 at the checkpoint's image size
+Inputs (batch B fixed at export, or a dynamic axis): ``images`` (B, C, 3, H, W) uint8 at the checkpoint's image size
 (cameras in ``camera_names`` order; only with cameras), ``goal`` (B, 512) float32 goal embedding
 (the text encoder stays in PyTorch), ``state`` (B, S) float32 in robot units (only with a state),
 ``noise`` (B, K, A) float32 standard normal. Outputs: ``actions`` (B, K, A) in robot units (gripper
@@ -116,9 +116,9 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def _trace(module: ChunkModule, inputs: dict, path: Path, opset: int, fold: bool) -> None:
+def _trace(module: ChunkModule, inputs: dict, path: Path, opset: int, fold: bool, dynamic_batch: bool) -> None:
     names = module.input_names()
-    axes = {n: {0: "batch"} for n in names + ["actions", "actions_normalized"]}
+    axes = {n: {0: "batch"} for n in names + ["actions", "actions_normalized"]} if dynamic_batch else None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")   # TracerWarnings of the unrolled loop; the result is checked numerically
         torch.onnx.export(module, tuple(inputs[n] for n in names), str(path), dynamo=False, opset_version=opset,
@@ -181,9 +181,10 @@ def graph_summary(model) -> dict:
             "parameters": int(sum(int(np.prod(i.dims)) for i in model.graph.initializer))}
 
 
-def _describe(module: ChunkModule, inputs: dict, outputs: tuple) -> tuple[list, list]:
+def _describe(module: ChunkModule, inputs: dict, outputs: tuple, dynamic_batch: bool) -> tuple[list, list]:
     def spec(name, t):
-        return {"name": name, "shape": ["batch", *t.shape[1:]], "dtype": str(t.dtype).replace("torch.", "")}
+        return {"name": name, "shape": ["batch" if dynamic_batch else t.shape[0], *t.shape[1:]],
+                "dtype": str(t.dtype).replace("torch.", "")}
     ins = [spec(n, inputs[n]) for n in module.input_names()]
     return ins, [spec(n, t) for n, t in zip(("actions", "actions_normalized"), outputs)]
 
@@ -205,11 +206,14 @@ def policy_layout(policy) -> dict:
 
 
 def export_onnx(policy, out: str | Path, steps: int | None = None, batch: int = 1, dtype: str = "fp32",
-                checkpoint: str | Path | None = None, opset: int = OPSET, verify: bool = True) -> dict:
+                checkpoint: str | Path | None = None, opset: int = OPSET, verify: bool = True,
+                dynamic_batch: bool = False) -> dict:
     """Write ``out/model.onnx`` (one chunk of ``policy``) and ``out/export.json`` (inputs, outputs,
     steps, schedule, routing, dtype, checkpoint identity, graph summary, sizes and the verification
-    against the PyTorch cached sampler on ``batch`` random inputs). Sets the policy's steps and dtype
-    as asked and turns its fused sampler off. Returns the metadata."""
+    against the PyTorch cached sampler on ``batch`` random inputs). The batch size is ``batch``, fixed
+    in the graph (all shapes static: onnxruntime loads it ~10x faster, TensorRT needs no profile), or
+    a dynamic axis with ``dynamic_batch``. Sets the policy's steps and dtype as asked and turns its
+    fused sampler off. Returns the metadata."""
     import onnx
 
     if dtype not in DTYPES:
@@ -231,7 +235,7 @@ def export_onnx(policy, out: str | Path, steps: int | None = None, batch: int = 
     with torch.no_grad():
         expected = module(*(inputs[n] for n in module.input_names()))
         # the exporter's constant folding widens half weights to float on the CPU: fold fp16 ourselves
-        _trace(module, inputs, out / MODEL_FILE, opset, fold=dtype == "fp32")
+        _trace(module, inputs, out / MODEL_FILE, opset, fold=dtype == "fp32", dynamic_batch=dynamic_batch)
     model = onnx.load(str(out / MODEL_FILE))
     if dtype != "fp32":
         fold_weight_slices(model)
@@ -239,9 +243,10 @@ def export_onnx(policy, out: str | Path, steps: int | None = None, batch: int = 
     onnx.checker.check_model(model, full_check=True)
     onnx.save(model, str(out / MODEL_FILE))
     seconds = time.perf_counter() - t0
-    ins, outs = _describe(module, inputs, expected)
+    ins, outs = _describe(module, inputs, expected, dynamic_batch)
     summary = graph_summary(model)
     meta = {"format": FORMAT, "dtype": dtype, "steps": policy.num_steps, "opset": opset,
+            "batch": "dynamic" if dynamic_batch else batch,
             "sigmas": [float(s) for s in table.sigmas.cpu()], "routing": [[list(e) for e in s] for s in table.indices],
             "inputs": ins, "outputs": outs, "policy": policy_layout(policy), "checkpoint": identity,
             "onnx_sha256": file_sha256(out / MODEL_FILE), "file_bytes": (out / MODEL_FILE).stat().st_size,

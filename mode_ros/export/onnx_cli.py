@@ -16,11 +16,12 @@ def register_export(sub) -> None:
                     "embedding, state (robot units, if any), initial noise; output: actions in robot units. "
                     "The export is checked with the ONNX checker and against the PyTorch cached sampler "
                     "with onnxruntime (exit 1 when they differ by more than the tolerance).")
-    p.add_argument("checkpoint", help="mode_ros checkpoint directory")
+    p.add_argument("checkpoint", help="mode_ros checkpoint folder, or 'bundled'")
     p.add_argument("--out", required=True, help="output directory (model.onnx, export.json)")
     p.add_argument("--steps", type=int, default=None, help="DDIM steps baked into the graph (default: the checkpoint's)")
-    p.add_argument("--batch", type=int, default=1,
-                   help="batch size of the example inputs used to trace and verify (the batch axis stays dynamic)")
+    p.add_argument("--batch", type=int, default=1, help="batch size fixed in the graph (and of the verification)")
+    p.add_argument("--dynamic-batch", action="store_true",
+                   help="make the batch a dynamic axis (onnxruntime then takes ~10x longer to load the model)")
     p.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32",
                    help="denoiser weights and compute (encoders stay fp32, as in PyTorch)")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17)")
@@ -30,16 +31,15 @@ def register_export(sub) -> None:
 def cmd_export_onnx(a) -> int:
     from pathlib import Path
 
+    from ..model.checkpoint import resolve_checkpoint
     from ..model.policy import MoDEPolicy
     from .onnx import OPSET, TOLERANCE, OnnxExportError, export_onnx
 
-    if not (Path(a.checkpoint) / "config.yaml").is_file():
-        print(f"export onnx: {a.checkpoint} is not a mode_ros checkpoint (no config.yaml)")
-        return 2
     try:
-        policy = MoDEPolicy.from_pretrained(a.checkpoint)
-        meta = export_onnx(policy, a.out, steps=a.steps, batch=a.batch, dtype=a.dtype, checkpoint=a.checkpoint,
-                           opset=a.opset or OPSET)
+        checkpoint = resolve_checkpoint(a.checkpoint)   # a folder or 'bundled' (CheckpointError: a ValueError)
+        policy = MoDEPolicy.from_pretrained(checkpoint)
+        meta = export_onnx(policy, a.out, steps=a.steps, batch=a.batch, dtype=a.dtype, checkpoint=checkpoint,
+                           opset=a.opset or OPSET, dynamic_batch=a.dynamic_batch)
     except (OnnxExportError, ValueError, FileNotFoundError) as exc:
         print(f"export onnx: {exc}")
         return 2

@@ -117,6 +117,10 @@ class OnnxChunk:
                 raise OnnxExportError(f"{self.path}: input {name!r} is required")
             v = v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)
             feeds[name] = np.ascontiguousarray(v, dtype=np.uint8 if name == "images" else np.float32)
+        batch = self.meta.get("batch", "dynamic")
+        if batch != "dynamic" and feeds["goal"].shape[0] != batch:
+            raise OnnxExportError(f"{self.path}: exported for batch {batch}, called with {feeds['goal'].shape[0]} "
+                                  "(export with --batch N or --dynamic-batch)")
         robot, norm = self.session.run(["actions", "actions_normalized"], feeds)
         return robot, norm
 

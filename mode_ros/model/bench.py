@@ -2,7 +2,8 @@
 
 Paths: ``uncached`` (router every step, experts dispatched after a host read — the reference's
 behaviour, fp32 by default), ``cached`` (routing table, eager), ``fused`` (fused QKV / expert GEMMs),
-``compiled`` (cached + torch.compile), ``graph`` / ``fused-graph`` / ``compiled-graph`` (whole-chunk
+``compiled`` (the fused sampler's step torch.compiled once for every step: weights are arguments),
+``onnx`` (the whole chunk exported to ONNX and run by onnxruntime, ``mode_ros.export``; fp32/fp16), ``graph`` / ``fused-graph`` / ``compiled-graph`` (whole-chunk
 CUDA graph, CUDA only), ``int8`` / ``fp8`` (fused with weight-only quantised experts; ``-graph``
 suffix: compiled + CUDA graph), ``dense`` (a same-size model with all experts active).
 Every row also reports the largest difference of its normalised actions from the eager uncached fp32
@@ -117,27 +118,23 @@ def bench_preset(name: str, device: str, dtypes: list[str], paths: list[str], ba
                         continue
                     if path in ("compiled-graph", "int8-graph", "fp8-graph") and dtype == "fp32" and len(dtypes) > 1:
                         continue  # compile once per batch size, in the low-precision dtype
-                    fn = None
+                    fn, onnx_info = None, {}
                     policy.fused = None
                     try:
                         if path in ("fused", "fused-graph", "int8", "fp8"):
                             policy.enable_fast(fused=True, weight_quant=quant, attention=attention, gemm=gemm,
                                                pdl=pdl)
-                        elif path in ("compiled-graph", "int8-graph", "fp8-graph"):
+                        elif path in ("compiled", "compiled-graph", "int8-graph", "fp8-graph"):
                             policy.enable_fast(fused=True, compile=True, weight_quant=quant, attention=attention,
                                                gemm=gemm, pdl=pdl)
                         if quant != "none" and (policy.fused is None or policy.fused.weight_quant != quant):
                             raise RuntimeError(f"weight_quant {quant} unavailable")
-                        if path in ("cached", "dense", "fused", "int8", "fp8"):
+                        if path in ("cached", "dense", "fused", "compiled", "int8", "fp8"):
                             fn = lambda: policy.sample_normalized(imgs, goal, st, noise, cached=True)  # noqa: E731
                         elif path == "uncached":
                             fn = lambda: policy.sample_normalized(imgs, goal, st, noise, cached=False)  # noqa: E731
-                        elif path == "compiled":
-                            policy.sampler.ensure()
-                            step = torch.compile(policy.sampler.denoise_step, dynamic=False)
-                            orig = policy.sampler.denoise_step
-                            policy.sampler.denoise_step = step
-                            fn = lambda: policy.sample_normalized(imgs, goal, st, noise, cached=True)  # noqa: E731
+                        elif path == "onnx":
+                            fn, onnx_info = onnx_runner(policy, dtype, imgs, goal, st, noise)
                         elif path.endswith("graph"):
                             from .graph import ChunkGraph
                             g = ChunkGraph(policy, b)
@@ -149,9 +146,6 @@ def bench_preset(name: str, device: str, dtypes: list[str], paths: list[str], ba
                     except Exception as exc:  # noqa: BLE001
                         log(f"  {name} {dtype} {path} b={b}: failed: {exc}")
                         continue
-                    finally:
-                        if path == "compiled" and fn is not None:
-                            policy.sampler.denoise_step = orig
                     enc_ms = None
                     if c.n_cameras and path in ("cached", "graph", "fused-graph", "compiled-graph"):
                         enc = _time(lambda: policy.encode_observation(imgs, goal), dev, max(10, runs // 5), 2)
@@ -165,6 +159,7 @@ def bench_preset(name: str, device: str, dtypes: list[str], paths: list[str], ba
                     med = statistics.median(ts)
                     row = {"preset": name, "device": str(dev), "dtype": dtype, "path": path, "batch": b,
                            "steps": steps, "median_ms": med, "p95_ms": float(np.percentile(ts, 95)),
+                           "p90_ms": float(np.percentile(ts, 90)),
                            "p99_ms": float(np.percentile(ts, 99)), "runs": runs, "encoders_ms": enc_ms,
                            "weight_bytes_per_chunk": bytes_chunk,
                            "achieved_bandwidth_GBps": bytes_chunk / (med / 1e3) / 1e9,
@@ -176,6 +171,7 @@ def bench_preset(name: str, device: str, dtypes: list[str], paths: list[str], ba
                            "gemm": policy.fused.gemm if policy.fused is not None else None,
                            "pdl": policy.fused.pdl if policy.fused is not None else False,
                            "compile_mode": policy.fused.compile_mode if policy.fused is not None else None}
+                    row.update(onnx_info)
                     rows.append(row)
                     log(f"  {name:>12} {dtype:>4} {path:>9} b={b:<3} median {med:8.2f} ms  p95 {row['p95_ms']:8.2f} ms"
                         + (f"  encoders {enc_ms:.2f} ms" if enc_ms is not None else "")
@@ -496,6 +492,26 @@ def target_summary(rows: list[dict], baseline_ms: float) -> tuple[list[dict], st
                      f"{o['speedup']:>7.1f} {da:>8} {'same' if o['same_routing'] else 'DIFF':>5}  "
                      + " ".join(("yes" if m[k] else "NO") for k in ("denoiser", "total", "speedup")))
     return out, "\n".join(lines)
+
+
+def onnx_runner(policy, dtype: str, imgs, goal, st, noise):
+    """Export ``policy``'s chunk (batch of ``goal``, static shapes) to a temporary folder and return
+    (a callable running it with onnxruntime on these inputs -> normalised actions as a tensor, export
+    facts: seconds, file size). onnxruntime uses torch's thread count (same threads as the torch rows)."""
+    import tempfile
+
+    from ..export.onnx import export_onnx
+    from ..export.onnx_runtime import OnnxChunk
+
+    if dtype not in ("fp32", "fp16"):
+        raise RuntimeError(f"ONNX export is fp32 or fp16, not {dtype}")
+    out = tempfile.mkdtemp(prefix="mode_ros_bench_onnx_")
+    meta = export_onnx(policy, out, batch=goal.shape[0], dtype=dtype, verify=False)
+    chunk = OnnxChunk.load(out, threads=torch.get_num_threads(), device=str(policy.device))
+
+    def run():
+        return torch.from_numpy(chunk.run_all(imgs, goal, st, noise)[1])
+    return run, {"export_s": meta["export_seconds"], "onnx_file_MB": meta["file_bytes"] / 1e6}
 
 
 def _reference(policy, imgs, goal, noise, state=None):
