@@ -70,6 +70,15 @@ PARAMS: tuple[ParamSpec, ...] = (
               "triton_pdl at configure (whole chunks, after checking each one's actions against the plain "
               "sampler) and keep the fastest, logging every figure; on a CPU, torch.",
               choices=("torch", "triton", "triton_pdl", "auto")),
+    ParamSpec("inference_backend", "string", "torch",
+              "What computes a chunk: torch (the PyTorch policy, with fast_inference / gpu_kernels) or onnx "
+              "(the checkpoint's ONNX export in onnx_model run by onnxruntime: same goal embedding, inputs, "
+              "seeded noise, safety and diagnostics; fast_inference, weight_quant and gpu_kernels unused; the "
+              "export's step count is used). Configure fails, naming the file, when the export is unreadable, "
+              "was changed, or belongs to another checkpoint or layout.", choices=("torch", "onnx")),
+    ParamSpec("onnx_model", "string", "",
+              "inference_backend onnx: the folder written by `mode-ros export onnx CHECKPOINT --out DIR` from "
+              "this node's checkpoint (model.onnx + export.json)."),
     ParamSpec("goal", "string", "",
               "Initial language goal, used until one arrives on ~/goal (empty: wait for ~/goal).",
               live=True),
@@ -243,6 +252,8 @@ class NodeParams:
     fast_inference: str = "auto"
     weight_quant: str = "none"
     gpu_kernels: str = "torch"
+    inference_backend: str = "torch"
+    onnx_model: str = ""
     goal: str = ""
     control_rate_hz: float = 10.0
     replan_every: int = 0

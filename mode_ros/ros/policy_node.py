@@ -260,7 +260,17 @@ class PolicyNode(LifecycleNode):
         kernels = self.p.gpu_kernels
         if kernels == "auto" and policy.device.type != "cuda":
             kernels = "torch"
-        if mode != "off" or self.p.weight_quant != "none" or kernels != "torch":
+        if self.p.inference_backend == "onnx":   # the export computes the chunk: no PyTorch fast paths
+            if not self.p.onnx_model:
+                raise ParameterError("onnx_model: not set (the `mode-ros export onnx` folder inference_backend "
+                                     "onnx runs)")
+            from mode_ros.export.onnx_runtime import attach_onnx
+            from mode_ros.model.checkpoint import resolve_checkpoint
+            chunk = attach_onnx(policy, self.p.onnx_model, checkpoint=resolve_checkpoint(self.p.checkpoint),
+                                threads=self.p.torch_threads or None, logger=_StdLogger(self.get_logger()))
+            self.get_logger().info(f"inference backend: onnxruntime, {chunk.path} ({chunk.steps} steps, "
+                                   f"{chunk.meta['dtype']}, providers {chunk.session.get_providers()})")
+        elif mode != "off" or self.p.weight_quant != "none" or kernels != "torch":
             base = {"fused": True, "compile": mode == "compiled", "graph": mode in ("compiled", "graph"),
                     "weight_quant": self.p.weight_quant}
             options = {"torch": {"attention": None, "gemm": "torch", "pdl": False},
