@@ -100,7 +100,8 @@ def guess_map(features: dict) -> LeRobotMap:
 def _strmap(v: Any, where: str) -> dict[str, str]:
     if isinstance(v, list) and all(isinstance(x, str) for x in v):
         v = {x: (camera_slot(x) if where == "cameras" else state_key_of(x)) for x in v}
-    if not isinstance(v, dict) or not all(isinstance(k, str) and isinstance(x, str) and x for k, x in v.items()):
+    if not isinstance(v, dict) or not all(isinstance(k, str) and isinstance(x, str) and x
+                                          for k, x in v.items()):
         raise LeRobotError(f"{where}: expected a mapping LeRobot key -> name (or a list of keys), got {v!r}")
     if len(set(v.values())) != len(v):
         raise LeRobotError(f"{where}: two keys map to the same name: {v}")
@@ -136,11 +137,13 @@ def load_lerobot_map(src: str | os.PathLike | dict) -> LeRobotMap:
         a = src["action"]
         a = [a] if isinstance(a, str) else a
         if not isinstance(a, list) or not a or not all(isinstance(x, str) for x in a):
-            raise LeRobotError(f"{where}: action: expected a key or a non-empty list of keys, got {src['action']!r}")
+            raise LeRobotError(f"{where}: action: expected a key or a non-empty list of keys, "
+                               f"got {src['action']!r}")
         m.action = list(a)
     if src.get("instruction") is not None:
         if not isinstance(src["instruction"], str) or not src["instruction"].strip():
-            raise LeRobotError(f"{where}: instruction: expected a non-empty string, got {src['instruction']!r}")
+            raise LeRobotError(f"{where}: instruction: expected a non-empty string, "
+                               f"got {src['instruction']!r}")
         m.instruction = src["instruction"]
     clash = set(m.cameras.values()) & set(m.state.values())
     if clash:
@@ -169,7 +172,8 @@ def vector_column(table, key: str, where: str) -> np.ndarray:
     n = len(col)
     if col.null_count:
         raise LeRobotError(f"{where}: column {key!r} has {col.null_count} null rows")
-    if pa.types.is_list(col.type) or pa.types.is_large_list(col.type) or pa.types.is_fixed_size_list(col.type):
+    t = col.type
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
         flat = np.asarray(col.flatten().to_numpy(zero_copy_only=False), np.float64)
         if n and flat.size % n:
             raise LeRobotError(f"{where}: column {key!r} has rows of different lengths")
@@ -255,7 +259,8 @@ class VideoWriter:
 
         check_video_format(vcodec, pix_fmt)
         if pix_fmt == "yuv420p" and (height % 2 or width % 2):
-            raise LeRobotError(f"{path}: yuv420p video needs even frame sizes, got {width}x{height} (use yuv444p)")
+            raise LeRobotError(f"{path}: yuv420p video needs even frame sizes, got {width}x{height} "
+                               "(use yuv444p)")
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._c = av.open(str(self.path), "w")

@@ -37,11 +37,13 @@ def register_export(sub) -> None:
     p.add_argument("inputs", nargs="+", metavar="EPISODES_OR_BAG",
                    help="episode HDF5 files, or bags (folder, .db3, .mcap; with --topics)")
     p.add_argument("--out", required=True, metavar="DATASET_DIR", help="LeRobot v3.0 dataset folder to write")
-    p.add_argument("--topics", metavar="MAP.yaml", help="topic map for bag inputs (config/bag_topics.example.yaml)")
+    p.add_argument("--topics", metavar="MAP.yaml",
+                   help="topic map for bag inputs (config/bag_topics.example.yaml)")
     p.add_argument("--vcodec", default="h264", choices=["h264", "av1"], help="video codec (default h264)")
     p.add_argument("--pix-fmt", default="yuv420p", choices=["yuv420p", "yuv444p"],
                    help="yuv420p (default, LeRobot's) or yuv444p (full colour resolution, h264 only)")
-    p.add_argument("--crf", type=int, default=18, help="constant rate factor (lower = closer to the source; default 18)")
+    p.add_argument("--crf", type=int, default=18,
+                   help="constant rate factor (lower = closer to the source; default 18)")
     p.add_argument("--robot-type", help="info.json robot_type")
     p.add_argument("--overwrite", action="store_true", help="replace DATASET_DIR if it is a LeRobot dataset")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -58,7 +60,8 @@ def _convert(args) -> int:
         m = load_lerobot_map(args.map) if args.map else guess_map(read_layout(args.datasets[0]).features)
         if args.instruction:
             m.instruction = args.instruction
-        rep = import_lerobot(args.datasets, args.out, key_map=m, overwrite=args.overwrite, progress=not args.quiet)
+        rep = import_lerobot(args.datasets, args.out, key_map=m, overwrite=args.overwrite,
+                             progress=not args.quiet)
     except (LeRobotError, FileExistsError) as exc:
         print(f"mode-ros convert lerobot: {exc}", file=sys.stderr)
         return 2
@@ -77,8 +80,9 @@ def _export(args) -> int:
 
     try:
         tm = load_topic_map(args.topics) if args.topics else None
-        rep = export_lerobot(args.inputs, args.out, topic_map=tm, vcodec=args.vcodec, crf=args.crf, pix_fmt=args.pix_fmt,
-                             overwrite=args.overwrite, progress=not args.quiet, robot_type=args.robot_type)
+        rep = export_lerobot(args.inputs, args.out, topic_map=tm, vcodec=args.vcodec, crf=args.crf,
+                             pix_fmt=args.pix_fmt, overwrite=args.overwrite, progress=not args.quiet,
+                             robot_type=args.robot_type)
     except (LeRobotError, TopicMapError, FileExistsError, FileNotFoundError) as exc:
         print(f"mode-ros export lerobot: {exc}", file=sys.stderr)
         return 2

@@ -76,18 +76,21 @@ def _fps_value(fps: float) -> int | float:
     return int(fps) if float(fps).is_integer() else float(fps)
 
 
-def _features(r: EpisodeReader, cams: dict[str, tuple[int, int]], fps: float, vcodec: str, pix_fmt: str) -> dict:
+def _features(r: EpisodeReader, cams: dict[str, tuple[int, int]], fps: float, vcodec: str,
+              pix_fmt: str) -> dict:
     feats = {}
     fps = _fps_value(fps)
     for cam, (h, w) in cams.items():
         feats["observation.images." + cam] = {
             "dtype": "video", "shape": [h, w, 3], "names": ["height", "width", "channels"],
-            "info": {"video.height": h, "video.width": w, "video.codec": VCODECS[vcodec][1], "video.pix_fmt": pix_fmt,
-                     "video.is_depth_map": False, "video.fps": fps, "video.channels": 3, "has_audio": False}}
+            "info": {"video.height": h, "video.width": w, "video.codec": VCODECS[vcodec][1],
+                     "video.pix_fmt": pix_fmt, "video.is_depth_map": False, "video.fps": fps, "video.channels": 3,
+                     "has_audio": False}}
     first = r.episode(0)
     for k in r.state_keys:
         names = r.state_names.get(k) or None
-        feats[state_feature_key(k)] = {"dtype": "float32", "shape": [int(first.state(k).shape[1])], "names": names}
+        feats[state_feature_key(k)] = {"dtype": "float32", "shape": [int(first.state(k).shape[1])],
+                                       "names": names}
     feats["action"] = {"dtype": "float32", "shape": [r.action_dim], "names": r.action_names or None}
     for k, dt in INDEX_FEATURES.items():
         feats[k] = {"dtype": dt, "shape": [1], "names": None}
@@ -153,7 +156,8 @@ class _Exporter:
             row.update(self._frames(ep, c))
         vec = {"action": acts, **{state_feature_key(k): v for k, v in states.items()}}
         cols = {**vec, "timestamp": (np.arange(n) / self.fps).astype(np.float32), "frame_index": np.arange(n),
-                "episode_index": np.full(n, idx), "index": self.frames + np.arange(n), "task_index": np.full(n, task)}
+                "episode_index": np.full(n, idx), "index": self.frames + np.arange(n),
+                "task_index": np.full(n, task)}
         for k, v in cols.items():
             self.rows.setdefault(k, []).append(v)
             self.values.setdefault(k, []).append(v)
@@ -196,7 +200,8 @@ class _Exporter:
         for k, parts in self.rows.items():
             v = np.concatenate(parts)
             if v.ndim == 2:
-                arrays[k] = pa.FixedSizeListArray.from_arrays(pa.array(v.astype(np.float32).reshape(-1)), v.shape[1])
+                flat = pa.array(v.astype(np.float32).reshape(-1))
+                arrays[k] = pa.FixedSizeListArray.from_arrays(flat, v.shape[1])
             else:
                 arrays[k] = pa.array(v.astype(np.float32 if k == "timestamp" else np.int64))
         path = self.out / V3_DATA_PATH.format(chunk_index=self.data_at.chunk, file_index=self.data_at.file)
@@ -218,11 +223,12 @@ def _write_tasks(out: Path, tasks: dict[str, int]) -> None:
     import pyarrow.parquet as pq
 
     names = sorted(tasks, key=tasks.get)
-    pandas_meta = {"index_columns": ["task"], "column_indexes": [], "pandas_version": "2.2.0", "creator": {
-        "library": "pyarrow", "version": pa.__version__}, "columns": [
-        {"name": "task_index", "field_name": "task_index", "pandas_type": "int64", "numpy_type": "int64", "metadata": None},
-        {"name": "task", "field_name": "task", "pandas_type": "unicode", "numpy_type": "object", "metadata": None}]}
-    t = pa.table({"task_index": pa.array([tasks[n] for n in names], pa.int64()), "task": pa.array(names, pa.string())})
+    columns = [{"name": n, "field_name": n, "pandas_type": pt, "numpy_type": nt, "metadata": None}
+               for n, pt, nt in (("task_index", "int64", "int64"), ("task", "unicode", "object"))]
+    pandas_meta = {"index_columns": ["task"], "column_indexes": [], "pandas_version": "2.2.0",
+                   "creator": {"library": "pyarrow", "version": pa.__version__}, "columns": columns}
+    t = pa.table({"task_index": pa.array([tasks[n] for n in names], pa.int64()),
+                  "task": pa.array(names, pa.string())})
     t = t.replace_schema_metadata({b"pandas": json.dumps(pandas_meta).encode()})
     pq.write_table(t, out / TASKS_PATH)
 
@@ -243,7 +249,8 @@ def _write_meta(ex: _Exporter, out: Path, feats: dict, fps: float, robot_type: s
     if ex.frames:
         stats.update({"observation.images." + c: histogram_stats(h, ex.frames) for c, h in ex.histograms.items()})
     (out / "meta" / "stats.json").write_text(json.dumps(stats, indent=4))
-    info = {"codebase_version": "v3.0", "robot_type": robot_type, "total_episodes": n_eps, "total_frames": ex.frames,
+    info = {"codebase_version": "v3.0", "robot_type": robot_type, "total_episodes": n_eps,
+            "total_frames": ex.frames,
             "total_tasks": len(ex.tasks), "chunks_size": CHUNKS_SIZE, "data_files_size_in_mb": DATA_FILES_MB,
             "video_files_size_in_mb": VIDEO_FILES_MB, "fps": _fps_value(fps),
             "splits": {"train": f"0:{n_eps}"}, "data_path": V3_DATA_PATH,

@@ -21,8 +21,8 @@ import numpy as np
 
 from .episodes import EpisodeWriter
 from .images import ImageDecodeError, decode_compressed
-from .lerobot import (INDEX_FEATURES, TASKS_PATH, VERSIONS, LeRobotError, LeRobotMap, VideoFrames, feature_names,
-                      guess_map, load_lerobot_map, read_json, vector_column)
+from .lerobot import (INDEX_FEATURES, TASKS_PATH, VERSIONS, LeRobotError, LeRobotMap, VideoFrames,
+                      feature_names, guess_map, load_lerobot_map, read_json, vector_column)
 
 __all__ = ["import_lerobot", "read_layout", "Layout", "EpisodeRef", "format_import_report"]
 
@@ -79,7 +79,8 @@ def _tasks_v3(root: Path) -> dict[int, str]:
 def _episodes_v3(root: Path, info: dict, video_keys: list[str]) -> list[EpisodeRef]:
     files = sorted((root / "meta" / "episodes").glob("chunk-*/file-*.parquet"))
     if not files:
-        raise LeRobotError(f"{root / 'meta' / 'episodes'}: no chunk-*/file-*.parquet (episode metadata missing)")
+        raise LeRobotError(f"{root / 'meta' / 'episodes'}: no chunk-*/file-*.parquet "
+                           "(episode metadata missing)")
     out = []
     import pyarrow.parquet as pq
 
@@ -87,16 +88,19 @@ def _episodes_v3(root: Path, info: dict, video_keys: list[str]) -> list[EpisodeR
         t = _read_parquet(f, [c for c in pq.read_schema(f).names if not c.startswith("stats/")])
         cols = {c: t.column(c).to_pylist() for c in t.column_names}
         need = ["episode_index", "length", "data/chunk_index", "data/file_index"]
-        need += [f"videos/{k}/{x}" for k in video_keys for x in ("chunk_index", "file_index", "from_timestamp")]
+        need += [f"videos/{k}/{x}" for k in video_keys
+                 for x in ("chunk_index", "file_index", "from_timestamp")]
         missing = [c for c in need if c not in cols]
         if missing:
             raise LeRobotError(f"{f}: missing column(s) {missing}")
         for i in range(t.num_rows):
             data = root / info["data_path"].format(chunk_index=cols["data/chunk_index"][i],
                                                    file_index=cols["data/file_index"][i])
-            vids = {k: (root / info["video_path"].format(video_key=k, chunk_index=cols[f"videos/{k}/chunk_index"][i],
-                                                         file_index=cols[f"videos/{k}/file_index"][i]),
-                        float(cols[f"videos/{k}/from_timestamp"][i])) for k in video_keys}
+            vids = {}
+            for k in video_keys:
+                c, f_i = cols[f"videos/{k}/chunk_index"][i], cols[f"videos/{k}/file_index"][i]
+                vids[k] = (root / info["video_path"].format(video_key=k, chunk_index=c, file_index=f_i),
+                           float(cols[f"videos/{k}/from_timestamp"][i]))
             out.append(EpisodeRef(int(cols["episode_index"][i]), int(cols["length"][i]), data, vids))
     return out
 
@@ -107,8 +111,8 @@ def _episodes_v2(root: Path, info: dict, video_keys: list[str]) -> list[EpisodeR
     for e in _read_jsonl(root / "meta" / "episodes.jsonl"):
         i = int(e["episode_index"])
         data = root / info["data_path"].format(episode_chunk=i // size, episode_index=i)
-        vids = {k: (root / info["video_path"].format(episode_chunk=i // size, video_key=k, episode_index=i), 0.0)
-                for k in video_keys}
+        vids = {k: (root / info["video_path"].format(episode_chunk=i // size, video_key=k, episode_index=i),
+                    0.0) for k in video_keys}
         out.append(EpisodeRef(i, int(e["length"]), data, vids))
     return out
 
@@ -120,7 +124,8 @@ def read_layout(root: str | os.PathLike) -> Layout:
     info = read_json(info_path)
     version = str(info.get("codebase_version", ""))
     if version not in VERSIONS:
-        raise LeRobotError(f"{info_path}: codebase_version {version!r} is not supported (supported: {list(VERSIONS)})")
+        raise LeRobotError(f"{info_path}: codebase_version {version!r} is not supported "
+                           f"(supported: {list(VERSIONS)})")
     for key in ("fps", "features", "data_path"):
         if key not in info:
             raise LeRobotError(f"{info_path}: missing key {key!r}")
@@ -143,7 +148,8 @@ def _image_hw(ft: dict, where: str) -> tuple[int, int]:
     shape, names = list(ft.get("shape", [])), [str(n) for n in (ft.get("names") or [])]
     if len(shape) != 3:
         raise LeRobotError(f"{where}: image shape {shape} is not 3-D")
-    if names and names[0].startswith("channel") or (not names and shape[0] in (1, 3) and shape[2] not in (1, 3)):
+    channel_first = names[0].startswith("channel") if names else shape[0] in (1, 3) and shape[2] not in (1, 3)
+    if channel_first:
         return int(shape[1]), int(shape[2])
     return int(shape[0]), int(shape[1])
 
@@ -189,7 +195,8 @@ class _Importer:
     def data_file(self, layout: Layout, path: Path, eps: list[EpisodeRef], drep: dict) -> None:
         m, feats = self.m, layout.features
         cams_in_parquet = [k for k in m.cameras if feats[k]["dtype"] == "image"]
-        cols = ["episode_index", "timestamp", "task_index", *dict.fromkeys([*m.action, *m.state, *cams_in_parquet])]
+        cols = ["episode_index", "timestamp", "task_index",
+                *dict.fromkeys([*m.action, *m.state, *cams_in_parquet])]
         import pyarrow.parquet as pq
 
         if not path.exists():
@@ -213,7 +220,8 @@ class _Importer:
             if self.bar is not None:
                 self.bar.update(ep.length)
 
-    def episode(self, layout: Layout, ep: EpisodeRef, table, vec: dict, rows: np.ndarray, path: Path) -> str | None:
+    def episode(self, layout: Layout, ep: EpisodeRef, table, vec: dict, rows: np.ndarray,
+                path: Path) -> str | None:
         """Write one episode; returns the reason when it is skipped."""
         m, fps = self.m, layout.fps
         if rows.size != ep.length or rows.size == 0:
@@ -230,12 +238,16 @@ class _Importer:
         lang = m.instruction or layout.tasks.get(task_idx)
         if lang is None:
             return f"task_index {task_idx} is not in the dataset's tasks ({path})"
-        shapes = {slot: _image_hw(layout.features[k], f"{layout.root}/meta/info.json: {k}") for k, slot in m.cameras.items()}
-        b = self.w.begin_episode(rows.size, shapes, acts.shape[1], {s: vec[k].shape[1] for k, s in m.state.items()})
+        shapes = {slot: _image_hw(layout.features[k], f"{layout.root}/meta/info.json: {k}")
+                  for k, slot in m.cameras.items()}
+        b = self.w.begin_episode(rows.size, shapes, acts.shape[1],
+                                 {s: vec[k].shape[1] for k, s in m.state.items()})
         b.set_arrays(acts, ts, {s: vec[k][rows] for k, s in m.state.items()})
         for k, slot in m.cameras.items():
-            why = (self._images(b, slot, table.column(k), rows, shapes[slot], k, path) if layout.features[k]["dtype"] == "image"
-                   else self._video(b, slot, ep, k, ts, fps, shapes[slot]))
+            if layout.features[k]["dtype"] == "image":
+                why = self._images(b, slot, table.column(k), rows, shapes[slot], k, path)
+            else:
+                why = self._video(b, slot, ep, k, ts, fps, shapes[slot])
             if why:
                 b.discard()
                 return why
@@ -307,11 +319,12 @@ def import_lerobot(datasets: Sequence[str | os.PathLike], out: str | os.PathLike
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=sum(e.length for lay in layouts for e in lay.episodes), desc="lerobot import", unit="frame",
-                   file=sys.stderr, leave=False, dynamic_ncols=True)
+        bar = tqdm(total=sum(e.length for lay in layouts for e in lay.episodes), desc="lerobot import",
+                   unit="frame", file=sys.stderr, leave=False, dynamic_ncols=True)
     with EpisodeWriter(out, list(m.cameras.values()), _names(feats, m.action), control_rate_hz=first.fps,
-                       source="lerobot:" + ",".join(str(lay.root) for lay in layouts), state_keys=list(m.state.values()),
-                       state_names={s: feature_names(feats[k]) for k, s in m.state.items()}, overwrite=overwrite) as w:
+                       source="lerobot:" + ",".join(str(lay.root) for lay in layouts),
+                       state_keys=list(m.state.values()), overwrite=overwrite,
+                       state_names={s: feature_names(feats[k]) for k, s in m.state.items()}) as w:
         imp = _Importer(w, m, action_dim, bar)
         try:
             for lay in layouts:
