@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -136,3 +137,87 @@ def test_corrupt_or_mismatched_export_is_refused_with_a_clear_error(tiny_export,
     with pytest.raises(OnnxExportError, match=r"exported from another checkpoint"):
         attach_onnx(other, tiny_out)
     assert other.backend is None and tiny_policy.backend is None
+
+
+@pytest.mark.ros
+def test_node_with_onnx_backend_publishes_the_torch_chunks(tmp_path, ros_harness, start_node):
+    """Two policy nodes on one checkpoint (tiny, two cameras, 3-d state, 3 steps), inference_backend
+    torch and onnx, in lockstep sim time with seed 0 and the same observations: every chunk message
+    carries the same actions (noise is drawn from (seed, stamp)); a corrupt export fails configure."""
+    import yaml
+    from rclpy.qos import qos_profile_sensor_data
+    from rclpy.time import Time
+    from ros_helpers import executable
+    from rosgraph_msgs.msg import Clock
+    from sensor_msgs.msg import Image, JointState
+    from std_msgs.msg import String
+
+    from mode_ros.msg import ActionChunk
+    from mode_ros.ros.policy_node import GOAL_QOS
+
+    ckpt, goal_text = tmp_path / "ckpt", "open the drawer"
+    policy = MoDEPolicy.from_preset("tiny", seed=3, state_dim=3).eval()
+    policy.set_goal_embeddings({goal_text: torch.randn(512)})
+    policy.save_pretrained(ckpt)
+    cfg = yaml.safe_load((ckpt / "config.yaml").read_text())
+    cfg["diffusion"]["num_steps"] = 3
+    (ckpt / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    export_onnx(MoDEPolicy.from_pretrained(ckpt), tmp_path / "onnx", checkpoint=ckpt)
+    h, rate, names = ros_harness, 10.0, ("torch_policy", "onnx_policy")
+    clock_pub = h.node.create_publisher(Clock, "/clock", 10)
+    pubs = {n: ({c: h.node.create_publisher(Image, f"/{n}/image_{c}", qos_profile_sensor_data) for c in ("static", "gripper")},
+                h.node.create_publisher(JointState, f"/{n}/joint_states", qos_profile_sensor_data),
+                h.node.create_publisher(String, f"/{n}/goal", GOAL_QOS)) for n in names}
+    chunks = {n: h.collect(ActionChunk, f"/{n}/action_chunk", 100) for n in names}
+    for _, _, goal in pubs.values():
+        goal.publish(String(data=goal_text))
+    common = {"checkpoint": str(ckpt), "device": "cpu", "use_sim_time": True, "control_rate_hz": rate,
+              "replan_every": 2, "lockstep_inference": True, "state_joint_names": ["j0", "j1", "j2"],
+              "torch_threads": 1, "seed": 0}
+    nodes = {"torch_policy": start_node(executable("policy_node"), name="torch_policy", params=common),
+             "onnx_policy": start_node(executable("policy_node"), name="onnx_policy",
+                                       params={**common, "inference_backend": "onnx", "onnx_model": str(tmp_path / "onnx")})}
+
+    def observe(st, k):   # the same observation for a tick however often it is re-sent
+        frame = np.random.default_rng(k).integers(0, 255, (24, 32, 3), dtype=np.uint8).tobytes()
+        for cams, js_pub, _ in pubs.values():
+            for p in cams.values():
+                m = Image()
+                m.header.stamp = st
+                m.height, m.width, m.encoding, m.step, m.data = 24, 32, "rgb8", 32 * 3, frame
+                p.publish(m)
+            js = JointState()
+            js.header.stamp = st
+            js.name, js.position = ["j0", "j1", "j2"], [0.1 * k, -0.2, 0.3]
+            js_pub.publish(js)
+
+    def starts(n):   # chunk start stamp -> actions
+        return {m.header.stamp.sec * 10**9 + m.header.stamp.nanosec: np.asarray(m.actions)
+                for m in chunks[n].msgs() if m.first_index == 0}
+    try:
+        for k in range(6):
+            t_ns = 3_000 * 10**9 + k * int(1e9 / rate)
+            st = Time(nanoseconds=t_ns).to_msg()
+            deadline, resend = time.monotonic() + (240 if k == 0 else 30), 0.0
+            while not all(any(m.header.stamp.sec * 10**9 + m.header.stamp.nanosec + m.first_index * int(1e9 / rate)
+                              == t_ns for m in chunks[n].msgs()) for n in names):
+                assert time.monotonic() < deadline, f"no message for tick {k}\n" + "\n".join(x.tail() for x in nodes.values())
+                if time.monotonic() > resend:   # (again: the nodes may still be starting)
+                    observe(st, k)
+                    clock_pub.publish(Clock(clock=st))
+                    resend = time.monotonic() + 1.0
+                time.sleep(0.005)
+    finally:
+        h.drop(clock_pub, *chunks.values(), *(p for cams, js, g in pubs.values() for p in (*cams.values(), js, g)))
+    a, b = starts("torch_policy"), starts("onnx_policy")
+    assert sorted(a) == sorted(b) and len(a) >= 3, (sorted(a), sorted(b))
+    for stamp in a:
+        assert np.abs(a[stamp] - b[stamp]).max() <= 1e-4, stamp
+    assert not np.allclose(*[a[s] for s in sorted(a)[:2]])
+    assert "inference backend: onnxruntime" in nodes["onnx_policy"].output()
+    # a corrupt export fails configure, naming the file
+    (tmp_path / "onnx" / MODEL_FILE).write_bytes(b"not onnx")
+    bad = start_node(executable("policy_node"), name="bad_onnx_policy",
+                     params={**common, "inference_backend": "onnx", "onnx_model": str(tmp_path / "onnx")})
+    bad.wait_for_output("configure failed", 120)
+    assert "model.onnx: sha256" in bad.output() and h.lifecycle_state("/bad_onnx_policy") == "unconfigured"

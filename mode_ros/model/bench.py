@@ -570,3 +570,59 @@ def write_results(rows: list[dict], out: str | None, meta: dict) -> None:
     (p / "bench.txt").write_text(table(rows) + "\n")
     if rows:
         plot(rows, str(p / "bench.png"))
+
+
+def _proc_mb(field: str) -> float:
+    """VmRSS (resident now) or VmHWM (peak resident) of this process in MB (Linux)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def path_memory(name: str, path: str, steps: int = 10) -> dict:
+    """Resident memory a CPU fast path holds for preset ``name``: the process after a plain cached chunk
+    (policy + routing table), then after building ``path`` (fused / compiled / onnx) and computing two
+    chunks; ``held_MB`` is the difference (weight copies, compiled code, the onnxruntime session).
+    One path per process: ``python -m mode_ros.model.bench memory PRESET PATH``."""
+    import gc
+
+    from .policy import MoDEPolicy
+
+    cfg = preset(name)
+    cfg.diffusion.num_steps = steps
+    torch.manual_seed(0)
+    policy = MoDEPolicy(cfg).eval()
+    c = policy.config
+    g = torch.Generator().manual_seed(0)
+    imgs = (torch.randint(0, 255, (1, c.n_cameras, 3, *c.vision.image_size), dtype=torch.uint8, generator=g)
+            if c.n_cameras else None)
+    goal, noise = torch.randn(1, 512, generator=g), torch.randn(1, c.chunk_size, c.action_dim, generator=g)
+    st = torch.randn(1, c.state_dim, generator=g) if c.state_dim else None
+    with torch.no_grad():
+        policy.sample_normalized(imgs, goal, st, noise, cached=True)
+        gc.collect()
+        base = _proc_mb("VmRSS")
+        fn, extra = (lambda: policy.sample_normalized(imgs, goal, st, noise, cached=True)), {}
+        if path in ("fused", "compiled"):
+            policy.enable_fast(fused=True, compile=path == "compiled")
+            extra = {"fused_copies": len(policy.fused.experts), "fused_extra_MB": policy.fused.extra_bytes() / 1e6}
+        elif path == "onnx":
+            fn, extra = onnx_runner(policy, "fp32", imgs, goal, st, noise)
+        elif path != "cached":
+            raise ValueError(f"path: {path!r} is not one of cached, fused, compiled, onnx")
+        fn()
+        fn()
+        gc.collect()
+    now = _proc_mb("VmRSS")
+    return {"preset": name, "path": path, "steps": steps, "rss_cached_MB": base, "rss_MB": now,
+            "held_MB": now - base, "peak_rss_MB": _proc_mb("VmHWM"), **extra}
+
+
+if __name__ == "__main__":   # python -m mode_ros.model.bench memory PRESET PATH [STEPS]
+    import sys
+    if len(sys.argv) < 4 or sys.argv[1] != "memory":
+        raise SystemExit("usage: python -m mode_ros.model.bench memory PRESET PATH [STEPS]")
+    torch.set_num_threads(1)
+    print(json.dumps(path_memory(sys.argv[2], sys.argv[3], int(sys.argv[4]) if len(sys.argv) > 4 else 10)))
