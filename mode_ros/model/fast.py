@@ -246,8 +246,13 @@ class FusedSampler:
                 "wqkv": torch.cat([a.query.weight, a.key.weight, a.value.weight]).contiguous(),
                 "bqkv": torch.cat([a.query.bias, a.key.bias, a.value.bias]).contiguous(),
                 "wproj": a.c_proj.weight})
-        # fused expert weights, one per distinct (layer, expert tuple) in the routing table
+        # fused expert weights, one per distinct (layer, expert SET) in the routing table: a pair ranked
+        # differently at another sigma ((5, 2) after (2, 5)) reads the same copy, its gates permuted to the
+        # stored (ascending) order once here (ranked keys stored 15 copies for 13 distinct pairs)
         self.experts: dict[tuple, tuple] = {}
+        order = torch.tensor([[sorted(range(len(sel)), key=sel.__getitem__) for sel in step] for step in t.indices],
+                             device=t.gates.device)
+        self.gates = t.gates.gather(-1, order)   # (S, L, k) in the order of the stored experts
         quant = self.weight_quant != "none"
         dev = net.blocks[0].moe.w1.device
         if self.gemm == "triton" or self.attention == "triton":
@@ -258,8 +263,9 @@ class FusedSampler:
         # the int8 kernel wants scales in its activation dtype (bf16); the generic path keeps fp32
         sdt = torch.bfloat16 if self.int8_kernel else torch.float32
         for s in range(len(t.indices)):
-            for l, sel in enumerate(t.indices[s]):
-                key = (l, tuple(sel))
+            for l, ranked in enumerate(t.indices[s]):
+                sel = tuple(sorted(ranked))
+                key = (l, sel)
                 if key in self.experts:
                     continue
                 moe = net.blocks[l].moe
@@ -321,7 +327,7 @@ class FusedSampler:
         total = 0
         for i in range(len(t.indices)):
             total += per_layer + fixed
-            total += sum(nb(*self.experts[(l, t.indices[i][l])]) for l in range(len(self.layers)))
+            total += sum(nb(*self.selection(i, l)[0]) for l in range(len(self.layers)))
         ctx = sum(p.numel() * p.element_size() for n, p in net.named_parameters()
                   if n.split(".")[0] in ("goal_emb", "tok_emb", "gripper_embed", "state_emb", "pos_emb"))
         return total + ctx
@@ -330,6 +336,10 @@ class FusedSampler:
         t = self.cached.ensure()
         if self._key != t.key:
             self.build()
+
+    def selection(self, i: int, l: int) -> tuple[tuple, torch.Tensor]:
+        """Step i, layer l: the fused weights of its expert set and the gates in their stored order."""
+        return self.experts[(l, tuple(sorted(self.cached.table.indices[i][l])))], self.gates[i, l]
 
     def denoise_step(self, i: int, x: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
         """D(x; sigma_i): ``sampling.edm_denoise`` around the fused layers (the whole-step function with
@@ -344,9 +354,9 @@ class FusedSampler:
         def network(a_in):
             h = torch.cat([c, ctx, net.action_tokens(a_in.to(ctx.dtype))], dim=1)
             for l, L in enumerate(self.layers):
-                w1f, b1f, w2f, s1, s2 = self.experts[(l, t.indices[i][l])]
+                (w1f, b1f, w2f, s1, s2), gates = self.selection(i, l)
                 h = self._fn(h, c, L["ln1_g"], L["wqkv"], L["bqkv"], L["qg"], L["kg"], L["wproj"], L["ln2_g"],
-                             w1f, b1f, w2f, t.gates[i, l], cfg.n_heads, cfg.norm_eps, ref, attention=self.attention,
+                             w1f, b1f, w2f, gates, cfg.n_heads, cfg.norm_eps, ref, attention=self.attention,
                              w1s=s1, w2s=s2, int8_kernel=self.int8_kernel, gemm=self.gemm)
             return net.head(h).float()
         return edm_denoise(x, network, t.c_in[i], t.c_skip[i], t.c_out[i])
@@ -358,9 +368,9 @@ class FusedSampler:
         pos = net.pos_emb[:, start: start + net.chunk_size]
         layers = []
         for l, L in enumerate(self.layers):
-            w1f, b1f, w2f, s1, s2 = self.experts[(l, t.indices[i][l])]
+            (w1f, b1f, w2f, s1, s2), gates = self.selection(i, l)
             layers.append((L["ln1_g"], L["wqkv"], L["bqkv"], L["qg"], L["kg"], L["wproj"], L["ln2_g"],
-                           w1f, b1f, w2f, t.gates[i, l], s1, s2))
+                           w1f, b1f, w2f, gates, s1, s2))
         return self._step(x, ctx, t.noise_emb[i], t.c_in[i], t.c_skip[i], t.c_out[i], ratio,
                           net.action_emb.weight, pos, net.ln.g, net.out.weight, net.out.bias, layers,
                           cfg.n_heads, cfg.norm_eps, cfg.residual == "reference", self.attention,
