@@ -3,9 +3,12 @@
 The policy API is the one of docs/CONTRACTS.md (``camera_names``, ``state_dim``, ``chunk_size``,
 ``predict_chunk(images, goal_text, state, seed)`` and, when present, ``predict_chunk_batch``).
 Per task, ``episodes`` held-out layouts (split ``eval`` of :mod:`mode_ros.sim.metaworld_env`,
-layout indices ``0 … episodes-1`` of ``seed``) run until success or ``max_steps``; from each chunk
-the first ``replan_every`` rows are executed open loop, each clipped to [-1, 1]. Episodes of one
-task run side by side (``batch`` environments) so a model evaluates them in one batched call.
+layout indices ``0 … episodes-1`` of ``seed``) run until success or ``max_steps``, each under the node's
+chunk controller (:class:`mode_ros.control.controller.ChunkController`) in sim time: :func:`evaluate`
+in lockstep (each chunk from the observation of the tick it starts at, its first ``replan_every`` rows
+executed, each clipped to [-1, 1]; the same episodes as the policy node in lockstep over ROS 2), and
+:func:`evaluate_delays` with an injected inference delay per execution strategy. Episodes of one task
+run side by side (``batch`` environments), their inferences in one batched call per tick.
 
 :class:`ExpertPolicy` puts the scripted experts behind the same API (chunk of 1 row, computed from
 the 21-d state alone), so the expert baseline is measured by this same loop.
@@ -87,24 +90,6 @@ def _policy_cameras(policy) -> list[str]:
     return [camera_for(c) for c in (getattr(policy, "camera_names", None) or [])]
 
 
-def _call_policy(policy, images: list[list[np.ndarray]], goals: list[str], states: list[np.ndarray] | None,
-                 seed: int) -> np.ndarray:
-    """[B, chunk, A] from the policy; images: per camera a list of B frames."""
-    batch_fn = getattr(policy, "predict_chunk_batch", None)
-    if batch_fn is not None and len(goals) > 1:
-        imgs = [np.stack(frames) for frames in images]
-        st = None if states is None else np.stack(states).astype(np.float32)
-        out = batch_fn(imgs, goals, st, seed=seed)
-    else:
-        out = np.stack([policy.predict_chunk([cam[b] for cam in images], goals[b],
-                                             None if states is None else states[b], seed=seed + b)
-                        for b in range(len(goals))])
-    out = np.asarray(out, dtype=np.float32)
-    if out.ndim != 3 or out.shape[0] != len(goals) or out.shape[2] != ACTION_DIM:
-        raise ValueError(f"policy returned shape {out.shape}; expected [{len(goals)}, chunk, {ACTION_DIM}]")
-    return out
-
-
 def _gif_frame(images: dict[str, np.ndarray], cams: Sequence[str], size: int) -> np.ndarray:
     from PIL import Image
     tiles = [np.asarray(Image.fromarray(images[c]).resize((size, size), Image.NEAREST)) for c in cams if c in images]
@@ -140,73 +125,38 @@ def state_indices(policy) -> np.ndarray | slice:
 
 def evaluate_task(policy, task: str, cfg: EvalConfig, task_index: int = 0,
                   log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    cams = _policy_cameras(policy)
-    state_dim = int(getattr(policy, "state_dim", 0) or 0)
-    pick = state_indices(policy)
+    """``cfg.episodes`` held-out episodes of ``task`` through the node's chunk controller in lockstep (each
+    chunk computed from the observation of the tick it starts at, taking no sim time; its first
+    ``replan_every`` rows executed), ``cfg.batch`` episodes side by side."""
     chunk = int(getattr(policy, "chunk_size", 1))
     replan = max(1, min(cfg.replan_every or chunk, chunk))
-    goal = instruction_for(task)
+    dcfg = DelayEvalConfig(tasks=[task], episodes=cfg.episodes, seed=cfg.seed, delays=[0], strategies=["replan"],
+                           replan_every=replan, max_steps=cfg.max_steps, image_size=cfg.image_size,
+                           policy_seed=cfg.policy_seed, lockstep=True)
     batch = cfg.batch if cfg.batch > 0 else cfg.episodes
-    results: list[dict] = []
-    gif_frames: list[np.ndarray] = []
-    t_policy = t_sim = 0.0
-    calls = 0
+    results, frames = [], []
+    t0 = time.perf_counter()
     for start in range(0, cfg.episodes, batch):
         idx = list(range(start, min(cfg.episodes, start + batch)))
-        sims = []
-        for j, i in enumerate(idx):
-            extra = [c for c in cfg.gif_cameras if cfg.gif_dir and i == 0 and c not in cams]
-            sims.append(MetaWorldSim(task, cameras=cams + extra, image_size=cfg.image_size,
-                                     max_steps=cfg.max_steps))
-        try:
-            t0 = time.perf_counter()
-            obs = [s.reset("eval", cfg.seed, i) for s, i in zip(sims, idx)]
-            t_sim += time.perf_counter() - t0
-            active = list(range(len(sims)))
-            done_steps: dict[int, tuple[bool, int]] = {}
-            if cfg.gif_dir and idx[0] == 0:
-                gif_frames.append(_gif_frame(obs[0].images, cfg.gif_cameras, cfg.gif_size))
-            while active:
-                seed = (cfg.policy_seed * 1_000_003 + task_index * 10_007 + start * 101 + calls) % (2 ** 31)
-                t0 = time.perf_counter()
-                actions = _call_policy(policy, [[obs[b].images[c] for b in active] for c in cams], [goal] * len(active),
-                                       [obs[b].state[pick] for b in active] if state_dim else None, seed)
-                t_policy += time.perf_counter() - t0
-                calls += 1
-                t0 = time.perf_counter()
-                still = []
-                for row_b, b in enumerate(active):
-                    for r in range(replan):
-                        res = sims[b].step(np.clip(actions[row_b, r], -1.0, 1.0))
-                        obs[b] = res.obs
-                        if cfg.gif_dir and idx[b] == 0:
-                            gif_frames.append(_gif_frame(res.obs.images, cfg.gif_cameras, cfg.gif_size))
-                        if res.done:
-                            done_steps[b] = (res.success, sims[b].steps)
-                            break
-                    if b not in done_steps:
-                        still.append(b)
-                active = still
-                t_sim += time.perf_counter() - t0
-            for b, i in enumerate(idx):
-                success, steps = done_steps[b]
-                results.append({"layout": layout(task, "eval", cfg.seed, i).as_dict(), "success": bool(success),
-                                "steps": int(steps)})
-                if log:
-                    log(f"  {task} episode {i}: {'success' if success else 'failure'} after {steps} steps")
-        finally:
-            for s in sims:
-                s.close()
+        gif = list(cfg.gif_cameras) if cfg.gif_dir and idx[0] == 0 else []
+        eps = run_delay_episodes(policy, task, idx, "replan", 0, dcfg, task_index, gif_cameras=gif, gif_size=cfg.gif_size)
+        frames += eps[0].pop("frames", [])
+        for i, ep in zip(idx, eps):
+            results.append({"layout": layout(task, "eval", cfg.seed, i).as_dict(), **ep})
+            if log:
+                log(f"  {task} episode {i}: {'success' if ep['success'] else 'failure'} after {ep['steps']} steps")
     n_succ = sum(r["success"] for r in results)
-    out = {"instruction": goal, "episodes": len(results), "successes": n_succ,
+    t_policy = float(sum(r["inference_wall_s"] for r in results))
+    out = {"instruction": instruction_for(task), "episodes": len(results), "successes": n_succ,
            "success_rate": n_succ / len(results) if results else 0.0,
            "mean_steps_success": float(np.mean([r["steps"] for r in results if r["success"]])) if n_succ else None,
-           "replan_every": replan, "policy_calls": calls, "policy_seconds": t_policy, "sim_seconds": t_sim,
-           "episode_results": results}
-    if cfg.gif_dir and gif_frames:
-        gif = Path(cfg.gif_dir) / f"{task}.gif"
-        _save_gif(gif, gif_frames)
-        out["gif"] = str(gif)
+           "replan_every": replan, "policy_calls": int(sum(r["inferences"] for r in results)),
+           "policy_seconds": t_policy, "sim_seconds": time.perf_counter() - t0 - t_policy,
+           "episode_results": [{k: r[k] for k in ("layout", "success", "steps")} for r in results]}
+    if frames:
+        gif_path = Path(cfg.gif_dir) / f"{task}.gif"
+        _save_gif(gif_path, frames)
+        out["gif"] = str(gif_path)
     return out
 
 
@@ -260,6 +210,7 @@ class DelayEvalConfig:
     image_size: int = 64
     policy_seed: int = 0
     json_path: str | None = None
+    lockstep: bool = False           # every chunk from the observation of its first tick, taking no sim time
 
 
 def _controller(policy, strategy: str, d: int, cfg: DelayEvalConfig, goal: str):
@@ -272,7 +223,7 @@ def _controller(policy, strategy: str, d: int, cfg: DelayEvalConfig, goal: str):
     p = NodeParams.from_mapping({
         "checkpoint": "sim", "control_rate_hz": cfg.rate_hz, "goal": goal, "seed": cfg.policy_seed,
         "replan_every": 1 if strategy == "ensemble" else min(cfg.replan_every, policy.chunk_size),
-        "execution_strategy": strategy, "max_observation_age": 3600.0})
+        "execution_strategy": strategy, "max_observation_age": 3600.0, "lockstep_inference": cfg.lockstep})
     vt = VirtualTime()
     ctl = ChunkController(p, list(getattr(policy, "camera_names", []) or []), policy.state_dim, policy.chunk_size,
                           policy.action_dim, vt.clock, initial_latency=d * period)
@@ -283,12 +234,17 @@ def _controller(policy, strategy: str, d: int, cfg: DelayEvalConfig, goal: str):
 class _Episode:
     """One held-out episode under its own controller, stepped tick by tick (see run_delay_episodes)."""
 
-    def __init__(self, policy, task: str, index: int, strategy: str, d: int, cfg: DelayEvalConfig, task_index: int):
-        self.sim = MetaWorldSim(task, cameras=_policy_cameras(policy), image_size=cfg.image_size,
+    def __init__(self, policy, task: str, index: int, strategy: str, d: int, cfg: DelayEvalConfig, task_index: int,
+                 gif_cameras=(), gif_size: int = 128):
+        cams = _policy_cameras(policy)
+        self.gif = [c for c in gif_cameras]
+        self.gif_size, self.frames = gif_size, []
+        self.sim = MetaWorldSim(task, cameras=cams + [c for c in self.gif if c not in cams], image_size=cfg.image_size,
                                 max_steps=cfg.max_steps)
         self.ctl, self.vt = _controller(policy, strategy, d, cfg, instruction_for(task))
         self.t0 = (1 + task_index * 100_000 + index * 100) * 1_000_000_000   # stamps (and noise) per episode
         self.obs = self.sim.reset("eval", cfg.seed, index)
+        self._frame()
         self.prev = None              # (action, plan sequence) executed at the previous tick
         self.switch, self.inside, self.idle = [], [], 0
         self.result = None
@@ -319,7 +275,12 @@ class _Episode:
             self.prev = (action, out.plan.sequence)
         self.result = self.sim.step(action)
         self.obs = self.result.obs
+        self._frame()
         return self.result.done
+
+    def _frame(self) -> None:
+        if self.gif:
+            self.frames.append(_gif_frame(self.obs.images, self.gif, self.gif_size))
 
     def summary(self) -> dict:
         vt, ctl = self.vt, self.ctl
@@ -327,7 +288,8 @@ class _Episode:
                 "switch_changes": self.switch, "inside_changes": self.inside, "ticks_without_action": self.idle,
                 "inferences": len(vt.walls), "inference_wall_s": float(np.sum(vt.walls)) if vt.walls else 0.0,
                 "inference_cpu_s": self.cpu,
-                "estimated_d": ctl.estimated_d, "inference_failures": ctl.counters.get("inference_failures")}
+                "estimated_d": ctl.estimated_d, "inference_failures": ctl.counters.get("inference_failures"),
+                **({"frames": self.frames} if self.gif else {})}
 
 
 def _infer_batch(policy, episodes: list) -> None:
@@ -372,13 +334,14 @@ def _call_batch(policy, reqs: list) -> None:
 
 
 def run_delay_episodes(policy, task: str, indices: Sequence[int], strategy: str, d: int, cfg: DelayEvalConfig,
-                       task_index: int = 0) -> list[dict]:
+                       task_index: int = 0, gif_cameras=(), gif_size: int = 128) -> list[dict]:
     """Held-out episodes of one task side by side (one controller each, one batched policy call per
     tick); per episode: success, steps, the executed actions' changes at chunk switches (the newest plan
     changed) and inside chunks, ticks without an action (before the first chunk lands)."""
     cams, pick = _policy_cameras(policy), state_indices(policy)
     names = list(getattr(policy, "camera_names", []) or [])
-    episodes = [_Episode(policy, task, i, strategy, d, cfg, task_index) for i in indices]
+    episodes = [_Episode(policy, task, i, strategy, d, cfg, task_index, gif_cameras if j == 0 else (), gif_size)
+                for j, i in enumerate(indices)]
     try:
         active = list(episodes)
         for k in range(cfg.max_steps):
