@@ -4,7 +4,8 @@ The datasets are written here with pyarrow and PyAV directly (not with our expor
 LeRobot v3.0 / v2.1 layouts (docs/DATA.md "LeRobot"). Codec tolerance: H.264 yuv420p of the smooth test
 scenes; fixture videos (crf 10) decode within mean |error| 3 and max 24 grey levels of the source
 frames, exported ones (default crf 18) within mean 4 and max 40 (measured: mean 2.4-2.6, max 16-20,
-mostly the RGB -> limited-range 4:2:0 YUV -> RGB round trip, not the compression).
+mostly the RGB -> limited-range 4:2:0 YUV -> RGB round trip, not the compression); AV1 (SVT-AV1 encode,
+libdav1d decode) is held to the same tolerance.
 """
 from __future__ import annotations
 
@@ -288,12 +289,19 @@ def test_export_metadata_follows_v3_layout(tmp_path):
     np.testing.assert_allclose(np.array(img["max"]).reshape(3), frames.max((0, 1, 2)))
 
 
-def test_export_import_roundtrip_and_cli(tmp_path):
+@pytest.mark.parametrize("vcodec", ["h264", "av1"])
+def test_export_import_roundtrip_and_cli(tmp_path, vcodec):
     from mode_ros.cli import main
 
     write_episode_file(tmp_path / "ep.hdf5", [6, 9])
-    assert main(["export", "lerobot", str(tmp_path / "ep.hdf5"), "--out", str(tmp_path / "ds"), "--quiet"]) == 0
-    assert main(["export", "lerobot", str(tmp_path / "ep.hdf5"), "--out", str(tmp_path / "ds"), "--quiet"]) == 2
+    export = ["export", "lerobot", str(tmp_path / "ep.hdf5"), "--out", str(tmp_path / "ds"), "--quiet",
+              "--vcodec", vcodec]
+    assert main(export) == 0
+    assert main(export) == 2          # exists: refused without --overwrite
+    info = json.loads((tmp_path / "ds/meta/info.json").read_text())
+    assert info["features"]["observation.images.static"]["info"]["video.codec"] == vcodec
+    with av.open(str(tmp_path / "ds/videos/observation.images.static/chunk-000/file-000.mp4")) as c:
+        assert c.streams.video[0].codec_context.name in ({"h264": "h264", "av1": "libdav1d"}[vcodec], vcodec)
     assert main(["convert", "lerobot", str(tmp_path / "ds"), "--out", str(tmp_path / "back.hdf5"), "--quiet"]) == 0
     rep = json.loads((tmp_path / "back.report.json").read_text())
     assert rep["totals"]["frames"] == 15 and rep["totals"]["episodes"] == 2

@@ -263,6 +263,7 @@ class VideoWriter:
                                "(use yuv444p)")
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        os.environ.setdefault("SVT_LOG", "2")   # SVT-AV1: warnings and errors only (no per-file config dump)
         self._c = av.open(str(self.path), "w")
         rate = Fraction(fps).limit_denominator(1001)
         self._s = self._c.add_stream(VCODECS[vcodec][0], rate=rate)
