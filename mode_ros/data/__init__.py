@@ -7,7 +7,8 @@ Modules (imported on demand; none imports rclpy, only ``dataset`` imports torch)
   bag            convert_bags: rosbag2 (.db3/.mcap) -> episodes, resampled onto the control clock
   hdf5_import    import_hdf5: LIBERO/robomimic files -> episodes
   lerobot        LeRobot layouts (v2.1/v3.0), the key map, mp4 IO (PyAV); lerobot_import / lerobot_export:
-                 import_lerobot (datasets -> episodes), export_lerobot (episodes or bags -> v3.0)
+                 import_lerobot (datasets -> episodes), export_lerobot (episodes or bags -> v3.0);
+                 lerobot_bench: codec and conversion speed (a measurement command)
   normalization  Stats, ActionNormalizer/StateNormalizer ([-1, 1]), normalization.json
   dataset        EpisodeWindowDataset (1 obs + chunk_size actions), random_shift (DrQ-v2)
   rosmsgs        ActionChunk definition + rosbags typestore (ROS 2 Kilted/Jazzy types)
