@@ -239,7 +239,8 @@ def test_export_metadata_follows_v3_layout(tmp_path):
     info = json.loads((ds / "meta/info.json").read_text())
     assert info["codebase_version"] == "v3.0" and info["fps"] == FPS
     assert (info["total_episodes"], info["total_frames"], info["total_tasks"]) == (3, 16, 2)
-    assert info["splits"] == {"train": "0:3"} and info["chunks_size"] == 1000
+    assert info["splits"] == {"train": "0:3"} and info["chunks_size"] == 1000 and info["robot_type"] is None
+    assert (info["data_files_size_in_mb"], info["video_files_size_in_mb"]) == (100, 200)
     assert info["data_path"] == "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet"
     assert info["video_path"] == "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4"
     f = info["features"]
@@ -271,6 +272,9 @@ def test_export_metadata_follows_v3_layout(tmp_path):
     key = "videos/observation.images.static"
     assert [(x[f"{key}/from_timestamp"], x[f"{key}/to_timestamp"]) for x in e] == [(0.0, 0.5), (0.5, 1.2), (1.2, 1.6)]
     assert all(x[f"{key}/file_index"] == 0 and x["data/file_index"] == 0 for x in e)
+    assert all(x["meta/episodes/chunk_index"] == 0 and x["meta/episodes/file_index"] == 0 for x in e)
+    assert {f"stats/observation.images.static/{s}" for s in ("min", "max", "mean", "std", "count", "q01", "q99")} \
+        <= set(e[0])
     assert (ds / "videos/observation.images.gripper/chunk-000/file-000.mp4").exists()
     # stats: numpy values of what was written
     r = EpisodeReader(tmp_path / "ep.hdf5")
