@@ -217,6 +217,12 @@ def test_key_map_selects_and_renames(tmp_path):
     assert r.action_names == ["m0", "m1", "m2", "grip", "x", "y", "z"]
     np.testing.assert_array_equal(r.episode(1).actions, np.concatenate([eps[1]["action"], eps[1]["state"]], 1))
     assert r.episode(0).language == "do it"
+    from mode_ros.cli import main
+
+    assert main(["convert", "lerobot", str(ds), "--out", str(tmp_path / "cli.hdf5"), "--quiet",
+                 "--map", str(tmp_path / "map.yaml"), "--instruction", "do that"]) == 0
+    r = EpisodeReader(tmp_path / "cli.hdf5")
+    assert r.camera_names == ["static"] and [e.language for e in r] == ["do that", "do that"]
     with pytest.raises(LeRobotError, match=r"unknown key\(s\) \['camera'\]"):
         load_lerobot_map({"camera": {}})
 

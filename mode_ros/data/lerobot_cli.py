@@ -53,15 +53,12 @@ def register_export(sub) -> None:
 
 def _convert(args) -> int:
     from .bag import report_path_for
-    from .lerobot import LeRobotError, guess_map, load_lerobot_map
-    from .lerobot_import import format_import_report, import_lerobot, read_layout
+    from .lerobot import LeRobotError
+    from .lerobot_import import format_import_report, import_lerobot
 
     try:
-        m = load_lerobot_map(args.map) if args.map else guess_map(read_layout(args.datasets[0]).features)
-        if args.instruction:
-            m.instruction = args.instruction
-        rep = import_lerobot(args.datasets, args.out, key_map=m, overwrite=args.overwrite,
-                             progress=not args.quiet)
+        rep = import_lerobot(args.datasets, args.out, key_map=args.map, instruction=args.instruction,
+                             overwrite=args.overwrite, progress=not args.quiet)
     except (LeRobotError, FileExistsError) as exc:
         print(f"mode-ros convert lerobot: {exc}", file=sys.stderr)
         return 2

@@ -9,6 +9,7 @@ and counted with the reason (file and key); nothing else is dropped.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -294,10 +295,11 @@ def _names(feats: dict, keys) -> list[str]:
 
 
 def import_lerobot(datasets: Sequence[str | os.PathLike], out: str | os.PathLike, *,
-                   key_map: LeRobotMap | str | os.PathLike | dict | None = None, overwrite: bool = False,
-                   progress: bool = True) -> dict:
+                   key_map: LeRobotMap | str | os.PathLike | dict | None = None, instruction: str | None = None,
+                   overwrite: bool = False, progress: bool = True) -> dict:
     """Convert LeRobot dataset folders into one episode file. Returns the report (frames and episodes
-    in and out, skipped episodes with reasons, unused features). Raises :class:`LeRobotError`."""
+    in and out, skipped episodes with reasons, unused features). ``key_map`` None: :func:`guess_map` of
+    the first dataset; ``instruction`` overrides the map's. Raises :class:`LeRobotError`."""
     t0 = time.perf_counter()
     layouts = [read_layout(d) for d in datasets]
     if not layouts:
@@ -305,6 +307,8 @@ def import_lerobot(datasets: Sequence[str | os.PathLike], out: str | os.PathLike
     first = layouts[0]
     m = key_map if isinstance(key_map, LeRobotMap) or key_map is None else load_lerobot_map(key_map)
     m = m or guess_map(first.features)
+    if instruction:
+        m = dataclasses.replace(m, instruction=instruction)
     if not m.cameras and not m.state and not m.action:
         raise LeRobotError(f"{first.root}: nothing to import")
     for lay in layouts:
