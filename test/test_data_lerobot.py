@@ -385,6 +385,10 @@ def test_fps_mismatch(tmp_path):
     (ds / "meta/info.json").write_text(json.dumps({**info, "fps": 20, "features": feats}))
     with pytest.raises(LeRobotError, match=r"file-000\.mp4: video of feature 'observation\.images\.top' runs at 10 fps"):
         import_lerobot([ds], tmp_path / "b.hdf5", progress=False)
+    import h5py
+
+    with h5py.File(tmp_path / "b.hdf5", "r") as f:   # the episode begun before the video was opened is removed
+        assert list(f["data"].keys()) == []
     other = write_v21(tmp_path / "other", make_episodes([3]))
     info2 = json.loads((other / "meta/info.json").read_text())
     (other / "meta/info.json").write_text(json.dumps({**info2, "fps": 20}))

@@ -208,6 +208,7 @@ class VideoFrames:
         self._it: Iterator | None = None
         self._cur: tuple[int, np.ndarray] | None = None
         self.last_frame = -1
+        self.error: str | None = None
 
     def _restart(self, target: int) -> None:
         tb = self._s.time_base
@@ -217,16 +218,22 @@ class VideoFrames:
         self._cur = None
 
     def _next(self) -> tuple[int, np.ndarray] | None:
-        for f in self._it:
-            if f.pts is None:
-                continue
-            n = int(round(float(f.pts * f.time_base) * self.fps))
-            self.last_frame = max(self.last_frame, n)
-            return n, f.to_ndarray(format="rgb24")
+        import av
+
+        try:
+            for f in self._it:
+                if f.pts is None:
+                    continue
+                n = int(round(float(f.pts * f.time_base) * self.fps))
+                self.last_frame = max(self.last_frame, n)
+                return n, f.to_ndarray(format="rgb24")
+        except av.error.FFmpegError as exc:   # corrupt data: the frames after it are unreadable
+            self.error = f"decoding failed after frame {self.last_frame}: {exc}"
         return None
 
     def get(self, number: int) -> np.ndarray | None:
-        """The frame with this number, or None when the file ends before it."""
+        """The frame with this number, or None when the file ends (or cannot be decoded, ``error``)
+        before it."""
         if self._it is None or self._cur is None or number < self._cur[0]:
             self._restart(number)
             self._cur = self._next()

@@ -245,10 +245,14 @@ class _Importer:
                                  {s: vec[k].shape[1] for k, s in m.state.items()})
         b.set_arrays(acts, ts, {s: vec[k][rows] for k, s in m.state.items()})
         for k, slot in m.cameras.items():
-            if layout.features[k]["dtype"] == "image":
-                why = self._images(b, slot, table.column(k), rows, shapes[slot], k, path)
-            else:
-                why = self._video(b, slot, ep, k, ts, fps, shapes[slot])
+            try:
+                if layout.features[k]["dtype"] == "image":
+                    why = self._images(b, slot, table.column(k), rows, shapes[slot], k, path)
+                else:
+                    why = self._video(b, slot, ep, k, ts, fps, shapes[slot])
+            except LeRobotError:     # a missing video or a wrong frame rate: stop, leaving no partial episode
+                b.discard()
+                raise
             if why:
                 b.discard()
                 return why
@@ -279,6 +283,8 @@ class _Importer:
         numbers = np.round((start + ts) * fps).astype(np.int64)
         for j, n in enumerate(numbers):
             img = v.get(int(n))
+            if img is None and v.error:
+                return f"{path}: video of {key!r}: {v.error}"
             if img is None:
                 return (f"{path}: video of {key!r} is shorter than the frame index says: episode {ep.index} needs "
                         f"frame {int(n)} (from_timestamp {start:g} + {ts[j]:g} s), the file ends at frame "
