@@ -239,9 +239,10 @@ class Trainer:
             if not re.search(r"\b(nan|inf)\b", str(exc), re.IGNORECASE):
                 raise
             self._diverged(f"the forward pass met non-finite values ({' '.join(str(exc).split())})")
-        self._check_finite("loss", float(total))
         self.opt.zero_grad(set_to_none=True)
         total.backward()
+        if self.world == 1:   # under DDP only global values decide (the gradient norm after all-reduce)
+            self._check_finite("loss", float(total))
         params = [q for q in self.policy.parameters() if q.grad is not None]
         if o.grad_clip:
             gnorm = float(torch.nn.utils.clip_grad_norm_(params, o.grad_clip))
@@ -401,7 +402,7 @@ class Trainer:
                 same = (a is None) == (b is None) and (a is None or all(
                     np.allclose(a[f], b[f], rtol=1e-5, atol=1e-7) for f in ("offset", "scale")))
                 if not same:
-                    raise RuntimeError(f"resume from {p}: the {key} normalisation fitted on the current data "
+                    raise TrainingError(f"resume from {p}: the {key} normalisation fitted on the current data "
                                        "differs from the checkpoint's (were episodes added, removed or changed?); "
                                        "train into a new output folder, or use init_from to start from the weights")
         self.policy.load_state_dict(st["model"])
