@@ -104,9 +104,9 @@ def test_checkpoint_records_its_state_names_and_eval_selects_them(trained, train
     seen = []
     real = pol.predict_chunk_batch
 
-    def spy(images, goals, states=None, seed=None):
+    def spy(images, goals, states=None, seed=None, **kw):   # kw: e.g. prefixes (real-time chunking)
         seen.append(np.asarray(states))
-        return real(images, goals, states, seed=seed)
+        return real(images, goals, states, seed=seed, **kw)
 
     monkeypatch.setattr(pol, "predict_chunk_batch", spy)
     sim = ev.MetaWorldSim("reach-v3", cameras=[], max_steps=5)
