@@ -116,17 +116,21 @@ def test_routing_table_is_reused_not_recomputed(monkeypatch):
     assert all(not t.requires_grad for t in (table.gates, table.noise_emb))
 
 
-def test_fused_sampler_replacement_and_guidance_fallback(caplog):
-    """Replacement runs on the fused sampler (same result as the cached one to rounding); guidance
-    needs a VJP and runs the cached eager sampler, with the reason logged once."""
+def test_fused_sampler_replacement_guidance_and_fallback(caplog):
+    """Both methods run on the eager fused sampler (same result as on the cached one to rounding);
+    a fused sampler without autograd (int8 experts here; also compiled or Triton) runs guidance on the
+    cached eager sampler instead — the same chunk bit for bit — with the reason logged once."""
     p = tiny_policy()
     prev = p.predict_chunk(None, "go", STATE, seed=11)
     ref = {m: p.predict_chunk(None, "go", STATE, seed=3, prefix=ChunkPrefix(prev[3:], 3, m))
            for m in ("replace", "guidance")}
     p.enable_fast(fused=True)
-    assert p.fused is not None
-    got = p.predict_chunk(None, "go", STATE, seed=3, prefix=ChunkPrefix(prev[3:], 3, "replace"))
-    assert np.abs(got - ref["replace"]).max() < 1e-4 and np.array_equal(got[:3], prev[3:6])
+    assert p.fused is not None and p.fused.differentiable
+    for m in ("replace", "guidance"):
+        got = p.predict_chunk(None, "go", STATE, seed=3, prefix=ChunkPrefix(prev[3:], 3, m))
+        assert np.abs(got - ref[m]).max() < 1e-4 and np.array_equal(got[:3], prev[3:6]), m
+    p.enable_fast(fused=True, weight_quant="int8")
+    assert p.fused is not None and not p.fused.differentiable
     with caplog.at_level(logging.INFO, logger="mode_ros.policy"):
         for _ in range(2):
             got = p.predict_chunk(None, "go", STATE, seed=3, prefix=ChunkPrefix(prev[3:], 3, "guidance"))

@@ -145,29 +145,40 @@ def fused_layer(h, c, ln1_g, wqkv, bqkv, qg, kg, wproj, ln2_g, w1f, b1f, w2f, ga
     return (y if reference_residual else h) + out
 
 
-def fused_step(x, ctx, c, c_in, c_skip, c_out, ratio, action_w, action_pos, lnf_g, out_w, out_b,
-               layers, n_heads: int, eps: float, reference_residual: bool, attention: str,
-               int8_kernel: bool = False, gemm: str = "torch"):
-    """One DDIM step (denoise + update) as one function of tensors: compiled once for all steps.
-    ``sampling.edm_denoise`` around the fused layers, then ``sampling.ddim_step`` (ratio 0: D itself).
-    The all-Triton step is their kernel lowering: ``tk.step_in`` scales x by c_in into the tokens,
-    ``tk.step_out`` computes the head, edm_denoise's output and ddim_step in one kernel (checked against
-    these two functions by test/triton_interp_checks.py)."""
-    if gemm == "triton" and attention == "triton":
-        # the whole step as Triton kernels: tokens + first norm, seven per layer, head + DDIM update
-        h, u = tk.step_in(x, c_in, c, ctx, action_w, action_pos, layers[0][0], eps)
-        y = tk.layer_chain(h, c, layers, lnf_g, n_heads, eps, reference_residual, u=u)
-        return tk.step_out(y, out_w, out_b, x, c_skip, c_out, ratio)
+def fused_denoise(x, ctx, c, c_in, c_skip, c_out, action_w, action_pos, lnf_g, out_w, out_b,
+                  layers, n_heads: int, eps: float, reference_residual: bool, attention: str,
+                  int8_kernel: bool = False, gemm: str = "torch", layer=None):
+    """D(x; sigma) of one step as a function of tensors: ``sampling.edm_denoise`` around the fused
+    network (tokens, ``layer`` per block — ``fused_layer`` or its compiled version —, the head).
+    ``layers``: per block (ln1_g, wqkv, bqkv, qg, kg, wproj, ln2_g, w1f, b1f, w2f, gates, w1s, w2s)."""
+    layer = fused_layer if layer is None else layer
     cc = c.expand(x.shape[0], 1, -1)
     k = action_pos.shape[1]
 
     def network(a_in):
         h = torch.cat([cc, ctx, F.linear(a_in.to(ctx.dtype), action_w) + action_pos], dim=1)
         for L in layers:
-            h = fused_layer(h, cc, *L[:11], n_heads=n_heads, eps=eps, reference_residual=reference_residual,
-                            attention=attention, w1s=L[11], w2s=L[12], int8_kernel=int8_kernel, gemm=gemm)
+            h = layer(h, cc, *L[:11], n_heads=n_heads, eps=eps, reference_residual=reference_residual,
+                      attention=attention, w1s=L[11], w2s=L[12], int8_kernel=int8_kernel, gemm=gemm)
         return F.linear(_rms(h[:, -k:], lnf_g, eps), out_w, out_b).float()
-    return ddim_step(x, edm_denoise(x, network, c_in, c_skip, c_out), ratio)
+    return edm_denoise(x, network, c_in, c_skip, c_out)
+
+
+def fused_step(x, ctx, c, c_in, c_skip, c_out, ratio, action_w, action_pos, lnf_g, out_w, out_b,
+               layers, n_heads: int, eps: float, reference_residual: bool, attention: str,
+               int8_kernel: bool = False, gemm: str = "torch"):
+    """One DDIM step (denoise + update) as one function of tensors: compiled once for all steps.
+    ``sampling.ddim_step`` after ``fused_denoise`` (ratio 0: D itself). The all-Triton step is their
+    kernel lowering: ``tk.step_in`` scales x by c_in into the tokens, ``tk.step_out`` computes the head,
+    edm_denoise's output and ddim_step in one kernel (checked against the PyTorch formulation by
+    test/triton_interp_checks.py)."""
+    if gemm == "triton" and attention == "triton":
+        # the whole step as Triton kernels: tokens + first norm, seven per layer, head + DDIM update
+        h, u = tk.step_in(x, c_in, c, ctx, action_w, action_pos, layers[0][0], eps)
+        y = tk.layer_chain(h, c, layers, lnf_g, n_heads, eps, reference_residual, u=u)
+        return tk.step_out(y, out_w, out_b, x, c_skip, c_out, ratio)
+    return ddim_step(x, fused_denoise(x, ctx, c, c_in, c_skip, c_out, action_w, action_pos, lnf_g, out_w, out_b,
+                                      layers, n_heads, eps, reference_residual, attention, int8_kernel, gemm), ratio)
 
 
 class FusedSampler:
@@ -332,6 +343,13 @@ class FusedSampler:
                   if n.split(".")[0] in ("goal_emb", "tok_emb", "gripper_embed", "state_emb", "pos_emb"))
         return total + ctx
 
+    @property
+    def differentiable(self) -> bool:
+        """Whether ``denoise_step`` supports autograd in x (real-time chunking's guidance takes a VJP
+        through it): the eager PyTorch layers — not compiled, no Triton kernels, unquantised experts."""
+        return (not self.compile and not self.whole_step and self.gemm == "torch" and self.attention != "triton"
+                and self.weight_quant == "none")
+
     def ensure(self) -> None:
         t = self.cached.ensure()
         if self._key != t.key:
@@ -341,28 +359,10 @@ class FusedSampler:
         """Step i, layer l: the fused weights of its expert set and the gates in their stored order."""
         return self.experts[(l, tuple(sorted(self.cached.table.indices[i][l])))], self.gates[i, l]
 
-    def denoise_step(self, i: int, x: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
-        """D(x; sigma_i): ``sampling.edm_denoise`` around the fused layers (the whole-step function with
-        DDIM ratio 0 when the step is one compiled / Triton function)."""
-        net, t = self.net, self.cached.table
-        if self.whole_step:
-            return self._whole_step(i, x, ctx, torch.zeros_like(t.ratio[i]))
-        c = t.noise_emb[i].expand(x.shape[0], 1, -1)
-        cfg = net.cfg
-        ref = cfg.residual == "reference"
-
-        def network(a_in):
-            h = torch.cat([c, ctx, net.action_tokens(a_in.to(ctx.dtype))], dim=1)
-            for l, L in enumerate(self.layers):
-                (w1f, b1f, w2f, s1, s2), gates = self.selection(i, l)
-                h = self._fn(h, c, L["ln1_g"], L["wqkv"], L["bqkv"], L["qg"], L["kg"], L["wproj"], L["ln2_g"],
-                             w1f, b1f, w2f, gates, cfg.n_heads, cfg.norm_eps, ref, attention=self.attention,
-                             w1s=s1, w2s=s2, int8_kernel=self.int8_kernel, gemm=self.gemm)
-            return net.head(h).float()
-        return edm_denoise(x, network, t.c_in[i], t.c_skip[i], t.c_out[i])
-
-    def _whole_step(self, i: int, x: torch.Tensor, ctx: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
-        """``fused_step`` for step i of the table: D and the DDIM update with ``ratio`` in one function."""
+    def step_args(self, i: int, ctx: torch.Tensor) -> tuple:
+        """The tensors of step i for ``fused_denoise`` / ``fused_step`` after x: context, the table's noise
+        embedding and scalings, the action embedding and head, and per layer its fused weights and the
+        step's expert pair (its gates) — the one place the fused copies are looked up."""
         net, t, cfg = self.net, self.cached.table, self.net.cfg
         start = cfg.goal_seq_len + cfg.obs_seq_len - 1
         pos = net.pos_emb[:, start: start + net.chunk_size]
@@ -371,10 +371,21 @@ class FusedSampler:
             (w1f, b1f, w2f, s1, s2), gates = self.selection(i, l)
             layers.append((L["ln1_g"], L["wqkv"], L["bqkv"], L["qg"], L["kg"], L["wproj"], L["ln2_g"],
                            w1f, b1f, w2f, gates, s1, s2))
-        return self._step(x, ctx, t.noise_emb[i], t.c_in[i], t.c_skip[i], t.c_out[i], ratio,
-                          net.action_emb.weight, pos, net.ln.g, net.out.weight, net.out.bias, layers,
-                          cfg.n_heads, cfg.norm_eps, cfg.residual == "reference", self.attention,
-                          self.int8_kernel, self.gemm)
+        return (ctx, t.noise_emb[i], t.c_in[i], t.c_skip[i], t.c_out[i], net.action_emb.weight, pos, net.ln.g,
+                net.out.weight, net.out.bias, layers, cfg.n_heads, cfg.norm_eps, cfg.residual == "reference",
+                self.attention, self.int8_kernel, self.gemm)
+
+    def denoise_step(self, i: int, x: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+        """D(x; sigma_i): ``fused_denoise`` with the (compiled) layer function, or the whole-step function
+        with DDIM ratio 0 when the step is one compiled / Triton function."""
+        if self.whole_step:
+            return self.advance(i, x, ctx, torch.zeros_like(self.cached.table.ratio[i]))
+        return fused_denoise(x, *self.step_args(i, ctx), layer=self._fn)
+
+    def advance(self, i: int, x: torch.Tensor, ctx: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
+        """``fused_step`` (D and the DDIM update with ``ratio``) for step i in one (compiled) call."""
+        a = self.step_args(i, ctx)
+        return self._step(x, *a[:5], ratio, *a[5:])
 
     def sample(self, x_T: torch.Tensor, goal: torch.Tensor, obs=None, state=None, return_trajectory: bool = False,
                guide=None):
@@ -385,6 +396,6 @@ class FusedSampler:
         ctx = self.net.context_tokens(goal, obs, state)
         if self.gemm == "triton":
             tk.set_pdl(self.pdl)   # module-wide launch option: set by the sampler that launches
-        advance = (lambda i, x: self._whole_step(i, x, ctx, t.ratio[i])) if self.whole_step else None
+        advance = (lambda i, x: self.advance(i, x, ctx, t.ratio[i])) if self.whole_step else None
         return ddim_loop(lambda i, x: self.denoise_step(i, x, ctx), x_T, t.ratio, advance=advance, guide=guide,
                          return_trajectory=return_trajectory)

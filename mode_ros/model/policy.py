@@ -331,9 +331,10 @@ class MoDEPolicy(nn.Module):
         sigmas_max = self.config.diffusion.sigma_max
         x_T = noise.float() * sigmas_max
         if cached if cached is not None else self.use_cache:
-            if self.fused is not None and guide is not None and guide.needs_grad:
+            if self.fused is not None and guide is not None and guide.needs_grad and not self.fused.differentiable:
                 self._log_once("rtc_fused", "real-time chunking guidance takes a vector-Jacobian product "
-                               "through the denoiser: it runs the cached eager sampler, not the fused one")
+                               "through the denoiser: it runs the cached eager sampler, not the fused one "
+                               "(compiled, Triton or quantised: no autograd)")
             elif self.fused is not None:
                 return self.fused.sample(x_T, goal, obs, st, guide=guide)
             return self.sampler.sample(x_T, goal, obs, st, guide=guide)
@@ -480,7 +481,8 @@ class MoDEPolicy(nn.Module):
         if guide is not None and self._graph is not None:
             self._log_once("rtc_graph", "real-time chunking: chunks with a prefix run the eager %s sampler, "
                            "not the captured CUDA graph (it has no inputs for the prefix)",
-                           "fused" if self.fused is not None and not guide.needs_grad else "cached")
+                           "fused" if self.fused is not None and (not guide.needs_grad or self.fused.differentiable)
+                           else "cached")
         return self.sample_normalized(img, goal, st, noise, guide=guide)
 
     def select_fast(self, candidates: Sequence[dict], runs: int = 10, tolerance: float = 0.05,
