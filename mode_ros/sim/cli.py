@@ -63,7 +63,7 @@ def register(subparsers) -> None:
     e.add_argument("--noise", type=float, default=0.0, help="--expert only: action noise std")
     e.add_argument("--policy-seed", type=int, default=0, help="base seed of the diffusion sampler")
     e.add_argument("--steps", type=int, default=None,
-                   help="DDIM denoising steps per chunk (default: the checkpoint's; in-process policy, not --ros)")
+                   help="DDIM denoising steps per chunk (unset: the checkpoint's; in-process policy, not --ros)")
     e.add_argument("--json", dest="json_path", default=None, help="write the report here")
     e.add_argument("--gif-dir", default=None, help="write one GIF (first episode) per task here")
     e.add_argument("--ros", action="store_true",
