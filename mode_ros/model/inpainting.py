@@ -19,6 +19,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 METHODS = ("replace", "guidance")
 DECAYS = ("exp", "linear", "hard")
@@ -101,9 +102,6 @@ def prefix_weights(n: int, fixed: int, chunk_size: int, decay: str = "exp") -> n
     return w.astype(np.float32)
 
 
-__all__ = ["ChunkPrefix", "PrefixError", "PrefixGuide", "prefix_guide", "prefix_weights", "METHODS", "DECAYS"]
-
-
 class PrefixGuide:
     """Real-time chunking's per-step correction for ``sampling.ddim_loop`` (``guide(i, x, denoise) ->
     (x, D)``), in normalised action units, on any sampler whose ``denoise(i, x)`` is D(x; sigma_i).
@@ -117,7 +115,6 @@ class PrefixGuide:
     1 / r_sigma^2 in D units, clipped as in Black et al. 2025 (their beta)."""
 
     def __init__(self, method: str, known, weights, noise, sigmas, sigma_data: float, guidance_max: float = 5.0):
-        import torch
         if method not in METHODS:
             raise PrefixError(f"method {method!r} is not one of {METHODS}")
         self.method = method
@@ -128,13 +125,11 @@ class PrefixGuide:
         self.sigmas = sigmas.float()
         sd2 = float(sigma_data) ** 2
         self.step_weight = ((self.sigmas ** 2 + sd2) / sd2).clamp(max=float(guidance_max))
-        self._torch = torch
 
     def __call__(self, i: int, x, denoise):
         if self.method == "replace":
             x = self.w * (self.known + self.sigmas[i] * self.noise) + (1 - self.w) * x
             return x, denoise(i, x)
-        torch = self._torch
         with torch.enable_grad():
             xg = x.detach().requires_grad_(True)
             d = denoise(i, xg)
@@ -146,7 +141,6 @@ def prefix_guide(prefixes, normalize, noise, sigmas, sigma_data: float) -> Prefi
     """The guide for a batch: ``prefixes`` one ChunkPrefix or None per sample (None everywhere: no
     guide, the plain sampler); ``normalize`` maps robot units to the model's (numpy); ``noise``
     (B, K, A) the initial noise. Prefixes of one batch share method and guidance_max."""
-    import torch
     b, k, a = noise.shape
     if len(prefixes) != b:
         raise PrefixError(f"{len(prefixes)} prefixes for a batch of {b}")
@@ -165,3 +159,6 @@ def prefix_guide(prefixes, normalize, noise, sigmas, sigma_data: float) -> Prefi
     dev = noise.device
     return PrefixGuide(given[0].method, torch.from_numpy(known).to(dev), torch.from_numpy(w).to(dev), noise,
                        sigmas.to(dev), sigma_data, given[0].guidance_max)
+
+
+__all__ = ["ChunkPrefix", "PrefixError", "PrefixGuide", "prefix_guide", "prefix_weights", "METHODS", "DECAYS"]
