@@ -127,6 +127,7 @@ def test_refused_goal_stops_output_with_one_log_line():
     assert res.output is None and res.key == "no_goal" and not res.request
     diag = ctl.diagnostics()
     assert diag["goals_refused"] == 1 and diag["last_failure"].startswith("goal refused")
+    assert diag["reason"].startswith("goal refused")   # at once, not only from the next tick on
     assert ctl.set_goal("open the drawer")[0] == "" and ctl.goal == "open the drawer"
     assert ctl.last_failure == ""
 

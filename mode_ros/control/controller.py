@@ -285,7 +285,7 @@ class ChunkController:
                 self.goal_generation += 1
                 self.executor.reset()
                 self.counters.inc("rejected.goal")
-                self.last_failure = f"goal refused: {problem}"
+                self.last_failure = self.reason = f"goal refused: {problem}"
                 self.log("error", None, f"{source}: goal {clean[:200]!r} refused: {problem}; output stopped until a "
                                         "valid goal arrives")
                 return problem, False
