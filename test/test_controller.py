@@ -120,6 +120,7 @@ def test_refused_goal_stops_output_with_one_log_line():
     assert run(ctl, clock, pol, 1.1).output is not None
     problem, _ = ctl.set_goal("wave hello", "~/goal")
     assert "cached instructions" in problem
+    assert ctl.diagnostics()["reason"].startswith("goal refused")   # at once, not only from the next tick on
     refusals = [m for lvl, m in logs if "refused" in m]
     assert len(refusals) == 1 and "wave hello" in refusals[0] and "'open the drawer'" in refusals[0]
     assert ctl.goal == "" and ctl.counters.get("rejected.goal") == 1
@@ -127,7 +128,6 @@ def test_refused_goal_stops_output_with_one_log_line():
     assert res.output is None and res.key == "no_goal" and not res.request
     diag = ctl.diagnostics()
     assert diag["goals_refused"] == 1 and diag["last_failure"].startswith("goal refused")
-    assert diag["reason"].startswith("goal refused")   # at once, not only from the next tick on
     assert ctl.set_goal("open the drawer")[0] == "" and ctl.goal == "open the drawer"
     assert ctl.last_failure == ""
 
