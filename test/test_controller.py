@@ -247,3 +247,16 @@ def test_enable_disable_and_deactivate_drop_the_plan():
     assert ctl.executor.newest is None
     clock.at(1.2)
     assert ctl.tick().key == "inactive"
+
+
+def test_rejected_total_counts_each_rejection_once():
+    """The shell adds a per-reason counter (rejected.<kind>:<reason>) beside the controller's
+    rejected.<kind>: the /diagnostics total counts the input once, not twice."""
+    clock = Clock()
+    ctl = make(clock, goal="go")
+    for _ in range(3):
+        ctl.counters.inc("rejected.image_cam:too_large")
+        ctl.reject_input("image_cam", "camera cam: image rejected: too large")
+    d = ctl.diagnostics()
+    assert d["rejected.image_cam"] == 3 and d["rejected.image_cam:too_large"] == 3
+    assert d["rejected"] == 3

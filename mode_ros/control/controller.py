@@ -607,7 +607,8 @@ class ChunkController:
                 "lockstep_observation_waits": c.get("lockstep_observation_waits", 0),
                 "goals_refused": c.get("rejected.goal", 0),
                 "images_received": sum(b.received for b in self.buffers.values()),
-                "rejected": sum(v for k, v in c.items() if k.startswith("rejected.")),
+                # per-reason counters (rejected.<kind>:<reason>) refine rejected.<kind>: counted once
+                "rejected": sum(v for k, v in c.items() if k.startswith("rejected.") and ":" not in k),
                 "reason": self.reason, "last_failure": self.last_failure,
             }
             values.update({k: v for k, v in c.items() if k.startswith(("rejected.", "suppressed."))})
