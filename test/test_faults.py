@@ -409,3 +409,19 @@ def test_replay_usage_and_checkpoint_file_errors(replay_bag, tmp_path, capsys):
     rc, err = run_cli(["replay", str(bag), "--checkpoint", str(ck), "--topics", str(topics), "--offline",
                        "--out", str(tmp_path / "out"), "--quiet"], capsys)
     assert rc == 2 and str(weights) in one_line(err), err
+
+
+def test_offline_replay_leaves_the_callers_thread_count(replay_bag, tmp_path, capsys):
+    """-p torch_threads=N applies to the replay only: an in-process caller keeps its torch thread count
+    (it changed the numerics of later in-process computations: the lockstep-equals-direct digest)."""
+    import torch
+
+    bag, topics = replay_bag
+    ck = init_ckpt(tmp_path / "ck", state_dim=3)
+    before = torch.get_num_threads()
+    want = 2 if before == 1 else 1
+    capsys.readouterr()
+    run_cli(["replay", str(bag), "--checkpoint", str(ck), "--topics", str(topics), "--offline", "--out",
+             str(tmp_path / "out"), "-p", f"torch_threads={want}", "-p", "warmup=false", "--quiet"], capsys)
+    assert (tmp_path / "out" / "report.json").exists()
+    assert torch.get_num_threads() == before

@@ -147,9 +147,15 @@ def reason_detail(key: str, message: str) -> str:
 
 
 def run_offline(sess) -> None:
-    """Replay ``sess.bag`` through :class:`OfflineDriver` + ``MoDEPolicy``; fills sess.scorer/ticks/extra."""
-    import torch
+    """Replay ``sess.bag`` through :class:`OfflineDriver` + ``MoDEPolicy``; fills sess.scorer/ticks/extra
+    (torch_threads applies for the replay only)."""
+    from mode_ros.model.runtime import torch_threads
 
+    with torch_threads(sess.p.torch_threads):
+        _run_offline(sess)
+
+
+def _run_offline(sess) -> None:
     from mode_ros.model.policy import MoDEPolicy
     from mode_ros.replay.session import ReplayError, setup_session
 
@@ -157,8 +163,6 @@ def run_offline(sess) -> None:
     if sess.model is None:
         raise ReplayError("offline replay needs --checkpoint")
     setup_session(sess)
-    if p.torch_threads > 0:
-        torch.set_num_threads(p.torch_threads)
     t0 = time.perf_counter()
     dtype = None if p.dtype == "auto" else p.dtype
     policy = opts.policy or MoDEPolicy.from_pretrained(p.checkpoint, device=p.device, dtype=dtype)

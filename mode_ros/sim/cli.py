@@ -111,16 +111,18 @@ def _cmd_eval_delays(args, tasks) -> int:
         print(f"mode-ros sim eval: bad --strategy/--delay-ticks value(s) {bad} (strategies: {', '.join(STRATEGIES)}; "
               "delays >= 0)", file=sys.stderr)
         return 2
-    import torch
-
     from mode_ros.model.policy import MoDEPolicy
-    torch.set_num_threads(1)   # one inference at a time; the cores are better left to the simulator
-    policy = MoDEPolicy.from_pretrained(args.checkpoint, device=args.device, num_steps=args.steps)
-    policy.warmup()
-    cfg = DelayEvalConfig(tasks=tasks, episodes=args.episodes, seed=args.seed, delays=delays, strategies=strategies,
-                          replan_every=args.replan_every or 5, rate_hz=args.rate, max_steps=args.max_steps,
-                          image_size=args.image_size, policy_seed=args.policy_seed, json_path=args.json_path)
-    report = evaluate_delays(policy, cfg, label=f"MoDE {args.checkpoint}")
+    from mode_ros.model.runtime import torch_threads
+
+    # one inference at a time; the cores are better left to the simulator (restored after the run)
+    with torch_threads(1):
+        policy = MoDEPolicy.from_pretrained(args.checkpoint, device=args.device, num_steps=args.steps)
+        policy.warmup()
+        cfg = DelayEvalConfig(tasks=tasks, episodes=args.episodes, seed=args.seed, delays=delays,
+                              strategies=strategies, replan_every=args.replan_every or 5, rate_hz=args.rate,
+                              max_steps=args.max_steps, image_size=args.image_size,
+                              policy_seed=args.policy_seed, json_path=args.json_path)
+        report = evaluate_delays(policy, cfg, label=f"MoDE {args.checkpoint}")
     fails = sum(r["inference_failures"] for r in report["results"].values())
     if fails:
         print(f"mode-ros sim eval: {fails} inference(s) failed (see the JSON)", file=sys.stderr)
