@@ -242,7 +242,7 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         total.backward()
         if self.world == 1:   # under DDP only global values decide (the gradient norm after all-reduce)
-            self._check_finite("loss", float(total))
+            self._check_finite("loss", float(total.detach()))
         params = [q for q in self.policy.parameters() if q.grad is not None]
         if o.grad_clip:
             gnorm = float(torch.nn.utils.clip_grad_norm_(params, o.grad_clip))
