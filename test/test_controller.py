@@ -255,8 +255,7 @@ def test_rejected_total_counts_each_rejection_once():
     clock = Clock()
     ctl = make(clock, goal="go")
     for _ in range(3):
-        ctl.counters.inc("rejected.image_cam:too_large")
-        ctl.reject_input("image_cam", "camera cam: image rejected: too large")
+        ctl.reject_input("image_cam", "camera cam: image rejected: too large", "too_large")
     d = ctl.diagnostics()
     assert d["rejected.image_cam"] == 3 and d["rejected.image_cam:too_large"] == 3
     assert d["rejected"] == 3

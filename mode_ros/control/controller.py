@@ -238,9 +238,12 @@ class ChunkController:
                          "dropped once a frame stamped on time arrived (a stamp glitch would stay the newest)")
             return self._kick()
 
-    def reject_input(self, kind: str, message: str) -> None:
-        """The shell refused an input (undecodable image, malformed JointState): counted and logged."""
+    def reject_input(self, kind: str, message: str, reason: str = "") -> None:
+        """The shell refused an input (undecodable image, malformed JointState): counted (also per
+        ``reason``, as ``rejected.<kind>:<reason>``) and logged."""
         with self.lock:
+            if reason:
+                self.counters.inc(f"rejected.{kind}:{reason}")
             self._reject(kind, message)
 
     def on_state(self, stamp_ns: int, vec) -> bool:

@@ -67,8 +67,7 @@ class OfflineDriver:
             else:
                 compressed_size(msg.format, msg.data)
         except ImageDecodeError as exc:
-            self.ctl.reject_input(f"image_{cam}", f"camera {cam}: image rejected: {exc}")
-            self.ctl.counters.inc(f"rejected.image_{cam}:{exc.reason}")
+            self.ctl.reject_input(f"image_{cam}", f"camera {cam}: image rejected: {exc}", exc.reason)
             return
         self._kick(self.ctl.on_image(cam, stamp_ns, (msgtype, msg)))
 

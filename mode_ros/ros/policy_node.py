@@ -210,9 +210,9 @@ class PolicyNode(LifecycleNode):
         else:
             self._ratelimited(key, level, message)
 
-    def _reject(self, kind: str, message: str) -> None:
-        """An input was rejected: counted per kind and logged, rate-limited per kind and reason."""
-        self.ctl.reject_input(kind, message)
+    def _reject(self, kind: str, message: str, reason: str = "") -> None:
+        """An input was rejected: counted per kind (and reason) and logged, rate-limited per kind and reason."""
+        self.ctl.reject_input(kind, message, reason)
 
     # ---- lifecycle ------------------------------------------------------------------------------------
     def _autostart(self) -> None:
@@ -426,8 +426,7 @@ class PolicyNode(LifecycleNode):
             img = decode_image(msg.encoding, msg.height, msg.width, msg.step, msg.data,
                                is_bigendian=bool(msg.is_bigendian), max_pixels=self._max_pixels)
         except ImageDecodeError as exc:
-            self.counters.inc(f"rejected.image_{cam}:{exc.reason}")
-            self._reject(f"image_{cam}", f"camera {cam}: image rejected: {exc}")
+            self._reject(f"image_{cam}", f"camera {cam}: image rejected: {exc}", exc.reason)
             return
         self._start_inference(self.ctl.on_image(cam, self._stamp_ns(msg.header), img))
 
@@ -437,8 +436,7 @@ class PolicyNode(LifecycleNode):
         try:
             img = decode_compressed(msg.format, msg.data, max_pixels=self._max_pixels)
         except ImageDecodeError as exc:
-            self.counters.inc(f"rejected.image_{cam}:{exc.reason}")
-            self._reject(f"image_{cam}", f"camera {cam}: compressed image rejected: {exc}")
+            self._reject(f"image_{cam}", f"camera {cam}: compressed image rejected: {exc}", exc.reason)
             return
         self._start_inference(self.ctl.on_image(cam, self._stamp_ns(msg.header), img))
 
@@ -448,8 +446,7 @@ class PolicyNode(LifecycleNode):
             vec32, by_name = joint_state_vector(msg, self.p.state_field, n, self.state_names,
                                                 select_optional=self._state_names_recorded)
         except InputRejected as exc:
-            self.counters.inc(f"rejected.joint_states:{exc.reason}")
-            self._reject("joint_states", f"{exc}; state_joint_names={self.state_names}")
+            self._reject("joint_states", f"{exc}; state_joint_names={self.state_names}", exc.reason)
             return
         if self.state_names and not by_name:
             self.get_logger().warning(
