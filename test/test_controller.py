@@ -216,6 +216,32 @@ def test_rtc_passes_the_previous_plan_aligned_to_the_new_chunk(method):
     assert switch.first_index == 3                                 # row 3 of the new chunk at the switch
 
 
+@pytest.mark.parametrize("hold", [0, 2])
+def test_rtc_holds_the_plans_last_row_when_the_plan_ends_at_the_switch(hold):
+    """d = 5 with 10-row chunks re-planned every 5: each chunk lands with only its rows 5..9 left, so the
+    next request's prefix is those 5 rows, all of them frozen. ``rtc_hold_rows`` more rows repeat the
+    plan's last row (the soft overlap after the switch); 0 keeps the plan's own rows only."""
+    vt = VirtualTime(start_ns=1 * NS)
+    pol = Policy()
+    p = NodeParams.from_mapping({"checkpoint": "x", "control_rate_hz": 10.0, "goal": "go", "replan_every": 5,
+                                 "execution_strategy": "rtc_replace", "rtc_hold_rows": hold})
+    ctl = ChunkController(p, ["cam"], 0, T, A, vt.clock, initial_latency=0.5)
+    vt.attach(ctl, pol, latency=lambda wall: 0.5)
+    for k in range(12):
+        t = NS + k * NS // 10
+        vt.land(t)
+        vt.set_clock(t)
+        ctl.on_image("cam", t, "img")
+        if ctl.tick().request:
+            vt.start()
+    pre = pol.calls[1]["prefix"]
+    assert pre.fixed == 5 and pre.rows == 5 + hold
+    np.testing.assert_array_equal(pre.actions[:, 0], [105, 106, 107, 108, 109] + [109] * hold)
+    w = pre.weights(T)
+    assert np.all(w[:5] == 1) and np.all(w[5 + hold:] == 0)
+    assert (hold == 0) or (1 > w[5] > w[6] > 0)                    # decaying pull over the held rows
+
+
 def test_node_and_offline_replay_drive_the_one_controller():
     """No second copy: the node and offline replay use ChunkController and none of the pieces it owns."""
     owned = {"ChunkExecutor", "ActionSafety", "output_gate", "match_stamps", "StampBuffer", "has_observation_in"}

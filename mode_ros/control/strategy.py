@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from mode_ros.control.execution import ChunkExecutor, Plan
 
 __all__ = ["STRATEGIES", "ExecutionStrategy", "OpenLoop", "Replan", "TemporalEnsembling", "RealTimeChunking",
@@ -72,15 +74,24 @@ class TemporalEnsembling(ExecutionStrategy):
 
 
 class RealTimeChunking(ExecutionStrategy):
-    """Re-plan every k rows, the new chunk inpainted over the rows of the current plan it overlaps."""
+    """Re-plan every k rows, the new chunk inpainted over the rows of the current plan it overlaps.
 
-    def __init__(self, method: str, replan_every: int = 0, latency_compensation: bool = True, **_ignored):
+    ``hold_rows``: when fewer than this many rows of the current plan are left after the ``d`` frozen
+    ones (e.g. d = 5 with 10-row chunks re-planned every 5: the plan ends exactly where the new chunk
+    takes over), the plan's last row is held for the missing rows, so the rows right after the switch
+    are still pulled (with decaying weight) toward where the robot is, not planned from scratch."""
+
+    def __init__(self, method: str, replan_every: int = 0, latency_compensation: bool = True,
+                 hold_rows: int = 2, **_ignored):
         if not latency_compensation:
             raise StrategyError(f"execution_strategy rtc_{method}: needs latency_compensation true (the "
                                 "prefix aligns rows by time)")
+        if hold_rows < 0:
+            raise StrategyError(f"rtc hold_rows: expected >= 0, got {hold_rows}")
         super().__init__(replan_every, True)
         self.method = method
         self.name = f"rtc_{method}"
+        self.hold_rows = int(hold_rows)
         self.last_d: int | None = None
 
     def prefix(self, executor: ChunkExecutor, obs_time: float, land_time: float):
@@ -97,9 +108,17 @@ class RealTimeChunking(ExecutionStrategy):
         d = max(d, executor.replan_every - off)      # an early chunk waits until the plan reaches row k
         d = min(max(d, 0), rows.shape[0])
         self.last_d = d
+        rows = hold_last_row(rows, min(d + self.hold_rows, executor.chunk_size))
         from mode_ros.model.inpainting import ChunkPrefix
 
         return ChunkPrefix(actions=rows, fixed=int(d), method=self.method)
+
+
+def hold_last_row(rows: np.ndarray, n: int) -> np.ndarray:
+    """``rows`` (m, A) extended to ``n`` rows by repeating its last row (unchanged when m >= n)."""
+    if rows.shape[0] >= n:
+        return rows
+    return np.concatenate([rows, np.repeat(rows[-1:], n - rows.shape[0], axis=0)], axis=0)
 
 
 def rows_before(obs_time: float, land_time: float, period: float) -> int:
@@ -109,7 +128,7 @@ def rows_before(obs_time: float, land_time: float, period: float) -> int:
 
 
 def make_strategy(name: str, replan_every: int = 0, latency_compensation: bool = True,
-                  ensembling_decay: float = 0.01) -> ExecutionStrategy:
+                  ensembling_decay: float = 0.01, rtc_hold_rows: int = 2) -> ExecutionStrategy:
     """The strategy called ``name`` (one of :data:`STRATEGIES`)."""
     kw = dict(replan_every=replan_every, latency_compensation=latency_compensation,
               ensembling_decay=ensembling_decay)
@@ -120,5 +139,5 @@ def make_strategy(name: str, replan_every: int = 0, latency_compensation: bool =
     if name == "ensemble":
         return TemporalEnsembling(**kw)
     if name in ("rtc_replace", "rtc_guidance"):
-        return RealTimeChunking(name[4:], replan_every, latency_compensation)
+        return RealTimeChunking(name[4:], replan_every, latency_compensation, rtc_hold_rows)
     raise StrategyError(f"execution_strategy: {name!r} is not one of {', '.join(STRATEGIES)}")

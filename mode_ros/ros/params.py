@@ -120,6 +120,11 @@ PARAMS: tuple[ParamSpec, ...] = (
               "rtc_guidance (real-time chunking: the next chunk is inpainted over the rows of the current plan "
               "that run before it lands, d estimated from the inference latency; d and the strategy are in "
               "/diagnostics).", choices=("replan", "open_loop", "ensemble", "rtc_replace", "rtc_guidance")),
+    ParamSpec("rtc_hold_rows", "int", 2,
+              "rtc_*: soft-overlap rows kept after the d frozen ones even where the current plan ends before "
+              "them (its last row is held there, with decaying weight): without them a chunk that lands "
+              "when the plan has run out (d >= chunk_size - replan_every) is planned with no pull toward "
+              "what the robot does at the switch. 0: only the plan's own rows.", min=0, max=1000),
     ParamSpec("max_observation_age", "double", 0.5,
               "Seconds (node clock, so use_sim_time works): a camera or state older than this stops the "
               "output until fresh data arrives.", min=0.001, max=3600.0, live=True),
@@ -263,6 +268,7 @@ class NodeParams:
     temporal_ensembling: bool = False
     ensembling_decay: float = 0.01
     execution_strategy: str = "replan"
+    rtc_hold_rows: int = 2
     max_observation_age: float = 0.5
     camera_sync_tolerance: float = 0.02
     sync_queue_size: int = 10
