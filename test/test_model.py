@@ -337,6 +337,12 @@ def test_fused_sampler_equals_cached(batch):
     # only the distinct expert sets of the table are fused (<= C(4,2) per layer)
     per_layer = cached.table.distinct_pairs()
     assert len(fused.experts) == sum(per_layer)
+    # every selected pair is a strided view of the model's stacked experts: no expert weight is copied
+    assert fused.expert_copies() == []
+    own = {blk.moe.w1.untyped_storage().data_ptr() for blk in net.blocks}
+    assert all(e[0].untyped_storage().data_ptr() in own for e in fused.experts.values())
+    qkv = sum(L["wqkv"].numel() + L["bqkv"].numel() for L in fused.layers)
+    assert fused.extra_parameters() == qkv
 
 
 def test_fused_whole_step_equals_cached():

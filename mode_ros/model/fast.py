@@ -2,9 +2,11 @@
 
 Built on the routing table of ``CachedSampler`` (same routing, same math):
   * Q, K and V of each layer in one GEMM (weights concatenated once per cache build);
-  * the k selected experts of each (layer, step) in one up-projection and one down-projection GEMM:
-    fused weights are built only for the DISTINCT expert sets that occur in the table (the reference
-    copied two experts for every (sigma, layer) pair), and the gates scale the SwiGLU hidden state;
+  * the k selected experts of each (layer, step) in one batched up-projection and one batched
+    down-projection GEMM over strided VIEWS of the model's stacked expert weights (any pair of experts
+    is one strided slice, ``expert_views``): the experts exist once in memory, whatever the routing
+    (the reference copied two experts for every (sigma, layer) pair); the gates scale the SwiGLU hidden
+    state. Quantised experts and the Triton GEMMs use fused copies, one per DISTINCT (layer, expert set);
   * optionally one ``torch.compile``d layer function (weights are arguments, so a single compilation
     serves every layer and step; Inductor fuses the RMSNorms, SiLU·v and residual adds);
   * optionally weight-only int8 or fp8 (e4m3) copies of the fused expert weights, one scale per
@@ -115,6 +117,30 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kind: st
     raise ValueError(f"attention: {kind!r} is not one of {ATTENTION}")
 
 
+def expert_views(moe, sel: tuple) -> tuple | None:
+    """The experts ``sel`` (ascending ints) as views of the stacked parameters, no copy:
+    (w1 (k, 2H, d), b1 (k, 2H), w2 (k, d, H)). Any arithmetic progression of experts — every pair, so
+    every top-2 selection — is one strided slice; None for other sets (k >= 3, uneven gaps)."""
+    step = sel[1] - sel[0] if len(sel) > 1 else 1
+    if step < 1 or any(b - a != step for a, b in zip(sel, sel[1:])):
+        return None
+    sl = slice(sel[0], sel[-1] + 1, step)
+    return moe.w1[sl], moe.b1[sl], moe.w2[sl]
+
+
+def selected_experts(y, w1, b1, w2, gates):
+    """The gated sum of k SwiGLU experts whose weights are (strided) views of the stacked parameters:
+    one batched GEMM up (k, 2H) and one down, summed over k. y (b, t, d); w1 (k, 2H, d); b1 (k, 2H);
+    w2 (k, d, H); gates (k,)."""
+    b, t, d = y.shape
+    k = w1.shape[0]
+    yk = y.reshape(1, b * t, d).expand(k, b * t, d)                       # (k, bt, d), no copy
+    z = torch.baddbmm(b1.unsqueeze(1), yk, w1.transpose(1, 2))              # (k, bt, 2H): [v | g]
+    v, g = z.chunk(2, dim=-1)
+    hid = v * F.silu(g) * gates.view(k, 1, 1)                               # (k, bt, H)
+    return torch.bmm(hid, w2.transpose(1, 2)).sum(0).view(b, t, d)          # (b, t, d)
+
+
 def fused_layer(h, c, ln1_g, wqkv, bqkv, qg, kg, wproj, ln2_g, w1f, b1f, w2f, gates,
                 n_heads: int, eps: float, reference_residual: bool, attention: str = "sdpa",
                 w1s=None, w2s=None, int8_kernel: bool = False, gemm: str = "torch"):
@@ -134,6 +160,8 @@ def fused_layer(h, c, ln1_g, wqkv, bqkv, qg, kg, wproj, ln2_g, w1f, b1f, w2f, ga
     h = h + (tk.linear(a, wproj) if tri else F.linear(a, wproj))
     y = _rms(h, ln2_g, eps)
     kk = gates.shape[0]
+    if w1f.dim() == 3:                                   # views of the stacked experts (no copies)
+        return (y if reference_residual else h) + selected_experts(y, w1f, b1f, w2f, gates)
     if tri:
         hid = tk.swiglu_up(y, w1f, w1s, b1f, gates)
         out = tk.linear(hid, w2f, w2s)
@@ -271,6 +299,9 @@ class FusedSampler:
         tk.set_tuning(self.autotune and self.gemm == "triton")
         # the Triton GEMMs widen int8 in their own loads; torch's int8 kernel is for gemm="torch"
         self.int8_kernel = self.weight_quant == "int8" and self.gemm == "torch" and int8_kernel_available(dev)
+        # unquantised torch GEMMs read the selected experts as views of the model's own stacked weights
+        # (one batched GEMM per projection); quantised weights and the Triton kernels need fused copies
+        self.expert_views = not quant and self.gemm == "torch"
         # the int8 kernel wants scales in its activation dtype (bf16); the generic path keeps fp32
         sdt = torch.bfloat16 if self.int8_kernel else torch.float32
         for s in range(len(t.indices)):
@@ -280,6 +311,10 @@ class FusedSampler:
                 if key in self.experts:
                     continue
                 moe = net.blocks[l].moe
+                views = expert_views(moe, sel) if self.expert_views else None
+                if views is not None:
+                    self.experts[key] = (*views, None, None)
+                    continue
                 w1 = torch.cat([moe.w1[e] for e in sel]).contiguous()
                 w2 = torch.cat([moe.w2[e] for e in sel], dim=1).contiguous()
                 b1 = torch.cat([moe.b1[e] for e in sel]).contiguous()
@@ -313,14 +348,19 @@ class FusedSampler:
         """Parameters held in fused copies (memory cost of the fusion)."""
         if self._key is None:
             self.build()
-        n = sum(w.numel() + b.numel() + w2.numel() for w, b, w2, _, _ in self.experts.values())
+        n = sum(w.numel() + b.numel() + w2.numel() for w, b, w2, _, _ in self.expert_copies())
         return n + sum(L["wqkv"].numel() + L["bqkv"].numel() for L in self.layers)
+
+    def expert_copies(self) -> list[tuple]:
+        """The fused expert entries that hold their own memory (views of the model's weights excluded)."""
+        own = {p.untyped_storage().data_ptr() for blk in self.net.blocks for p in (blk.moe.w1, blk.moe.b1, blk.moe.w2)}
+        return [e for e in self.experts.values() if e[0].untyped_storage().data_ptr() not in own]
 
     def extra_bytes(self) -> int:
         """Bytes held in fused copies (quantised experts count at their storage size)."""
         if self._key is None:
             self.build()
-        n = sum(sum(x.numel() * x.element_size() for x in e if x is not None) for e in self.experts.values())
+        n = sum(sum(x.numel() * x.element_size() for x in e if x is not None) for e in self.expert_copies())
         return n + sum(L[k].numel() * L[k].element_size() for L in self.layers for k in ("wqkv", "bqkv"))
 
     def weight_bytes_per_chunk(self) -> int:
