@@ -92,6 +92,29 @@ def test_mt10_checkpoint_backend_publishes_the_torch_chunks(mt10_export):
     assert not np.allclose(got[0], got[1])   # the inputs matter (not a constant graph)
 
 
+def test_released_torch_weights_leave_one_copy_and_the_same_chunks(mt10_export):
+    """attach_onnx(release_torch=True) (the node without real-time chunking): the denoiser's PyTorch
+    weights are freed (meta device), the chunks are unchanged, warm-up works, and anything that would
+    need the PyTorch weights says so instead of computing garbage."""
+    from mode_ros.model.inpainting import ChunkPrefix
+    out, _ = mt10_export
+    policy = MoDEPolicy.from_pretrained(MT10)
+    attach_onnx(policy, out, checkpoint=MT10)
+    goal, st = policy.known_goals[0], np.linspace(-0.5, 0.5, policy.state_dim).astype(np.float32)
+    ref = policy.predict_chunk(None, goal, st, seed=4)
+    held = sum(p.numel() * p.element_size() for p in policy.denoiser.parameters())
+    freed = policy.release_torch_weights()
+    assert freed >= held > 0
+    assert all(p.device.type == "meta" for p in policy.denoiser.parameters())
+    assert policy.device.type == "cpu" and policy.dtype == torch.float32
+    np.testing.assert_array_equal(policy.predict_chunk(None, goal, st, seed=4), ref)
+    assert policy.warmup(runs=1) > 0
+    with pytest.raises(RuntimeError, match="released for its OnnxChunk backend"):
+        policy.sample_normalized(None, torch.zeros(1, 512), None, cached=True)
+    with pytest.raises(RuntimeError, match="real-time chunking runs in PyTorch"):
+        policy.predict_chunk(None, goal, st, prefix=ChunkPrefix(ref[:3], fixed=2))
+
+
 def test_fp16_export_within_stated_tolerance(tmp_path):
     """fp16 denoiser weights (encoders fp32, as in PyTorch): within 1e-2 normalised of PyTorch's fp16
     cached sampler on the same inputs (``TOLERANCE``), and within 0.15 of the fp32 one (fp16 rounding

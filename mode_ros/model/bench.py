@@ -581,19 +581,37 @@ def _proc_mb(field: str) -> float:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def path_memory(name: str, path: str, steps: int = 10) -> dict:
-    """Resident memory a CPU fast path holds for preset ``name``: the process after a plain cached chunk
-    (policy + routing table), then after building ``path`` (fused / compiled / onnx) and computing two
-    chunks; ``held_MB`` is the difference (weight copies, compiled code, the onnxruntime session).
-    One path per process: ``python -m mode_ros.model.bench memory PRESET PATH``."""
-    import gc
-
+def _memory_policy(name: str, steps: int):
     from .policy import MoDEPolicy
 
     cfg = preset(name)
     cfg.diffusion.num_steps = steps
     torch.manual_seed(0)
-    policy = MoDEPolicy(cfg).eval()
+    return MoDEPolicy(cfg).eval()
+
+
+def path_memory(name: str, path: str, steps: int = 10, export_dir: str | None = None) -> dict:
+    """Resident memory a CPU fast path holds for preset ``name``: the process after a plain cached chunk
+    (policy + routing table), then after building ``path`` (fused / compiled / onnx) and computing two
+    chunks; ``held_MB`` is the difference (weight copies, compiled code, the onnxruntime session).
+    ``onnx_node``: as the node runs it without real-time chunking — the export in ``export_dir`` (written
+    by a child process first if missing, so no export garbage stays here) attached and the PyTorch
+    denoiser/encoder weights released. One path per process:
+    ``python -m mode_ros.model.bench memory PRESET PATH [STEPS [EXPORT_DIR]]``."""
+    import gc
+
+    if path == "onnx_node":
+        if not export_dir:
+            raise ValueError("path onnx_node: needs EXPORT_DIR")
+        from pathlib import Path
+
+        from ..export.onnx import MODEL_FILE
+        if not (Path(export_dir) / MODEL_FILE).is_file():
+            import subprocess
+            import sys
+            subprocess.run([sys.executable, "-m", "mode_ros.model.bench", "export", name, str(steps), export_dir],
+                           check=True)
+    policy = _memory_policy(name, steps)
     c = policy.config
     g = torch.Generator().manual_seed(0)
     imgs = (torch.randint(0, 255, (1, c.n_cameras, 3, *c.vision.image_size), dtype=torch.uint8, generator=g)
@@ -610,8 +628,16 @@ def path_memory(name: str, path: str, steps: int = 10) -> dict:
             extra = {"fused_copies": len(policy.fused.experts), "fused_extra_MB": policy.fused.extra_bytes() / 1e6}
         elif path == "onnx":
             fn, extra = onnx_runner(policy, "fp32", imgs, goal, st, noise)
+        elif path == "onnx_node":
+            from ..export.onnx_runtime import OnnxChunk
+            policy.backend = chunk = OnnxChunk.load(export_dir, threads=torch.get_num_threads())
+            extra = {"released_MB": policy.release_torch_weights() / 1e6}
+            gc.collect()
+
+            def fn():
+                return chunk.run_all(imgs, goal, st, noise)
         elif path != "cached":
-            raise ValueError(f"path: {path!r} is not one of cached, fused, compiled, onnx")
+            raise ValueError(f"path: {path!r} is not one of cached, fused, compiled, onnx, onnx_node")
         fn()
         fn()
         gc.collect()
@@ -622,7 +648,12 @@ def path_memory(name: str, path: str, steps: int = 10) -> dict:
 
 if __name__ == "__main__":   # python -m mode_ros.model.bench memory PRESET PATH [STEPS]
     import sys
+    if len(sys.argv) >= 5 and sys.argv[1] == "export":   # export PRESET STEPS DIR (for memory onnx_node)
+        from ..export.onnx import export_onnx
+        export_onnx(_memory_policy(sys.argv[2], int(sys.argv[3])), sys.argv[4], batch=1, verify=False)
+        raise SystemExit(0)
     if len(sys.argv) < 4 or sys.argv[1] != "memory":
-        raise SystemExit("usage: python -m mode_ros.model.bench memory PRESET PATH [STEPS]")
+        raise SystemExit("usage: python -m mode_ros.model.bench memory PRESET PATH [STEPS [EXPORT_DIR]]")
     torch.set_num_threads(1)
-    print(json.dumps(path_memory(sys.argv[2], sys.argv[3], int(sys.argv[4]) if len(sys.argv) > 4 else 10)))
+    print(json.dumps(path_memory(sys.argv[2], sys.argv[3], int(sys.argv[4]) if len(sys.argv) > 4 else 10,
+                                 sys.argv[5] if len(sys.argv) > 5 else None)))

@@ -97,6 +97,8 @@ class MoDEPolicy(nn.Module):
         # optional replacement of the chunk's tensor computation, e.g. an ONNX export run by onnxruntime
         # (mode_ros.export.onnx_runtime.attach_onnx): backend.run(images, goal_emb, states, noise) -> robot units
         self.backend = None
+        # (device, dtype) the weights had before release_torch_weights (None: the weights are here)
+        self.released_from: tuple[torch.device, torch.dtype] | None = None
         # any load_state_dict into the denoiser (also a partial one, e.g. experts only) invalidates the
         # routing table, the fused copies of the weights and the captured graph
         self.denoiser.register_load_state_dict_post_hook(self._weights_loaded)
@@ -111,11 +113,11 @@ class MoDEPolicy(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.denoiser.out.weight.device
+        return self.released_from[0] if self.released_from else self.denoiser.out.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.denoiser.out.weight.dtype
+        return self.released_from[1] if self.released_from else self.denoiser.out.weight.dtype
 
     # ---- construction / io --------------------------------------------------------------------
     @classmethod
@@ -314,11 +316,30 @@ class MoDEPolicy(nn.Module):
                                       noise=noise, weight=batch.get("mask"))
         return loss, aux
 
+    def release_torch_weights(self) -> int:
+        """Free the denoiser's and image encoders' weights (moved to the meta device) once a ``backend``
+        computes every chunk, so the process holds the model once (the backend's copy); the text encoder
+        and goal embeddings stay. PyTorch sampling afterwards raises. Returns the bytes freed."""
+        if self.backend is None:
+            raise RuntimeError("release_torch_weights: no backend computes the chunks (attach one first)")
+        freed = sum(t.numel() * t.element_size() for m in (self.denoiser, self.encoders)
+                    for t in list(m.parameters()) + list(m.buffers()) if t.device.type != "meta")
+        released_from = (self.device, self.dtype)
+        self.fused = self._graph = None
+        self.denoiser.to("meta")
+        self.encoders.to("meta")
+        self.sampler.invalidate()
+        self.released_from = released_from
+        return freed
+
     @torch.no_grad()
     def sample_normalized(self, images, goal_emb, state=None, noise=None, cached: bool | None = None,
                           generator: torch.Generator | None = None, guide: PrefixGuide | None = None) -> torch.Tensor:
         """Normalised action chunks (B, K, A) from tensors already on the device. ``guide``: real-time
         chunking (``chunk_guide``); guidance needs gradients, so it runs the cached eager sampler."""
+        if self.released_from:
+            raise RuntimeError("this policy's PyTorch weights were released for its "
+                               f"{type(self.backend).__name__} backend: it cannot sample in PyTorch")
         b = goal_emb.shape[0]
         dev = self.device
         if noise is None:
@@ -451,6 +472,9 @@ class MoDEPolicy(nn.Module):
 
     def chunk_guide(self, prefixes: Sequence[ChunkPrefix | None], noise: torch.Tensor) -> PrefixGuide | None:
         """Real-time chunking's per-step correction for this batch (None when no sample has a prefix)."""
+        if self.released_from and any(p is not None for p in prefixes):
+            raise RuntimeError("real-time chunking runs in PyTorch, and this policy's PyTorch weights were "
+                               f"released for its {type(self.backend).__name__} backend")
         guide = prefix_guide(prefixes, self.action_norm.normalize, noise, self.sampler.ensure().sigmas,
                              self.config.diffusion.sigma_data)
         if guide is not None and self.backend is not None:
@@ -551,7 +575,8 @@ class MoDEPolicy(nn.Module):
         """Build the routing cache and run a few chunks so the first real call is as fast as the rest.
         Returns the median warm-up latency in seconds (robust to one slow first call)."""
         self.eval()
-        self.sampler.ensure()
+        if not self.released_from:
+            self.sampler.ensure()
         imgs = None
         if self.config.camera_names:
             h, w = self.config.vision.image_size
@@ -561,7 +586,11 @@ class MoDEPolicy(nn.Module):
         times = []
         for _ in range(max(1, runs)):
             t0 = time.perf_counter()
-            if goal is None:
+            if goal is None and self.backend is not None:   # no goal to name: a zero goal embedding
+                noise = torch.zeros(1, self.chunk_size, self.action_dim, device=self.device)
+                out = self.backend.run(self._images_to_tensor(imgs, False), torch.zeros(1, 512, device=self.device),
+                                       None if st is None else st[None], noise)
+            elif goal is None:
                 emb = torch.zeros(1, 512, device=self.device)
                 out = self.sample_normalized(self._images_to_tensor(imgs, False), emb,
                                              self._state_to_tensor(st, 1, False))
@@ -577,8 +606,9 @@ class MoDEPolicy(nn.Module):
         """A warm-up chunk with NaN/Inf means the weights (or normalisation) are broken: refuse."""
         if bool(torch.isfinite(chunk).all()):
             return
-        bad = sum(int((~torch.isfinite(v)).sum()) for v in self.state_dict().values() if v.is_floating_point())
-        total = sum(v.numel() for v in self.state_dict().values() if v.is_floating_point())
+        weights = [v for v in self.state_dict().values() if v.is_floating_point() and v.device.type != "meta"]
+        bad = sum(int((~torch.isfinite(v)).sum()) for v in weights)
+        total = sum(v.numel() for v in weights)
         raise CheckpointError(f"{WEIGHTS_FILE}: the warm-up chunk is not finite; {bad} of {total} weights are NaN/Inf"
                               if bad else "the warm-up chunk is not finite (the weights are finite: check the "
                               f"normalisation in {NORM_FILE})")

@@ -266,8 +266,14 @@ class PolicyNode(LifecycleNode):
                                      "onnx runs)")
             from mode_ros.export.onnx_runtime import attach_onnx
             from mode_ros.model.checkpoint import resolve_checkpoint
+            # real-time chunking samples with a prefix in PyTorch: only without it is the model held once
+            rtc = ChunkController.strategy_name(self.p).startswith("rtc_")
             chunk = attach_onnx(policy, self.p.onnx_model, checkpoint=resolve_checkpoint(self.p.checkpoint),
-                                threads=self.p.torch_threads or None, logger=_StdLogger(self.get_logger()))
+                                threads=self.p.torch_threads or None, logger=_StdLogger(self.get_logger()),
+                                release_torch=not rtc)
+            if rtc:
+                self.get_logger().warning(f"execution_strategy {self.p.execution_strategy} with inference_backend "
+                                          "onnx: chunks with a prefix run in PyTorch (its weights are kept)")
             self.get_logger().info(f"inference backend: onnxruntime, {chunk.path} ({chunk.steps} steps, "
                                    f"{chunk.meta['dtype']}, providers {chunk.session.get_providers()})")
         elif mode != "off" or self.p.weight_quant != "none" or kernels != "torch":
