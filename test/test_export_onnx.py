@@ -48,7 +48,8 @@ def _ort_chunk(out: Path, inputs: dict) -> tuple[np.ndarray, np.ndarray]:
 
 def test_tiny_with_cameras_equals_cached_sampler_at_another_batch(tiny_export):
     policy, out, meta = tiny_export
-    assert meta["steps"] == TINY_STEPS and [i["name"] for i in meta["inputs"]] == ["images", "goal", "noise"]
+    assert meta["steps"] == TINY_STEPS and meta["prefix"]
+    assert [i["name"] for i in meta["inputs"]] == ["images", "goal", "noise", "prefix_normalized", "prefix_weights"]
     x = example_inputs(policy, batch=3, seed=7)   # not the traced inputs, and another batch size
     robot, norm = _ort_chunk(out, x)
     with torch.no_grad():
@@ -92,6 +93,30 @@ def test_mt10_checkpoint_backend_publishes_the_torch_chunks(mt10_export):
     assert not np.allclose(got[0], got[1])   # the inputs matter (not a constant graph)
 
 
+def test_replacement_prefix_runs_in_the_graph(mt10_export):
+    """rtc_replace on the onnx backend: the prefix is a graph input, the chunk equals PyTorch's
+    replacement sampler (same noise) within the fp32 tolerance, the frozen rows are the previous plan
+    exactly, and W = 0 (no prefix) is the plain chunk. Guidance stays in PyTorch."""
+    from mode_ros.model.inpainting import ChunkPrefix
+    out, meta = mt10_export
+    assert meta["prefix"] and meta["verify"]["max_abs_diff_normalized"] <= 1e-4   # verified with a prefix
+    torch_policy, onnx_policy = MoDEPolicy.from_pretrained(MT10), MoDEPolicy.from_pretrained(MT10)
+    chunk = attach_onnx(onnx_policy, out, checkpoint=MT10)
+    goal, st = torch_policy.known_goals[1], np.linspace(-0.3, 0.6, torch_policy.state_dim).astype(np.float32)
+    prev = torch_policy.predict_chunk(None, goal, st, seed=1)
+    pre = ChunkPrefix(prev[4:], fixed=3)
+    want = torch_policy.predict_chunk(None, goal, st, seed=2, prefix=pre)
+    got = onnx_policy.predict_chunk(None, goal, st, seed=2, prefix=pre)
+    scale = float(torch_policy.action_norm.scale.max())
+    assert np.abs(got - want).max() <= 1e-4 * scale
+    np.testing.assert_array_equal(got[:3], prev[4:7])
+    plain = onnx_policy.predict_chunk(None, goal, st, seed=2)
+    assert np.abs(plain - torch_policy.predict_chunk(None, goal, st, seed=2)).max() <= 1e-4 * scale
+    assert np.abs(got[3:6] - plain[3:6]).max() > 1e-3          # the overlap rows were pulled
+    guided = ChunkPrefix(prev[4:], fixed=3, method="guidance")
+    assert chunk.has_prefix and not chunk.takes(onnx_policy.chunk_guide([guided], torch.zeros(1, 10, 4)))
+
+
 def test_released_torch_weights_leave_one_copy_and_the_same_chunks(mt10_export):
     """attach_onnx(release_torch=True) (the node without real-time chunking): the denoiser's PyTorch
     weights are freed (meta device), the chunks are unchanged, warm-up works, and anything that would
@@ -111,8 +136,9 @@ def test_released_torch_weights_leave_one_copy_and_the_same_chunks(mt10_export):
     assert policy.warmup(runs=1) > 0
     with pytest.raises(RuntimeError, match="released for its OnnxChunk backend"):
         policy.sample_normalized(None, torch.zeros(1, 512), None, cached=True)
-    with pytest.raises(RuntimeError, match="real-time chunking runs in PyTorch"):
-        policy.predict_chunk(None, goal, st, prefix=ChunkPrefix(ref[:3], fixed=2))
+    policy.predict_chunk(None, goal, st, prefix=ChunkPrefix(ref[:3], fixed=2))   # replacement: in the graph
+    with pytest.raises(RuntimeError, match="a guidance prefix needs PyTorch sampling"):
+        policy.predict_chunk(None, goal, st, prefix=ChunkPrefix(ref[:3], fixed=2, method="guidance"))
 
 
 def test_fp16_export_within_stated_tolerance(tmp_path):

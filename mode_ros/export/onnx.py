@@ -10,7 +10,11 @@ named ``denoiser.blocks.L.moe.expertE.w1|b1|w2`` so they can be counted (``graph
 Inputs (batch B fixed at export, or a dynamic axis): ``images`` (B, C, 3, H, W) uint8 at the checkpoint's image size
 (cameras in ``camera_names`` order; only with cameras), ``goal`` (B, 512) float32 goal embedding
 (the text encoder stays in PyTorch), ``state`` (B, S) float32 in robot units (only with a state),
-``noise`` (B, K, A) float32 standard normal. Outputs: ``actions`` (B, K, A) in robot units (gripper
+``noise`` (B, K, A) float32 standard normal, and for real-time chunking by replacement
+(``rtc_replace``; ``prefix=False`` leaves them out) ``prefix_normalized`` (B, K, A) float32, the
+previous plan in normalised units, and ``prefix_weights`` (B, K) float32, the soft mask W
+(``mode_ros.model.inpainting``): at every step the known rows replace the sample over W exactly as
+``PrefixGuide`` does in PyTorch; W = 0 gives the plain sampler bit for bit. Outputs: ``actions`` (B, K, A) in robot units (gripper
 dimensions binarised, constant dimensions at their recorded value, as ``MoDEPolicy.postprocess``)
 and ``actions_normalized`` (B, K, A).
 
@@ -30,6 +34,7 @@ import torch
 from torch import nn
 
 MODEL_FILE, META_FILE = "model.onnx", "export.json"
+PREFIX_INPUTS = ("prefix_normalized", "prefix_weights")   # real-time chunking by replacement
 FORMAT = "mode_ros.onnx_chunk/1"
 OPSET = 17            # onnxruntime CPU/CUDA; TensorRT >= 8.6 parses every op used here (Trilu included)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
@@ -53,9 +58,10 @@ class ChunkModule(nn.Module):
     """(images, goal, state, noise) -> (actions in robot units, normalised actions): the policy's own
     cached sampler between the same normalisation the numpy API applies."""
 
-    def __init__(self, policy):
+    def __init__(self, policy, prefix: bool = True):
         super().__init__()
         self.policy = policy
+        self.prefix = bool(prefix)
         c = policy.config
         self.has_images, self.has_state = bool(c.camera_names), c.state_dim > 0
         for prefix, norm, dim in (("a", policy.action_norm, c.action_dim), ("s", policy.state_norm, c.state_dim)):
@@ -68,21 +74,31 @@ class ChunkModule(nn.Module):
         self.register_buffer("gripper", grip, persistent=False)
 
     def input_names(self) -> list[str]:
-        return (["images"] if self.has_images else []) + ["goal"] + (["state"] if self.has_state else []) + ["noise"]
+        return ((["images"] if self.has_images else []) + ["goal"] + (["state"] if self.has_state else []) + ["noise"]
+                + (list(PREFIX_INPUTS) if self.prefix else []))
 
     def forward(self, *inputs):
         named = dict(zip(self.input_names(), inputs))
         st = named.get("state")
         if st is not None:
             st = torch.where(self.s_const, torch.zeros_like(st), (st - self.s_off) / self.s_scale)
-        a = self.policy.sample_normalized(named.get("images"), named["goal"], st, named["noise"], cached=True).float()
+        guide = None
+        if self.prefix:   # the policy's own replacement step, traced (rtc_replace)
+            from ..model.inpainting import PrefixGuide
+            guide = PrefixGuide("replace", named["prefix_normalized"], named["prefix_weights"], named["noise"],
+                                self.policy.sampler.schedule().to(named["noise"].device),
+                                self.policy.config.diffusion.sigma_data)
+        a = self.policy.sample_normalized(named.get("images"), named["goal"], st, named["noise"], cached=True,
+                                          guide=guide).float()
         b = torch.where(self.gripper, torch.where(a >= 0, torch.ones_like(a), -torch.ones_like(a)), a)
         robot = torch.where(self.a_const, self.a_off.expand_as(b), b * self.a_scale + self.a_off)
         return robot, a
 
 
-def example_inputs(policy, batch: int = 1, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random inputs of the exported graph's signature (float32 / uint8, on the policy's device)."""
+def example_inputs(policy, batch: int = 1, seed: int = 0, prefix: bool = True) -> dict[str, torch.Tensor]:
+    """Random inputs of the exported graph's signature (float32 / uint8, on the policy's device); the
+    prefix of sample j (with ``prefix``) is random with j + 1 frozen rows and W over K - 2 rows, so a
+    check covers the replacement path (sample 0 of a batch of one included)."""
     c, dev = policy.config, policy.device
     g = torch.Generator(device=dev).manual_seed(seed)
     out = {}
@@ -96,6 +112,12 @@ def example_inputs(policy, batch: int = 1, seed: int = 0) -> dict[str, torch.Ten
         st = torch.randn(batch, c.state_dim, device=dev, generator=g)
         out["state"] = st if sn is None else st * torch.as_tensor(sn.scale, device=dev) + torch.as_tensor(sn.offset, device=dev)
     out["noise"] = torch.randn(batch, c.chunk_size, c.action_dim, device=dev, generator=g)
+    if prefix:
+        from ..model.inpainting import prefix_weights
+        k = c.chunk_size
+        out["prefix_normalized"] = torch.randn(batch, k, c.action_dim, device=dev, generator=g)
+        out["prefix_weights"] = torch.stack([torch.from_numpy(prefix_weights(max(k - 2, 1), min(j + 1, max(k - 2, 1)), k))
+                                             for j in range(batch)]).to(dev)
     return out
 
 
@@ -207,7 +229,7 @@ def policy_layout(policy) -> dict:
 
 def export_onnx(policy, out: str | Path, steps: int | None = None, batch: int = 1, dtype: str = "fp32",
                 checkpoint: str | Path | None = None, opset: int = OPSET, verify: bool = True,
-                dynamic_batch: bool = False) -> dict:
+                dynamic_batch: bool = False, prefix: bool = True) -> dict:
     """Write ``out/model.onnx`` (one chunk of ``policy``) and ``out/export.json`` (inputs, outputs,
     steps, schedule, routing, dtype, checkpoint identity, graph summary, sizes and the verification
     against the PyTorch cached sampler on ``batch`` random inputs). The batch size is ``batch``, fixed
@@ -229,8 +251,8 @@ def export_onnx(policy, out: str | Path, steps: int | None = None, batch: int = 
     policy.to_device(str(policy.device), DTYPES[dtype])
     policy.fused = None   # the traced path is the plain cached sampler (one expert view per selection)
     table = policy.sampler.ensure()
-    module = ChunkModule(policy).to(policy.device).eval()
-    inputs = example_inputs(policy, batch)
+    module = ChunkModule(policy, prefix=prefix).to(policy.device).eval()
+    inputs = example_inputs(policy, batch, prefix=prefix)
     t0 = time.perf_counter()
     with torch.no_grad():
         expected = module(*(inputs[n] for n in module.input_names()))
@@ -245,7 +267,7 @@ def export_onnx(policy, out: str | Path, steps: int | None = None, batch: int = 
     seconds = time.perf_counter() - t0
     ins, outs = _describe(module, inputs, expected, dynamic_batch)
     summary = graph_summary(model)
-    meta = {"format": FORMAT, "dtype": dtype, "steps": policy.num_steps, "opset": opset,
+    meta = {"format": FORMAT, "dtype": dtype, "steps": policy.num_steps, "opset": opset, "prefix": bool(prefix),
             "batch": "dynamic" if dynamic_batch else batch,
             "sigmas": [float(s) for s in table.sigmas.cpu()], "routing": [[list(e) for e in s] for s in table.indices],
             "inputs": ins, "outputs": outs, "policy": policy_layout(policy), "checkpoint": identity,

@@ -13,7 +13,8 @@ def register_export(sub) -> None:
         description="Export one action chunk (image encoders, state/goal tokens, the N cached denoising "
                     "steps with their experts baked in, DDIM updates, de-normalisation) as DIR/model.onnx "
                     "plus DIR/export.json. Inputs: images (uint8, if the checkpoint has cameras), goal "
-                    "embedding, state (robot units, if any), initial noise; output: actions in robot units. "
+                    "embedding, state (robot units, if any), initial noise, and the previous plan with its "
+                    "soft mask for real-time chunking by replacement; output: actions in robot units. "
                     "The export is checked with the ONNX checker and against the PyTorch cached sampler "
                     "with onnxruntime (exit 1 when they differ by more than the tolerance).")
     p.add_argument("checkpoint", help="mode_ros checkpoint folder, or 'bundled'")
@@ -25,6 +26,9 @@ def register_export(sub) -> None:
     p.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32",
                    help="denoiser weights and compute (encoders stay fp32, as in PyTorch)")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17)")
+    p.add_argument("--no-prefix", dest="prefix", action="store_false",
+                   help="leave out the real-time chunking inputs (prefix_normalized, prefix_weights: "
+                        "execution_strategy rtc_replace runs in the graph; all-zero weights give the plain chunk)")
     p.set_defaults(func=cmd_export_onnx)
 
 
@@ -39,7 +43,7 @@ def cmd_export_onnx(a) -> int:
         checkpoint = resolve_checkpoint(a.checkpoint)   # a folder or 'bundled' (CheckpointError: a ValueError)
         policy = MoDEPolicy.from_pretrained(checkpoint)
         meta = export_onnx(policy, a.out, steps=a.steps, batch=a.batch, dtype=a.dtype, checkpoint=checkpoint,
-                           opset=a.opset or OPSET, dynamic_batch=a.dynamic_batch)
+                           opset=a.opset or OPSET, dynamic_batch=a.dynamic_batch, prefix=a.prefix)
     except (OnnxExportError, ValueError, FileNotFoundError) as exc:
         print(f"export onnx: {exc}")
         return 2

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .onnx import FORMAT, META_FILE, MODEL_FILE, OnnxExportError, file_sha256, policy_layout, weights_sha256
+from .onnx import FORMAT, META_FILE, MODEL_FILE, PREFIX_INPUTS, OnnxExportError, file_sha256, policy_layout, weights_sha256
 
 _ORT_TYPES = {"uint8": "tensor(uint8)", "float32": "tensor(float)"}
 
@@ -107,9 +107,28 @@ class OnnxChunk:
             raise OnnxExportError(f"{self.path}: exported from another checkpoint ({ident.get('path') or 'weights'} "
                                   f"sha256 differs from {what})")
 
-    def run_all(self, images, goal, state, noise) -> tuple[np.ndarray, np.ndarray]:
-        """(actions in robot units, normalised actions), each (B, K, A) float32."""
+    @property
+    def has_prefix(self) -> bool:
+        """Whether the graph takes a replacement prefix (``export_onnx(prefix=True)``, the default)."""
+        return all(n in self.input_names for n in PREFIX_INPUTS)
+
+    def takes(self, guide) -> bool:
+        """Whether this export computes a chunk with ``guide`` (a ``PrefixGuide``): replacement only,
+        and only when the graph has the prefix inputs; guidance needs PyTorch's autograd."""
+        return guide is None or (guide.method == "replace" and self.has_prefix)
+
+    def run_all(self, images, goal, state, noise, guide=None) -> tuple[np.ndarray, np.ndarray]:
+        """(actions in robot units, normalised actions), each (B, K, A) float32. ``guide``: a
+        replacement ``PrefixGuide`` (its known rows and W become the prefix inputs; None: W = 0)."""
+        if not self.takes(guide):
+            raise OnnxExportError(f"{self.path}: cannot sample with a {guide.method} prefix "
+                                  + ("(replacement only)" if self.has_prefix else "(exported without prefix inputs)"))
         given = {"images": images, "goal": goal, "state": state, "noise": noise}
+        if self.has_prefix:
+            noise_np = noise.detach().cpu().numpy() if hasattr(noise, "detach") else np.asarray(noise)
+            given["prefix_normalized"] = (np.zeros_like(noise_np, np.float32) if guide is None else guide.known)
+            given["prefix_weights"] = (np.zeros(noise_np.shape[:2], np.float32) if guide is None
+                                       else guide.w.squeeze(-1))
         feeds = {}
         for name in self.input_names:
             v = given[name]
@@ -124,8 +143,8 @@ class OnnxChunk:
         robot, norm = self.session.run(["actions", "actions_normalized"], feeds)
         return robot, norm
 
-    def run(self, images, goal, state, noise) -> np.ndarray:
-        return self.run_all(images, goal, state, noise)[0]
+    def run(self, images, goal, state, noise, guide=None) -> np.ndarray:
+        return self.run_all(images, goal, state, noise, guide)[0]
 
 
 def attach_onnx(policy, path: str | Path, checkpoint: str | Path | None = None, threads: int | None = None,

@@ -80,6 +80,11 @@ class CachedSampler:
         self._sigmas_cpu = sigmas.detach().to("cpu", torch.float64)
         self.table = None
 
+    def schedule(self) -> torch.Tensor:
+        """The sigma schedule (S + 1,) float32 with the trailing 0 (what the table's ``sigmas`` hold), on
+        the CPU; needs no weights."""
+        return self._sigmas_cpu.to(torch.float32)
+
     def key(self) -> tuple:
         return _weights_key(self.net) + (tuple(self._sigmas_cpu.tolist()), self._epoch)
 

@@ -359,7 +359,7 @@ class MoDEPolicy(nn.Module):
             elif self.fused is not None:
                 return self.fused.sample(x_T, goal, obs, st, guide=guide)
             return self.sampler.sample(x_T, goal, obs, st, guide=guide)
-        sig = self.sampler._sigmas_cpu.to(dev, torch.float32)
+        sig = self.sampler.schedule().to(dev)
 
         def fn(x, s):
             return self.precond.denoise(self.denoiser, x.to(dt), s.to(dt), goal, obs, st, mode="sync").float()
@@ -462,9 +462,14 @@ class MoDEPolicy(nn.Module):
             gen.manual_seed(int(seed))
         noise = torch.randn(b, self.chunk_size, self.action_dim, device=self.device, generator=gen)
         guide = self.chunk_guide(prefixes, noise) if prefixes is not None else None
-        if self.backend is not None and guide is None:   # same checked inputs and noise; states in robot units
-            return self.backend.run(img, goal, None if st is None else np.asarray(states, np.float32), noise)
-        out = self.postprocess(self._normalized_fast(img, goal, st, noise, guide))
+        if self.backend is not None and (guide is None or self.backend.takes(guide)):
+            # same checked inputs and noise; states in robot units; a replacement prefix as graph inputs
+            out = self.backend.run(img, goal, None if st is None else np.asarray(states, np.float32), noise, guide)
+        elif self.released_from:
+            raise RuntimeError(f"a {guide.method} prefix needs PyTorch sampling, and this policy's PyTorch "
+                               f"weights were released for its {type(self.backend).__name__} backend")
+        else:
+            out = self.postprocess(self._normalized_fast(img, goal, st, noise, guide))
         for j, p in enumerate(prefixes or ()):
             if p is not None:   # the rows executed before this chunk lands: the previous plan, exactly
                 out[j, :p.fixed] = p.actions[:p.fixed]
@@ -472,14 +477,11 @@ class MoDEPolicy(nn.Module):
 
     def chunk_guide(self, prefixes: Sequence[ChunkPrefix | None], noise: torch.Tensor) -> PrefixGuide | None:
         """Real-time chunking's per-step correction for this batch (None when no sample has a prefix)."""
-        if self.released_from and any(p is not None for p in prefixes):
-            raise RuntimeError("real-time chunking runs in PyTorch, and this policy's PyTorch weights were "
-                               f"released for its {type(self.backend).__name__} backend")
-        guide = prefix_guide(prefixes, self.action_norm.normalize, noise, self.sampler.ensure().sigmas,
+        guide = prefix_guide(prefixes, self.action_norm.normalize, noise, self.sampler.schedule().to(noise.device),
                              self.config.diffusion.sigma_data)
-        if guide is not None and self.backend is not None:
-            self._log_once("rtc_backend", "real-time chunking runs in PyTorch (the %s backend samples "
-                           "without a prefix)", type(self.backend).__name__)
+        if guide is not None and self.backend is not None and not self.backend.takes(guide):
+            self._log_once("rtc_backend", "real-time chunking (%s) runs in PyTorch (the %s backend does not "
+                           "take this prefix)", guide.method, type(self.backend).__name__)
         return guide
 
     def _log_once(self, key: str, msg: str, *args) -> None:

@@ -266,14 +266,19 @@ class PolicyNode(LifecycleNode):
                                      "onnx runs)")
             from mode_ros.export.onnx_runtime import attach_onnx
             from mode_ros.model.checkpoint import resolve_checkpoint
-            # real-time chunking samples with a prefix in PyTorch: only without it is the model held once
-            rtc = ChunkController.strategy_name(self.p).startswith("rtc_")
+            # the export samples plain and replacement-prefixed chunks; guidance (and a prefix for an export
+            # without prefix inputs) needs PyTorch: only then are its weights kept beside onnxruntime's
+            strategy = ChunkController.strategy_name(self.p)
             chunk = attach_onnx(policy, self.p.onnx_model, checkpoint=resolve_checkpoint(self.p.checkpoint),
-                                threads=self.p.torch_threads or None, logger=_StdLogger(self.get_logger()),
-                                release_torch=not rtc)
-            if rtc:
-                self.get_logger().warning(f"execution_strategy {self.p.execution_strategy} with inference_backend "
-                                          "onnx: chunks with a prefix run in PyTorch (its weights are kept)")
+                                threads=self.p.torch_threads or None, logger=_StdLogger(self.get_logger()))
+            torch_needed = strategy == "rtc_guidance" or (strategy == "rtc_replace" and not chunk.has_prefix)
+            if torch_needed:
+                self.get_logger().warning(f"execution_strategy {strategy} with inference_backend onnx: chunks with "
+                                          "a prefix run in PyTorch (its weights are kept)")
+            else:
+                freed = policy.release_torch_weights()
+                self.get_logger().info(f"inference backend onnx: PyTorch denoiser/encoder weights released "
+                                       f"({freed / 1e6:.1f} MB)")
             self.get_logger().info(f"inference backend: onnxruntime, {chunk.path} ({chunk.steps} steps, "
                                    f"{chunk.meta['dtype']}, providers {chunk.session.get_providers()})")
         elif mode != "off" or self.p.weight_quant != "none" or kernels != "torch":
