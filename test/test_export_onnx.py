@@ -263,7 +263,8 @@ def test_node_with_onnx_backend_publishes_the_torch_chunks(tmp_path, ros_harness
     for stamp in a:
         assert np.abs(a[stamp] - b[stamp]).max() <= 1e-4, stamp
     assert not np.allclose(*[a[s] for s in sorted(a)[:2]])
-    assert "inference backend: onnxruntime" in nodes["onnx_policy"].output()
+    out = nodes["onnx_policy"].output()
+    assert "inference: onnxruntime" in out and "PyTorch weights released" in out
     # a corrupt export fails configure, naming the file
     (tmp_path / "onnx" / MODEL_FILE).write_bytes(b"not onnx")
     bad = start_node(executable("policy_node"), name="bad_onnx_policy",

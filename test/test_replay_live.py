@@ -109,6 +109,29 @@ def test_state_only_checkpoint_offline_publishes_and_matches_live(bags, state_ck
     assert max(float(np.abs(a[k] - b[k]).max()) for k in both) < 5e-3
 
 
+def test_offline_replay_runs_the_onnx_backend_as_the_node_would(bags, state_ckpt, tmp_path):  # noqa: F811
+    """`mode-ros replay --offline -p inference_backend:=onnx -p onnx_model:=DIR` replays the deployed
+    configuration (the node's own policy set-up, mode_ros.export.deploy): the same chunks as the PyTorch
+    replay of the same bag within the export's tolerance, PyTorch weights released; a sampling_steps
+    that the export does not have fails the replay with the parameter named."""
+    from mode_ros.cli import main as cli_main
+    assert cli_main(["export", "onnx", str(state_ckpt), "--out", str(tmp_path / "export")]) == 0
+    common = ["--offline", "--latency", "0", "--checkpoint", str(state_ckpt), "--topics", str(bags["map"]),
+              "-p", "torch_threads=1", "-p", "seed=0", "-p", "replan_every=2", "--quiet"]
+    runs = {}
+    for name, extra in (("torch", []), ("onnx", ["-p", "inference_backend=onnx", "-p", f"onnx_model={tmp_path / 'export'}"])):
+        rc, so, se = H.run_cli([str(bags["mcap"]), "--out", str(tmp_path / name), *common, *extra])
+        assert rc == 0, so + se
+        runs[name] = {(c["stamp"], c["first_index"]): c["actions"] for c in H.chunks_from_bag(tmp_path / name / "chunks")}
+    rep = H.load_report(tmp_path / "onnx")["offline"]
+    assert rep["inference"].startswith("onnxruntime") and "PyTorch weights released" in rep["inference"]
+    assert set(runs["torch"]) == set(runs["onnx"]) and len(runs["onnx"]) >= 20
+    assert max(float(np.abs(runs["torch"][k] - runs["onnx"][k]).max()) for k in runs["onnx"]) < 1e-3
+    rc, so, se = H.run_cli([str(bags["mcap"]), "--out", str(tmp_path / "bad"), *common, "-p", "inference_backend=onnx",
+                            "-p", f"onnx_model={tmp_path / 'export'}", "-p", "sampling_steps=2"])
+    assert rc != 0 and "sampling_steps: 2, but the ONNX export" in so + se
+
+
 def _stale_ticks_expected(seconds: float, gap, max_age: float = 0.5) -> int:
     """Ticks (every 100 ms of bag time) at which the newest camera stamp is older than max_age."""
     recv = [(H.cam_recv(k), H.cam_stamp(k)) for k in range(int(seconds * H.CAM_HZ))

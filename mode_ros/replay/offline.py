@@ -155,7 +155,8 @@ def run_offline(sess) -> None:
 
 
 def _run_offline(sess) -> None:
-    from mode_ros.model.policy import MoDEPolicy
+    from mode_ros.control.controller import ChunkController
+    from mode_ros.export.deploy import load_policy
     from mode_ros.replay.session import ReplayError, setup_session
 
     opts, p = sess.opts, sess.p
@@ -163,8 +164,11 @@ def _run_offline(sess) -> None:
         raise ReplayError("offline replay needs --checkpoint")
     setup_session(sess)
     t0 = time.perf_counter()
-    dtype = None if p.dtype == "auto" else p.dtype
-    policy = opts.policy or MoDEPolicy.from_pretrained(p.checkpoint, device=p.device, dtype=dtype)
+    # as the node's configure: the same backend, steps and fast paths (an ONNX export replays as deployed)
+    if opts.policy is not None:   # given by the caller (tests, tools): used as it is
+        policy, described = opts.policy, type(opts.policy).__name__
+    else:
+        policy, described = load_policy(p, strategy=ChunkController.strategy_name(p))
     warm = float(policy.warmup()) if p.warmup else 0.0
     load_s = time.perf_counter() - t0
     if opts.latency == "calibrated":
@@ -190,6 +194,7 @@ def _run_offline(sess) -> None:
         "inference_failures": int(counters.get("inference_failures", 0)),
         "inference_wall_s_total": round(float(lat.sum()), 3) if lat.size else 0.0,
         "device": str(getattr(policy, "device", "?")),
+        "inference": described,
         "execution_strategy": drv.ctl.strategy.name,
         "counters": counters,
     }

@@ -242,59 +242,15 @@ class PolicyNode(LifecycleNode):
         self._log.period = self.p.log_throttle_period
         if not self.p.checkpoint:
             raise ParameterError("checkpoint: not set (the checkpoint folder to load)")
-        import torch
+        from mode_ros.export.deploy import load_policy
 
-        from mode_ros.model.policy import MoDEPolicy
-
-        if self.p.torch_threads > 0:
-            torch.set_num_threads(self.p.torch_threads)
-        dtype = None if self.p.dtype == "auto" else self.p.dtype
-        policy = MoDEPolicy.from_pretrained(self.p.checkpoint, device=self.p.device, dtype=dtype)
+        policy, described = load_policy(self.p, log=_StdLogger(self.get_logger()),
+                                        strategy=ChunkController.strategy_name(self.p))
         self.p.check_against_policy(policy.chunk_size, policy.action_dim, policy.state_dim)
         self._max_pixels = pixel_limit(policy.config.vision.image_size if policy.camera_names else None,
                                        self.p.max_image_pixels)
         self.policy = policy
-        mode = self.p.fast_inference
-        if mode == "auto":
-            mode = "compiled" if policy.device.type == "cuda" else "off"
-        kernels = self.p.gpu_kernels
-        if kernels == "auto" and policy.device.type != "cuda":
-            kernels = "torch"
-        if self.p.inference_backend == "onnx":   # the export computes the chunk: no PyTorch fast paths
-            if not self.p.onnx_model:
-                raise ParameterError("onnx_model: not set (the `mode-ros export onnx` folder inference_backend "
-                                     "onnx runs)")
-            from mode_ros.export.onnx_runtime import attach_onnx
-            from mode_ros.model.checkpoint import resolve_checkpoint
-            # the export samples plain and replacement-prefixed chunks; guidance (and a prefix for an export
-            # without prefix inputs) needs PyTorch: only then are its weights kept beside onnxruntime's
-            strategy = ChunkController.strategy_name(self.p)
-            chunk = attach_onnx(policy, self.p.onnx_model, checkpoint=resolve_checkpoint(self.p.checkpoint),
-                                threads=self.p.torch_threads or None, logger=_StdLogger(self.get_logger()))
-            torch_needed = strategy == "rtc_guidance" or (strategy == "rtc_replace" and not chunk.has_prefix)
-            if torch_needed:
-                self.get_logger().warning(f"execution_strategy {strategy} with inference_backend onnx: chunks with "
-                                          "a prefix run in PyTorch (its weights are kept)")
-            else:
-                freed = policy.release_torch_weights()
-                self.get_logger().info(f"inference backend onnx: PyTorch denoiser/encoder weights released "
-                                       f"({freed / 1e6:.1f} MB)")
-            self.get_logger().info(f"inference backend: onnxruntime, {chunk.path} ({chunk.steps} steps, "
-                                   f"{chunk.meta['dtype']}, providers {chunk.session.get_providers()})")
-        elif mode != "off" or self.p.weight_quant != "none" or kernels != "torch":
-            base = {"fused": True, "compile": mode == "compiled", "graph": mode in ("compiled", "graph"),
-                    "weight_quant": self.p.weight_quant}
-            options = {"torch": {"attention": None, "gemm": "torch", "pdl": False},
-                       "triton": {"attention": "triton", "gemm": "triton", "pdl": False},
-                       "triton_pdl": {"attention": "triton", "gemm": "triton", "pdl": True}}
-            if kernels == "auto":   # measure on this GPU, keep the fastest correct one
-                names = list(options)
-                sel = policy.select_fast([{**base, **options[n]} for n in names], logger=_StdLogger(self.get_logger()))
-                active = sel["active"]
-                self.get_logger().info(f"gpu_kernels auto: chosen {names[sel['chosen']] if sel['chosen'] is not None else 'none (fast paths off)'}")
-            else:
-                active = policy.enable_fast(logger=_StdLogger(self.get_logger()), **base, **options[kernels])
-            self.get_logger().info(f"fast inference: {active}")
+        self.get_logger().info(f"inference: {described}")
         if self.p.warmup:
             self._expected_latency = float(policy.warmup(runs=3))  # median of 3 calls
             try:  # build the text tower now, so that a new goal costs one encoding, not a model build

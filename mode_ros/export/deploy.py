@@ -1,0 +1,92 @@
+"""The policy a node runs, built from the node's parameters: one function for the policy node and
+offline replay (``mode-ros replay --offline -p inference_backend:=onnx …`` replays the deployed
+configuration, not a PyTorch stand-in for it).
+
+    policy, described = load_policy(params, log=logging.getLogger("x"))
+
+What it applies, in order: the checkpoint on ``device`` / ``dtype``, ``torch_threads`` (the caller
+restores it where it must), ``sampling_steps``, then either ``inference_backend onnx`` (the export in
+``onnx_model``, checked against the checkpoint; the PyTorch denoiser weights are released unless the
+execution strategy needs PyTorch for prefixed chunks) or the PyTorch fast paths (``fast_inference``,
+``weight_quant``, ``gpu_kernels``). ``params`` is a ``mode_ros.ros.params.NodeParams`` (plain data,
+no ROS).
+"""
+from __future__ import annotations
+
+import logging
+
+_log = logging.getLogger(__name__)
+
+_KERNELS = {"torch": {"attention": None, "gemm": "torch", "pdl": False},
+            "triton": {"attention": "triton", "gemm": "triton", "pdl": False},
+            "triton_pdl": {"attention": "triton", "gemm": "triton", "pdl": True}}
+
+
+class DeployError(ValueError):
+    """Parameters that cannot make a policy (the message names the parameter)."""
+
+
+def load_policy(p, log=None, policy=None, strategy: str | None = None):
+    """(policy, one line describing how it computes chunks). ``log``: logging-style ``info`` /
+    ``warning``; ``policy``: an already loaded one to configure instead of ``p.checkpoint``;
+    ``strategy``: the execution strategy's name (default ``p.execution_strategy``)."""
+    import torch
+
+    from ..model.checkpoint import resolve_checkpoint
+    from ..model.policy import MoDEPolicy
+
+    log = log or _log
+    if p.torch_threads > 0:
+        torch.set_num_threads(p.torch_threads)
+    if policy is None:
+        policy = MoDEPolicy.from_pretrained(p.checkpoint, device=p.device, dtype=None if p.dtype == "auto" else p.dtype)
+    steps = getattr(p, "sampling_steps", 0)
+    if steps:
+        policy.set_num_steps(int(steps))
+    if p.inference_backend == "onnx":
+        return policy, _attach_onnx(policy, p, log, strategy or p.execution_strategy, resolve_checkpoint)
+    mode = p.fast_inference
+    if mode == "auto":
+        mode = "compiled" if policy.device.type == "cuda" else "off"
+    kernels = p.gpu_kernels
+    if kernels == "auto" and policy.device.type != "cuda":
+        kernels = "torch"
+    if mode == "off" and p.weight_quant == "none" and kernels == "torch":
+        return policy, f"PyTorch cached sampler, {policy.num_steps} steps"
+    base = {"fused": True, "compile": mode == "compiled", "graph": mode in ("compiled", "graph"),
+            "weight_quant": p.weight_quant}
+    if kernels == "auto":   # measure on this GPU, keep the fastest correct one
+        names = list(_KERNELS)
+        sel = policy.select_fast([{**base, **_KERNELS[n]} for n in names], logger=log)
+        log.info("gpu_kernels auto: chosen %s", names[sel["chosen"]] if sel["chosen"] is not None
+                 else "none (fast paths off)")
+        active = sel["active"]
+    else:
+        active = policy.enable_fast(logger=log, **base, **_KERNELS[kernels])
+    return policy, f"fast inference: {active}, {policy.num_steps} steps"
+
+
+def _attach_onnx(policy, p, log, strategy: str, resolve_checkpoint) -> str:
+    from .onnx_runtime import attach_onnx
+
+    if not p.onnx_model:
+        raise DeployError("onnx_model: not set (the `mode-ros export onnx` folder inference_backend onnx runs)")
+    steps = getattr(p, "sampling_steps", 0)
+    chunk = attach_onnx(policy, p.onnx_model, checkpoint=resolve_checkpoint(p.checkpoint),
+                        threads=p.torch_threads or None, logger=log)
+    if steps and steps != chunk.steps:
+        raise DeployError(f"sampling_steps: {steps}, but the ONNX export {p.onnx_model} has {chunk.steps} steps "
+                          f"(export with --steps {steps}, or leave sampling_steps 0)")
+    # the export samples plain and replacement-prefixed chunks; guidance (and any prefix for an export
+    # without prefix inputs) needs PyTorch: only then are its weights kept beside onnxruntime's copy
+    if strategy == "rtc_guidance" or (strategy == "rtc_replace" and not chunk.has_prefix):
+        log.warning(f"execution_strategy {strategy} with inference_backend onnx: chunks with a prefix run in "
+                    "PyTorch (its weights are kept)")
+        held = "PyTorch weights kept"
+    else:
+        held = f"PyTorch weights released, {policy.release_torch_weights() / 1e6:.1f} MB"
+    return (f"onnxruntime, {chunk.path} ({chunk.steps} steps, {chunk.meta['dtype']}, providers "
+            f"{chunk.session.get_providers()}; {held})")
+
+
+__all__ = ["load_policy", "DeployError"]
