@@ -353,13 +353,15 @@ class PolicyNode(LifecycleNode):
             self.destroy_timer(self._tick_timer)
             self._tick_timer = None
 
-    def _release(self) -> None:
+    def _release(self, join_timeout: float = 30.0) -> None:
         if not hasattr(self, "_infer_stop"):  # the constructor failed early
             return
         self._infer_stop.set()
         self._infer_request.set()
         if self._infer_thread is not None:
-            self._infer_thread.join(timeout=30.0)
+            self._infer_thread.join(timeout=join_timeout)
+            if self._infer_thread.is_alive():
+                self.get_logger().warning(f"inference thread still running after {join_timeout:g} s: not waited for")
             self._infer_thread = None
         for e in self._entities:
             self.destroy_subscription(e)
@@ -372,8 +374,11 @@ class PolicyNode(LifecycleNode):
         self.ctl = None
 
     def destroy_node(self):
+        # the process is ending (SIGINT, shutdown): an inference in flight is not waited for beyond a
+        # moment (the thread is a daemon; its result would be dropped anyway). A lifecycle cleanup
+        # waits up to 30 s, since the thread must be gone before the node is configured again.
         self._stop_ticking()
-        self._release()
+        self._release(join_timeout=2.0)
         return super().destroy_node()
 
     # ---- inputs -----------------------------------------------------------------------------------------
