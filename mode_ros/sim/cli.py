@@ -85,6 +85,9 @@ def register(subparsers) -> None:
                    help="--delay-ticks: execution strategies (replan, open_loop, ensemble, rtc_replace, "
                         "rtc_guidance); replan and rtc re-plan every --replan-every rows (5 when unset), ensemble every "
                         "row; with --ros one strategy, set as the node's execution_strategy")
+    e.add_argument("--rtc-hold-rows", type=int, default=2, metavar="N",
+                   help="--delay-ticks, rtc_*: the node parameter rtc_hold_rows (soft-overlap rows holding the "
+                        "plan's last action where the plan ends at the switch; 0: none)")
     e.add_argument("--weight-quant", choices=["none", "int8", "fp8"], default="none",
                    help="in-process policy: fused sampler with weight-only int8/fp8 experts (fp8: CUDA only)")
     e.set_defaults(func=_cmd_eval)
@@ -121,7 +124,8 @@ def _cmd_eval_delays(args, tasks) -> int:
         cfg = DelayEvalConfig(tasks=tasks, episodes=args.episodes, seed=args.seed, delays=delays,
                               strategies=strategies, replan_every=args.replan_every or 5, rate_hz=args.rate,
                               max_steps=args.max_steps, image_size=args.image_size,
-                              policy_seed=args.policy_seed, json_path=args.json_path)
+                              policy_seed=args.policy_seed, json_path=args.json_path,
+                              rtc_hold_rows=args.rtc_hold_rows)
         report = evaluate_delays(policy, cfg, label=f"MoDE {args.checkpoint}")
     fails = sum(r["inference_failures"] for r in report["results"].values())
     if fails:

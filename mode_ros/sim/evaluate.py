@@ -211,6 +211,7 @@ class DelayEvalConfig:
     policy_seed: int = 0
     json_path: str | None = None
     lockstep: bool = False           # every chunk from the observation of its first tick, taking no sim time
+    rtc_hold_rows: int = 2           # the node parameter of that name (rtc_*)
 
 
 def _controller(policy, strategy: str, d: int, cfg: DelayEvalConfig, goal: str):
@@ -223,7 +224,8 @@ def _controller(policy, strategy: str, d: int, cfg: DelayEvalConfig, goal: str):
     p = NodeParams.from_mapping({
         "checkpoint": "sim", "control_rate_hz": cfg.rate_hz, "goal": goal, "seed": cfg.policy_seed,
         "replan_every": 1 if strategy == "ensemble" else min(cfg.replan_every, policy.chunk_size),
-        "execution_strategy": strategy, "max_observation_age": 3600.0, "lockstep_inference": cfg.lockstep})
+        "execution_strategy": strategy, "max_observation_age": 3600.0, "lockstep_inference": cfg.lockstep,
+        "rtc_hold_rows": cfg.rtc_hold_rows})
     vt = VirtualTime()
     ctl = ChunkController(p, list(getattr(policy, "camera_names", []) or []), policy.state_dim, policy.chunk_size,
                           policy.action_dim, vt.clock, initial_latency=d * period)

@@ -1,11 +1,13 @@
 """Merge the per-process JSONs of `mode-ros sim eval --delay-ticks` here into summary.json + table.txt
-(for each strategy x d the row covering the most tasks). Usage: python docs/measurements/rtc/merge.py"""
+(for each strategy x d the row covering the most tasks).
+Usage: python docs/measurements/rtc/merge.py [FOLDER]   (default: this folder; e.g. ep20/)"""
 import json
+import sys
 from pathlib import Path
 
 from mode_ros.sim.evaluate import format_delay_table
 
-here = Path(__file__).resolve().parent
+here = Path(sys.argv[1]).resolve() if len(sys.argv) > 1 else Path(__file__).resolve().parent
 best: dict = {}
 for f in sorted(here.glob("*.json")):
     if f.name == "summary.json":
