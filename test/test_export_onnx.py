@@ -271,3 +271,23 @@ def test_node_with_onnx_backend_publishes_the_torch_chunks(tmp_path, ros_harness
                      params={**common, "inference_backend": "onnx", "onnx_model": str(tmp_path / "onnx")})
     bad.wait_for_output("configure failed", 120)
     assert "model.onnx: sha256" in bad.output() and h.lifecycle_state("/bad_onnx_policy") == "unconfigured"
+
+
+def test_load_policy_applies_sampling_steps_and_refuses_a_mismatched_export(mt10_export):
+    """mode_ros.export.deploy.load_policy (the node's and offline replay's set-up): sampling_steps sets
+    the PyTorch sampler's steps; with the onnx backend it must equal the export's."""
+    from mode_ros.export.deploy import DeployError, load_policy
+    from mode_ros.ros.params import NodeParams
+    out, meta = mt10_export
+    policy, described = load_policy(NodeParams.from_mapping({"checkpoint": str(MT10), "sampling_steps": 3,
+                                                             "torch_threads": 0}))
+    assert policy.num_steps == 3 and len(policy.sampler.ensure().indices) == 3 and "3 steps" in described
+    base = {"checkpoint": str(MT10), "inference_backend": "onnx", "onnx_model": str(out)}
+    policy, described = load_policy(NodeParams.from_mapping(base))
+    assert policy.backend is not None and policy.released_from and f"({meta['steps']} steps" in described
+    with pytest.raises(DeployError, match=r"sampling_steps: 4, but the ONNX export .* has 10 steps"):
+        load_policy(NodeParams.from_mapping({**base, "sampling_steps": 4}))
+    with pytest.raises(DeployError, match="onnx_model: not set"):
+        load_policy(NodeParams.from_mapping({**base, "onnx_model": ""}))
+    kept, described = load_policy(NodeParams.from_mapping({**base, "execution_strategy": "rtc_guidance"}))
+    assert kept.released_from is None and "PyTorch weights kept" in described
