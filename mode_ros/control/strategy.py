@@ -27,6 +27,9 @@ __all__ = ["STRATEGIES", "ExecutionStrategy", "OpenLoop", "Replan", "TemporalEns
            "make_strategy", "StrategyError"]
 
 STRATEGIES = ("open_loop", "replan", "ensemble", "rtc_replace", "rtc_guidance")
+# rtc soft-overlap rows held past the plan's end: 1 met the switch-smoothness and steps targets at d = 5 on
+# the bundled MT10 checkpoint (docs/measurements/rtc/ep20); 0 and 2 are measured there too
+DEFAULT_HOLD_ROWS = 1
 _EPS = 1e-6
 
 
@@ -82,7 +85,7 @@ class RealTimeChunking(ExecutionStrategy):
     are still pulled (with decaying weight) toward where the robot is, not planned from scratch."""
 
     def __init__(self, method: str, replan_every: int = 0, latency_compensation: bool = True,
-                 hold_rows: int = 2, **_ignored):
+                 hold_rows: int = DEFAULT_HOLD_ROWS, **_ignored):
         if not latency_compensation:
             raise StrategyError(f"execution_strategy rtc_{method}: needs latency_compensation true (the "
                                 "prefix aligns rows by time)")
@@ -128,7 +131,7 @@ def rows_before(obs_time: float, land_time: float, period: float) -> int:
 
 
 def make_strategy(name: str, replan_every: int = 0, latency_compensation: bool = True,
-                  ensembling_decay: float = 0.01, rtc_hold_rows: int = 2) -> ExecutionStrategy:
+                  ensembling_decay: float = 0.01, rtc_hold_rows: int = DEFAULT_HOLD_ROWS) -> ExecutionStrategy:
     """The strategy called ``name`` (one of :data:`STRATEGIES`)."""
     kw = dict(replan_every=replan_every, latency_compensation=latency_compensation,
               ensembling_decay=ensembling_decay)

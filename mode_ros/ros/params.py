@@ -16,6 +16,8 @@ import re
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from mode_ros.control.strategy import DEFAULT_HOLD_ROWS
+
 __all__ = ["ParamSpec", "PARAMS", "PARAMS_BY_NAME", "NodeParams", "ParameterError", "validate", "unknown_parameters",
            "render_yaml", "broadcast"]
 
@@ -125,7 +127,7 @@ PARAMS: tuple[ParamSpec, ...] = (
               "rtc_guidance (real-time chunking: the next chunk is inpainted over the rows of the current plan "
               "that run before it lands, d estimated from the inference latency; d and the strategy are in "
               "/diagnostics).", choices=("replan", "open_loop", "ensemble", "rtc_replace", "rtc_guidance")),
-    ParamSpec("rtc_hold_rows", "int", 2,
+    ParamSpec("rtc_hold_rows", "int", DEFAULT_HOLD_ROWS,
               "rtc_*: soft-overlap rows kept after the d frozen ones even where the current plan ends before "
               "them (its last row is held there, with decaying weight): without them a chunk that lands "
               "when the plan has run out (d >= chunk_size - replan_every) is planned with no pull toward "
@@ -274,7 +276,7 @@ class NodeParams:
     temporal_ensembling: bool = False
     ensembling_decay: float = 0.01
     execution_strategy: str = "replan"
-    rtc_hold_rows: int = 2
+    rtc_hold_rows: int = DEFAULT_HOLD_ROWS
     max_observation_age: float = 0.5
     camera_sync_tolerance: float = 0.02
     sync_queue_size: int = 10

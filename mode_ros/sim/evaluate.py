@@ -211,7 +211,7 @@ class DelayEvalConfig:
     policy_seed: int = 0
     json_path: str | None = None
     lockstep: bool = False           # every chunk from the observation of its first tick, taking no sim time
-    rtc_hold_rows: int = 2           # the node parameter of that name (rtc_*)
+    rtc_hold_rows: int | None = None  # the node parameter of that name (rtc_*; None: its default)
 
 
 def _controller(policy, strategy: str, d: int, cfg: DelayEvalConfig, goal: str):
@@ -225,7 +225,7 @@ def _controller(policy, strategy: str, d: int, cfg: DelayEvalConfig, goal: str):
         "checkpoint": "sim", "control_rate_hz": cfg.rate_hz, "goal": goal, "seed": cfg.policy_seed,
         "replan_every": 1 if strategy == "ensemble" else min(cfg.replan_every, policy.chunk_size),
         "execution_strategy": strategy, "max_observation_age": 3600.0, "lockstep_inference": cfg.lockstep,
-        "rtc_hold_rows": cfg.rtc_hold_rows})
+        **({} if cfg.rtc_hold_rows is None else {"rtc_hold_rows": cfg.rtc_hold_rows})})
     vt = VirtualTime()
     ctl = ChunkController(p, list(getattr(policy, "camera_names", []) or []), policy.state_dim, policy.chunk_size,
                           policy.action_dim, vt.clock, initial_latency=d * period)
