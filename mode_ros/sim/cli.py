@@ -87,7 +87,7 @@ def register(subparsers) -> None:
                         "row; with --ros one strategy, set as the node's execution_strategy")
     e.add_argument("--rtc-hold-rows", type=int, default=None, metavar="N",
                    help="--delay-ticks, rtc_*: the node parameter rtc_hold_rows (soft-overlap rows holding the "
-                        "plan's last action where the plan ends at the switch; 0: none; unset: the node's default)")
+                        "plan's last action where the plan ends at the switch; 0: none; unset: as the node, 1)")
     e.add_argument("--weight-quant", choices=["none", "int8", "fp8"], default="none",
                    help="in-process policy: fused sampler with weight-only int8/fp8 experts (fp8: CUDA only)")
     e.set_defaults(func=_cmd_eval)
