@@ -95,7 +95,8 @@ class MoDEPolicy(nn.Module):
         self.fused = None   # optional FusedSampler (mode_ros.model.fast), see enable_fast()
         self._graph = None  # optional CUDA graph runner (mode_ros.model.graph)
         # optional replacement of the chunk's tensor computation, e.g. an ONNX export run by onnxruntime
-        # (mode_ros.export.onnx_runtime.attach_onnx): backend.run(images, goal_emb, states, noise) -> robot units
+        # (mode_ros.export.onnx_runtime.attach_onnx): backend.run(images, goal_emb, states, noise, guide) -> robot
+        # units; backend.takes(guide) says whether it can sample with that real-time-chunking guide
         self.backend = None
         # (device, dtype) the weights had before release_torch_weights (None: the weights are here)
         self.released_from: tuple[torch.device, torch.dtype] | None = None
