@@ -118,7 +118,7 @@ def test_replacement_prefix_runs_in_the_graph(mt10_export):
 
 
 def test_released_torch_weights_leave_one_copy_and_the_same_chunks(mt10_export):
-    """attach_onnx(release_torch=True) (the node without real-time chunking): the denoiser's PyTorch
+    """MoDEPolicy.release_torch_weights after attach_onnx (the node without rtc_guidance): the denoiser's PyTorch
     weights are freed (meta device), the chunks are unchanged, warm-up works, and anything that would
     need the PyTorch weights says so instead of computing garbage."""
     from mode_ros.model.inpainting import ChunkPrefix

@@ -26,25 +26,21 @@ class DeployError(ValueError):
     """Parameters that cannot make a policy (the message names the parameter)."""
 
 
-def load_policy(p, log=None, policy=None, strategy: str | None = None):
+def load_policy(p, log=None):
     """(policy, one line describing how it computes chunks). ``log``: logging-style ``info`` /
-    ``warning``; ``policy``: an already loaded one to configure instead of ``p.checkpoint``;
-    ``strategy``: the execution strategy's name (default ``p.execution_strategy``)."""
+    ``warning``."""
     import torch
 
-    from ..model.checkpoint import resolve_checkpoint
     from ..model.policy import MoDEPolicy
 
     log = log or _log
     if p.torch_threads > 0:
         torch.set_num_threads(p.torch_threads)
-    if policy is None:
-        policy = MoDEPolicy.from_pretrained(p.checkpoint, device=p.device, dtype=None if p.dtype == "auto" else p.dtype)
-    steps = getattr(p, "sampling_steps", 0)
-    if steps:
-        policy.set_num_steps(int(steps))
+    policy = MoDEPolicy.from_pretrained(p.checkpoint, device=p.device, dtype=None if p.dtype == "auto" else p.dtype)
+    if p.sampling_steps:
+        policy.set_num_steps(p.sampling_steps)
     if p.inference_backend == "onnx":
-        return policy, _attach_onnx(policy, p, log, strategy or p.execution_strategy, resolve_checkpoint)
+        return policy, _attach_onnx(policy, p, log)
     mode = p.fast_inference
     if mode == "auto":
         mode = "compiled" if policy.device.type == "cuda" else "off"
@@ -66,12 +62,14 @@ def load_policy(p, log=None, policy=None, strategy: str | None = None):
     return policy, f"fast inference: {active}, {policy.num_steps} steps"
 
 
-def _attach_onnx(policy, p, log, strategy: str, resolve_checkpoint) -> str:
+def _attach_onnx(policy, p, log) -> str:
+    from ..control.controller import ChunkController
+    from ..model.checkpoint import resolve_checkpoint
     from .onnx_runtime import attach_onnx
 
     if not p.onnx_model:
         raise DeployError("onnx_model: not set (the `mode-ros export onnx` folder inference_backend onnx runs)")
-    steps = getattr(p, "sampling_steps", 0)
+    steps, strategy = p.sampling_steps, ChunkController.strategy_name(p)
     chunk = attach_onnx(policy, p.onnx_model, checkpoint=resolve_checkpoint(p.checkpoint),
                         threads=p.torch_threads or None, logger=log)
     if steps and steps != chunk.steps:

@@ -148,13 +148,11 @@ class OnnxChunk:
 
 
 def attach_onnx(policy, path: str | Path, checkpoint: str | Path | None = None, threads: int | None = None,
-                logger=None, release_torch: bool = False) -> OnnxChunk:
+                logger=None) -> OnnxChunk:
     """Load the export at ``path``, check it against ``policy`` and make it the policy's backend
     (``policy.backend``). The policy's sampler takes the export's number of steps (its PyTorch path
-    and diagnostics then describe the same chunk). ``release_torch``: then free the policy's PyTorch
-    denoiser and encoder weights (``MoDEPolicy.release_torch_weights``: the model is held once, by
-    onnxruntime; chunks with a real-time-chunking prefix, which run in PyTorch, are then impossible).
-    Raises ``OnnxExportError``."""
+    and diagnostics then describe the same chunk). ``MoDEPolicy.release_torch_weights`` afterwards
+    frees the PyTorch copy (``mode_ros.export.deploy`` decides when). Raises ``OnnxExportError``."""
     chunk = OnnxChunk.load(path, threads=threads, device=str(policy.device))
     chunk.check_policy(policy, checkpoint)
     if policy.num_steps != chunk.steps:
@@ -163,8 +161,4 @@ def attach_onnx(policy, path: str | Path, checkpoint: str | Path | None = None, 
                         policy.num_steps, chunk.steps)
         policy.set_num_steps(chunk.steps)
     policy.backend = chunk
-    if release_torch:
-        freed = policy.release_torch_weights()
-        if logger:
-            logger.info("onnx backend: released %.1f MB of PyTorch denoiser/encoder weights", freed / 1e6)
     return chunk

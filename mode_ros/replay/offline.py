@@ -155,7 +155,6 @@ def run_offline(sess) -> None:
 
 
 def _run_offline(sess) -> None:
-    from mode_ros.control.controller import ChunkController
     from mode_ros.export.deploy import load_policy
     from mode_ros.replay.session import ReplayError, setup_session
 
@@ -168,7 +167,7 @@ def _run_offline(sess) -> None:
     if opts.policy is not None:   # given by the caller (tests, tools): used as it is
         policy, described = opts.policy, type(opts.policy).__name__
     else:
-        policy, described = load_policy(p, strategy=ChunkController.strategy_name(p))
+        policy, described = load_policy(p)
     warm = float(policy.warmup()) if p.warmup else 0.0
     load_s = time.perf_counter() - t0
     if opts.latency == "calibrated":

@@ -244,8 +244,7 @@ class PolicyNode(LifecycleNode):
             raise ParameterError("checkpoint: not set (the checkpoint folder to load)")
         from mode_ros.export.deploy import load_policy
 
-        policy, described = load_policy(self.p, log=_StdLogger(self.get_logger()),
-                                        strategy=ChunkController.strategy_name(self.p))
+        policy, described = load_policy(self.p, log=_StdLogger(self.get_logger()))
         self.p.check_against_policy(policy.chunk_size, policy.action_dim, policy.state_dim)
         self._max_pixels = pixel_limit(policy.config.vision.image_size if policy.camera_names else None,
                                        self.p.max_image_pixels)
