@@ -108,13 +108,15 @@ def test_malformed_joint_states_rejected_with_reason_counters(node, ros_harness)
     pub = h.node.create_publisher(JointState, f"{NODE}/joint_states", qos_profile_sensor_data)
     try:
         h.wait_for_subscribers(pub)
-        for names, pos in ((["a", "b", "c", "d"], [0.1] * 6), (["a", "b", "a"], [0.1, 0.2, 0.3])):
-            js = JointState(name=names, position=pos)
-            js.header.stamp = h.node.get_clock().now().to_msg()
-            pub.publish(js)
-        wait_until(lambda: (lambda v: all(int(v.get(f"rejected.joint_states:{r}", 0)) >= 1 for r in (
-            "length_mismatch", "duplicate_names")))(diag_values(h)), 20, "joint_states reason counters",
-            on_fail=node.tail)
+
+        def publish_both_and_check():   # sensor-data QoS is best effort: a sample may be lost, so resend
+            for names, pos in ((["a", "b", "c", "d"], [0.1] * 6), (["a", "b", "a"], [0.1, 0.2, 0.3])):
+                js = JointState(name=names, position=pos)
+                js.header.stamp = h.node.get_clock().now().to_msg()
+                pub.publish(js)
+            v = diag_values(h)
+            return all(int(v.get(f"rejected.joint_states:{r}", 0)) >= 1 for r in ("length_mismatch", "duplicate_names"))
+        wait_until(publish_both_and_check, 20, "joint_states reason counters", period=0.2, on_fail=node.tail)
     finally:
         h.drop(pub)
     out = node.output()
