@@ -429,3 +429,21 @@ def test_action_chunk_msg_copy_matches_source():
 
     src = Path(__file__).resolve().parents[1] / "msg" / "ActionChunk.msg"
     assert ACTION_CHUNK_MSG == src.read_text()
+
+
+def test_state_only_topic_map_converts_without_cameras(tmp_path):
+    """A robot without cameras (a state-only policy, e.g. `sim record --cameras ""`): the topic map may
+    list no camera when it has a state; the episodes hold actions and state, no image datasets. With
+    neither a camera nor a state the map is refused by name."""
+    rng = np.random.default_rng(0)
+    write_main_bag(tmp_path / "bag", "mcap", rng)
+    out = tmp_path / "state.hdf5"
+    rep = convert_bags([tmp_path / "bag"], {**TOPICS, "cameras": {}}, out, progress=False)
+    (ep_rep,) = rep["bags"][0]["episodes"]
+    assert ep_rep["ticks"] >= 10 and not any(k.startswith("camera:") for k in ep_rep["streams"])
+    with EpisodeReader(out) as rd:
+        assert rd.camera_names == [] and rd.state_keys == ["joint_pos"]
+        ep = rd.episode(0)
+        assert ep.actions.shape == (ep_rep["ticks"], 4) and ep.state("joint_pos").shape == (ep_rep["ticks"], 2)
+    with pytest.raises(TopicMapError, match="at least one camera is required when there is no state"):
+        load_topic_map({**{k: v for k, v in TOPICS.items() if k != "state"}, "cameras": {}})

@@ -117,6 +117,29 @@ def test_replacement_prefix_runs_in_the_graph(mt10_export):
     assert chunk.has_prefix and not chunk.takes(onnx_policy.chunk_guide([guided], torch.zeros(1, 10, 4)))
 
 
+def test_prefix_trained_checkpoint_reads_its_prefix_clean_in_the_graph(tmp_path):
+    """A prefix-trained policy (diffusion.prefix_prob > 0) gives its frozen rows clean at every step in
+    the exported graph as in PyTorch: the export verifies (with a prefix) within the fp32 tolerance and
+    the chunk differs from the same weights sampled as an inference-time-only replacement."""
+    from mode_ros.model.inpainting import ChunkPrefix
+    policy = MoDEPolicy.from_preset("tiny", seed=2, camera_names=[], state_dim=3,
+                                    vision={"arch": "none", "image_size": [32, 32], "random_shift_pad": [0]}).eval()
+    policy.set_goal_embeddings({"go": torch.randn(512)})
+    policy.config.diffusion.prefix_prob, policy.config.diffusion.prefix_max_rows = 0.5, 5
+    meta = export_onnx(policy, tmp_path, steps=3)
+    assert meta["verify"]["max_abs_diff_normalized"] <= TOLERANCE["fp32"]
+    st = np.array([0.2, -0.1, 0.4], np.float32)
+    prev = policy.predict_chunk(None, "go", st, seed=1)
+    pre = ChunkPrefix(prev[2:8], fixed=3)
+    want = policy.predict_chunk(None, "go", st, seed=5, prefix=pre)
+    attach_onnx(policy, tmp_path)
+    got = policy.predict_chunk(None, "go", st, seed=5, prefix=pre)
+    assert np.abs(got - want).max() <= 1e-4 * float(np.max(policy.action_norm.scale if policy.action_norm else 1.0))
+    policy.backend = None
+    policy.config.diffusion.prefix_prob = 0.0   # the same weights, inference-time replacement only
+    assert np.abs(policy.predict_chunk(None, "go", st, seed=5, prefix=pre)[3:] - want[3:]).max() > 1e-3
+
+
 def test_released_torch_weights_leave_one_copy_and_the_same_chunks(mt10_export):
     """MoDEPolicy.release_torch_weights after attach_onnx (the node without rtc_guidance): the denoiser's PyTorch
     weights are freed (meta device), the chunks are unchanged, warm-up works, and anything that would

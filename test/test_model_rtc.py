@@ -147,3 +147,90 @@ def test_batch_prefixes_must_share_method():
     out = p.predict_chunk_batch(None, ["go", "go"], np.stack([STATE, STATE]), seed=0,
                                 prefixes=[None, ChunkPrefix(a + 0.25, 2)])
     assert np.array_equal(out[1, :2], a[:2] + 0.25) and not np.array_equal(out[0, :2], a[:2] + 0.25)
+
+
+def test_training_time_prefix_rows_are_read_clean_and_carry_no_loss():
+    """EDMPrecond.loss with prefix_rows: the network reads the given rows as the clean actions
+    (c_in x = a), and those rows do not enter the loss."""
+    from mode_ros.model.denoiser import EDMPrecond
+
+    pre = EDMPrecond(0.5)
+    g = torch.Generator().manual_seed(0)
+    actions, noise = torch.randn(3, 10, 7, generator=g), torch.randn(3, 10, 7, generator=g)
+    sigma = torch.tensor([80.0, 1.0, 0.01])
+    rows = torch.tensor([0, 3, 5])
+    seen = {}
+
+    def net(a_in, s, goal, obs, state, return_aux=False):
+        seen["a_in"] = a_in
+        c_skip, c_out, c_in = (v.view(-1, 1, 1) for v in pre.scalings(s))
+        x = a_in / c_in
+        target = (actions - c_skip * x) / c_out
+        given = torch.arange(10).view(1, -1, 1) < rows.view(-1, 1, 1)
+        return torch.where(given, torch.full_like(target, 1e3), target), {}   # wrong only on the given rows
+    loss, _ = pre.loss(net, actions, sigma, None, noise=noise, prefix_rows=rows)
+    assert float(loss) == pytest.approx(0.0, abs=1e-10)
+    assert torch.allclose(seen["a_in"][1, :3], actions[1, :3], atol=1e-6)
+    assert torch.allclose(seen["a_in"][2, :5], actions[2, :5], atol=1e-6)
+    c_in = 1 / (sigma ** 2 + 0.25).sqrt()
+    assert torch.allclose(seen["a_in"][0], (actions[0] + 80.0 * noise[0]) * c_in[0], atol=1e-6)   # row count 0: plain
+    loss_plain, _ = pre.loss(net, actions, sigma, None, noise=noise)
+    assert float(loss_plain) > 1e4   # the same net without prefix rows is penalised on them
+
+
+def test_sample_prefix_rows_follows_the_config():
+    from mode_ros.model.config import ConfigError, DiffusionConfig, PolicyConfig
+    from mode_ros.model.sampling import sample_prefix_rows
+
+    assert sample_prefix_rows(DiffusionConfig(), 8) is None
+    rows = sample_prefix_rows(DiffusionConfig(prefix_prob=0.5, prefix_max_rows=4), 20000,
+                              generator=torch.Generator().manual_seed(0))
+    assert int(rows.min()) == 0 and int(rows.max()) == 4
+    assert (rows > 0).float().mean().item() == pytest.approx(0.5, abs=0.02)
+    counts = torch.bincount(rows[rows > 0], minlength=5)[1:].float() / (rows > 0).sum()
+    assert torch.allclose(counts, torch.full((4,), 0.25), atol=0.02)
+    with pytest.raises(ConfigError, match="prefix_max_rows must be >= 1"):
+        DiffusionConfig(prefix_prob=0.3).validate()
+    with pytest.raises(ConfigError, match=r"prefix_prob must be in \[0, 1\]"):
+        DiffusionConfig(prefix_prob=1.5, prefix_max_rows=2).validate()
+    cfg = PolicyConfig(camera_names=[], state_dim=3, chunk_size=4)
+    cfg.diffusion = DiffusionConfig(prefix_prob=0.5, prefix_max_rows=4)
+    with pytest.raises(ConfigError, match="must be below chunk_size"):
+        cfg.validate()
+
+
+def test_prefix_trained_policy_reads_its_frozen_rows_clean_at_every_step():
+    """A prefix-trained checkpoint (diffusion.prefix_prob > 0) is sampled with its frozen rows given clean
+    at every denoising step; the overlap rows are replaced as usual; no prefix: the plain sampler."""
+    p = tiny_policy()
+    p.config.diffusion.prefix_prob, p.config.diffusion.prefix_max_rows = 0.5, 5
+    goal, st, noise = inputs(p)
+    plain = p.sample_normalized(None, goal, st, noise, cached=True)
+    from mode_ros.model.inpainting import prefix_guide
+
+    known = torch.randn(1, 10, 7)
+    w = torch.from_numpy(prefix_weights(6, 3, 10))
+    seen = []
+    orig = p.sampler.denoise_step
+
+    def spy(i, x, ctx):
+        seen.append((i, x.clone()))
+        return orig(i, x, ctx)
+    guide = prefix_guide([ChunkPrefix(known[0, :6].numpy(), 3)], lambda a: a, noise, p.sampler.schedule(),
+                         0.5, clean=p.config.diffusion.prefix_trained)
+    assert guide.clean
+    p.sampler.denoise_step = spy
+    try:
+        p.sample_normalized(None, goal, st, noise, cached=True, guide=guide)
+    finally:
+        p.sampler.denoise_step = orig
+    sig = p.sampler.schedule()
+    assert len(seen) == p.num_steps
+    for i, x in seen:
+        c_in = 1 / (sig[i] ** 2 + 0.25).sqrt()
+        assert torch.allclose(x[0, :3] * c_in, known[0, :3], atol=1e-5)            # frozen: clean
+        assert not torch.allclose(x[0, 3:6] * c_in, known[0, 3:6], atol=1e-3)      # overlap: noised, blended
+        assert torch.isfinite(x).all() and float(w[3:6].max()) < 1
+    zero = prefix_guide([ChunkPrefix(known[0, :6].numpy(), 0, decay="hard")], lambda a: a, noise,
+                        p.sampler.schedule(), 0.5, clean=True)
+    assert torch.equal(p.sample_normalized(None, goal, st, noise, cached=True, guide=zero), plain)

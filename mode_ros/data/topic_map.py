@@ -210,8 +210,6 @@ def load_topic_map(src: str | os.PathLike | dict) -> TopicMap:
             cams.append(_camera(v["name"], v, f"cameras[{i}]"))
     else:
         raise TopicMapError("cameras: expected a mapping camera_name -> {topic: ...}")
-    if not cams:
-        raise TopicMapError("cameras: at least one camera is required")
     names = [c.name for c in cams]
     if len(set(names)) != len(names):
         raise TopicMapError(f"cameras: duplicate camera names {names}")
@@ -219,6 +217,9 @@ def load_topic_map(src: str | os.PathLike | dict) -> TopicMap:
     if not action:
         raise TopicMapError("action: at least one action source is required")
     state = _sources(d.get("state"), "state", True)
+    if not cams and not state:
+        raise TopicMapError("cameras: at least one camera is required when there is no state (a policy needs "
+                            "images or a state vector)")
     keys = [s.key for s in state]
     if len(set(keys)) != len(keys):
         raise TopicMapError(f"state: each source needs a distinct 'key', got {keys}")

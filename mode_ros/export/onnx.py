@@ -87,7 +87,8 @@ class ChunkModule(nn.Module):
             from ..model.inpainting import PrefixGuide
             guide = PrefixGuide("replace", named["prefix_normalized"], named["prefix_weights"], named["noise"],
                                 self.policy.sampler.schedule().to(named["noise"].device),
-                                self.policy.config.diffusion.sigma_data)
+                                self.policy.config.diffusion.sigma_data,
+                                clean=self.policy.config.diffusion.prefix_trained)
         a = self.policy.sample_normalized(named.get("images"), named["goal"], st, named["noise"], cached=True,
                                           guide=guide).float()
         b = torch.where(self.gripper, torch.where(a >= 0, torch.ones_like(a), -torch.ones_like(a)), a)

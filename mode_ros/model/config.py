@@ -96,6 +96,15 @@ class DiffusionConfig:
     train_density: str = "loglogistic"  # loglogistic | loguniform
     loglogistic_loc: float | None = None  # default ln(sigma_data)
     loglogistic_scale: float = 0.5
+    # training-time prefix conditioning (real-time chunking): this share of the training chunks get
+    # their first 1..prefix_max_rows rows clean (read by the network as they are, no loss on them);
+    # a checkpoint trained so is sampled with its frozen prefix rows given the same way
+    prefix_prob: float = 0.0
+    prefix_max_rows: int = 0
+
+    @property
+    def prefix_trained(self) -> bool:
+        return self.prefix_prob > 0
 
     def validate(self, where: str = "diffusion") -> None:
         if not 0 < self.sigma_min < self.sigma_max:
@@ -108,6 +117,10 @@ class DiffusionConfig:
             raise ConfigError(f"{where}.sampler: only 'ddim' is implemented, got {self.sampler!r}")
         if self.train_density not in ("loglogistic", "loguniform"):
             raise ConfigError(f"{where}.train_density must be loglogistic or loguniform")
+        if not 0.0 <= self.prefix_prob <= 1.0:
+            raise ConfigError(f"{where}.prefix_prob must be in [0, 1], got {self.prefix_prob}")
+        if self.prefix_prob > 0 and self.prefix_max_rows < 1:
+            raise ConfigError(f"{where}.prefix_max_rows must be >= 1 when prefix_prob > 0, got {self.prefix_max_rows}")
 
 
 @dataclass
@@ -137,6 +150,9 @@ class PolicyConfig:
         self.diffusion.validate("diffusion")
         if self.action_dim < 1 or self.chunk_size < 1:
             raise ConfigError("action_dim and chunk_size must be >= 1")
+        if self.diffusion.prefix_max_rows >= self.chunk_size:
+            raise ConfigError(f"diffusion.prefix_max_rows ({self.diffusion.prefix_max_rows}) must be below "
+                              f"chunk_size ({self.chunk_size}): some rows must stay free")
         if self.action_names and len(self.action_names) != self.action_dim:
             raise ConfigError(f"action_names has {len(self.action_names)} entries, action_dim is {self.action_dim}")
         if self.state_names and len(self.state_names) != self.state_dim:

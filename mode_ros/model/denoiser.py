@@ -16,7 +16,7 @@ from torch import nn
 from .blocks import CausalSelfAttention, RMSNorm
 from .config import DenoiserConfig
 from .moe import NoiseRouter, SwiGLUExperts, dense_gates, load_balance_loss
-from .sampling import edm_denoise
+from .sampling import clean_rows_input, edm_denoise
 
 
 class MoDEBlock(nn.Module):
@@ -195,10 +195,18 @@ class EDMPrecond:
         return edm_denoise(x, lambda a_in: net(a_in, sigma, goal, obs, state, mode=mode), c_in, c_skip, c_out)
 
     def loss(self, net: MoDEDenoiser, actions: torch.Tensor, sigma: torch.Tensor, goal, obs=None,
-             state=None, noise: torch.Tensor | None = None, weight: torch.Tensor | None = None):
-        """EDM loss in F-space: mean((F(c_in x) - (a - c_skip x)/c_out)^2). Returns (loss, aux)."""
+             state=None, noise: torch.Tensor | None = None, weight: torch.Tensor | None = None,
+             prefix_rows: torch.Tensor | None = None):
+        """EDM loss in F-space: mean((F(c_in x) - (a - c_skip x)/c_out)^2). Returns (loss, aux).
+        prefix_rows (B,) ints: training-time prefix conditioning — the first rows of sample b are given
+        clean (the network reads them as they are) and carry no loss."""
         noise = torch.randn_like(actions) if noise is None else noise
         x = actions + sigma.view(-1, 1, 1) * noise
+        if prefix_rows is not None:
+            given = torch.arange(actions.shape[1], device=actions.device) < prefix_rows.to(actions.device).view(-1, 1)
+            x = torch.where(given.unsqueeze(-1), clean_rows_input(actions, sigma.view(-1, 1, 1), self.sigma_data), x)
+            free = (~given).to(actions.dtype)
+            weight = free if weight is None else weight * free
         c_skip, c_out, c_in = (s.view(-1, 1, 1) for s in self.scalings(sigma))
         target = (actions - c_skip * x) / c_out
         f, aux = net(x * c_in, sigma, goal, obs, state, return_aux=True)

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .sampling import clean_rows_input
+
 METHODS = ("replace", "guidance")
 DECAYS = ("exp", "linear", "hard")
 
@@ -110,14 +112,17 @@ class PrefixGuide:
     weights: (B, K) W; noise: (B, K, A) the sample's initial noise, reused as the known rows' noise
     (DDIM is deterministic: the known rows follow one noise direction, like the sample itself);
     sigmas: (S + 1,) the schedule. method "replace": x <- W (known + sigma_i noise) + (1 - W) x, then D;
+    ``clean`` (a prefix-trained checkpoint, ``DiffusionConfig.prefix_prob`` > 0): the frozen rows (W = 1)
+    are then given as the model was trained to read them, clean (``sampling.clean_rows_input``);
     "guidance": D + w_i J^T (W (known - D)) with J = dD/dx (one vector-Jacobian product through the
     denoiser) and w_i = min(guidance_max, (sigma_i^2 + sigma_data^2) / sigma_data^2) — PiGDM's
     1 / r_sigma^2 in D units, clipped as in Black et al. 2025 (their beta)."""
 
-    def __init__(self, method: str, known, weights, noise, sigmas, sigma_data: float, guidance_max: float = 5.0):
+    def __init__(self, method: str, known, weights, noise, sigmas, sigma_data: float, guidance_max: float = 5.0,
+                 clean: bool = False):
         if method not in METHODS:
             raise PrefixError(f"method {method!r} is not one of {METHODS}")
-        self.method = method
+        self.method, self.clean, self.sigma_data = method, bool(clean), float(sigma_data)
         self.needs_grad = method == "guidance"   # a VJP through the denoiser: eager, differentiable paths
         self.known = known.float()
         self.w = weights.float().unsqueeze(-1)
@@ -129,6 +134,9 @@ class PrefixGuide:
     def __call__(self, i: int, x, denoise):
         if self.method == "replace":
             x = self.w * (self.known + self.sigmas[i] * self.noise) + (1 - self.w) * x
+        if self.clean:
+            x = torch.where(self.w >= 1, clean_rows_input(self.known, self.sigmas[i], self.sigma_data), x)
+        if self.method == "replace":
             return x, denoise(i, x)
         with torch.enable_grad():
             xg = x.detach().requires_grad_(True)
@@ -137,10 +145,11 @@ class PrefixGuide:
         return x, d.detach() + self.step_weight[i] * g
 
 
-def prefix_guide(prefixes, normalize, noise, sigmas, sigma_data: float) -> PrefixGuide | None:
+def prefix_guide(prefixes, normalize, noise, sigmas, sigma_data: float, clean: bool = False) -> PrefixGuide | None:
     """The guide for a batch: ``prefixes`` one ChunkPrefix or None per sample (None everywhere: no
     guide, the plain sampler); ``normalize`` maps robot units to the model's (numpy); ``noise``
-    (B, K, A) the initial noise. Prefixes of one batch share method and guidance_max."""
+    (B, K, A) the initial noise; ``clean``: the model is prefix-trained (``PrefixGuide``). Prefixes of
+    one batch share method and guidance_max."""
     b, k, a = noise.shape
     if len(prefixes) != b:
         raise PrefixError(f"{len(prefixes)} prefixes for a batch of {b}")
@@ -158,7 +167,7 @@ def prefix_guide(prefixes, normalize, noise, sigmas, sigma_data: float) -> Prefi
             w[j] = p.weights(k)
     dev = noise.device
     return PrefixGuide(given[0].method, torch.from_numpy(known).to(dev), torch.from_numpy(w).to(dev), noise,
-                       sigmas.to(dev), sigma_data, given[0].guidance_max)
+                       sigmas.to(dev), sigma_data, given[0].guidance_max, clean)
 
 
 __all__ = ["ChunkPrefix", "PrefixError", "PrefixGuide", "prefix_guide", "prefix_weights", "METHODS", "DECAYS"]

@@ -306,7 +306,8 @@ class MoDEPolicy(nn.Module):
 
     def loss(self, batch: dict, sigma: torch.Tensor | None = None, noise: torch.Tensor | None = None):
         """batch: images (B,C,3,H,W) uint8 (already augmented), goal_emb (B,512), actions (B,K,A)
-        normalised, optional state (B,S) normalised, optional mask (B,K). Returns (loss, aux)."""
+        normalised, optional state (B,S) normalised, optional mask (B,K), optional prefix_rows (B,)
+        (training-time prefix conditioning, ``sampling.sample_prefix_rows``). Returns (loss, aux)."""
         actions = batch["actions"].float()
         b = actions.shape[0]
         goal = batch["goal_emb"].float()
@@ -314,7 +315,7 @@ class MoDEPolicy(nn.Module):
         if sigma is None:
             sigma = sample_training_sigmas(self.config.diffusion, b, device=actions.device)
         loss, aux = self.precond.loss(self.denoiser, actions, sigma, goal, obs, batch.get("state"),
-                                      noise=noise, weight=batch.get("mask"))
+                                      noise=noise, weight=batch.get("mask"), prefix_rows=batch.get("prefix_rows"))
         return loss, aux
 
     def release_torch_weights(self) -> int:
@@ -478,8 +479,9 @@ class MoDEPolicy(nn.Module):
 
     def chunk_guide(self, prefixes: Sequence[ChunkPrefix | None], noise: torch.Tensor) -> PrefixGuide | None:
         """Real-time chunking's per-step correction for this batch (None when no sample has a prefix)."""
+        d = self.config.diffusion
         guide = prefix_guide(prefixes, self.action_norm.normalize, noise, self.sampler.schedule().to(noise.device),
-                             self.config.diffusion.sigma_data)
+                             d.sigma_data, clean=d.prefix_trained)
         if guide is not None and self.backend is not None and not self.backend.takes(guide):
             self._log_once("rtc_backend", "real-time chunking (%s) runs in PyTorch (the %s backend does not "
                            "take this prefix)", guide.method, type(self.backend).__name__)

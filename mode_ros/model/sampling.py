@@ -44,6 +44,22 @@ def sample_training_sigmas(cfg: DiffusionConfig, n: int, generator: torch.Genera
     return log_sigma.exp().to(torch.float32 if device is None else torch.float32).to(device)
 
 
+def sample_prefix_rows(cfg: DiffusionConfig, n: int, generator: torch.Generator | None = None) -> torch.Tensor | None:
+    """Training-time prefix conditioning: per sample, how many leading rows are given clean — 0 with
+    probability 1 - prefix_prob, else uniform in 1..prefix_max_rows. None when the config has none."""
+    if not cfg.prefix_trained:
+        return None
+    rows = torch.randint(1, cfg.prefix_max_rows + 1, (n,), generator=generator)
+    given = torch.rand(n, generator=generator) < cfg.prefix_prob
+    return torch.where(given, rows, torch.zeros_like(rows))
+
+
+def clean_rows_input(known: torch.Tensor, sigma, sigma_data: float) -> torch.Tensor:
+    """x with c_in(sigma)·x = known: how a clean (given) row enters the network unchanged, in training
+    (``EDMPrecond.loss`` with prefix rows) and in sampling (``PrefixGuide`` of a prefix-trained model)."""
+    return known * (torch.as_tensor(sigma, dtype=known.dtype, device=known.device) ** 2 + sigma_data ** 2).sqrt()
+
+
 def edm_denoise(x: torch.Tensor, network, c_in, c_skip, c_out) -> torch.Tensor:
     """THE EDM denoiser: D(x; sigma) = c_skip·x + c_out·F(c_in·x), with ``network(a_in) -> F`` the
     network at this sigma (plain forward, cached-routing body, fused or compiled layers)."""

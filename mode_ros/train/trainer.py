@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..model.policy import Affine, MoDEPolicy
-from ..model.sampling import sample_training_sigmas
+from ..model.sampling import sample_prefix_rows, sample_training_sigmas
 from .config import TrainConfig
 from .schedule import EMA, param_groups, tri_stage_lr
 
@@ -214,6 +214,9 @@ class Trainer:
                 shifts = torch.randint(0, 2 * pad + 1, (gb, 2), generator=gen)[sl] if pad > 0 else None
                 imgs.append(_shift(x, shifts, pad))
             batch["images"] = torch.stack(imgs, dim=1)
+        rows = sample_prefix_rows(self.policy.config.diffusion, gb, generator=gen)   # None unless prefix-trained
+        if rows is not None:
+            batch["prefix_rows"] = rows[sl].to(dev)
         return batch, sigma[sl].to(dev), noise[sl].to(dev)
 
     # ---- loop -------------------------------------------------------------------------------------
