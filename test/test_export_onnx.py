@@ -78,6 +78,37 @@ def test_graph_has_no_router_and_two_expert_mlps_per_layer_per_step(tiny_export)
     assert json.loads((out / META_FILE).read_text())["routing"] == [[list(e) for e in s_] for s_ in table.indices]
 
 
+def test_onnxruntime_gets_fused_norms_attention_and_projections_without_expert_copies(mt10_export, tmp_path):
+    """The backend hands onnxruntime a rewritten graph (ort_graph): every RMSNorm one node, every
+    attention one MultiHeadAttention, Q/K/V one projection, the experts untouched (no concatenated copy);
+    its chunk stays within the fp32 tolerance of PyTorch (the export verifies both graphs). Static batch
+    (the default); a dynamic-batch export keeps its shape-computed norms and attention as they are."""
+    from mode_ros.export.ort_graph import ort_model
+    tiny = MoDEPolicy.from_preset("tiny", seed=1).eval()
+    tiny_meta = export_onnx(tiny, tmp_path, steps=TINY_STEPS)
+    for (out, meta), layers in (((tmp_path, tiny_meta), 2), (mt10_export, 4)):
+        steps = meta["steps"]
+        v = meta["verify"]
+        assert v["rewrites"]["rewritten"] and v["max_abs_diff_normalized_rewritten"] <= TOLERANCE["fp32"]
+        data, counts = ort_model(Path(out) / MODEL_FILE)
+        assert counts["attentions"] == layers * steps and counts["projections"] == layers * steps
+        assert counts["rms_norms"] >= 4 * layers * steps and counts["nodes"] < counts["nodes_folded"] * 0.75
+        model = onnx.load_from_string(data)
+        ops = Counter(n.op_type for n in model.graph.node)
+        assert ops["MultiHeadAttention"] == layers * steps and ops["Softmax"] == 0 and ops["ReduceL2"] == 0
+        expert_bytes = sum(len(i.raw_data) for i in onnx.load(str(Path(out) / MODEL_FILE)).graph.initializer
+                           if ".moe.expert" in i.name)
+        assert sum(len(i.raw_data) for i in model.graph.initializer if ".moe.expert" in i.name) == expert_bytes
+        fused = [i for i in model.graph.initializer if i.name.startswith("proj") and i.name.endswith("_w")]
+        assert len(fused) == layers   # one Q/K/V concatenation per layer, shared by every step
+    x = example_inputs(tiny, batch=1, seed=7)
+    want = _ort_chunk(tmp_path, x)[1]
+    plain = OnnxChunk.load(tmp_path, rewrite=False)
+    assert plain.rewrites == {"rewritten": False}
+    got = plain.run_all(x["images"], x["goal"], None, x["noise"])[1]
+    assert np.abs(got - want).max() <= TOLERANCE["fp32"]
+
+
 def test_mt10_checkpoint_backend_publishes_the_torch_chunks(mt10_export):
     out, meta = mt10_export
     assert meta["verify"]["max_abs_diff_normalized"] <= 1e-4

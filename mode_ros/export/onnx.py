@@ -283,15 +283,19 @@ def export_onnx(policy, out: str | Path, steps: int | None = None, batch: int = 
 
 
 def verify_export(out: str | Path, inputs: dict, expected: tuple) -> dict:
-    """Largest differences of onnxruntime (CPU) from the PyTorch outputs on the same inputs."""
-    import onnxruntime as ort
+    """Largest differences of onnxruntime (CPU) from the PyTorch outputs on the same inputs, for the
+    file as it is and for the graph the backend runs (rewritten for onnxruntime, ``ort_graph``)."""
+    from .ort_graph import session
 
-    sess = ort.InferenceSession(str(Path(out) / MODEL_FILE), providers=["CPUExecutionProvider"])
-    feeds = {i.name: inputs[i.name].cpu().numpy() for i in sess.get_inputs()}
-    got = sess.run(["actions", "actions_normalized"], feeds)
-    return {"batch": int(inputs["goal"].shape[0]), "provider": "CPUExecutionProvider",
-            "max_abs_diff_robot": float(np.abs(got[0] - expected[0].cpu().numpy()).max()),
-            "max_abs_diff_normalized": float(np.abs(got[1] - expected[1].cpu().numpy()).max())}
+    res = {"batch": int(inputs["goal"].shape[0]), "provider": "CPUExecutionProvider"}
+    for suffix, rewrite in (("", False), ("_rewritten", True)):
+        sess, stats = session(Path(out) / MODEL_FILE, rewrite=rewrite)
+        feeds = {i.name: inputs[i.name].cpu().numpy() for i in sess.get_inputs()}
+        got = sess.run(["actions", "actions_normalized"], feeds)
+        res[f"max_abs_diff_robot{suffix}"] = float(np.abs(got[0] - expected[0].cpu().numpy()).max())
+        res[f"max_abs_diff_normalized{suffix}"] = float(np.abs(got[1] - expected[1].cpu().numpy()).max())
+    res["rewrites"] = stats
+    return res
 
 
 _FOLDABLE = ("Gather", "Transpose")   # not Cast: a widened copy of a half weight is not stored

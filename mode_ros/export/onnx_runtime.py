@@ -56,16 +56,19 @@ class OnnxChunk:
     """One exported chunk in an onnxruntime session: ``run`` takes the policy's tensors (images uint8,
     goal embedding, state in robot units as numpy, noise) and returns actions in robot units."""
 
-    def __init__(self, path: Path, meta: dict, session):
+    def __init__(self, path: Path, meta: dict, session, rewrites: dict | None = None):
         self.path, self.meta, self.session = path, meta, session
+        self.rewrites = rewrites or {"rewritten": False}   # ort_graph.session's counts
         self.input_names = [s["name"] for s in meta["inputs"]]
         self.steps = int(meta["steps"])
 
     @classmethod
-    def load(cls, path: str | Path, threads: int | None = None, device: str = "cpu") -> "OnnxChunk":
+    def load(cls, path: str | Path, threads: int | None = None, device: str = "cpu",
+             rewrite: bool = True) -> "OnnxChunk":
         """Read and check ``path`` (an export directory). ``threads``: onnxruntime's intra-op threads
-        (default: its own choice); ``device`` "cuda" uses the CUDA provider when installed."""
-        import onnxruntime as ort
+        (default: its own choice); ``device`` "cuda" uses the CUDA provider when installed; ``rewrite``:
+        hand onnxruntime the graph with fused norms, attention and projections (``ort_graph``)."""
+        from .ort_graph import session as ort_session
 
         path = Path(path)
         meta = _read_meta(path)
@@ -73,20 +76,13 @@ class OnnxChunk:
         if digest != meta.get("onnx_sha256"):
             raise OnnxExportError(f"{path / MODEL_FILE}: sha256 {digest[:12]}… differs from the one recorded in "
                                   f"{META_FILE} ({str(meta.get('onnx_sha256'))[:12]}…): the file was changed or replaced")
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = int(threads)
-            opts.inter_op_num_threads = 1
-        providers = ["CPUExecutionProvider"]
-        if device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
-            providers.insert(0, "CUDAExecutionProvider")
         try:
-            session = ort.InferenceSession(str(path / MODEL_FILE), opts, providers=providers)
+            session, rewrites = ort_session(path / MODEL_FILE, threads, device, rewrite)
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types for unreadable models
             raise OnnxExportError(f"{path / MODEL_FILE}: onnxruntime cannot load it ({type(exc).__name__}: "
                                   f"{str(exc).strip()[:300]})") from None
         _check_signature(path, meta, session)
-        return cls(path, meta, session)
+        return cls(path, meta, session, rewrites)
 
     def check_policy(self, policy, checkpoint: str | Path | None = None) -> None:
         """Refuse an export of another checkpoint or layout. With ``checkpoint`` (the directory the

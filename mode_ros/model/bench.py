@@ -133,8 +133,8 @@ def bench_preset(name: str, device: str, dtypes: list[str], paths: list[str], ba
                             fn = lambda: policy.sample_normalized(imgs, goal, st, noise, cached=True)  # noqa: E731
                         elif path == "uncached":
                             fn = lambda: policy.sample_normalized(imgs, goal, st, noise, cached=False)  # noqa: E731
-                        elif path == "onnx":
-                            fn, onnx_info = onnx_runner(policy, dtype, imgs, goal, st, noise)
+                        elif path in ("onnx", "onnx-plain"):
+                            fn, onnx_info = onnx_runner(policy, dtype, imgs, goal, st, noise, rewrite=path == "onnx")
                         elif path.endswith("graph"):
                             from .graph import ChunkGraph
                             g = ChunkGraph(policy, b)
@@ -494,10 +494,11 @@ def target_summary(rows: list[dict], baseline_ms: float) -> tuple[list[dict], st
     return out, "\n".join(lines)
 
 
-def onnx_runner(policy, dtype: str, imgs, goal, st, noise):
+def onnx_runner(policy, dtype: str, imgs, goal, st, noise, rewrite: bool = True):
     """Export ``policy``'s chunk (batch of ``goal``, static shapes) to a temporary folder and return
     (a callable running it with onnxruntime on these inputs -> normalised actions as a tensor, export
-    facts: seconds, file size). onnxruntime uses torch's thread count (same threads as the torch rows)."""
+    facts: seconds, file size, graph rewrites). onnxruntime uses torch's thread count (same threads as
+    the torch rows); ``rewrite`` False: the exported file as it is (path ``onnx-plain``)."""
     import tempfile
 
     from ..export.onnx import export_onnx
@@ -507,11 +508,12 @@ def onnx_runner(policy, dtype: str, imgs, goal, st, noise):
         raise RuntimeError(f"ONNX export is fp32 or fp16, not {dtype}")
     out = tempfile.mkdtemp(prefix="mode_ros_bench_onnx_")
     meta = export_onnx(policy, out, batch=goal.shape[0], dtype=dtype, verify=False)
-    chunk = OnnxChunk.load(out, threads=torch.get_num_threads(), device=str(policy.device))
+    chunk = OnnxChunk.load(out, threads=torch.get_num_threads(), device=str(policy.device), rewrite=rewrite)
 
     def run():
         return torch.from_numpy(chunk.run_all(imgs, goal, st, noise)[1])
-    return run, {"export_s": meta["export_seconds"], "onnx_file_MB": meta["file_bytes"] / 1e6}
+    return run, {"export_s": meta["export_seconds"], "onnx_file_MB": meta["file_bytes"] / 1e6,
+                 "onnx_nodes": chunk.rewrites.get("nodes"), "onnx_rewrites": chunk.rewrites}
 
 
 def _reference(policy, imgs, goal, noise, state=None):

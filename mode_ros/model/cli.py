@@ -29,7 +29,8 @@ def register(sub) -> None:
     p.add_argument("--device", default="auto", help="torch device: auto (cuda if available, else cpu), cpu, cuda")
     p.add_argument("--dtypes", default=None, help="comma list of fp32,bf16,fp16 (default: fp32 on CPU, fp32,bf16 on CUDA)")
     p.add_argument("--paths", default="uncached,cached,dense",
-                   help="comma list of uncached, cached, fused, compiled, int8, fp8 (CUDA), dense; CUDA only: "
+                   help="comma list of uncached, cached, fused, compiled, int8, fp8 (CUDA), dense, onnx (onnxruntime, "
+                        "the graph rewritten for it), onnx-plain (the exported file as it is); CUDA only: "
                         "graph, fused-graph, compiled-graph, int8-graph, fp8-graph")
     p.add_argument("--batches", default="1", help="comma list of batch sizes (observations per chunk call)")
     p.add_argument("--runs", type=int, default=50, help="timed chunks per configuration (median and p99 reported)")
