@@ -444,6 +444,15 @@ def test_quantised_fused_sampler_close_to_fp32_with_same_routing(kind):
     w1, b1, w2, s1, s2 = next(iter(q.experts.values()))
     assert w1.dtype == w2.dtype == (torch.int8 if kind == "int8" else torch.float8_e4m3fn)
     assert s1 is not None and b1.dtype == torch.float32
+    # one quantised copy per expert: every (layer, pair) entry is a view of its layer's stacked experts
+    assert q.expert_copies() == [] and len(q.quantized) == len(net.blocks)
+    stacked = {t.untyped_storage().data_ptr() for st in q.quantized for t in (st.w1, st.w2)}
+    assert all(e[0].untyped_storage().data_ptr() in stacked and e[2].untyped_storage().data_ptr() in stacked
+               for e in q.experts.values())
+    expert_params = sum(blk.moe.w1.numel() + blk.moe.w2.numel() for blk in net.blocks)
+    qkv = sum(L["wqkv"].numel() * 4 + L["bqkv"].numel() * 4 for L in q.layers)
+    scales = sum(st.s1.numel() * st.s1.element_size() + st.s2.numel() * st.s2.element_size() for st in q.quantized)
+    assert q.extra_bytes() == expert_params + scales + qkv   # 1 byte per expert weight, once
     # ~4x fewer expert bytes than fp32; the non-expert weights are unchanged
     plain = FusedSampler(cached)
     assert q.weight_bytes_per_chunk() < 0.5 * plain.weight_bytes_per_chunk()

@@ -625,9 +625,10 @@ def path_memory(name: str, path: str, steps: int = 10, export_dir: str | None = 
         gc.collect()
         base = _proc_mb("VmRSS")
         fn, extra = (lambda: policy.sample_normalized(imgs, goal, st, noise, cached=True)), {}
-        if path in ("fused", "compiled"):
-            policy.enable_fast(fused=True, compile=path == "compiled")
-            extra = {"fused_copies": len(policy.fused.experts), "fused_extra_MB": policy.fused.extra_bytes() / 1e6}
+        if path in ("fused", "compiled", "int8"):
+            policy.enable_fast(fused=True, compile=path == "compiled", weight_quant="int8" if path == "int8" else "none")
+            extra = {"fused_entries": len(policy.fused.experts), "expert_copies": len(policy.fused.expert_copies()),
+                     "fused_extra_MB": policy.fused.extra_bytes() / 1e6}
         elif path == "onnx":
             fn, extra = onnx_runner(policy, "fp32", imgs, goal, st, noise)
         elif path == "onnx_node":
@@ -639,7 +640,7 @@ def path_memory(name: str, path: str, steps: int = 10, export_dir: str | None = 
             def fn():
                 return chunk.run_all(imgs, goal, st, noise)
         elif path != "cached":
-            raise ValueError(f"path: {path!r} is not one of cached, fused, compiled, onnx, onnx_node")
+            raise ValueError(f"path: {path!r} is not one of cached, fused, compiled, int8, onnx, onnx_node")
         fn()
         fn()
         gc.collect()

@@ -6,10 +6,11 @@ Built on the routing table of ``CachedSampler`` (same routing, same math):
     down-projection GEMM over strided VIEWS of the model's stacked expert weights (any pair of experts
     is one strided slice, ``expert_views``): the experts exist once in memory, whatever the routing
     (the reference copied two experts for every (sigma, layer) pair); the gates scale the SwiGLU hidden
-    state. Quantised experts and the Triton GEMMs use fused copies, one per DISTINCT (layer, expert set);
+    state. Quantised experts are quantised once per layer (stacked, the same strided views); only the
+    Triton GEMMs use fused copies, one per DISTINCT (layer, expert set);
   * optionally one ``torch.compile``d layer function (weights are arguments, so a single compilation
     serves every layer and step; Inductor fuses the RMSNorms, SiLU·v and residual adds);
-  * optionally weight-only int8 or fp8 (e4m3) copies of the fused expert weights, one scale per
+  * optionally weight-only int8 or fp8 (e4m3) copies of the expert weights (one per expert), one scale per
     output row (the experts are ~85 % of the weights a step reads, so at batch 1 — bound by reading
     weights — this cuts the bytes per chunk by about 2x against bf16). Activations, attention, norms
     and the accumulation stay in the model dtype / fp32; see ``quantize_rows`` and ``qlinear``.
@@ -18,6 +19,8 @@ Built on the routing table of ``CachedSampler`` (same routing, same math):
 The result is a fixed kernel sequence that ``mode_ros.model.graph.ChunkGraph`` captures whole.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -117,23 +120,53 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kind: st
     raise ValueError(f"attention: {kind!r} is not one of {ATTENTION}")
 
 
-def expert_views(moe, sel: tuple) -> tuple | None:
-    """The experts ``sel`` (ascending ints) as views of the stacked parameters, no copy:
-    (w1 (k, 2H, d), b1 (k, 2H), w2 (k, d, H)). Any arithmetic progression of experts — every pair, so
-    every top-2 selection — is one strided slice; None for other sets (k >= 3, uneven gaps)."""
+@dataclass
+class QuantizedExperts:
+    """A layer's experts quantised once, stacked like ``SwiGLUExperts``: w1 (E, 2H, d), w2 (E, d, H)
+    int8 / fp8 with one scale per output row (s1 (E, 2H), s2 (E, d)); b1 is the model's own."""
+    w1: torch.Tensor
+    b1: torch.Tensor
+    w2: torch.Tensor
+    s1: torch.Tensor
+    s2: torch.Tensor
+
+    @classmethod
+    def of(cls, moe, kind: str, scale_dtype: torch.dtype) -> "QuantizedExperts":
+        e, two_h, d = moe.w1.shape
+        q1, s1 = quantize_rows(moe.w1.reshape(e * two_h, d), kind, scale_dtype)
+        q2, s2 = quantize_rows(moe.w2.reshape(e * d, -1), kind, scale_dtype)
+        return cls(q1.view(e, two_h, d), moe.b1, q2.view(e, d, -1), s1.view(e, two_h), s2.view(e, d))
+
+
+def expert_views(experts, sel: tuple) -> tuple | None:
+    """The experts ``sel`` (ascending ints) of a layer's stacked experts (``SwiGLUExperts`` or
+    ``QuantizedExperts``) as views, no copy: (w1 (k, 2H, d), b1 (k, 2H), w2 (k, d, H), s1, s2), the
+    scales None when not quantised. Any arithmetic progression of experts — every pair, so every top-2
+    selection — is one strided slice; None for other sets (k >= 3, uneven gaps)."""
     step = sel[1] - sel[0] if len(sel) > 1 else 1
     if step < 1 or any(b - a != step for a, b in zip(sel, sel[1:])):
         return None
     sl = slice(sel[0], sel[-1] + 1, step)
-    return moe.w1[sl], moe.b1[sl], moe.w2[sl]
+    if isinstance(experts, QuantizedExperts):
+        return experts.w1[sl], experts.b1[sl], experts.w2[sl], experts.s1[sl], experts.s2[sl]
+    return experts.w1[sl], experts.b1[sl], experts.w2[sl], None, None
 
 
-def selected_experts(y, w1, b1, w2, gates):
+def selected_experts(y, w1, b1, w2, gates, s1=None, s2=None, int8_kernel: bool = False):
     """The gated sum of k SwiGLU experts whose weights are (strided) views of the stacked parameters:
     one batched GEMM up (k, 2H) and one down, summed over k. y (b, t, d); w1 (k, 2H, d); b1 (k, 2H);
-    w2 (k, d, H); gates (k,)."""
+    w2 (k, d, H); gates (k,). Row-quantised views (scales s1 (k, 2H), s2 (k, d)): expert by expert
+    through ``qlinear`` (each expert's slice of the stacked quantised weights is contiguous)."""
     b, t, d = y.shape
     k = w1.shape[0]
+    if s1 is not None:
+        rows = y.reshape(b * t, d)
+        out = None
+        for e in range(k):
+            v, g = qlinear(rows, w1[e], s1[e], b1[e], int8_kernel).chunk(2, dim=-1)   # (bt, H) each
+            part = qlinear(v * F.silu(g) * gates[e], w2[e], s2[e], None, int8_kernel)  # (bt, d)
+            out = part if out is None else out + part
+        return out.view(b, t, d)
     yk = y.reshape(1, b * t, d).expand(k, b * t, d)                       # (k, bt, d), no copy
     z = torch.baddbmm(b1.unsqueeze(1), yk, w1.transpose(1, 2))              # (k, bt, 2H): [v | g]
     v, g = z.chunk(2, dim=-1)
@@ -161,7 +194,7 @@ def fused_layer(h, c, ln1_g, wqkv, bqkv, qg, kg, wproj, ln2_g, w1f, b1f, w2f, ga
     y = _rms(h, ln2_g, eps)
     kk = gates.shape[0]
     if w1f.dim() == 3:                                   # views of the stacked experts (no copies)
-        return (y if reference_residual else h) + selected_experts(y, w1f, b1f, w2f, gates)
+        return (y if reference_residual else h) + selected_experts(y, w1f, b1f, w2f, gates, w1s, w2s, int8_kernel)
     if tri:
         hid = tk.swiglu_up(y, w1f, w1s, b1f, gates)
         out = tk.linear(hid, w2f, w2s)
@@ -255,6 +288,7 @@ class FusedSampler:
         self.compile_mode = None
         self.whole_step = compile if whole_step is None else whole_step
         self._key = None
+        self.quantized: list[QuantizedExperts] = []   # per layer, with weight_quant and torch GEMMs
         self._fn = fused_layer
         self._step = fused_step
         if compile:
@@ -299,11 +333,14 @@ class FusedSampler:
         tk.set_tuning(self.autotune and self.gemm == "triton")
         # the Triton GEMMs widen int8 in their own loads; torch's int8 kernel is for gemm="torch"
         self.int8_kernel = self.weight_quant == "int8" and self.gemm == "torch" and int8_kernel_available(dev)
-        # unquantised torch GEMMs read the selected experts as views of the model's own stacked weights
-        # (one batched GEMM per projection); quantised weights and the Triton kernels need fused copies
-        self.expert_views = not quant and self.gemm == "torch"
+        # torch GEMMs read the selected experts as views of stacked weights: the model's own (one batched
+        # GEMM per projection), or, quantised, each layer's experts quantised ONCE (stacked, one scale per
+        # output row); the Triton kernels need fused copies
+        self.expert_views = self.gemm == "torch"
         # the int8 kernel wants scales in its activation dtype (bf16); the generic path keeps fp32
         sdt = torch.bfloat16 if self.int8_kernel else torch.float32
+        self.quantized = ([QuantizedExperts.of(blk.moe, self.weight_quant, sdt) for blk in net.blocks]
+                          if quant and self.expert_views else [])
         for s in range(len(t.indices)):
             for l, ranked in enumerate(t.indices[s]):
                 sel = tuple(sorted(ranked))
@@ -311,9 +348,9 @@ class FusedSampler:
                 if key in self.experts:
                     continue
                 moe = net.blocks[l].moe
-                views = expert_views(moe, sel) if self.expert_views else None
+                views = expert_views(self.quantized[l] if self.quantized else moe, sel) if self.expert_views else None
                 if views is not None:
-                    self.experts[key] = (*views, None, None)
+                    self.experts[key] = views
                     continue
                 w1 = torch.cat([moe.w1[e] for e in sel]).contiguous()
                 w2 = torch.cat([moe.w2[e] for e in sel], dim=1).contiguous()
@@ -349,11 +386,14 @@ class FusedSampler:
         if self._key is None:
             self.build()
         n = sum(w.numel() + b.numel() + w2.numel() for w, b, w2, _, _ in self.expert_copies())
+        n += sum(q.w1.numel() + q.w2.numel() for q in self.quantized)
         return n + sum(L["wqkv"].numel() + L["bqkv"].numel() for L in self.layers)
 
     def expert_copies(self) -> list[tuple]:
-        """The fused expert entries that hold their own memory (views of the model's weights excluded)."""
+        """The fused expert entries that hold their own memory: views of the model's weights and of the
+        once-quantised stacked experts (``self.quantized``, counted by ``extra_bytes`` once) excluded."""
         own = {p.untyped_storage().data_ptr() for blk in self.net.blocks for p in (blk.moe.w1, blk.moe.b1, blk.moe.w2)}
+        own |= {t.untyped_storage().data_ptr() for q in self.quantized for t in (q.w1, q.w2)}
         return [e for e in self.experts.values() if e[0].untyped_storage().data_ptr() not in own]
 
     def extra_bytes(self) -> int:
@@ -361,6 +401,7 @@ class FusedSampler:
         if self._key is None:
             self.build()
         n = sum(sum(x.numel() * x.element_size() for x in e if x is not None) for e in self.expert_copies())
+        n += sum(t.numel() * t.element_size() for q in self.quantized for t in (q.w1, q.w2, q.s1, q.s2))
         return n + sum(L[k].numel() * L[k].element_size() for L in self.layers for k in ("wqkv", "bqkv"))
 
     def weight_bytes_per_chunk(self) -> int:
