@@ -125,6 +125,7 @@ def test_offline_replay_runs_the_onnx_backend_as_the_node_would(bags, state_ckpt
         runs[name] = {(c["stamp"], c["first_index"]): c["actions"] for c in H.chunks_from_bag(tmp_path / name / "chunks")}
     rep = H.load_report(tmp_path / "onnx")["offline"]
     assert rep["inference"].startswith("onnxruntime") and "PyTorch weights released" in rep["inference"]
+    assert "graph rewritten" in rep["inference"]
     assert set(runs["torch"]) == set(runs["onnx"]) and len(runs["onnx"]) >= 20
     assert max(float(np.abs(runs["torch"][k] - runs["onnx"][k]).max()) for k in runs["onnx"]) < 1e-3
     rc, so, se = H.run_cli([str(bags["mcap"]), "--out", str(tmp_path / "bad"), *common, "-p", "inference_backend=onnx",

@@ -83,8 +83,12 @@ def _attach_onnx(policy, p, log) -> str:
         held = "PyTorch weights kept"
     else:
         held = f"PyTorch weights released, {policy.release_torch_weights() / 1e6:.1f} MB"
+    rw = chunk.rewrites
+    if "error" in rw:   # the standard file still runs, only slower
+        log.warning(f"onnxruntime graph rewrite failed, running {chunk.path} as exported: {rw['error']}")
+    graph = f"graph rewritten, {rw['nodes']} nodes" if rw["rewritten"] else "graph as exported"
     return (f"onnxruntime, {chunk.path} ({chunk.steps} steps, {chunk.meta['dtype']}, providers "
-            f"{chunk.session.get_providers()}; {held})")
+            f"{chunk.session.get_providers()}, {graph}; {held})")
 
 
 __all__ = ["load_policy", "DeployError"]
