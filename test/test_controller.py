@@ -242,6 +242,29 @@ def test_rtc_holds_the_plans_last_row_when_the_plan_ends_at_the_switch(hold):
     assert (hold == 0) or (1 > w[5] > w[6] > 0)                    # decaying pull over the held rows
 
 
+def test_rtc_decay_hard_imposes_only_the_frozen_rows():
+    """rtc_decay hard (for a prefix-trained checkpoint): the request's prefix still carries the plan's
+    overlapping rows, but only the d frozen ones have weight; an unknown decay is refused by name."""
+    vt = VirtualTime(start_ns=1 * NS)
+    pol = Policy()
+    p = NodeParams.from_mapping({"checkpoint": "x", "control_rate_hz": 10.0, "goal": "go", "replan_every": 5,
+                                 "execution_strategy": "rtc_replace", "rtc_decay": "hard"})
+    ctl = ChunkController(p, ["cam"], 0, T, A, vt.clock, initial_latency=0.2)
+    vt.attach(ctl, pol, latency=lambda wall: 0.2)
+    for k in range(8):
+        t = NS + k * NS // 10
+        vt.land(t)
+        vt.set_clock(t)
+        ctl.on_image("cam", t, "img")
+        if ctl.tick().request:
+            vt.start()
+    pre = pol.calls[1]["prefix"]
+    assert pre.decay == "hard" and pre.fixed == 3 and pre.rows == T - 2
+    np.testing.assert_array_equal(pre.weights(T), [1, 1, 1] + [0] * (T - 3))
+    with pytest.raises(StrategyError, match="rtc_decay: 'cosine'"):
+        make_strategy("rtc_replace", rtc_decay="cosine")
+
+
 def test_node_and_offline_replay_drive_the_one_controller():
     """No second copy: the node and offline replay use ChunkController and none of the pieces it owns."""
     owned = {"ChunkExecutor", "ActionSafety", "output_gate", "match_stamps", "StampBuffer", "has_observation_in"}

@@ -57,6 +57,7 @@ class ControlParams(Protocol):
     ensembling_decay: float
     execution_strategy: str
     rtc_hold_rows: int
+    rtc_decay: str
     serve_late_ticks: bool
     lockstep_inference: bool
     max_observation_age: float
@@ -132,7 +133,7 @@ class ChunkController:
         self.period_ns = int(round(self.period * 1e9))
         self.strategy: ExecutionStrategy = make_strategy(
             self.strategy_name(p), p.replan_every, p.latency_compensation, p.ensembling_decay,
-            p.rtc_hold_rows)
+            p.rtc_hold_rows, p.rtc_decay)
         self.executor = self.strategy.executor(self.chunk_size, self.action_dim, self.period)
         self.safety = ActionSafety(self.action_dim, p.action_lower_bounds, p.action_upper_bounds, p.max_action_delta)
         self.buffers = {c: StampBuffer(p.sync_queue_size) for c in self.camera_names}

@@ -30,6 +30,7 @@ STRATEGIES = ("open_loop", "replan", "ensemble", "rtc_replace", "rtc_guidance")
 # rtc soft-overlap rows held past the plan's end: 1 met the switch-smoothness and steps targets at d = 5 on
 # the bundled MT10 checkpoint (docs/measurements/rtc/ep20); 0 and 2 are measured there too
 DEFAULT_HOLD_ROWS = 1
+DEFAULT_DECAY = "exp"     # rtc_decay: weights of the overlap rows (mode_ros.model.inpainting.DECAYS)
 _EPS = 1e-6
 
 
@@ -82,19 +83,26 @@ class RealTimeChunking(ExecutionStrategy):
     ``hold_rows``: when fewer than this many rows of the current plan are left after the ``d`` frozen
     ones (e.g. d = 5 with 10-row chunks re-planned every 5: the plan ends exactly where the new chunk
     takes over), the plan's last row is held for the missing rows, so the rows right after the switch
-    are still pulled (with decaying weight) toward where the robot is, not planned from scratch."""
+    are still pulled (with decaying weight) toward where the robot is, not planned from scratch.
+    ``decay``: the weights of the overlap rows after the frozen ones (``inpainting.prefix_weights``):
+    "exp" (Black et al.), "linear", or "hard" (only the d frozen rows are imposed: the choice for a
+    prefix-trained checkpoint, which continues its given rows itself)."""
 
     def __init__(self, method: str, replan_every: int = 0, latency_compensation: bool = True,
-                 hold_rows: int = DEFAULT_HOLD_ROWS, **_ignored):
+                 hold_rows: int = DEFAULT_HOLD_ROWS, decay: str = DEFAULT_DECAY, **_ignored):
         if not latency_compensation:
             raise StrategyError(f"execution_strategy rtc_{method}: needs latency_compensation true (the "
                                 "prefix aligns rows by time)")
         if hold_rows < 0:
             raise StrategyError(f"rtc hold_rows: expected >= 0, got {hold_rows}")
+        from mode_ros.model.inpainting import DECAYS
+        if decay not in DECAYS:
+            raise StrategyError(f"rtc_decay: {decay!r} is not one of {', '.join(DECAYS)}")
         super().__init__(replan_every, True)
         self.method = method
         self.name = f"rtc_{method}"
         self.hold_rows = int(hold_rows)
+        self.decay = decay
         self.last_d: int | None = None
 
     def prefix(self, executor: ChunkExecutor, obs_time: float, land_time: float):
@@ -114,7 +122,7 @@ class RealTimeChunking(ExecutionStrategy):
         rows = hold_last_row(rows, min(d + self.hold_rows, executor.chunk_size))
         from mode_ros.model.inpainting import ChunkPrefix
 
-        return ChunkPrefix(actions=rows, fixed=int(d), method=self.method)
+        return ChunkPrefix(actions=rows, fixed=int(d), method=self.method, decay=self.decay)
 
 
 def hold_last_row(rows: np.ndarray, n: int) -> np.ndarray:
@@ -131,7 +139,8 @@ def rows_before(obs_time: float, land_time: float, period: float) -> int:
 
 
 def make_strategy(name: str, replan_every: int = 0, latency_compensation: bool = True,
-                  ensembling_decay: float = 0.01, rtc_hold_rows: int = DEFAULT_HOLD_ROWS) -> ExecutionStrategy:
+                  ensembling_decay: float = 0.01, rtc_hold_rows: int = DEFAULT_HOLD_ROWS,
+                  rtc_decay: str = DEFAULT_DECAY) -> ExecutionStrategy:
     """The strategy called ``name`` (one of :data:`STRATEGIES`)."""
     kw = dict(replan_every=replan_every, latency_compensation=latency_compensation,
               ensembling_decay=ensembling_decay)
@@ -142,5 +151,5 @@ def make_strategy(name: str, replan_every: int = 0, latency_compensation: bool =
     if name == "ensemble":
         return TemporalEnsembling(**kw)
     if name in ("rtc_replace", "rtc_guidance"):
-        return RealTimeChunking(name[4:], replan_every, latency_compensation, rtc_hold_rows)
+        return RealTimeChunking(name[4:], replan_every, latency_compensation, rtc_hold_rows, rtc_decay)
     raise StrategyError(f"execution_strategy: {name!r} is not one of {', '.join(STRATEGIES)}")

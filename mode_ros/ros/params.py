@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from mode_ros.control.strategy import DEFAULT_HOLD_ROWS
+from mode_ros.control.strategy import DEFAULT_DECAY, DEFAULT_HOLD_ROWS
 
 __all__ = ["ParamSpec", "PARAMS", "PARAMS_BY_NAME", "NodeParams", "ParameterError", "validate", "unknown_parameters",
            "render_yaml", "broadcast"]
@@ -132,6 +132,11 @@ PARAMS: tuple[ParamSpec, ...] = (
               "them (its last row is held there, with decaying weight): without them a chunk that lands "
               "when the plan has run out (d >= chunk_size - replan_every) is planned with no pull toward "
               "what the robot does at the switch. 0: only the plan's own rows.", min=0, max=1000),
+    ParamSpec("rtc_decay", "string", DEFAULT_DECAY,
+              "rtc_*: weights of the overlap rows after the d frozen ones: exp (decaying, Black et al. 2025), "
+              "linear, or hard (only the frozen rows are imposed: for a checkpoint trained with prefix "
+              "conditioning, diffusion.prefix_prob > 0, which continues its given rows itself).",
+              choices=("exp", "linear", "hard")),
     ParamSpec("max_observation_age", "double", 0.5,
               "Seconds (node clock, so use_sim_time works): a camera or state older than this stops the "
               "output until fresh data arrives.", min=0.001, max=3600.0, live=True),
@@ -277,6 +282,7 @@ class NodeParams:
     ensembling_decay: float = 0.01
     execution_strategy: str = "replan"
     rtc_hold_rows: int = DEFAULT_HOLD_ROWS
+    rtc_decay: str = DEFAULT_DECAY
     max_observation_age: float = 0.5
     camera_sync_tolerance: float = 0.02
     sync_queue_size: int = 10

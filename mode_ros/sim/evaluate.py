@@ -212,6 +212,7 @@ class DelayEvalConfig:
     json_path: str | None = None
     lockstep: bool = False           # every chunk from the observation of its first tick, taking no sim time
     rtc_hold_rows: int | None = None  # the node parameter of that name (rtc_*; None: its default)
+    rtc_decay: str | None = None      # the node parameter of that name (rtc_*; None: its default)
 
 
 def _controller(policy, strategy: str, d: int, cfg: DelayEvalConfig, goal: str):
@@ -225,7 +226,7 @@ def _controller(policy, strategy: str, d: int, cfg: DelayEvalConfig, goal: str):
         "checkpoint": "sim", "control_rate_hz": cfg.rate_hz, "goal": goal, "seed": cfg.policy_seed,
         "replan_every": 1 if strategy == "ensemble" else min(cfg.replan_every, policy.chunk_size),
         "execution_strategy": strategy, "max_observation_age": 3600.0, "lockstep_inference": cfg.lockstep,
-        **({} if cfg.rtc_hold_rows is None else {"rtc_hold_rows": cfg.rtc_hold_rows})})
+        **{k: v for k, v in (("rtc_hold_rows", cfg.rtc_hold_rows), ("rtc_decay", cfg.rtc_decay)) if v is not None}})
     vt = VirtualTime()
     ctl = ChunkController(p, list(getattr(policy, "camera_names", []) or []), policy.state_dim, policy.chunk_size,
                           policy.action_dim, vt.clock, initial_latency=d * period)
