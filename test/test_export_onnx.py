@@ -212,6 +212,8 @@ def test_fp16_export_within_stated_tolerance(tmp_path):
                if ".moe.expert" in i.name)
     _, norm = _ort_chunk(tmp_path, x)
     assert np.abs(norm - ref32).max() <= 0.15
+    rw = meta["verify"]["rewrites"]
+    assert not rw["rewritten"] and "fp16" in rw["skipped"] and "error" not in rw   # fp32 graphs only
 
 
 def test_corrupt_or_mismatched_export_is_refused_with_a_clear_error(tiny_export, mt10_export, tmp_path):

@@ -277,19 +277,19 @@ def export_onnx(policy, out: str | Path, steps: int | None = None, batch: int = 
             "graph": {k: summary[k] for k in ("topk", "parameters", "expert_matmuls")},
             "versions": {"torch": torch.__version__, "onnx": onnx.__version__}}
     if verify:
-        meta["verify"] = verify_export(out, inputs, expected)
+        meta["verify"] = verify_export(out, inputs, expected, dtype)
     (out / META_FILE).write_text(json.dumps(meta, indent=1))
     return meta
 
 
-def verify_export(out: str | Path, inputs: dict, expected: tuple) -> dict:
+def verify_export(out: str | Path, inputs: dict, expected: tuple, dtype: str = "fp32") -> dict:
     """Largest differences of onnxruntime (CPU) from the PyTorch outputs on the same inputs, for the
     file as it is and for the graph the backend runs (rewritten for onnxruntime, ``ort_graph``)."""
     from .ort_graph import session
 
     res = {"batch": int(inputs["goal"].shape[0]), "provider": "CPUExecutionProvider"}
     for suffix, rewrite in (("", False), ("_rewritten", True)):
-        sess, stats = session(Path(out) / MODEL_FILE, rewrite=rewrite)
+        sess, stats = session(Path(out) / MODEL_FILE, rewrite=rewrite, dtype=dtype)
         feeds = {i.name: inputs[i.name].cpu().numpy() for i in sess.get_inputs()}
         got = sess.run(["actions", "actions_normalized"], feeds)
         res[f"max_abs_diff_robot{suffix}"] = float(np.abs(got[0] - expected[0].cpu().numpy()).max())

@@ -77,7 +77,7 @@ class OnnxChunk:
             raise OnnxExportError(f"{path / MODEL_FILE}: sha256 {digest[:12]}… differs from the one recorded in "
                                   f"{META_FILE} ({str(meta.get('onnx_sha256'))[:12]}…): the file was changed or replaced")
         try:
-            session, rewrites = ort_session(path / MODEL_FILE, threads, device, rewrite)
+            session, rewrites = ort_session(path / MODEL_FILE, threads, device, rewrite, meta.get("dtype", "fp32"))
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types for unreadable models
             raise OnnxExportError(f"{path / MODEL_FILE}: onnxruntime cannot load it ({type(exc).__name__}: "
                                   f"{str(exc).strip()[:300]})") from None

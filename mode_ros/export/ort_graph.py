@@ -251,18 +251,6 @@ def prune(model) -> int:
     return dropped
 
 
-def ort_model(path: str | Path) -> tuple[bytes, dict]:
-    """The exported chunk at ``path`` (model.onnx) folded and rewritten for onnxruntime: (serialized
-    model, counts of the rewrites). The file itself is not changed."""
-    model = fold(Path(path).read_bytes())
-    before = len(model.graph.node)
-    stats = {"nodes_folded": before, "rms_norms": fuse_rms_norms(model), "attentions": fuse_attention(model),
-             "projections": fuse_projections(model), "skip_norms": fuse_skip_norms(model)}
-    prune(model)
-    stats["nodes"] = len(model.graph.node)
-    return model.SerializeToString(), stats
-
-
 def _projection(G: _Graph, mm):
     """(weight name, bias name, Add node) of ``MatMul(x, W) + b`` with constant 2-D W and 1-D b, or None."""
     w = mm.input[1]
@@ -313,18 +301,17 @@ def fuse_projections(model, keep_apart: str = ".moe.expert") -> int:
                                           name=f"proj{j}_split", axis=-1)]
         drop.update(id(n) for p in projs for n in (p[0], p[3]) if n is not last)
     if new:
-        order = {id(n): i for i, n in enumerate(model.graph.node)}
         flat = []
         for n in model.graph.node:
             if id(n) not in drop:
                 flat.extend(new.get(id(n), [n]))
         del model.graph.node[:]
-        model.graph.node.extend(_toposort(flat, order))
+        model.graph.node.extend(_toposort(flat))
         prune(model)
     return len(new)
 
 
-def _toposort(nodes: list, order: dict) -> list:
+def _toposort(nodes: list) -> list:
     """Nodes in an order where every input is produced before it is read (stable otherwise)."""
     produced_by = {o: i for i, n in enumerate(nodes) for o in n.output}
     done, out, seen = set(), [], set()
@@ -376,17 +363,31 @@ def fuse_skip_norms(model) -> int:
     if new:
         flat = [new.get(id(n), n) for n in model.graph.node if id(n) not in drop]
         del model.graph.node[:]
-        model.graph.node.extend(_toposort(flat, {}))
+        model.graph.node.extend(_toposort(flat))
         if not any(o.domain == "com.microsoft" for o in model.opset_import):
             model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return len(new)
 
 
-def session(model_path: str | Path, threads: int | None = None, device: str = "cpu", rewrite: bool = True):
+def ort_model(path: str | Path) -> tuple[bytes, dict]:
+    """The exported chunk at ``path`` (model.onnx) folded and rewritten for onnxruntime: (serialized
+    model, counts of the rewrites). The file itself is not changed."""
+    model = fold(Path(path).read_bytes())
+    before = len(model.graph.node)
+    stats = {"nodes_folded": before, "rms_norms": fuse_rms_norms(model), "attentions": fuse_attention(model),
+             "projections": fuse_projections(model), "skip_norms": fuse_skip_norms(model)}
+    prune(model)
+    stats["nodes"] = len(model.graph.node)
+    return model.SerializeToString(), stats
+
+
+def session(model_path: str | Path, threads: int | None = None, device: str = "cpu", rewrite: bool = True,
+            dtype: str = "fp32"):
     """(onnxruntime InferenceSession, rewrite counts) for an exported chunk file: rewritten for
     onnxruntime (``ort_model``) unless ``rewrite`` is False or the rewrite fails (then the file as it
     is, the reason in the counts under "error"). ``threads``: intra-op threads (default: onnxruntime's
-    choice); ``device`` "cuda…" puts the CUDA provider first when it is installed."""
+    choice); ``device`` "cuda…" puts the CUDA provider first when it is installed; ``dtype``: the
+    export's (only fp32 graphs are rewritten)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -397,7 +398,9 @@ def session(model_path: str | Path, threads: int | None = None, device: str = "c
     if device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
         providers.insert(0, "CUDAExecutionProvider")
     stats: dict = {"rewritten": False}
-    if rewrite:
+    if rewrite and dtype != "fp32":
+        stats["skipped"] = "fp16 export (onnxruntime inserts casts on the CPU; the patterns are fp32 only)"
+    elif rewrite:
         try:
             data, counts = ort_model(model_path)
             sess = ort.InferenceSession(data, opts, providers=providers, disabled_optimizers=DISABLED)
