@@ -451,7 +451,8 @@ def test_quantised_fused_sampler_close_to_fp32_with_same_routing(kind):
                for e in q.experts.values())
     expert_params = sum(blk.moe.w1.numel() + blk.moe.w2.numel() for blk in net.blocks)
     qkv = sum(L["wqkv"].numel() * 4 + L["bqkv"].numel() * 4 for L in q.layers)
-    scales = sum(st.s1.numel() * st.s1.element_size() + st.s2.numel() * st.s2.element_size() for st in q.quantized)
+    scales = sum(st.s1.untyped_storage().nbytes() + st.s2.untyped_storage().nbytes() for st in q.quantized)
+    assert all(st.s2.stride(0) == 0 for st in q.quantized)   # one row scale shared by the experts of a layer
     assert q.extra_bytes() == expert_params + scales + qkv   # 1 byte per expert weight, once
     # ~4x fewer expert bytes than fp32; the non-expert weights are unchanged
     plain = FusedSampler(cached)

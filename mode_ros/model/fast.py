@@ -123,7 +123,9 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kind: st
 @dataclass
 class QuantizedExperts:
     """A layer's experts quantised once, stacked like ``SwiGLUExperts``: w1 (E, 2H, d), w2 (E, d, H)
-    int8 / fp8 with one scale per output row (s1 (E, 2H), s2 (E, d)); b1 is the model's own."""
+    int8 / fp8 with one scale per output row (s1 (E, 2H); s2 (E, d), the same row scale for every
+    expert — a view of one (d,) vector — so any set of experts concatenated along H (the Triton
+    kernels' down-projection block) keeps one scale per row); b1 is the model's own."""
     w1: torch.Tensor
     b1: torch.Tensor
     w2: torch.Tensor
@@ -133,9 +135,18 @@ class QuantizedExperts:
     @classmethod
     def of(cls, moe, kind: str, scale_dtype: torch.dtype) -> "QuantizedExperts":
         e, two_h, d = moe.w1.shape
+        h = moe.w2.shape[-1]
         q1, s1 = quantize_rows(moe.w1.reshape(e * two_h, d), kind, scale_dtype)
-        q2, s2 = quantize_rows(moe.w2.reshape(e * d, -1), kind, scale_dtype)
-        return cls(q1.view(e, two_h, d), moe.b1, q2.view(e, d, -1), s1.view(e, two_h), s2.view(e, d))
+        q2, s2 = quantize_rows(moe.w2.permute(1, 0, 2).reshape(d, e * h), kind, scale_dtype)   # (d, E·H)
+        q2 = q2.view(d, e, h).permute(1, 0, 2).contiguous()                                  # (E, d, H)
+        return cls(q1.view(e, two_h, d), moe.b1, q2, s1.view(e, two_h), s2.expand(e, d))
+
+    def concatenated(self, sel: tuple) -> tuple:
+        """The experts ``sel`` as one contiguous block each, as the Triton GEMMs read them: (w1 (k·2H, d),
+        b1 (k·2H,), w2 (d, k·H), s1 (k·2H,), s2 (d,)) — the quantised values themselves, not requantised."""
+        return (torch.cat([self.w1[e] for e in sel]).contiguous(), torch.cat([self.b1[e] for e in sel]).contiguous(),
+                torch.cat([self.w2[e] for e in sel], dim=1).contiguous(),
+                torch.cat([self.s1[e] for e in sel]).contiguous(), self.s2[0].contiguous())
 
 
 def expert_views(experts, sel: tuple) -> tuple | None:
@@ -339,8 +350,7 @@ class FusedSampler:
         self.expert_views = self.gemm == "torch"
         # the int8 kernel wants scales in its activation dtype (bf16); the generic path keeps fp32
         sdt = torch.bfloat16 if self.int8_kernel else torch.float32
-        self.quantized = ([QuantizedExperts.of(blk.moe, self.weight_quant, sdt) for blk in net.blocks]
-                          if quant and self.expert_views else [])
+        self.quantized = [QuantizedExperts.of(blk.moe, self.weight_quant, sdt) for blk in net.blocks] if quant else []
         for s in range(len(t.indices)):
             for l, ranked in enumerate(t.indices[s]):
                 sel = tuple(sorted(ranked))
@@ -352,14 +362,16 @@ class FusedSampler:
                 if views is not None:
                     self.experts[key] = views
                     continue
-                w1 = torch.cat([moe.w1[e] for e in sel]).contiguous()
-                w2 = torch.cat([moe.w2[e] for e in sel], dim=1).contiguous()
-                b1 = torch.cat([moe.b1[e] for e in sel]).contiguous()
-                if quant:
-                    (w1, s1), (w2, s2) = quantize_rows(w1, self.weight_quant, sdt), quantize_rows(w2, self.weight_quant, sdt)
+                if quant:   # the Triton GEMMs: a contiguous copy of the once-quantised experts
+                    w1, b1, w2, s1, s2 = self.quantized[l].concatenated(sel)
                 else:
+                    w1 = torch.cat([moe.w1[e] for e in sel]).contiguous()
+                    w2 = torch.cat([moe.w2[e] for e in sel], dim=1).contiguous()
+                    b1 = torch.cat([moe.b1[e] for e in sel]).contiguous()
                     s1 = s2 = None
                 self.experts[key] = (w1, b1, w2, s1, s2)
+        if not self.expert_views:
+            self.quantized = []   # the Triton GEMMs read their concatenated copies only
         self._key = t.key
         if self.autotune and self.gemm == "triton":
             self.pretune(1)
@@ -401,7 +413,7 @@ class FusedSampler:
         if self._key is None:
             self.build()
         n = sum(sum(x.numel() * x.element_size() for x in e if x is not None) for e in self.expert_copies())
-        n += sum(t.numel() * t.element_size() for q in self.quantized for t in (q.w1, q.w2, q.s1, q.s2))
+        n += sum(t.untyped_storage().nbytes() for q in self.quantized for t in (q.w1, q.w2, q.s1, q.s2))
         return n + sum(L[k].numel() * L[k].element_size() for L in self.layers for k in ("wqkv", "bqkv"))
 
     def weight_bytes_per_chunk(self) -> int:
