@@ -216,25 +216,31 @@ def test_rtc_passes_the_previous_plan_aligned_to_the_new_chunk(method):
     assert switch.first_index == 3                                 # row 3 of the new chunk at the switch
 
 
-@pytest.mark.parametrize("hold", [0, 2])
-def test_rtc_holds_the_plans_last_row_when_the_plan_ends_at_the_switch(hold):
-    """d = 5 with 10-row chunks re-planned every 5: each chunk lands with only its rows 5..9 left, so the
-    next request's prefix is those 5 rows, all of them frozen. ``rtc_hold_rows`` more rows repeat the
-    plan's last row (the soft overlap after the switch); 0 keeps the plan's own rows only."""
+def rtc_requests(params: dict, latency: float, ticks: int) -> list[dict]:
+    """The policy calls of an rtc_replace controller (10 Hz, replan every 5, camera each tick) whose
+    inferences take ``latency`` seconds of virtual time, over ``ticks`` ticks."""
     vt = VirtualTime(start_ns=1 * NS)
     pol = Policy()
     p = NodeParams.from_mapping({"checkpoint": "x", "control_rate_hz": 10.0, "goal": "go", "replan_every": 5,
-                                 "execution_strategy": "rtc_replace", "rtc_hold_rows": hold})
-    ctl = ChunkController(p, ["cam"], 0, T, A, vt.clock, initial_latency=0.5)
-    vt.attach(ctl, pol, latency=lambda wall: 0.5)
-    for k in range(12):
+                                 "execution_strategy": "rtc_replace", **params})
+    ctl = ChunkController(p, ["cam"], 0, T, A, vt.clock, initial_latency=latency)
+    vt.attach(ctl, pol, latency=lambda wall: latency)
+    for k in range(ticks):
         t = NS + k * NS // 10
         vt.land(t)
         vt.set_clock(t)
         ctl.on_image("cam", t, "img")
         if ctl.tick().request:
             vt.start()
-    pre = pol.calls[1]["prefix"]
+    return pol.calls
+
+
+@pytest.mark.parametrize("hold", [0, 2])
+def test_rtc_holds_the_plans_last_row_when_the_plan_ends_at_the_switch(hold):
+    """d = 5 with 10-row chunks re-planned every 5: each chunk lands with only its rows 5..9 left, so the
+    next request's prefix is those 5 rows, all of them frozen. ``rtc_hold_rows`` more rows repeat the
+    plan's last row (the soft overlap after the switch); 0 keeps the plan's own rows only."""
+    pre = rtc_requests({"rtc_hold_rows": hold}, latency=0.5, ticks=12)[1]["prefix"]
     assert pre.fixed == 5 and pre.rows == 5 + hold
     np.testing.assert_array_equal(pre.actions[:, 0], [105, 106, 107, 108, 109] + [109] * hold)
     w = pre.weights(T)
@@ -245,20 +251,7 @@ def test_rtc_holds_the_plans_last_row_when_the_plan_ends_at_the_switch(hold):
 def test_rtc_decay_hard_imposes_only_the_frozen_rows():
     """rtc_decay hard (for a prefix-trained checkpoint): the request's prefix still carries the plan's
     overlapping rows, but only the d frozen ones have weight; an unknown decay is refused by name."""
-    vt = VirtualTime(start_ns=1 * NS)
-    pol = Policy()
-    p = NodeParams.from_mapping({"checkpoint": "x", "control_rate_hz": 10.0, "goal": "go", "replan_every": 5,
-                                 "execution_strategy": "rtc_replace", "rtc_decay": "hard"})
-    ctl = ChunkController(p, ["cam"], 0, T, A, vt.clock, initial_latency=0.2)
-    vt.attach(ctl, pol, latency=lambda wall: 0.2)
-    for k in range(8):
-        t = NS + k * NS // 10
-        vt.land(t)
-        vt.set_clock(t)
-        ctl.on_image("cam", t, "img")
-        if ctl.tick().request:
-            vt.start()
-    pre = pol.calls[1]["prefix"]
+    pre = rtc_requests({"rtc_decay": "hard"}, latency=0.2, ticks=8)[1]["prefix"]
     assert pre.decay == "hard" and pre.fixed == 3 and pre.rows == T - 2
     np.testing.assert_array_equal(pre.weights(T), [1, 1, 1] + [0] * (T - 3))
     with pytest.raises(StrategyError, match="rtc_decay: 'cosine'"):
