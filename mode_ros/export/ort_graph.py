@@ -126,17 +126,28 @@ def fuse_rms_norms(model) -> int:
         if m is None:
             continue
         x, gname, eps, out, nodes = m
-        new[id(nodes[-1])] = helper.make_node("SimplifiedLayerNormalization", [x, gname], [out],
-                                              name=f"rms_norm_{len(new)}", axis=-1, epsilon=eps * eps, stash_type=1)
+        new[id(nodes[-1])] = [helper.make_node("SimplifiedLayerNormalization", [x, gname], [out],
+                                               name=f"rms_norm_{len(new)}", axis=-1, epsilon=eps * eps, stash_type=1)]
         drop.update(id(n) for n in nodes[:-1])
-    _replace(model, drop, new)
+    _splice(model, new, drop)
     return len(new)
 
 
-def _replace(model, drop: set, new: dict) -> None:
-    nodes = [new.get(id(n), n) for n in model.graph.node if id(n) not in drop]
+def _splice(model, new: dict, drop: set) -> None:
+    """Put the nodes ``new[id(node)]`` (a list) in place of each such node, drop the nodes in ``drop``,
+    order the graph topologically, declare the com.microsoft domain where it is used, and prune."""
+    from onnx import helper
+    if not new:
+        return
+    flat = []
+    for n in model.graph.node:
+        if id(n) not in drop:
+            flat.extend(new.get(id(n), [n]))
     del model.graph.node[:]
-    model.graph.node.extend(nodes)
+    model.graph.node.extend(_toposort(flat))
+    if any(n.domain == "com.microsoft" for n in flat) and not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    prune(model)
 
 
 def _perm(G: _Graph, name: str, perm: list[int]):
@@ -222,14 +233,7 @@ def fuse_attention(model) -> int:
         new[id(m["out"])] = nodes
     if new:
         model.graph.initializer.append(numpy_helper.from_array(np.array([0, 0, -1], np.int64), merge))
-        flat = []
-        for n in model.graph.node:
-            flat.extend(new.get(id(n), [n]))
-        del model.graph.node[:]
-        model.graph.node.extend(flat)
-        if not any(o.domain == "com.microsoft" for o in model.opset_import):
-            model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-        prune(model)
+    _splice(model, new, set())
     return len(new)
 
 
@@ -300,14 +304,7 @@ def fuse_projections(model, keep_apart: str = ".moe.expert") -> int:
                          helper.make_node("Split", [f"proj{j}_add", f"proj_split{j}"], [p[3].output[0] for p in projs],
                                           name=f"proj{j}_split", axis=-1)]
         drop.update(id(n) for p in projs for n in (p[0], p[3]) if n is not last)
-    if new:
-        flat = []
-        for n in model.graph.node:
-            if id(n) not in drop:
-                flat.extend(new.get(id(n), [n]))
-        del model.graph.node[:]
-        model.graph.node.extend(_toposort(flat))
-        prune(model)
+    _splice(model, new, drop)
     return len(new)
 
 
@@ -356,16 +353,11 @@ def fuse_skip_norms(model) -> int:
             continue
         others = [u for u in G.users[add.output[0]] if u is not sln]
         outs = [sln.output[0]] + (["", "", add.output[0]] if others else [])
-        new[id(sln)] = helper.make_node("SkipSimplifiedLayerNormalization", [add.input[0], add.input[1], sln.input[1]],
-                                        outs, name=f"skip_rms_norm_{len(new)}", domain="com.microsoft",
-                                        epsilon=float(_attr(sln, "epsilon")))
+        new[id(sln)] = [helper.make_node("SkipSimplifiedLayerNormalization", [add.input[0], add.input[1], sln.input[1]],
+                                         outs, name=f"skip_rms_norm_{len(new)}", domain="com.microsoft",
+                                         epsilon=float(_attr(sln, "epsilon")))]
         drop.add(id(add))
-    if new:
-        flat = [new.get(id(n), n) for n in model.graph.node if id(n) not in drop]
-        del model.graph.node[:]
-        model.graph.node.extend(_toposort(flat))
-        if not any(o.domain == "com.microsoft" for o in model.opset_import):
-            model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    _splice(model, new, drop)
     return len(new)
 
 
@@ -376,7 +368,6 @@ def ort_model(path: str | Path) -> tuple[bytes, dict]:
     before = len(model.graph.node)
     stats = {"nodes_folded": before, "rms_norms": fuse_rms_norms(model), "attentions": fuse_attention(model),
              "projections": fuse_projections(model), "skip_norms": fuse_skip_norms(model)}
-    prune(model)
     stats["nodes"] = len(model.graph.node)
     return model.SerializeToString(), stats
 

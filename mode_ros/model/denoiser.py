@@ -16,7 +16,7 @@ from torch import nn
 from .blocks import CausalSelfAttention, RMSNorm
 from .config import DenoiserConfig
 from .moe import NoiseRouter, SwiGLUExperts, dense_gates, load_balance_loss
-from .sampling import clean_rows_input, edm_denoise
+from .sampling import edm_denoise
 
 
 class MoDEBlock(nn.Module):
@@ -186,6 +186,11 @@ class EDMPrecond:
         c_in = 1.0 / (sigma ** 2 + sd2).sqrt()
         return c_skip, c_out, c_in
 
+    def clean_input(self, a: torch.Tensor, sigma) -> torch.Tensor:
+        """x with c_in(sigma)·x = a: how a clean (given) row enters the network unchanged, in training
+        (``loss`` with prefix rows) and in sampling (``inpainting.PrefixGuide`` of a prefix-trained model)."""
+        return a / self.scalings(torch.as_tensor(sigma, dtype=a.dtype, device=a.device))[2]
+
     def denoise(self, net: MoDEDenoiser, x: torch.Tensor, sigma: torch.Tensor, goal, obs=None, state=None,
                 mode: str = "dense") -> torch.Tensor:
         sigma = torch.as_tensor(sigma, device=x.device, dtype=x.dtype)
@@ -204,7 +209,7 @@ class EDMPrecond:
         x = actions + sigma.view(-1, 1, 1) * noise
         if prefix_rows is not None:
             given = torch.arange(actions.shape[1], device=actions.device) < prefix_rows.to(actions.device).view(-1, 1)
-            x = torch.where(given.unsqueeze(-1), clean_rows_input(actions, sigma.view(-1, 1, 1), self.sigma_data), x)
+            x = torch.where(given.unsqueeze(-1), self.clean_input(actions, sigma.view(-1, 1, 1)), x)
             free = (~given).to(actions.dtype)
             weight = free if weight is None else weight * free
         c_skip, c_out, c_in = (s.view(-1, 1, 1) for s in self.scalings(sigma))

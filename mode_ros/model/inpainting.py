@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .sampling import clean_rows_input
+from .denoiser import EDMPrecond
 
 METHODS = ("replace", "guidance")
 DECAYS = ("exp", "linear", "hard")
@@ -113,7 +113,7 @@ class PrefixGuide:
     (DDIM is deterministic: the known rows follow one noise direction, like the sample itself);
     sigmas: (S + 1,) the schedule. method "replace": x <- W (known + sigma_i noise) + (1 - W) x, then D;
     ``clean`` (a prefix-trained checkpoint, ``DiffusionConfig.prefix_prob`` > 0): the frozen rows (W = 1)
-    are then given as the model was trained to read them, clean (``sampling.clean_rows_input``);
+    are then given as the model was trained to read them, clean (``EDMPrecond.clean_input``);
     "guidance": D + w_i J^T (W (known - D)) with J = dD/dx (one vector-Jacobian product through the
     denoiser) and w_i = min(guidance_max, (sigma_i^2 + sigma_data^2) / sigma_data^2) — PiGDM's
     1 / r_sigma^2 in D units, clipped as in Black et al. 2025 (their beta)."""
@@ -122,10 +122,12 @@ class PrefixGuide:
                  clean: bool = False):
         if method not in METHODS:
             raise PrefixError(f"method {method!r} is not one of {METHODS}")
-        self.method, self.clean, self.sigma_data = method, bool(clean), float(sigma_data)
+        self.method, self.clean = method, bool(clean)
+        self.precond = EDMPrecond(float(sigma_data))
         self.needs_grad = method == "guidance"   # a VJP through the denoiser: eager, differentiable paths
         self.known = known.float()
         self.w = weights.float().unsqueeze(-1)
+        self.frozen = self.w >= 1
         self.noise = noise.float()
         self.sigmas = sigmas.float()
         sd2 = float(sigma_data) ** 2
@@ -135,7 +137,7 @@ class PrefixGuide:
         if self.method == "replace":
             x = self.w * (self.known + self.sigmas[i] * self.noise) + (1 - self.w) * x
         if self.clean:
-            x = torch.where(self.w >= 1, clean_rows_input(self.known, self.sigmas[i], self.sigma_data), x)
+            x = torch.where(self.frozen, self.precond.clean_input(self.known, self.sigmas[i]), x)
         if self.method == "replace":
             return x, denoise(i, x)
         with torch.enable_grad():

@@ -54,12 +54,6 @@ def sample_prefix_rows(cfg: DiffusionConfig, n: int, generator: torch.Generator 
     return torch.where(given, rows, torch.zeros_like(rows))
 
 
-def clean_rows_input(known: torch.Tensor, sigma, sigma_data: float) -> torch.Tensor:
-    """x with c_in(sigma)·x = known: how a clean (given) row enters the network unchanged, in training
-    (``EDMPrecond.loss`` with prefix rows) and in sampling (``PrefixGuide`` of a prefix-trained model)."""
-    return known * (torch.as_tensor(sigma, dtype=known.dtype, device=known.device) ** 2 + sigma_data ** 2).sqrt()
-
-
 def edm_denoise(x: torch.Tensor, network, c_in, c_skip, c_out) -> torch.Tensor:
     """THE EDM denoiser: D(x; sigma) = c_skip·x + c_out·F(c_in·x), with ``network(a_in) -> F`` the
     network at this sigma (plain forward, cached-routing body, fused or compiled layers)."""
