@@ -329,6 +329,44 @@ def test_node_with_onnx_backend_publishes_the_torch_chunks(tmp_path, ros_harness
     assert "model.onnx: sha256" in bad.output() and h.lifecycle_state("/bad_onnx_policy") == "unconfigured"
 
 
+
+def test_onnx_threads_are_calibrated_within_the_budget(mt10_export):
+    """``calibrate``: the thread count is a budget; the session kept is the fewest threads within 10 % of
+    the fastest count timed here (a deliberately slowed session is never kept), with the same chunk;
+    the node's onnx_threads N > 0 fixes N, 0 calibrates, and the deploy line says which."""
+    from mode_ros.export.deploy import load_policy
+    from mode_ros.export.onnx_runtime import thread_candidates
+    from mode_ros.ros.params import NodeParams
+    out, _ = mt10_export
+    assert thread_candidates(4) == [4, 1, 2] and thread_candidates(1) == [1] and thread_candidates(6) == [6, 1, 2, 4]
+    x = example_inputs(MoDEPolicy.from_pretrained(MT10), batch=1, seed=3)
+    plain = OnnxChunk.load(out, threads=1)
+    chunk = OnnxChunk.load(out, threads=2, calibrate=True)
+    th = chunk.threads
+    assert set(th["median_ms"]) == {"1", "2"} and th["requested"] == 2
+    assert th["chosen"] == min(int(t) for t, v in th["median_ms"].items() if v <= 1.1 * min(th["median_ms"].values()))
+    assert chunk.session.get_session_options().intra_op_num_threads == th["chosen"]
+    args = (None, x["goal"], x["state"], x["noise"])
+    np.testing.assert_allclose(chunk.run_all(*args)[1], plain.run_all(*args)[1], atol=1e-6)
+
+    class Slowed:   # a session that takes 20 ms longer per chunk
+        def __init__(self, sess):
+            self.sess = sess
+
+        def run(self, *a):
+            time.sleep(0.02)
+            return self.sess.run(*a)
+    fast = plain.session
+    chunk.calibrate_threads({2: Slowed(fast), 1: fast}, rounds=2, block=2)
+    assert chunk.threads["chosen"] == 1 and chunk.session is fast
+    chunk.calibrate_threads({2: fast, 1: Slowed(fast)}, rounds=2, block=2)
+    assert chunk.threads["chosen"] == 2 and chunk.session is fast
+    base = {"checkpoint": str(MT10), "inference_backend": "onnx", "onnx_model": str(out), "torch_threads": 2}
+    _, described = load_policy(NodeParams.from_mapping(base))
+    assert "(calibrated, ms per chunk by threads: {'2':" in described
+    policy, described = load_policy(NodeParams.from_mapping({**base, "onnx_threads": 1}))
+    assert ", 1 thread;" in described and policy.backend.session.get_session_options().intra_op_num_threads == 1
+
 def test_load_policy_applies_sampling_steps_and_refuses_a_mismatched_export(mt10_export):
     """mode_ros.export.deploy.load_policy (the node's and offline replay's set-up): sampling_steps sets
     the PyTorch sampler's steps; with the onnx backend it must equal the export's."""

@@ -71,7 +71,7 @@ def _attach_onnx(policy, p, log) -> str:
         raise DeployError("onnx_model: not set (the `mode-ros export onnx` folder inference_backend onnx runs)")
     steps, strategy = p.sampling_steps, ChunkController.strategy_name(p)
     chunk = attach_onnx(policy, p.onnx_model, checkpoint=resolve_checkpoint(p.checkpoint),
-                        threads=p.torch_threads or None, logger=log)
+                        threads=p.onnx_threads or p.torch_threads or None, logger=log, calibrate=not p.onnx_threads)
     if steps and steps != chunk.steps:
         raise DeployError(f"sampling_steps: {steps}, but the ONNX export {p.onnx_model} has {chunk.steps} steps "
                           f"(export with --steps {steps}, or leave sampling_steps 0)")
@@ -87,8 +87,12 @@ def _attach_onnx(policy, p, log) -> str:
     if "error" in rw:   # the standard file still runs, only slower
         log.warning(f"onnxruntime graph rewrite failed, running {chunk.path} as exported: {rw['error']}")
     graph = f"graph rewritten, {rw['nodes']} nodes" if rw["rewritten"] else "graph as exported"
+    th = chunk.threads
+    threads = f"{th['chosen'] or 'default'} thread{'' if th['chosen'] == 1 else 's'}"
+    if "median_ms" in th:
+        threads += f" (calibrated, ms per chunk by threads: {th['median_ms']})"
     return (f"onnxruntime, {chunk.path} ({chunk.steps} steps, {chunk.meta['dtype']}, providers "
-            f"{chunk.session.get_providers()}, {graph}; {held})")
+            f"{chunk.session.get_providers()}, {graph}, {threads}; {held})")
 
 
 __all__ = ["load_policy", "DeployError"]

@@ -12,6 +12,8 @@ layout.
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -52,23 +54,33 @@ def _check_signature(path: Path, meta: dict, session) -> None:
         raise OnnxExportError(f"{path / MODEL_FILE}: inputs {extra} not in {META_FILE}")
 
 
+def thread_candidates(budget: int | None) -> list[int]:
+    """Intra-op thread counts tried within ``budget`` (default: the CPUs this process may use): the
+    budget first, then 1, 2, 4… below it."""
+    budget = max(1, int(budget or len(os.sched_getaffinity(0))))
+    return [budget] + [t for t in (2 ** i for i in range(budget.bit_length())) if t < budget]
+
+
 class OnnxChunk:
     """One exported chunk in an onnxruntime session: ``run`` takes the policy's tensors (images uint8,
     goal embedding, state in robot units as numpy, noise) and returns actions in robot units."""
 
     def __init__(self, path: Path, meta: dict, session, rewrites: dict | None = None):
         self.path, self.meta, self.session = path, meta, session
-        self.rewrites = rewrites or {"rewritten": False}   # ort_graph.session's counts
+        self.rewrites = rewrites or {"rewritten": False}   # ort_graph.sessions' counts
+        self.threads: dict = {"requested": None, "chosen": None}   # intra-op threads (``load``'s calibration)
         self.input_names = [s["name"] for s in meta["inputs"]]
         self.steps = int(meta["steps"])
 
     @classmethod
     def load(cls, path: str | Path, threads: int | None = None, device: str = "cpu",
-             rewrite: bool = True) -> "OnnxChunk":
+             rewrite: bool = True, calibrate: bool = False) -> "OnnxChunk":
         """Read and check ``path`` (an export directory). ``threads``: onnxruntime's intra-op threads
         (default: its own choice); ``device`` "cuda" uses the CUDA provider when installed; ``rewrite``:
-        hand onnxruntime the graph with fused norms, attention and projections (``ort_graph``)."""
-        from .ort_graph import session as ort_session
+        hand onnxruntime the graph with fused norms, attention and projections (``ort_graph``);
+        ``calibrate`` (CPU): ``threads`` (default: the CPUs this process may use) is a budget, and the
+        session keeps the count of 1, 2, 4… up to it that runs a chunk fastest here (``calibrate_threads``)."""
+        from .ort_graph import sessions
 
         path = Path(path)
         meta = _read_meta(path)
@@ -76,13 +88,49 @@ class OnnxChunk:
         if digest != meta.get("onnx_sha256"):
             raise OnnxExportError(f"{path / MODEL_FILE}: sha256 {digest[:12]}… differs from the one recorded in "
                                   f"{META_FILE} ({str(meta.get('onnx_sha256'))[:12]}…): the file was changed or replaced")
+        calibrate = calibrate and not device.startswith("cuda")
+        counts = thread_candidates(threads) if calibrate else [threads]
         try:
-            session, rewrites = ort_session(path / MODEL_FILE, threads, device, rewrite, meta.get("dtype", "fp32"))
+            found, rewrites = sessions(path / MODEL_FILE, counts, device, rewrite, meta.get("dtype", "fp32"))
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types for unreadable models
             raise OnnxExportError(f"{path / MODEL_FILE}: onnxruntime cannot load it ({type(exc).__name__}: "
                                   f"{str(exc).strip()[:300]})") from None
-        _check_signature(path, meta, session)
-        return cls(path, meta, session, rewrites)
+        for sess in found:
+            _check_signature(path, meta, sess)
+        chunk = cls(path, meta, found[0], rewrites)
+        chunk.threads = {"requested": threads, "chosen": threads}
+        if len(found) > 1:
+            chunk.calibrate_threads(dict(zip(counts, found)))
+        return chunk
+
+    def calibrate_threads(self, candidates: dict, rounds: int = 4, block: int = 4, margin: float = 0.1) -> None:
+        """Keep the session of ``candidates`` ({intra-op threads: session}) with the fewest threads whose
+        median time per chunk is within ``margin`` of the fastest, on fixed random inputs of the export's
+        shapes, timed in ``rounds`` of ``block`` calls each in turn (after one untimed call). A thread
+        must earn its core: on a small graph the pool's hand-offs between tiny nodes can cost more than
+        a second core gains (metaworld preset, 2 cores: 1 thread 4–6 ms, 2 threads 3–8 ms), and a
+        spinning pool slows whatever else runs on the robot's CPU."""
+        rng = np.random.default_rng(0)
+        feeds = {}
+        for spec in self.meta["inputs"]:
+            shape = [1 if d == "batch" else d for d in spec["shape"]]
+            feeds[spec["name"]] = (rng.integers(0, 256, shape, dtype=np.uint8) if spec["dtype"] == "uint8"
+                                   else rng.standard_normal(shape).astype(np.float32))
+        if "prefix_weights" in feeds:
+            feeds["prefix_weights"][:] = 0.0
+        ms = {t: [] for t in candidates}
+        for _ in range(rounds):
+            for t, sess in candidates.items():
+                for i in range(block + 1):
+                    t0 = time.perf_counter()
+                    sess.run(["actions"], feeds)
+                    if i:
+                        ms[t].append((time.perf_counter() - t0) * 1e3)
+        med = {t: float(np.median(v)) for t, v in ms.items()}
+        best = min(t for t in med if med[t] <= (1.0 + margin) * min(med.values()))
+        self.session = candidates[best]
+        self.threads = {"requested": self.threads["requested"], "chosen": best,
+                        "median_ms": {str(t): round(v, 3) for t, v in med.items()}}
 
     def check_policy(self, policy, checkpoint: str | Path | None = None) -> None:
         """Refuse an export of another checkpoint or layout. With ``checkpoint`` (the directory the
@@ -144,12 +192,13 @@ class OnnxChunk:
 
 
 def attach_onnx(policy, path: str | Path, checkpoint: str | Path | None = None, threads: int | None = None,
-                logger=None) -> OnnxChunk:
+                logger=None, calibrate: bool = False) -> OnnxChunk:
     """Load the export at ``path``, check it against ``policy`` and make it the policy's backend
     (``policy.backend``). The policy's sampler takes the export's number of steps (its PyTorch path
     and diagnostics then describe the same chunk). ``MoDEPolicy.release_torch_weights`` afterwards
-    frees the PyTorch copy (``mode_ros.export.deploy`` decides when). Raises ``OnnxExportError``."""
-    chunk = OnnxChunk.load(path, threads=threads, device=str(policy.device))
+    frees the PyTorch copy (``mode_ros.export.deploy`` decides when). ``threads`` / ``calibrate``: as
+    ``OnnxChunk.load``. Raises ``OnnxExportError``."""
+    chunk = OnnxChunk.load(path, threads=threads, device=str(policy.device), calibrate=calibrate)
     chunk.check_policy(policy, checkpoint)
     if policy.num_steps != chunk.steps:
         if logger:

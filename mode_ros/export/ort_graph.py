@@ -372,13 +372,34 @@ def ort_model(path: str | Path) -> tuple[bytes, dict]:
     return model.SerializeToString(), stats
 
 
+def sessions(model_path: str | Path, threads: list, device: str = "cpu", rewrite: bool = True,
+             dtype: str = "fp32") -> tuple[list, dict]:
+    """(one onnxruntime InferenceSession per entry of ``threads``, rewrite counts) for an exported chunk
+    file, all over one rewritten model (``ort_model``) unless ``rewrite`` is False, the export is not
+    fp32, or the rewrite fails (then the file as it is, the reason in the counts under "error").
+    ``threads``: intra-op thread counts (None: onnxruntime's choice); ``device`` "cuda…" puts the CUDA
+    provider first when it is installed."""
+    stats: dict = {"rewritten": False}
+    if rewrite and dtype != "fp32":
+        stats["skipped"] = "fp16 export (onnxruntime inserts casts on the CPU; the patterns are fp32 only)"
+    elif rewrite:
+        try:
+            data, counts = ort_model(model_path)
+            first = _session(data, threads[0], device, DISABLED)
+            return [first] + [_session(data, t, device, DISABLED) for t in threads[1:]], {"rewritten": True, **counts}
+        except Exception as exc:  # noqa: BLE001 - any failure leaves the standard file, which is checked
+            stats["error"] = f"{type(exc).__name__}: {str(exc).strip()[:200]}"
+    return [_session(str(model_path), t, device) for t in threads], stats
+
+
 def session(model_path: str | Path, threads: int | None = None, device: str = "cpu", rewrite: bool = True,
             dtype: str = "fp32"):
-    """(onnxruntime InferenceSession, rewrite counts) for an exported chunk file: rewritten for
-    onnxruntime (``ort_model``) unless ``rewrite`` is False or the rewrite fails (then the file as it
-    is, the reason in the counts under "error"). ``threads``: intra-op threads (default: onnxruntime's
-    choice); ``device`` "cuda…" puts the CUDA provider first when it is installed; ``dtype``: the
-    export's (only fp32 graphs are rewritten)."""
+    """(onnxruntime InferenceSession, rewrite counts): ``sessions`` with one thread count."""
+    (sess,), stats = sessions(model_path, [threads], device, rewrite, dtype)
+    return sess, stats
+
+
+def _session(model, threads: int | None, device: str, disabled: list | None = None):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -388,14 +409,4 @@ def session(model_path: str | Path, threads: int | None = None, device: str = "c
     providers = ["CPUExecutionProvider"]
     if device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
         providers.insert(0, "CUDAExecutionProvider")
-    stats: dict = {"rewritten": False}
-    if rewrite and dtype != "fp32":
-        stats["skipped"] = "fp16 export (onnxruntime inserts casts on the CPU; the patterns are fp32 only)"
-    elif rewrite:
-        try:
-            data, counts = ort_model(model_path)
-            sess = ort.InferenceSession(data, opts, providers=providers, disabled_optimizers=DISABLED)
-            return sess, {"rewritten": True, **counts}
-        except Exception as exc:  # noqa: BLE001 - any failure leaves the standard file, which is checked
-            stats["error"] = f"{type(exc).__name__}: {str(exc).strip()[:200]}"
-    return ort.InferenceSession(str(model_path), opts, providers=providers), stats
+    return ort.InferenceSession(model, opts, providers=providers, disabled_optimizers=disabled)

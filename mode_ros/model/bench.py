@@ -106,82 +106,151 @@ def bench_preset(name: str, device: str, dtypes: list[str], paths: list[str], ba
             for b in batches:
                 imgs, goal, noise, ref, st = inputs[b]
                 variants = ["dense"] if dense else [p for p in paths if p != "dense"]
+                built = {}   # path -> (timed callable, its fused sampler or None, export facts)
                 for path in variants:
-                    if path == "uncached" and dtype != "fp32" and "fp32" in dtypes:
+                    skip = _skip_reason(path, dtype, dtypes, dev)
+                    if skip:
+                        if skip != "-":
+                            log(f"[bench] {name} {dtype} b={b} {path}: skipped ({skip})")
                         continue
-                    if path.endswith("graph") and dev.type != "cuda":
-                        log(f"[bench] {name} {dtype} b={b} {path}: skipped (CUDA graphs need a CUDA device)")
-                        continue
-                    quant = path.split("-")[0] if path.split("-")[0] in ("int8", "fp8") else "none"
-                    if quant == "fp8" and dev.type != "cuda":
-                        log(f"[bench] {name} {dtype} b={b} {path}: skipped (fp8 needs a CUDA device)")
-                        continue
-                    if path in ("compiled-graph", "int8-graph", "fp8-graph") and dtype == "fp32" and len(dtypes) > 1:
-                        continue  # compile once per batch size, in the low-precision dtype
-                    fn, onnx_info = None, {}
-                    policy.fused = None
                     try:
-                        if path in ("fused", "fused-graph", "int8", "fp8"):
-                            policy.enable_fast(fused=True, weight_quant=quant, attention=attention, gemm=gemm,
-                                               pdl=pdl)
-                        elif path in ("compiled", "compiled-graph", "int8-graph", "fp8-graph"):
-                            policy.enable_fast(fused=True, compile=True, weight_quant=quant, attention=attention,
-                                               gemm=gemm, pdl=pdl)
-                        if quant != "none" and (policy.fused is None or policy.fused.weight_quant != quant):
-                            raise RuntimeError(f"weight_quant {quant} unavailable")
-                        if path in ("cached", "dense", "fused", "compiled", "int8", "fp8"):
-                            fn = lambda: policy.sample_normalized(imgs, goal, st, noise, cached=True)  # noqa: E731
-                        elif path == "uncached":
-                            fn = lambda: policy.sample_normalized(imgs, goal, st, noise, cached=False)  # noqa: E731
-                        elif path in ("onnx", "onnx-plain"):
-                            fn, onnx_info = onnx_runner(policy, dtype, imgs, goal, st, noise, rewrite=path == "onnx")
-                        elif path.endswith("graph"):
-                            from .graph import ChunkGraph
-                            g = ChunkGraph(policy, b)
-                            fn = lambda: g(imgs, goal, st, noise)  # noqa: E731
-                        if dev.type == "cuda":
-                            torch.cuda.reset_peak_memory_stats()
-                        ts = _time(fn, dev, runs, warmup)
-                        out = fn().float()
+                        built[path] = _build_path(policy, path, imgs, goal, st, noise, dtype, b, attention, gemm, pdl)
                     except Exception as exc:  # noqa: BLE001
                         log(f"  {name} {dtype} {path} b={b}: failed: {exc}")
-                        continue
-                    enc_ms = None
-                    if c.n_cameras and path in ("cached", "graph", "fused-graph", "compiled-graph"):
-                        enc = _time(lambda: policy.encode_observation(imgs, goal), dev, max(10, runs // 5), 2)
-                        enc_ms = statistics.median(enc)
-                    itemsize = torch.tensor([], dtype=tdt).element_size()
-                    executed = counts["executed_cached"] if path != "uncached" else counts["executed_uncached"]
-                    bytes_chunk = (policy.fused.weight_bytes_per_chunk() if policy.fused is not None
-                                   else executed * itemsize * steps)
-                    diff = None if ref is None else float((out - ref).abs().max())
-                    same_routing = None if dense else list(policy.sampler.table.indices) == ref_routing
-                    med = statistics.median(ts)
-                    row = {"preset": name, "device": str(dev), "dtype": dtype, "path": path, "batch": b,
-                           "steps": steps, "median_ms": med, "p95_ms": float(np.percentile(ts, 95)),
-                           "p90_ms": float(np.percentile(ts, 90)),
-                           "p99_ms": float(np.percentile(ts, 99)), "runs": runs, "encoders_ms": enc_ms,
-                           "weight_bytes_per_chunk": bytes_chunk,
-                           "achieved_bandwidth_GBps": bytes_chunk / (med / 1e3) / 1e9,
-                           "bandwidth_fraction": (bytes_chunk / (med / 1e3)) / bw if bw else None,
-                           "peak_mem_MB": torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else None,
-                           "fused_extra_params": policy.fused.extra_parameters() if policy.fused is not None else 0,
-                           "weight_quant": quant, "max_abs_diff_vs_fp32": diff, "same_routing_as_fp32": same_routing,
-                           "attention": policy.fused.attention if policy.fused is not None else None,
-                           "gemm": policy.fused.gemm if policy.fused is not None else None,
-                           "pdl": policy.fused.pdl if policy.fused is not None else False,
-                           "compile_mode": policy.fused.compile_mode if policy.fused is not None else None}
+                times, peaks = _time_interleaved({k: v[0] for k, v in built.items()}, dev, runs, warmup, log)
+                ctx = {"preset": name, "device": dev, "dtype": dtype, "batch": b, "steps": steps, "runs": runs,
+                       "ref": ref, "counts": counts, "itemsize": torch.tensor([], dtype=tdt).element_size(),
+                       "bandwidth": bw, "dense": dense, "ref_routing": ref_routing, "imgs": imgs, "goal": goal}
+                new = []
+                for path in times:
+                    fn, fused, onnx_info = built[path]
+                    policy.fused = fused
+                    row = _row(policy, ctx, path, sum(times[path], []), fn().float(), peaks.get(path))
                     row.update(onnx_info)
-                    rows.append(row)
-                    log(f"  {name:>12} {dtype:>4} {path:>9} b={b:<3} median {med:8.2f} ms  p95 {row['p95_ms']:8.2f} ms"
-                        + (f"  encoders {enc_ms:.2f} ms" if enc_ms is not None else "")
-                        + (f"  max|a-a_fp32| {diff:.2e}" if diff is not None else ""))
+                    new.append(row)
+                    log(f"  {name:>12} {dtype:>4} {path:>9} b={b:<3} median {row['median_ms']:8.2f} ms  "
+                        f"p95 {row['p95_ms']:8.2f} ms"
+                        + (f"  encoders {row['encoders_ms']:.2f} ms" if row["encoders_ms"] is not None else "")
+                        + (f"  max|a-a_fp32| {row['max_abs_diff_vs_fp32']:.2e}"
+                           if row["max_abs_diff_vs_fp32"] is not None else ""))
+                _paired_ratios(new, times)
+                rows += new
         policy.fused = None
         del policy
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     return rows
 
+
+
+def _skip_reason(path: str, dtype: str, dtypes: list[str], dev) -> str | None:
+    """Why ``path`` is not timed in ``dtype`` on ``dev`` ("-": silently, it is timed in another dtype)."""
+    quant = path.split("-")[0]
+    if path == "uncached" and dtype != "fp32" and "fp32" in dtypes:
+        return "-"
+    if path.endswith("graph") and dev.type != "cuda":
+        return "CUDA graphs need a CUDA device"
+    if quant == "fp8" and dev.type != "cuda":
+        return "fp8 needs a CUDA device"
+    if path in ("compiled-graph", "int8-graph", "fp8-graph") and dtype == "fp32" and len(dtypes) > 1:
+        return "-"   # compiled once per batch size, in the low-precision dtype
+    return None
+
+
+def _build_path(policy, path: str, imgs, goal, st, noise, dtype: str, b: int, attention, gemm, pdl):
+    """(callable running one chunk on ``path`` -> normalised actions, the fused sampler it needs or
+    None, export facts). The callable installs its own fused sampler first, so paths interleave."""
+    quant = path.split("-")[0] if path.split("-")[0] in ("int8", "fp8") else "none"
+    policy.fused = None
+    if path in ("fused", "fused-graph", "int8", "fp8"):
+        policy.enable_fast(fused=True, weight_quant=quant, attention=attention, gemm=gemm, pdl=pdl)
+    elif path in ("compiled", "compiled-graph", "int8-graph", "fp8-graph"):
+        policy.enable_fast(fused=True, compile=True, weight_quant=quant, attention=attention, gemm=gemm, pdl=pdl)
+    if quant != "none" and (policy.fused is None or policy.fused.weight_quant != quant):
+        raise RuntimeError(f"weight_quant {quant} unavailable")
+    fused, info = policy.fused, {}
+    if path in ("cached", "dense", "fused", "compiled", "int8", "fp8"):
+        fn = lambda: policy.sample_normalized(imgs, goal, st, noise, cached=True)  # noqa: E731
+    elif path == "uncached":
+        fn = lambda: policy.sample_normalized(imgs, goal, st, noise, cached=False)  # noqa: E731
+    elif path in ("onnx", "onnx-plain"):
+        fn, info = onnx_runner(policy, dtype, imgs, goal, st, noise, rewrite=path == "onnx")
+    elif path.endswith("graph"):
+        from .graph import ChunkGraph
+        g = ChunkGraph(policy, b)
+        fn = lambda: g(imgs, goal, st, noise)  # noqa: E731
+    else:
+        raise ValueError(f"unknown path {path!r}")
+
+    def run():
+        policy.fused = fused
+        return fn()
+    return run, fused, info
+
+
+BLOCK = 10   # calls per path per round in ``_time_interleaved``
+
+
+def _time_interleaved(fns: dict, dev, runs: int, warmup: int, log=print, block: int = BLOCK) -> tuple[dict, dict]:
+    """(ms per call of each callable, grouped in rounds; its peak CUDA memory in MB — CUDA only).
+    Each round times ``block`` consecutive calls of every path in turn, after one untimed call (the
+    first after another path pays for its thread pool waking and its caches), so a burst of load on a
+    noisy machine hits every path alike and the per-round ratios are paired, while two runtimes' thread
+    pools never alternate call by call (on a 2-core CPU that slows both 2–4×). A path that raises in its
+    warm-up is left out (logged)."""
+    for path, fn in list(fns.items()):
+        try:
+            _time(fn, dev, 0, warmup)
+        except Exception as exc:  # noqa: BLE001
+            log(f"  {path}: failed: {exc}")
+            fns.pop(path)
+    times, peaks = {p: [] for p in fns}, {}
+    for r in range(0, runs, block):
+        for path, fn in fns.items():
+            if dev.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            times[path].append(_time(fn, dev, min(block, runs - r), 1))
+            if dev.type == "cuda":
+                peaks[path] = max(peaks.get(path, 0.0), torch.cuda.max_memory_allocated() / 2**20)
+    return times, peaks
+
+
+def _paired_ratios(rows: list[dict], times: dict[str, list[float]]) -> None:
+    """Each row of one (preset, dtype, batch) gets ``paired_speedup_vs``: the fastest PyTorch path of
+    the same rounds and, over rounds, the median (p10, p90) of its median time / this row's."""
+    torch_rows = [r for r in rows if not r["path"].startswith("onnx")]
+    if not torch_rows:
+        return
+    best = min(torch_rows, key=lambda r: r["median_ms"])["path"]
+    for r in rows:
+        ratios = [statistics.median(a) / statistics.median(t) for a, t in zip(times[best], times[r["path"]])]
+        r["paired_speedup_vs"] = {"path": best, "median": statistics.median(ratios),
+                                  "p10": float(np.percentile(ratios, 10)), "p90": float(np.percentile(ratios, 90))}
+
+
+def _row(policy, ctx: dict, path: str, ts: list[float], out, peak_mb: float | None) -> dict:
+    """One result row: latency statistics of ``ts`` and what the path computed (``out``) against the
+    reference of ``ctx`` (``bench_preset``'s facts for this preset / dtype / batch)."""
+    dev, f, steps = ctx["device"], policy.fused, ctx["steps"]
+    enc_ms = None
+    if policy.config.n_cameras and path in ("cached", "graph", "fused-graph", "compiled-graph"):
+        enc = _time(lambda: policy.encode_observation(ctx["imgs"], ctx["goal"]), dev, max(10, ctx["runs"] // 5), 2)
+        enc_ms = statistics.median(enc)
+    executed = ctx["counts"]["executed_cached" if path != "uncached" else "executed_uncached"]
+    bytes_chunk = f.weight_bytes_per_chunk() if f is not None else executed * ctx["itemsize"] * steps
+    med, bw = statistics.median(ts), ctx["bandwidth"]
+    return {"preset": ctx["preset"], "device": str(dev), "dtype": ctx["dtype"], "path": path, "batch": ctx["batch"],
+            "steps": steps, "median_ms": med, "p95_ms": float(np.percentile(ts, 95)),
+            "p90_ms": float(np.percentile(ts, 90)), "p99_ms": float(np.percentile(ts, 99)), "runs": ctx["runs"],
+            "encoders_ms": enc_ms, "weight_bytes_per_chunk": bytes_chunk,
+            "achieved_bandwidth_GBps": bytes_chunk / (med / 1e3) / 1e9,
+            "bandwidth_fraction": (bytes_chunk / (med / 1e3)) / bw if bw else None, "peak_mem_MB": peak_mb,
+            "fused_extra_params": f.extra_parameters() if f is not None else 0,
+            "weight_quant": f.weight_quant if f is not None else "none",
+            "max_abs_diff_vs_fp32": None if ctx["ref"] is None else float((out - ctx["ref"]).abs().max()),
+            "same_routing_as_fp32": None if ctx["dense"] else list(policy.sampler.table.indices) == ctx["ref_routing"],
+            "attention": f.attention if f is not None else None, "gemm": f.gemm if f is not None else None,
+            "pdl": f.pdl if f is not None else False, "compile_mode": f.compile_mode if f is not None else None}
 
 MAX_AUTOTUNE = "max-autotune-no-cudagraphs"
 # (attention, Inductor compile mode, expert weights[, gemm kernels[, programmatic dependent launch]]) of
@@ -497,8 +566,10 @@ def target_summary(rows: list[dict], baseline_ms: float) -> tuple[list[dict], st
 def onnx_runner(policy, dtype: str, imgs, goal, st, noise, rewrite: bool = True):
     """Export ``policy``'s chunk (batch of ``goal``, static shapes) to a temporary folder and return
     (a callable running it with onnxruntime on these inputs -> normalised actions as a tensor, export
-    facts: seconds, file size, graph rewrites). onnxruntime uses torch's thread count (same threads as
-    the torch rows); ``rewrite`` False: the exported file as it is (path ``onnx-plain``)."""
+    facts: seconds, file size, graph rewrites, threads). onnxruntime gets torch's thread count as its
+    budget (same threads as the torch rows) and keeps the count within it that runs fastest, as the
+    node does by default (``onnx_threads`` 0); ``rewrite`` False: the exported file as it is (path
+    ``onnx-plain``)."""
     import tempfile
 
     from ..export.onnx import export_onnx
@@ -508,12 +579,14 @@ def onnx_runner(policy, dtype: str, imgs, goal, st, noise, rewrite: bool = True)
         raise RuntimeError(f"ONNX export is fp32 or fp16, not {dtype}")
     out = tempfile.mkdtemp(prefix="mode_ros_bench_onnx_")
     meta = export_onnx(policy, out, batch=goal.shape[0], dtype=dtype, verify=False)
-    chunk = OnnxChunk.load(out, threads=torch.get_num_threads(), device=str(policy.device), rewrite=rewrite)
+    chunk = OnnxChunk.load(out, threads=torch.get_num_threads(), device=str(policy.device), rewrite=rewrite,
+                           calibrate=True)
 
     def run():
         return torch.from_numpy(chunk.run_all(imgs, goal, st, noise)[1])
     return run, {"export_s": meta["export_seconds"], "onnx_file_MB": meta["file_bytes"] / 1e6,
-                 "onnx_nodes": chunk.rewrites.get("nodes"), "onnx_rewrites": chunk.rewrites}
+                 "onnx_nodes": chunk.rewrites.get("nodes"), "onnx_rewrites": chunk.rewrites,
+                 "onnx_threads": chunk.threads}
 
 
 def _reference(policy, imgs, goal, noise, state=None):

@@ -86,6 +86,11 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("onnx_model", "string", "",
               "inference_backend onnx: the folder written by `mode-ros export onnx CHECKPOINT --out DIR` from "
               "this node's checkpoint (model.onnx + export.json)."),
+    ParamSpec("onnx_threads", "int", 0,
+              "inference_backend onnx on the CPU: onnxruntime's intra-op threads. 0: calibrated at configure "
+              "- a chunk is timed with 1, 2, 4... threads up to torch_threads (0: the CPUs this process may "
+              "use) and the fastest count is kept (on a small graph one thread can beat two: docs/measurements/"
+              "onnx); N > 0: exactly N.", min=0, max=1024),
     ParamSpec("goal", "string", "",
               "Initial language goal, used until one arrives on ~/goal (empty: wait for ~/goal).",
               live=True),
@@ -272,6 +277,7 @@ class NodeParams:
     sampling_steps: int = 0
     inference_backend: str = "torch"
     onnx_model: str = ""
+    onnx_threads: int = 0
     goal: str = ""
     control_rate_hz: float = 10.0
     replan_every: int = 0
