@@ -64,7 +64,8 @@ def test_step_in_and_step_out_kernels_match_pytorch(interp):
 
 def test_gemm_kernels_match_pytorch(interp):
     """Up-projection with SwiGLU and gates fused, for bf16/fp32 and int8/fp8 weights (widened in the
-    kernel, row scales in the epilogue), and the deterministic split-K projection."""
+    kernel, row scales in the epilogue), and the deterministic split-K projection, on contiguous
+    blocks and on strided views of stacked experts."""
     for quant in ("none", "int8", "fp8"):
         assert interp[f"swiglu_fp32_{quant}"] < 1e-6, (quant, interp[f"swiglu_fp32_{quant}"])
         assert interp[f"swiglu_bf16_{quant}"] < 1.5e-2, (quant, interp[f"swiglu_bf16_{quant}"])
@@ -72,6 +73,11 @@ def test_gemm_kernels_match_pytorch(interp):
     for s in (1, 3, None):
         assert interp[f"partials_split{s}"]["rel"] < 1e-6
     assert interp["linear_int8"] < 1e-6
+    # on strided views of stacked experts (what the fused sampler hands them: no copies), the down
+    # projection's K blocks straddling two experts; layouts they cannot read are refused
+    v = interp["views"]
+    assert v["up"] < 1e-6 and v["down"] < 1e-6 and v["down_int8"] < 1e-6 and v["down_splits"] == 2, v
+    assert len(v["refused"]) == 2 and all("swiglu_up" in r for r in v["refused"]), v
 
 
 def test_fused_sampler_with_triton_kernels_equals_cached_sampler(interp):
@@ -82,6 +88,9 @@ def test_fused_sampler_with_triton_kernels_equals_cached_sampler(interp):
                 "sampler_triton_triton_step_none"):
         assert interp[key] < 1e-5, (key, interp[key])
     assert 0 < interp["sampler_triton_triton_step_int8"] < 5e-3
+    # the Triton GEMMs read the experts as views of the stacked weights (quantised once): no fused copy
+    for key in ("sampler_sdpa_triton_layer_none", "sampler_triton_triton_step_none", "sampler_triton_triton_step_int8"):
+        assert interp[key + "_expert_copies"] == 0, key
     assert interp["sampler_int8_triton_vs_torch"] < 1e-5
     # bf16 / fp16 denoiser: the all-Triton step is as close to PyTorch's fused step as that one is to
     # the cached sampler in the same dtype (rounding noise), and stays near the fp32 actions

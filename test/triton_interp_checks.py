@@ -88,6 +88,30 @@ def main():
             z = F.linear(x.float(), wd, bias.float()).view(m, ne, 2, h)
             ref = (z[:, :, 0] * F.silu(z[:, :, 1]) * gates.float().view(1, ne, 1)).reshape(m, ne * h)
             out[f"swiglu_{dt}_{quant}"] = rel(tk.swiglu_up(x, wq, s, bias, gates), ref)
+    # the same kernels on VIEWS of stacked experts (no copy): experts (1, 3) of 4 (a stride of two
+    # experts), H = 40 so the 32-wide K blocks of the down projection straddle the two experts
+    e_, m, k, h = 4, 9, 48, 40
+    x = torch.randn(m, k)
+    w1 = torch.randn(e_, 2 * h, k) / k ** 0.5
+    b1, w2 = 0.1 * torch.randn(e_, 2 * h), torch.randn(e_, k, h) / h ** 0.5
+    gates = torch.rand(2)
+    z = torch.stack([F.linear(x, w1[e], b1[e]) for e in (1, 3)], 1).view(m, 2, 2, h)
+    hid_ref = (z[:, :, 0] * F.silu(z[:, :, 1]) * gates.view(1, 2, 1)).reshape(m, 2 * h)
+    hid = tk.swiglu_up(x, w1[1::2], None, b1[1::2], gates, blocks={"bk": 32})
+    down = tk.linear_partials(hid, w2[1::2], None, blocks={"bk": 32, "split": 2})
+    wq, sq = quantize_rows(w2.permute(1, 0, 2).reshape(k, e_ * h), "int8", torch.float32)   # one scale per row
+    wq = wq.view(k, e_, h).permute(1, 0, 2).contiguous()
+    down_q = tk.linear(hid, wq[1::2], sq.expand(e_, k)[1::2], blocks={"bk": 32})
+    ref_q = hid @ torch.cat([wq[1].float(), wq[3].float()], 1).T * sq
+    bad = []
+    for args in ((x, w1[1::2].transpose(1, 2), None, b1[1::2], gates), (x, w1[1::2], None, b1[1::2, :h], gates)):
+        try:
+            tk.swiglu_up(*args)
+        except ValueError as exc:
+            bad.append(str(exc)[:60])
+    out["views"] = {"up": rel(hid, hid_ref), "down_splits": down.shape[0],
+                    "down": rel(down.sum(0), hid_ref @ torch.cat([w2[1], w2[3]], 1).T),
+                    "down_int8": rel(down_q, ref_q), "refused": bad}
     # split-K partials: K = 300 not a multiple of the 128-wide block, several splits
     x = torch.randn(2, 7, 300)
     w = torch.randn(70, 300)
@@ -113,6 +137,7 @@ def main():
         key = f"sampler_{att}_{gemm}_{'step' if whole else 'layer'}_{quant}"
         acts = pol.sample_normalized(imgs, goal, None, noise, cached=True)
         out[key] = err(acts, ref)
+        out[key + "_expert_copies"] = len(pol.fused.expert_copies())
     # asked to compile the all-Triton step: it is not compiled (nothing for Inductor), and says why
     fs = FusedSampler(pol.sampler, attention="triton", gemm="triton", compile=True)
     out["compile_skipped"] = {"compile": fs.compile, "reason": fs.compile_skipped, "whole_step": fs.whole_step}

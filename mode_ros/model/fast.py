@@ -204,11 +204,11 @@ def fused_layer(h, c, ln1_g, wqkv, bqkv, qg, kg, wproj, ln2_g, w1f, b1f, w2f, ga
     h = h + (tk.linear(a, wproj) if tri else F.linear(a, wproj))
     y = _rms(h, ln2_g, eps)
     kk = gates.shape[0]
-    if w1f.dim() == 3:                                   # views of the stacked experts (no copies)
-        return (y if reference_residual else h) + selected_experts(y, w1f, b1f, w2f, gates, w1s, w2s, int8_kernel)
-    if tri:
+    if tri:                                              # views of the stacked experts, or a k >= 3 block
         hid = tk.swiglu_up(y, w1f, w1s, b1f, gates)
         out = tk.linear(hid, w2f, w2s)
+    elif w1f.dim() == 3:                                 # views of the stacked experts (no copies)
+        return (y if reference_residual else h) + selected_experts(y, w1f, b1f, w2f, gates, w1s, w2s, int8_kernel)
     else:
         z = qlinear(y, w1f, w1s, b1f, int8_kernel)       # (b, t, k * 2H): [v_1, g_1, v_2, g_2, …]
         z = z.view(b, t, kk, 2, -1)
@@ -344,10 +344,10 @@ class FusedSampler:
         tk.set_tuning(self.autotune and self.gemm == "triton")
         # the Triton GEMMs widen int8 in their own loads; torch's int8 kernel is for gemm="torch"
         self.int8_kernel = self.weight_quant == "int8" and self.gemm == "torch" and int8_kernel_available(dev)
-        # torch GEMMs read the selected experts as views of stacked weights: the model's own (one batched
-        # GEMM per projection), or, quantised, each layer's experts quantised ONCE (stacked, one scale per
-        # output row); the Triton kernels need fused copies
-        self.expert_views = self.gemm == "torch"
+        # the GEMMs (torch's batched ones and the Triton kernels alike) read the selected experts as views
+        # of stacked weights: the model's own or, quantised, each layer's experts quantised ONCE (stacked,
+        # one scale per output row; the down projection's shared by the experts)
+        self.expert_views = True
         # the int8 kernel wants scales in its activation dtype (bf16); the generic path keeps fp32
         sdt = torch.bfloat16 if self.int8_kernel else torch.float32
         self.quantized = [QuantizedExperts.of(blk.moe, self.weight_quant, sdt) for blk in net.blocks] if quant else []
@@ -362,7 +362,7 @@ class FusedSampler:
                 if views is not None:
                     self.experts[key] = views
                     continue
-                if quant:   # the Triton GEMMs: a contiguous copy of the once-quantised experts
+                if quant:   # k >= 3 experts at uneven gaps: a contiguous copy of the once-quantised experts
                     w1, b1, w2, s1, s2 = self.quantized[l].concatenated(sel)
                 else:
                     w1 = torch.cat([moe.w1[e] for e in sel]).contiguous()
@@ -370,8 +370,6 @@ class FusedSampler:
                     b1 = torch.cat([moe.b1[e] for e in sel]).contiguous()
                     s1 = s2 = None
                 self.experts[key] = (w1, b1, w2, s1, s2)
-        if not self.expert_views:
-            self.quantized = []   # the Triton GEMMs read their concatenated copies only
         self._key = t.key
         if self.autotune and self.gemm == "triton":
             self.pretune(1)
@@ -390,7 +388,7 @@ class FusedSampler:
         (sel, (w1f, b1f, w2f, s1, s2)) = next((k[1], e) for k, e in self.experts.items() if k[0] == 0)
         gates = torch.ones(len(sel), dtype=dt, device=x.device)
         tk.swiglu_up(x, w1f, s1, b1f, gates)
-        tk.linear_partials(torch.zeros(x.shape[0], w2f.shape[1], dtype=dt, device=x.device), w2f, s2)
+        tk.linear_partials(torch.zeros(x.shape[0], w1f.shape[:-1].numel() // 2, dtype=dt, device=x.device), w2f, s2)
         return tk.tuned()
 
     def extra_parameters(self) -> int:

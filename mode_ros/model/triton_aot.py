@@ -230,7 +230,7 @@ def step_binaries(name: str, dtype: str = "bf16", quant: str = "none", batch: in
             w1f, b1f, w2f, s1, s2 = next(e for k, e in fused.experts.items() if k[0] == 0)
             m = batch * net.n_tokens
             u = torch.zeros(m, L["wqkv"].shape[1], dtype=tdt)
-            hid = torch.zeros(m, w2f.shape[1], dtype=tdt)
+            hid = torch.zeros(m, w1f.shape[:-1].numel() // 2, dtype=tdt)
             gates = torch.ones(mc.top_k, dtype=tdt)
             tries = [("splitk", lambda bl, w=L["wqkv"]: tk.linear_partials(u, w, None, bl)),
                      ("splitk", lambda bl, w=L["wproj"]: tk.linear_partials(u, w, None, bl)),

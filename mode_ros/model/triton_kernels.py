@@ -109,6 +109,15 @@ if triton is not None:
             _prefetch_l2(w + rows.to(tl.int64) * K + k0)
 
     @triton.jit
+    def _prefetch_expert_cols(w, rows, k_lo, k_hi, EXPERT_K, EXPERT_E):
+        """``_prefetch_rows`` for experts' (N, EXPERT_K) weights EXPERT_E elements apart read as one
+        (N, k·EXPERT_K) matrix: its columns k_lo:k_hi of ``rows``."""
+        LINE: tl.constexpr = 1024 // w.dtype.element_ty.primitive_bitwidth
+        for k0 in range(k_lo, k_hi, LINE):
+            ex = k0 // EXPERT_K
+            _prefetch_l2(w + ex.to(tl.int64) * EXPERT_E + rows.to(tl.int64) * EXPERT_K + (k0 - ex * EXPERT_K))
+
+    @triton.jit
     def _tile(pid_m, pid_n, M, N, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
         """Row and column indices of a BM x BN output tile, the BK strip offsets, and the bound masks."""
         m = pid_m * BM + tl.arange(0, BM)
@@ -178,21 +187,21 @@ if triton is not None:
         tl.store(dst, o.to(out.dtype.element_ty), mask=m2)
 
     @triton.jit
-    def _swiglu_up_kernel(x, w, scale, bias, gates, out, M, K, H, NE,
+    def _swiglu_up_kernel(x, w, scale, bias, gates, out, M, K, H, NE, ROWS_E,
                           HAS_SCALE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                           F32DOT: tl.constexpr, PDL: tl.constexpr):
         e = tl.program_id(1)
         pid_m = tl.program_id(2)
         m, n, kk, mm, nm = _tile(pid_m, tl.program_id(0), M, H, BM, BN, BK)
-        rv = e * 2 * H + n          # expert e's rows: [v (H rows), g (H rows)]
+        rv = e * ROWS_E + n         # expert e's rows: [v (H rows), g (H rows)], ROWS_E rows after e - 1's
         rg = rv + H
         if PDL:
             # the weights do not depend on the previous kernel: start streaming them into L2 while it
             # finishes (one row block per program; the first row-block program of each M block only)
             if pid_m == 0:
                 nc = tl.minimum(n, H - 1)
-                _prefetch_rows(w, e * 2 * H + nc, 0, K, K)
-                _prefetch_rows(w, e * 2 * H + H + nc, 0, K, K)
+                _prefetch_rows(w, e * ROWS_E + nc, 0, K, K)
+                _prefetch_rows(w, e * ROWS_E + H + nc, 0, K, K)
         _pdl_enter(PDL)
         acc_v = tl.zeros((BM, BN), dtype=tl.float32)
         acc_g = tl.zeros((BM, BN), dtype=tl.float32)
@@ -215,22 +224,33 @@ if triton is not None:
         tl.store(dst, hid.to(out.dtype.element_ty), mask=mm[:, None] & nm[None, :])
 
     @triton.jit
-    def _linear_partials_kernel(x, w, scale, out, M, N, K, K_SPLIT,
-                                HAS_SCALE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                                BK: tl.constexpr, F32DOT: tl.constexpr, PDL: tl.constexpr):
+    def _linear_partials_kernel(x, w, scale, out, M, N, K, K_SPLIT, EXPERT_K, EXPERT_E,
+                                HAS_SCALE: tl.constexpr, EXPERTS: tl.constexpr, BM: tl.constexpr,
+                                BN: tl.constexpr, BK: tl.constexpr, F32DOT: tl.constexpr, PDL: tl.constexpr):
+        # EXPERTS: w is k experts' (N, EXPERT_K) down weights, EXPERT_E elements apart, read as one
+        # (N, k·EXPERT_K) matrix (column c: expert c // EXPERT_K, its column c % EXPERT_K); else (N, K)
         pid_s = tl.program_id(1)
         pid_m = tl.program_id(2)
         m, n, kk, mm, nm = _tile(pid_m, tl.program_id(0), M, N, BM, BN, BK)
         k_lo = pid_s * K_SPLIT
         if PDL:
             if pid_m == 0:   # this program's weight strip into L2 while the previous kernel finishes
-                _prefetch_rows(w, tl.minimum(n, N - 1), k_lo, tl.minimum(k_lo + K_SPLIT, K), K)
+                if EXPERTS:
+                    _prefetch_expert_cols(w, tl.minimum(n, N - 1), k_lo, tl.minimum(k_lo + K_SPLIT, K), EXPERT_K,
+                                          EXPERT_E)
+                else:
+                    _prefetch_rows(w, tl.minimum(n, N - 1), k_lo, tl.minimum(k_lo + K_SPLIT, K), K)
         _pdl_enter(PDL)
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for k0 in range(k_lo, k_lo + K_SPLIT, BK):
             km = ((k0 + kk) < K) & ((k0 + kk) < k_lo + K_SPLIT)
             a = tl.load(x + m[:, None] * K + k0 + kk[None, :], mask=mm[:, None] & km[None, :], other=0.0)
-            b = tl.load(w + n[:, None] * K + k0 + kk[None, :], mask=nm[:, None] & km[None, :], other=0.0)
+            if EXPERTS:
+                ex = (k0 + kk) // EXPERT_K
+                cols = ex * EXPERT_E + (k0 + kk - ex * EXPERT_K)
+                b = tl.load(w + n[:, None] * EXPERT_K + cols[None, :], mask=nm[:, None] & km[None, :], other=0.0)
+            else:
+                b = tl.load(w + n[:, None] * K + k0 + kk[None, :], mask=nm[:, None] & km[None, :], other=0.0)
             acc += _dot_nt(a, b, F32DOT)
         if HAS_SCALE:
             acc = acc * tl.load(scale + n, mask=nm, other=0.0).to(tl.float32)[None, :]
@@ -581,16 +601,19 @@ def _choose(kind: str, key: tuple, launch, device: torch.device) -> dict | None:
 
 def swiglu_up(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor,
               gates: torch.Tensor, blocks: dict | None = None) -> torch.Tensor:
-    """``gate_e · v_e · silu(g_e)`` for the selected experts, from x (…, K) and their fused up weights
-    ``w`` (n_e · 2H, K): per expert e the rows [v (H), g (H)], stored in the activation dtype or as
-    int8 / fp8 with one ``scale`` per row; ``bias`` (n_e · 2H,), ``gates`` (n_e,). Returns (…, n_e · H)
-    in x's dtype. Equals ``fast.fused_layer``'s qlinear + SwiGLU + gates, with one rounding at the end."""
+    """``gate_e · v_e · silu(g_e)`` for the selected experts, from x (…, K) and their up weights ``w``:
+    (n_e, 2H, K) views of the layer's stacked experts (no copy; experts any fixed number of rows apart)
+    or one (n_e · 2H, K) block; per expert e the rows [v (H), g (H)], stored in the activation dtype or
+    as int8 / fp8 with one ``scale`` per row; ``bias`` and ``scale`` laid out like w's rows ((n_e, 2H)
+    or (n_e · 2H,)), ``gates`` (n_e,). Returns (…, n_e · H) in x's dtype. Equals ``fast.fused_layer``'s
+    qlinear + SwiGLU + gates, with one rounding at the end."""
     _check(x, "swiglu_up")
     *lead, k = x.shape
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
     ne = gates.shape[0]
-    h = w.shape[0] // (2 * ne)
+    h = w.shape[:-1].numel() // (2 * ne)
+    rows_e = _expert_rows(w, (bias, scale), 2 * h, k)
     out = torch.empty(m, ne * h, dtype=x.dtype, device=x.device)
     if blocks is None:
         key = ("up", m, ne * h, k, w.dtype, x.dtype, scale is not None)
@@ -600,22 +623,53 @@ def swiglu_up(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, bias
             blocks = _choose("up", key, lambda bl: swiglu_up(x, w, scale, bias, gates, bl or {}), x.device)
     cfg = _blocks(m, h, k, x.device, blocks)
     grid = (triton.cdiv(h, cfg["bn"]), ne, triton.cdiv(m, cfg["bm"]))
-    _swiglu_up_kernel[grid](x2, w, scale if scale is not None else bias, bias, gates, out, m, k, h, ne,
+    _swiglu_up_kernel[grid](x2, w, scale if scale is not None else bias, bias, gates, out, m, k, h, ne, rows_e,
                             HAS_SCALE=scale is not None, BM=cfg["bm"], BN=cfg["bn"], BK=cfg["bk"],
                             F32DOT=_f32dot(x), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
                             **_pdl_args())
     return out.view(*lead, ne * h)
 
 
+def _expert_rows(w: torch.Tensor, rows_like: tuple, two_h: int, k: int) -> int:
+    """Rows from one expert's up weights to the next in ``w`` ((n_e, 2H, K) view or (n_e · 2H, K)
+    block), checking that the per-row tensors ``rows_like`` (bias, scale) step the same way."""
+    if w.dim() == 2:
+        if not w.is_contiguous():
+            raise ValueError(f"swiglu_up: expert block {tuple(w.shape)} is not contiguous")
+        rows_e = two_h
+    elif w.dim() == 3 and w.stride()[1:] == (k, 1) and w.stride(0) % k == 0:
+        rows_e = w.stride(0) // k
+    else:
+        raise ValueError(f"swiglu_up: expert weights {tuple(w.shape)} (strides {w.stride()}) are not row-major "
+                         "experts a whole number of rows apart")
+    rows = tuple(w.shape[:-1])   # (n_e, 2H) or (n_e · 2H,)
+    for t in rows_like:
+        if t is not None and (tuple(t.shape) != rows or t.stride(-1) != 1 or (t.dim() == 2 and t.stride(0) != rows_e)):
+            raise ValueError(f"swiglu_up: bias/scale {tuple(t.shape)} (strides {t.stride()}) do not follow the "
+                             f"weights' rows ({rows_e} rows per expert)")
+    return rows_e
+
+
 def linear_partials(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None,
                     blocks: dict | None = None) -> torch.Tensor:
     """Split-K partial sums of ``x @ w.T`` (times the row ``scale`` of a quantised ``w``): fp32
     (split, …, N). ``.sum(0)`` gives the product; under torch.compile that sum fuses into the
-    consumer (residual add, bias, cast)."""
+    consumer (residual add, bias, cast). ``w`` (N, K), or the selected experts' down weights as (n_e,
+    N, H) views of the layer's stacked experts, read as their (N, n_e · H) concatenation without a
+    copy (``scale`` then (N,) or its (n_e, N) expansion: one row scale shared by the experts)."""
     _check(x, "linear_partials")
     *lead, k = x.shape
     x2 = x.reshape(-1, k)
-    m, n = x2.shape[0], w.shape[0]
+    experts = w.dim() == 3
+    if experts:
+        if w.stride()[1:] != (w.shape[2], 1) or w.shape[0] * w.shape[2] != k:
+            raise ValueError(f"linear_partials: expert weights {tuple(w.shape)} (strides {w.stride()}) do not "
+                             f"make a ({w.shape[1]}, {k}) matrix of row-major experts")
+        if scale is not None and scale.dim() == 2:
+            if scale.stride(0) != 0 and not bool((scale == scale[:1]).all()):
+                raise ValueError("linear_partials: the experts' row scales differ (one shared scale per row)")
+            scale = scale[0]
+    m, n = x2.shape[0], w.shape[-2]
     if blocks is None:
         key = ("splitk", m, n, k, w.dtype, x.dtype, scale is not None)
         if key in _TUNED:
@@ -629,7 +683,8 @@ def linear_partials(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None
     out = torch.empty(split, m, n, dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(n, cfg["bn"]), split, triton.cdiv(m, cfg["bm"]))
     _linear_partials_kernel[grid](x2, w, scale if scale is not None else w, out, m, n, k, k_split,
-                                  HAS_SCALE=scale is not None, BM=cfg["bm"], BN=cfg["bn"], BK=bk,
+                                  w.shape[2] if experts else k, w.stride(0) if experts else 0,
+                                  HAS_SCALE=scale is not None, EXPERTS=experts, BM=cfg["bm"], BN=cfg["bn"], BK=bk,
                                   F32DOT=_f32dot(x), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
                                   **_pdl_args())
     return out.view(split, *lead, n)
