@@ -8,7 +8,9 @@ CUDA graph, CUDA only), ``int8`` / ``fp8`` (fused with weight-only quantised exp
 suffix: compiled + CUDA graph), ``dense`` (a same-size model with all experts active).
 Every row also reports the largest difference of its normalised actions from the eager uncached fp32
 path on the same inputs (``max_abs_diff_vs_fp32``) and whether its routing table equals the fp32
-one; plus the encoders' share and, on CUDA, achieved weight bandwidth and peak memory.
+one; plus the encoders' share and, on CUDA, achieved weight bandwidth and peak memory. The paths of
+one preset / dtype / batch are timed in rounds (``_time_interleaved``), so each row's speed-up over the
+fastest PyTorch path is paired round by round (``paired_speedup_vs``).
 """
 from __future__ import annotations
 

@@ -30,10 +30,13 @@ def register(sub) -> None:
     p.add_argument("--dtypes", default=None, help="comma list of fp32,bf16,fp16 (default: fp32 on CPU, fp32,bf16 on CUDA)")
     p.add_argument("--paths", default="uncached,cached,dense",
                    help="comma list of uncached, cached, fused, compiled, int8, fp8 (CUDA), dense, onnx (onnxruntime, "
-                        "the graph rewritten for it), onnx-plain (the exported file as it is); CUDA only: "
+                        "the graph rewritten for it; --threads is its budget, the fastest count within it is kept, as the node's "
+                        "onnx_threads 0 does), onnx-plain (the exported file as it is); CUDA only: "
                         "graph, fused-graph, compiled-graph, int8-graph, fp8-graph")
     p.add_argument("--batches", default="1", help="comma list of batch sizes (observations per chunk call)")
-    p.add_argument("--runs", type=int, default=50, help="timed chunks per configuration (median and p99 reported)")
+    p.add_argument("--runs", type=int, default=50,
+                   help="timed chunks per configuration (median and p99 reported), in rounds of 10 per path in turn "
+                        "(each row's paired_speedup_vs: median per-round speed-up over the fastest PyTorch path)")
     p.add_argument("--warmup", type=int, default=5, help="untimed chunks before timing (allocation, autotuning)")
     p.add_argument("--steps", type=int, default=10, help="denoising steps per chunk")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
