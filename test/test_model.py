@@ -462,6 +462,41 @@ def test_quantised_fused_sampler_close_to_fp32_with_same_routing(kind):
     assert torch.allclose(q2.sample(x_T, goal, obs), out, atol=1e-5, rtol=0)
 
 
+
+def test_released_full_precision_experts_leave_the_quantised_ones_and_the_same_chunks():
+    """With quantised experts computing every chunk, ``release_expert_weights`` frees the stacked
+    full-precision experts (the experts are then held once): the chunks are unchanged, a new step count
+    rebuilds the fused sampler from the quantised experts it keeps, and what needs the freed weights
+    (eager sampling, guidance, another enable_fast) raises. The deployed set-up does it unless the
+    strategy is rtc_guidance."""
+    from mode_ros.export.deploy import load_policy
+    from mode_ros.model.inpainting import ChunkPrefix
+    from mode_ros.ros.params import NodeParams
+    pol = MoDEPolicy.from_preset("metaworld", seed=2).eval()
+    pol.enable_fast(fused=True, weight_quant="int8")
+    st = np.linspace(-1, 1, pol.state_dim).astype(np.float32)
+    before = pol.predict_chunk(None, "reach", st, seed=4)
+    pol.set_num_steps(3)
+    before3 = pol.predict_chunk(None, "reach", st, seed=4)
+    pol.set_num_steps(10)
+    expert_bytes = sum(b.moe.w1.numel() * 4 + b.moe.w2.numel() * 4 for b in pol.sampler.net.blocks)
+    assert pol.release_expert_weights() == expert_bytes and pol.experts_released
+    assert all(b.moe.w1.is_meta and b.moe.w2.is_meta and not b.moe.b1.is_meta for b in pol.sampler.net.blocks)
+    np.testing.assert_array_equal(pol.predict_chunk(None, "reach", st, seed=4), before)
+    pol.set_num_steps(3)
+    np.testing.assert_array_equal(pol.predict_chunk(None, "reach", st, seed=4), before3)
+    with pytest.raises(RuntimeError, match="eager samplers need them"):
+        pol.sample_normalized(None, torch.zeros(1, 512), torch.zeros(1, pol.state_dim), cached=False)
+    with pytest.raises(RuntimeError, match="guidance needs them"):
+        pol.predict_chunk(None, "reach", st, seed=4, prefix=ChunkPrefix(before[3:], fixed=2, method="guidance"))
+    with pytest.raises(RuntimeError, match="expert weights were released"):
+        pol.enable_fast(fused=True)
+    base = {"checkpoint": "bundled", "weight_quant": "int8", "fast_inference": "fused"}
+    deployed, described = load_policy(NodeParams.from_mapping(base))
+    assert deployed.experts_released and "full-precision experts released" in described
+    kept, described = load_policy(NodeParams.from_mapping({**base, "execution_strategy": "rtc_guidance"}))
+    assert not kept.experts_released and "full-precision experts kept (rtc_guidance)" in described
+
 def test_int8_kernel_matches_widened_weights():
     """torch._weight_int8pack_mm (CPU int8 kernel) and the generic widen-and-scale path agree."""
     from mode_ros.model.fast import int8_kernel_available, qlinear, quantize_rows

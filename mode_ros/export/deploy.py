@@ -8,7 +8,8 @@ What it applies, in order: the checkpoint on ``device`` / ``dtype``, ``torch_thr
 restores it where it must), ``sampling_steps``, then either ``inference_backend onnx`` (the export in
 ``onnx_model``, checked against the checkpoint; the PyTorch denoiser weights are released unless the
 execution strategy needs PyTorch for prefixed chunks) or the PyTorch fast paths (``fast_inference``,
-``weight_quant``, ``gpu_kernels``). ``params`` is a ``mode_ros.ros.params.NodeParams`` (plain data,
+``weight_quant``, ``gpu_kernels``; with quantised experts the full-precision ones are released unless
+guidance needs them). ``params`` is a ``mode_ros.ros.params.NodeParams`` (plain data,
 no ROS).
 """
 from __future__ import annotations
@@ -59,7 +60,21 @@ def load_policy(p, log=None):
         active = sel["active"]
     else:
         active = policy.enable_fast(logger=log, **base, **_KERNELS[kernels])
-    return policy, f"fast inference: {active}, {policy.num_steps} steps"
+    described = f"fast inference: {active}, {policy.num_steps} steps"
+    if active.get("weight_quant", "none") != "none" and policy.fused is not None:
+        described += "; " + _release_experts(policy, p, log)
+    return policy, described
+
+
+def _release_experts(policy, p, log) -> str:
+    """Quantised experts compute every chunk: free the full-precision ones unless guidance needs them."""
+    from ..control.controller import ChunkController
+
+    if ChunkController.strategy_name(p) == "rtc_guidance":
+        log.warning("execution_strategy rtc_guidance with weight_quant %s: guidance differentiates through the "
+                    "full-precision experts, which are kept beside the quantised ones", p.weight_quant)
+        return "full-precision experts kept (rtc_guidance)"
+    return f"full-precision experts released, {policy.release_expert_weights() / 1e6:.1f} MB"
 
 
 def _attach_onnx(policy, p, log) -> str:

@@ -671,7 +671,8 @@ def path_memory(name: str, path: str, steps: int = 10, export_dir: str | None = 
     """Resident memory a CPU fast path holds for preset ``name``: the process after a plain cached chunk
     (policy + routing table), then after building ``path`` (fused / compiled / onnx) and computing two
     chunks; ``held_MB`` is the difference (weight copies, compiled code, the onnxruntime session).
-    ``onnx_node``: as the node runs it without real-time chunking — the export in ``export_dir`` (written
+    ``int8_node``: int8 experts with the full-precision ones released, as the node deploys
+    ``weight_quant`` int8. ``onnx_node``: as the node runs it without real-time chunking — the export in ``export_dir`` (written
     by a child process first if missing, so no export garbage stays here) attached and the PyTorch
     denoiser/encoder weights released. One path per process:
     ``python -m mode_ros.model.bench memory PRESET PATH [STEPS [EXPORT_DIR]]``."""
@@ -700,10 +701,14 @@ def path_memory(name: str, path: str, steps: int = 10, export_dir: str | None = 
         gc.collect()
         base = _proc_mb("VmRSS")
         fn, extra = (lambda: policy.sample_normalized(imgs, goal, st, noise, cached=True)), {}
-        if path in ("fused", "compiled", "int8"):
-            policy.enable_fast(fused=True, compile=path == "compiled", weight_quant="int8" if path == "int8" else "none")
+        if path in ("fused", "compiled", "int8", "int8_node"):
+            policy.enable_fast(fused=True, compile=path == "compiled", weight_quant="none" if path in (
+                "fused", "compiled") else "int8")
             extra = {"fused_entries": len(policy.fused.experts), "expert_copies": len(policy.fused.expert_copies()),
                      "fused_extra_MB": policy.fused.extra_bytes() / 1e6}
+            if path == "int8_node":   # as the node deploys it: the full-precision experts released
+                extra["released_MB"] = policy.release_expert_weights() / 1e6
+                gc.collect()
         elif path == "onnx":
             fn, extra = onnx_runner(policy, "fp32", imgs, goal, st, noise)
         elif path == "onnx_node":
@@ -715,7 +720,7 @@ def path_memory(name: str, path: str, steps: int = 10, export_dir: str | None = 
             def fn():
                 return chunk.run_all(imgs, goal, st, noise)
         elif path != "cached":
-            raise ValueError(f"path: {path!r} is not one of cached, fused, compiled, int8, onnx, onnx_node")
+            raise ValueError(f"path: {path!r} is not one of cached, fused, compiled, int8, int8_node, onnx, onnx_node")
         fn()
         fn()
         gc.collect()

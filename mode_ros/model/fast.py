@@ -350,7 +350,10 @@ class FusedSampler:
         self.expert_views = True
         # the int8 kernel wants scales in its activation dtype (bf16); the generic path keeps fp32
         sdt = torch.bfloat16 if self.int8_kernel else torch.float32
-        self.quantized = [QuantizedExperts.of(blk.moe, self.weight_quant, sdt) for blk in net.blocks] if quant else []
+        if not quant:
+            self.quantized = []
+        elif not self.quantized:   # quantised once, kept across rebuilds (the fp32 experts may be released)
+            self.quantized = [QuantizedExperts.of(blk.moe, self.weight_quant, sdt) for blk in net.blocks]
         for s in range(len(t.indices)):
             for l, ranked in enumerate(t.indices[s]):
                 sel = tuple(sorted(ranked))

@@ -100,6 +100,7 @@ class MoDEPolicy(nn.Module):
         self.backend = None
         # (device, dtype) the weights had before release_torch_weights (None: the weights are here)
         self.released_from: tuple[torch.device, torch.dtype] | None = None
+        self.experts_released = False   # ``release_expert_weights``: only the quantised experts remain
         # any load_state_dict into the denoiser (also a partial one, e.g. experts only) invalidates the
         # routing table, the fused copies of the weights and the captured graph
         self.denoiser.register_load_state_dict_post_hook(self._weights_loaded)
@@ -227,6 +228,9 @@ class MoDEPolicy(nn.Module):
             raise ValueError(f"gemm: {gemm!r} is not one of {GEMM}")
         state = {"fused": False, "compiled": False, "graph": False, "weight_quant": "none",
                  "attention": None, "gemm": None, "pdl": False}
+        if self.experts_released:
+            raise RuntimeError("enable_fast: this policy's expert weights were released for its quantised fused "
+                               "sampler (reload the checkpoint to change the fast path)")
         self.eval()
         # a call sets the whole fast configuration: a graph captured over an earlier fused sampler (whose
         # weight copies this call replaces) must never replay, and fused=False turns fusion off
@@ -334,6 +338,26 @@ class MoDEPolicy(nn.Module):
         self.released_from = released_from
         return freed
 
+    def release_expert_weights(self) -> int:
+        """Free the denoiser's stacked expert weights once the fused sampler computes every chunk from its
+        own once-quantised experts (``enable_fast(weight_quant="int8" | "fp8")``), so the process holds
+        the experts once, quantised; everything else stays. Afterwards sampling that needs them — the
+        eager samplers, guidance, a new ``enable_fast`` — raises. Returns the bytes freed."""
+        f = self.fused
+        if f is None or f.weight_quant == "none" or self.released_from:
+            raise RuntimeError("release_expert_weights: needs the fused sampler with quantised experts "
+                               "(enable_fast(weight_quant='int8' or 'fp8'))")
+        f.ensure()   # quantised from the weights about to go
+        freed = 0
+        for blk in self.sampler.net.blocks:
+            for name in ("w1", "w2"):
+                w = getattr(blk.moe, name)
+                if not w.is_meta:
+                    freed += w.numel() * w.element_size()
+                    setattr(blk.moe, name, torch.nn.Parameter(w.detach().to("meta"), requires_grad=False))
+        self.experts_released = True
+        return freed
+
     @torch.no_grad()
     def sample_normalized(self, images, goal_emb, state=None, noise=None, cached: bool | None = None,
                           generator: torch.Generator | None = None, guide: PrefixGuide | None = None) -> torch.Tensor:
@@ -353,7 +377,13 @@ class MoDEPolicy(nn.Module):
         st = state.to(dt) if state is not None else None
         sigmas_max = self.config.diffusion.sigma_max
         x_T = noise.float() * sigmas_max
-        if cached if cached is not None else self.use_cache:
+        use_cache = cached if cached is not None else self.use_cache
+        if self.experts_released and not (use_cache and self.fused is not None
+                                          and (guide is None or not guide.needs_grad)):
+            raise RuntimeError("this policy's expert weights were released for its quantised fused sampler: "
+                               + ("guidance needs them" if use_cache and self.fused is not None
+                                  else "the eager samplers need them"))
+        if use_cache:
             if self.fused is not None and guide is not None and guide.needs_grad and not self.fused.differentiable:
                 self._log_once("rtc_fused", "real-time chunking guidance takes a vector-Jacobian product "
                                "through the denoiser: it runs the cached eager sampler, not the fused one "

@@ -58,8 +58,10 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("weight_quant", "string", "none",
               "Weight-only quantisation of the experts (fused sampler, one scale per output row): none, "
               "int8 (CPU: int8 matmul kernel; paper-size model 1.4x faster than fp32, normalised actions "
-              "within 2e-3 of fp32: docs/measurements/cpu_int8), fp8 (CUDA only). Falls back to "
-              "unquantised with a logged reason.", choices=("none", "int8", "fp8")),
+              "within 2e-3 of fp32: docs/measurements/cpu_int8), fp8 (CUDA only). The full-precision experts "
+              "are then released (the experts are held once, quantised), except for execution_strategy "
+              "rtc_guidance, which differentiates through them. Falls back to unquantised with a logged "
+              "reason.", choices=("none", "int8", "fp8")),
     ParamSpec("gpu_kernels", "string", "torch",
               "Kernels of the fused sampler: torch (cuBLAS / Inductor) or triton (this package's small-batch "
               "Triton kernels: q/k norms + causal attention in one kernel, split-K projections, the experts' "
