@@ -107,36 +107,12 @@ def bench_preset(name: str, device: str, dtypes: list[str], paths: list[str], ba
                 policy.encoders.to(tdt)
             for b in batches:
                 imgs, goal, noise, ref, st = inputs[b]
-                variants = ["dense"] if dense else [p for p in paths if p != "dense"]
-                built = {}   # path -> (timed callable, its fused sampler or None, export facts)
-                for path in variants:
-                    skip = _skip_reason(path, dtype, dtypes, dev)
-                    if skip:
-                        if skip != "-":
-                            log(f"[bench] {name} {dtype} b={b} {path}: skipped ({skip})")
-                        continue
-                    try:
-                        built[path] = _build_path(policy, path, imgs, goal, st, noise, dtype, b, attention, gemm, pdl)
-                    except Exception as exc:  # noqa: BLE001
-                        log(f"  {name} {dtype} {path} b={b}: failed: {exc}")
-                times, peaks = _time_interleaved({k: v[0] for k, v in built.items()}, dev, runs, warmup, log)
-                ctx = {"preset": name, "device": dev, "dtype": dtype, "batch": b, "steps": steps, "runs": runs,
-                       "ref": ref, "counts": counts, "itemsize": torch.tensor([], dtype=tdt).element_size(),
-                       "bandwidth": bw, "dense": dense, "ref_routing": ref_routing, "imgs": imgs, "goal": goal}
-                new = []
-                for path in times:
-                    fn, fused, onnx_info = built[path]
-                    policy.fused = fused
-                    row = _row(policy, ctx, path, sum(times[path], []), fn().float(), peaks.get(path))
-                    row.update(onnx_info)
-                    new.append(row)
-                    log(f"  {name:>12} {dtype:>4} {path:>9} b={b:<3} median {row['median_ms']:8.2f} ms  "
-                        f"p95 {row['p95_ms']:8.2f} ms"
-                        + (f"  encoders {row['encoders_ms']:.2f} ms" if row["encoders_ms"] is not None else "")
-                        + (f"  max|a-a_fp32| {row['max_abs_diff_vs_fp32']:.2e}"
-                           if row["max_abs_diff_vs_fp32"] is not None else ""))
-                _paired_ratios(new, times)
-                rows += new
+                ctx = {"preset": name, "device": dev, "dtype": dtype, "dtypes": dtypes, "batch": b, "steps": steps,
+                       "runs": runs, "warmup": warmup, "ref": ref, "counts": counts, "bandwidth": bw,
+                       "itemsize": torch.tensor([], dtype=tdt).element_size(), "dense": dense,
+                       "ref_routing": ref_routing, "imgs": imgs, "goal": goal, "state": st, "noise": noise,
+                       "kernels": (attention, gemm, pdl)}
+                rows += _bench_paths(policy, ctx, ["dense"] if dense else [p for p in paths if p != "dense"], log)
         policy.fused = None
         del policy
         if dev.type == "cuda":
@@ -144,6 +120,38 @@ def bench_preset(name: str, device: str, dtypes: list[str], paths: list[str], ba
     return rows
 
 
+
+
+def _bench_paths(policy, ctx: dict, paths: list[str], log) -> list[dict]:
+    """Rows of ``paths`` for one preset / dtype / batch (``ctx``: ``bench_preset``'s facts and inputs),
+    built first, then timed together in rounds (``_time_interleaved``), with paired speed-ups."""
+    name, dtype, b = ctx["preset"], ctx["dtype"], ctx["batch"]
+    built = {}   # path -> (timed callable, its fused sampler or None, export facts)
+    for path in paths:
+        skip = _skip_reason(path, dtype, ctx["dtypes"], ctx["device"])
+        if skip:
+            if skip != "-":
+                log(f"[bench] {name} {dtype} b={b} {path}: skipped ({skip})")
+            continue
+        try:
+            built[path] = _build_path(policy, path, ctx["imgs"], ctx["goal"], ctx["state"], ctx["noise"], dtype, b,
+                                      *ctx["kernels"])
+        except Exception as exc:  # noqa: BLE001
+            log(f"  {name} {dtype} {path} b={b}: failed: {exc}")
+    times, peaks = _time_interleaved({k: v[0] for k, v in built.items()}, ctx["device"], ctx["runs"], ctx["warmup"],
+                                     log)
+    rows = []
+    for path in times:
+        fn, fused, onnx_info = built[path]
+        policy.fused = fused
+        row = _row(policy, ctx, path, sum(times[path], []), fn().float(), peaks.get(path))
+        row.update(onnx_info)
+        rows.append(row)
+        log(f"  {name:>12} {dtype:>4} {path:>9} b={b:<3} median {row['median_ms']:8.2f} ms  p95 {row['p95_ms']:8.2f} ms"
+            + (f"  encoders {row['encoders_ms']:.2f} ms" if row["encoders_ms"] is not None else "")
+            + (f"  max|a-a_fp32| {row['max_abs_diff_vs_fp32']:.2e}" if row["max_abs_diff_vs_fp32"] is not None else ""))
+    _paired_ratios(rows, times)
+    return rows
 
 def _skip_reason(path: str, dtype: str, dtypes: list[str], dev) -> str | None:
     """Why ``path`` is not timed in ``dtype`` on ``dev`` ("-": silently, it is timed in another dtype)."""
