@@ -57,7 +57,8 @@ def _check_signature(path: Path, meta: dict, session) -> None:
 def thread_candidates(budget: int | None) -> list[int]:
     """Intra-op thread counts tried within ``budget`` (default: the CPUs this process may use): the
     budget first, then 1, 2, 4… below it."""
-    budget = max(1, int(budget or len(os.sched_getaffinity(0))))
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    budget = max(1, int(budget or cpus or 1))
     return [budget] + [t for t in (2 ** i for i in range(budget.bit_length())) if t < budget]
 
 
