@@ -567,21 +567,21 @@ def test_bench_preset_with_a_state():
 
 
 
-def test_bench_paths_are_timed_in_turn_with_paired_ratios():
+def test_bench_paths_are_timed_in_turn_withpaired_ratios():
     """The paths of one run are timed in rounds: a block of consecutive calls of each path in turn,
     after one untimed call, so load bursts hit every path alike; every row carries the median per-round
     speed-up over the fastest PyTorch path of the same rounds (the onnx paths are never that baseline)."""
     import statistics
 
-    from mode_ros.model.bench import _paired_ratios, _time_interleaved
+    from mode_ros.model.bench import paired_ratios, time_in_rounds
     calls = []
     fns = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b"), "c": lambda: 1 / 0}
-    times, peaks = _time_interleaved(fns, torch.device("cpu"), runs=3, warmup=2, log=lambda m: None, block=2)
+    times, peaks = time_in_rounds(fns, torch.device("cpu"), runs=3, warmup=2, log=lambda m: None, block=2)
     assert calls == ["a"] * 2 + ["b"] * 2 + ["a"] * 3 + ["b"] * 3 + ["a"] * 2 + ["b"] * 2
     assert [len(t) for t in times["a"]] == [2, 1] and set(times) == {"a", "b"} and peaks == {}
     times = {"cached": [[4.0, 4.0], [8.0]], "compiled": [[2.0, 2.0], [4.0]], "onnx": [[1.0, 3.0], [1.0]]}
     rows = [{"path": p, "median_ms": statistics.median(sum(t, []))} for p, t in times.items()]
-    _paired_ratios(rows, times)
+    paired_ratios(rows, times)
     by = {r["path"]: r["paired_speedup_vs"] for r in rows}
     assert {v["path"] for v in by.values()} == {"compiled"}
     assert by["compiled"]["median"] == 1.0 and by["onnx"]["median"] == 2.5 and by["cached"]["median"] == 0.5

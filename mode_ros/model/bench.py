@@ -9,7 +9,7 @@ suffix: compiled + CUDA graph), ``dense`` (a same-size model with all experts ac
 Every row also reports the largest difference of its normalised actions from the eager uncached fp32
 path on the same inputs (``max_abs_diff_vs_fp32``) and whether its routing table equals the fp32
 one; plus the encoders' share and, on CUDA, achieved weight bandwidth and peak memory. The paths of
-one preset / dtype / batch are timed in rounds (``_time_interleaved``), so each row's speed-up over the
+one preset / dtype / batch are timed in rounds (``time_in_rounds``), so each row's speed-up over the
 fastest PyTorch path is paired round by round (``paired_speedup_vs``).
 """
 from __future__ import annotations
@@ -124,7 +124,7 @@ def bench_preset(name: str, device: str, dtypes: list[str], paths: list[str], ba
 
 def _bench_paths(policy, ctx: dict, paths: list[str], log) -> list[dict]:
     """Rows of ``paths`` for one preset / dtype / batch (``ctx``: ``bench_preset``'s facts and inputs),
-    built first, then timed together in rounds (``_time_interleaved``), with paired speed-ups."""
+    built first, then timed together in rounds (``time_in_rounds``), with paired speed-ups."""
     name, dtype, b = ctx["preset"], ctx["dtype"], ctx["batch"]
     built = {}   # path -> (timed callable, its fused sampler or None, export facts)
     for path in paths:
@@ -138,7 +138,7 @@ def _bench_paths(policy, ctx: dict, paths: list[str], log) -> list[dict]:
                                       *ctx["kernels"])
         except Exception as exc:  # noqa: BLE001
             log(f"  {name} {dtype} {path} b={b}: failed: {exc}")
-    times, peaks = _time_interleaved({k: v[0] for k, v in built.items()}, ctx["device"], ctx["runs"], ctx["warmup"],
+    times, peaks = time_in_rounds({k: v[0] for k, v in built.items()}, ctx["device"], ctx["runs"], ctx["warmup"],
                                      log)
     rows = []
     for path in times:
@@ -150,7 +150,7 @@ def _bench_paths(policy, ctx: dict, paths: list[str], log) -> list[dict]:
         log(f"  {name:>12} {dtype:>4} {path:>9} b={b:<3} median {row['median_ms']:8.2f} ms  p95 {row['p95_ms']:8.2f} ms"
             + (f"  encoders {row['encoders_ms']:.2f} ms" if row["encoders_ms"] is not None else "")
             + (f"  max|a-a_fp32| {row['max_abs_diff_vs_fp32']:.2e}" if row["max_abs_diff_vs_fp32"] is not None else ""))
-    _paired_ratios(rows, times)
+    paired_ratios(rows, times)
     return rows
 
 def _skip_reason(path: str, dtype: str, dtypes: list[str], dev) -> str | None:
@@ -198,10 +198,10 @@ def _build_path(policy, path: str, imgs, goal, st, noise, dtype: str, b: int, at
     return run, fused, info
 
 
-BLOCK = 10   # calls per path per round in ``_time_interleaved``
+BLOCK = 10   # calls per path per round in ``time_in_rounds``
 
 
-def _time_interleaved(fns: dict, dev, runs: int, warmup: int, log=print, block: int = BLOCK) -> tuple[dict, dict]:
+def time_in_rounds(fns: dict, dev, runs: int, warmup: int, log=print, block: int = BLOCK) -> tuple[dict, dict]:
     """(ms per call of each callable, grouped in rounds; its peak CUDA memory in MB — CUDA only).
     Each round times ``block`` consecutive calls of every path in turn, after one untimed call (the
     first after another path pays for its thread pool waking and its caches), so a burst of load on a
@@ -225,7 +225,7 @@ def _time_interleaved(fns: dict, dev, runs: int, warmup: int, log=print, block: 
     return times, peaks
 
 
-def _paired_ratios(rows: list[dict], times: dict[str, list[float]]) -> None:
+def paired_ratios(rows: list[dict], times: dict[str, list[float]]) -> None:
     """Each row of one (preset, dtype, batch) gets ``paired_speedup_vs``: the fastest PyTorch path of
     the same rounds and, over rounds, the median (p10, p90) of its median time / this row's."""
     torch_rows = [r for r in rows if not r["path"].startswith("onnx")]
