@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 
 import numpy as np
@@ -119,15 +118,13 @@ class OnnxChunk:
                                    else rng.standard_normal(shape).astype(np.float32))
         if "prefix_weights" in feeds:
             feeds["prefix_weights"][:] = 0.0
-        ms = {t: [] for t in candidates}
-        for _ in range(rounds):
-            for t, sess in candidates.items():
-                for i in range(block + 1):
-                    t0 = time.perf_counter()
-                    sess.run(["actions"], feeds)
-                    if i:
-                        ms[t].append((time.perf_counter() - t0) * 1e3)
-        med = {t: float(np.median(v)) for t, v in ms.items()}
+        import torch
+
+        from ..model.bench import time_in_rounds   # the bench's own round-robin timing
+        fns = {t: (lambda s=sess: s.run(["actions"], feeds)) for t, sess in candidates.items()}
+        ms, _ = time_in_rounds(fns, torch.device("cpu"), runs=rounds * block, warmup=1, log=lambda m: None,
+                               block=block)
+        med = {t: float(np.median(sum(v, []))) for t, v in ms.items()}
         best = min(t for t in med if med[t] <= (1.0 + margin) * min(med.values()))
         self.session = candidates[best]
         self.threads = {"requested": self.threads["requested"], "chosen": best,

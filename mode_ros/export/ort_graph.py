@@ -385,8 +385,7 @@ def sessions(model_path: str | Path, threads: list, device: str = "cpu", rewrite
     elif rewrite:
         try:
             data, counts = ort_model(model_path)
-            first = _session(data, threads[0], device, DISABLED)
-            return [first] + [_session(data, t, device, DISABLED) for t in threads[1:]], {"rewritten": True, **counts}
+            return [_session(data, t, device, DISABLED) for t in threads], {"rewritten": True, **counts}
         except Exception as exc:  # noqa: BLE001 - any failure leaves the standard file, which is checked
             stats["error"] = f"{type(exc).__name__}: {str(exc).strip()[:200]}"
     return [_session(str(model_path), t, device) for t in threads], stats
