@@ -344,10 +344,6 @@ class FusedSampler:
         tk.set_tuning(self.autotune and self.gemm == "triton")
         # the Triton GEMMs widen int8 in their own loads; torch's int8 kernel is for gemm="torch"
         self.int8_kernel = self.weight_quant == "int8" and self.gemm == "torch" and int8_kernel_available(dev)
-        # the GEMMs (torch's batched ones and the Triton kernels alike) read the selected experts as views
-        # of stacked weights: the model's own or, quantised, each layer's experts quantised ONCE (stacked,
-        # one scale per output row; the down projection's shared by the experts)
-        self.expert_views = True
         # the int8 kernel wants scales in its activation dtype (bf16); the generic path keeps fp32
         sdt = torch.bfloat16 if self.int8_kernel else torch.float32
         if not quant:
@@ -361,7 +357,10 @@ class FusedSampler:
                 if key in self.experts:
                     continue
                 moe = net.blocks[l].moe
-                views = expert_views(self.quantized[l] if self.quantized else moe, sel) if self.expert_views else None
+                views = expert_views(self.quantized[l] if self.quantized else moe, sel)
+                # the GEMMs (torch's batched ones and the Triton kernels alike) read the selected experts as
+                # views of stacked weights: the model's own or, quantised, each layer's experts quantised ONCE
+                # (stacked, one scale per output row; the down projection's shared by the experts)
                 if views is not None:
                     self.experts[key] = views
                     continue
