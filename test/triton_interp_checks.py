@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from mode_ros.model import fast
 from mode_ros.model import triton_kernels as tk
 from mode_ros.model.bench import kernel_table, kernel_variants, preset, step_variants
-from mode_ros.model.fast import FusedSampler, _rms, causal_attention, quantize_rows
+from mode_ros.model.fast import FusedSampler, rms_norm, causal_attention, quantize_rows
 from mode_ros.model.policy import MoDEPolicy
 
 
@@ -27,8 +27,8 @@ def attention_ref(qkv, qg, kg, nh, eps):
     d = d3 // 3
     hd = d // nh
     q, k, v = qkv.split(d, -1)
-    q = _rms(q.reshape(b, t, nh, hd), qg, eps).transpose(1, 2)
-    k = _rms(k.reshape(b, t, nh, hd), kg, eps).transpose(1, 2)
+    q = rms_norm(q.reshape(b, t, nh, hd), qg, eps).transpose(1, 2)
+    k = rms_norm(k.reshape(b, t, nh, hd), kg, eps).transpose(1, 2)
     v = v.reshape(b, t, nh, hd).transpose(1, 2)
     return causal_attention(q, k, v, "matmul").transpose(1, 2).reshape(b, t, d)
 
@@ -69,8 +69,8 @@ def main():
         h, y = tk.add_rms(base, parts, gain, 1e-6, cvec)
         h_ref = base + parts.sum(0).to(tdt)
         h0, y0 = tk.add_rms(base, None, gain, 1e-6)
-        out[f"add_rms_{dt}"] = {"h": rel(h, h_ref), "y": rel(y, _rms(h_ref, gain, 1e-6) + cvec),
-                                "plain_y": rel(y0, _rms(base, gain, 1e-6)), "plain_h_is_base": h0 is base}
+        out[f"add_rms_{dt}"] = {"h": rel(h, h_ref), "y": rel(y, rms_norm(h_ref, gain, 1e-6) + cvec),
+                                "plain_y": rel(y0, rms_norm(base, gain, 1e-6)), "plain_h_is_base": h0 is base}
     # experts' up-projection + SwiGLU + gates; 40 rows = 3 row blocks, H = 40 not a block multiple
     for dt in ("fp32", "bf16"):
         tdt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dt]
@@ -196,7 +196,7 @@ def main():
         cs, co, ra = torch.tensor(0.2), torch.tensor(0.9), torch.tensor(0.6)
         f = F.linear(y[:, -k_:], ow, ob).float()
         den = cs * x + co * f
-        out[f"step_in_out_{dt}"] = {"h": rel(h, h_ref), "u": rel(u, _rms(h_ref, gain, 1e-6) + cvec),
+        out[f"step_in_out_{dt}"] = {"h": rel(h, h_ref), "u": rel(u, rms_norm(h_ref, gain, 1e-6) + cvec),
                                     "x": rel(tk.step_out(y, ow, ob, x, cs, co, ra), den + ra * (x - den))}
     # the GPU script's variant harness runs the uncompiled Triton variant here too
     rows = step_variants("tiny", "cpu", "fp32", runs=1, warmup=0, log=lambda m: None,

@@ -623,12 +623,12 @@ def _convert_open(bag, reader, tm: TopicMap, out, writer, overwrite, progress, b
         action_names += s.names or [f"{s.topic.strip('/')}[{i}]" for i in range(s.dim or 0)]
     live = [p for p in plans if p.skipped is None]
     if live and writer is not None:
-        have = list(writer._data.attrs["action_names"])
+        have = list(writer.attr("action_names"))
         if [str(x) for x in have] != action_names:
             raise _BagError(f"action names/dims {action_names} differ from the earlier bags' {have}")
         # the state too: a JointState with its joints in another order (or another count) would otherwise
         # be stored under the first bag's names, silently permuted
-        have_state = json.loads(str(writer._data.attrs.get("state_names", "{}")) or "{}")
+        have_state = json.loads(str(writer.attr("state_names", "{}")) or "{}")
         now_state = {k: list(s.names or []) for k, s in state_streams.items()}
         dims = {k: s.dim for k, s in state_streams.items()}
         first_dims = getattr(writer, "bag_state_dims", dims)

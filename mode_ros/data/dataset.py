@@ -145,7 +145,7 @@ class EpisodeWindowDataset(torch.utils.data.Dataset):
             for ep in r:
                 st = None
                 if self.state_keys:
-                    missing = [k for k in self.state_keys if k not in ep._g["obs"]]
+                    missing = [k for k in self.state_keys if not ep.has_obs(k)]
                     if missing:
                         raise ValueError(f"{r.path}:{ep.name}: state keys {missing} not found")
                     st = np.concatenate([ep.state(k) for k in self.state_keys], axis=1)

@@ -60,7 +60,7 @@ def _read_str_list(attr) -> list[str]:
     return [x.decode() if isinstance(x, bytes) else str(x) for x in np.asarray(attr).reshape(-1)]
 
 
-def _attr_str(v) -> str:
+def attr_str(v) -> str:
     if v is None:
         return ""
     if isinstance(v, bytes):
@@ -245,6 +245,10 @@ class EpisodeWriter:
         existing = [demo_sort_key(k)[1] for k in data.keys() if demo_sort_key(k)[0] == 0]
         self._next = (max(existing) + 1) if existing else 0
 
+    def attr(self, key: str, default=None):
+        """A file-level attribute as stored (``set_attr`` writes them)."""
+        return self._data.attrs.get(key, default)
+
     def set_attr(self, key: str, value) -> None:
         self._data.attrs[key] = json.dumps(value) if isinstance(value, (dict, list, tuple)) else value
 
@@ -315,7 +319,7 @@ class Episode:
 
     @property
     def language(self) -> str:
-        s = _attr_str(self._g.attrs.get("language_instruction"))
+        s = attr_str(self._g.attrs.get("language_instruction"))
         return s or self.reader.default_language
 
     @property
@@ -328,6 +332,10 @@ class Episode:
     def timestamps(self) -> np.ndarray | None:
         """Seconds, or None when the file has none (LIBERO/robomimic)."""
         return np.asarray(self._g["timestamps"][:], np.float64) if "timestamps" in self._g else None
+
+    def has_obs(self, key: str) -> bool:
+        """Whether the episode stores an observation (state vector or camera) under ``key``."""
+        return key in self._g["obs"]
 
     def state(self, key: str) -> np.ndarray:
         return np.asarray(self._g["obs"][key][:], np.float32).reshape(self.length, -1)
@@ -344,7 +352,7 @@ class Episode:
 
     @property
     def attrs(self) -> dict:
-        return {k: _attr_str(v) if isinstance(v, (bytes, str)) else v for k, v in self._g.attrs.items()}
+        return {k: attr_str(v) if isinstance(v, (bytes, str)) else v for k, v in self._g.attrs.items()}
 
 
 class EpisodeReader:
@@ -382,17 +390,17 @@ class EpisodeReader:
         self.state_keys = _read_str_list(attrs.get("state_keys")) or [
             k for k in obs_keys if k not in cams and first["obs"][k].ndim <= 2]
         try:
-            self.state_names = json.loads(_attr_str(attrs.get("state_names")) or "{}")
+            self.state_names = json.loads(attr_str(attrs.get("state_names")) or "{}")
         except ValueError:
             self.state_names = {}
         self.control_rate_hz = float(attrs.get("control_rate_hz", 0.0) or 0.0)
-        self.source = _attr_str(attrs.get("source"))
+        self.source = attr_str(attrs.get("source"))
         self.action_dim = int(first["actions"].shape[1])
         self.default_language = ""
         pi = attrs.get("problem_info")
         if pi is not None:
             try:
-                self.default_language = str(json.loads(_attr_str(pi)).get("language_instruction", ""))
+                self.default_language = str(json.loads(attr_str(pi)).get("language_instruction", ""))
             except (ValueError, AttributeError):
                 pass
 

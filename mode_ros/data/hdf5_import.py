@@ -17,7 +17,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from .episodes import EpisodeWriter, _attr_str, demo_sort_key
+from .episodes import EpisodeWriter, attr_str, demo_sort_key
 
 __all__ = ["import_hdf5", "DEFAULT_CAMERA_MAPS", "language_from_filename", "FLIPS"]
 
@@ -53,13 +53,13 @@ def _flip(block: np.ndarray, flip: str) -> np.ndarray:
 def _language(f, demo, path, override: str | None, from_filename: bool) -> str:
     if override:
         return override
-    s = _attr_str(demo.attrs.get("language_instruction"))
+    s = attr_str(demo.attrs.get("language_instruction"))
     if s:
         return s
     pi = f["data"].attrs.get("problem_info")
     if pi is not None:
         try:
-            s = str(json.loads(_attr_str(pi)).get("language_instruction", "")).strip()
+            s = str(json.loads(attr_str(pi)).get("language_instruction", "")).strip()
         except (ValueError, AttributeError):
             s = ""
         if s:
@@ -112,7 +112,7 @@ def import_hdf5(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, *,
         if rate is None:
             env_args = f["data"].attrs.get("env_args")
             try:
-                rate = float(json.loads(_attr_str(env_args))["env_kwargs"]["control_freq"])
+                rate = float(json.loads(attr_str(env_args))["env_kwargs"]["control_freq"])
             except (TypeError, ValueError, KeyError):
                 rate = 20.0  # LIBERO / robomimic default control frequency
     cams = list(camera_map.values())

@@ -318,7 +318,7 @@ def step_variants(name: str, device: str, dtype: str = "bf16", variants=None, ru
         row = {"preset": name, "device": str(dev), "dtype": dtype, "attention": att, "compile_mode": mode,
                "weight_quant": quant, "gemm": gemm, "pdl": pdl}
         try:
-            pol._graph = None
+            pol.chunk_graph = None
             eager = mode == "eager"   # not compiled: the fused layers run as they are (graph on CUDA)
             pol.fused = FusedSampler(pol.sampler, compile=not eager, attention=att,
                                      compile_mode=None if eager else mode, weight_quant=quant, gemm=gemm,
@@ -347,7 +347,7 @@ def step_variants(name: str, device: str, dtype: str = "bf16", variants=None, ru
         rows.append(row)
         if on_row is not None:
             on_row(rows)
-    pol.fused = pol._graph = None
+    pol.fused = pol.chunk_graph = None
     return rows
 
 
@@ -405,7 +405,7 @@ def kernel_variants(name: str, device: str, dtype: str = "bf16", batch: int = 1,
     µs per call (CUDA: inside a CUDA graph), weight GB/s, the largest difference from the PyTorch
     output; a configuration that fails is a row with ``failed``. For tuning the Triton defaults."""
     from . import triton_kernels as tk
-    from .fast import _rms, causal_attention, int8_kernel_available, qlinear, quantize_rows
+    from .fast import rms_norm, causal_attention, int8_kernel_available, qlinear, quantize_rows
 
     dev = torch.device(device)
     tdt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
@@ -445,8 +445,8 @@ def kernel_variants(name: str, device: str, dtype: str = "bf16", batch: int = 1,
 
     def torch_attention(qkv):
         q, k_, v = qkv.split(d, dim=-1)
-        q = _rms(q.view(batch, t, nh, hd), qg, mc.norm_eps).transpose(1, 2)
-        k_ = _rms(k_.view(batch, t, nh, hd), kg, mc.norm_eps).transpose(1, 2)
+        q = rms_norm(q.view(batch, t, nh, hd), qg, mc.norm_eps).transpose(1, 2)
+        k_ = rms_norm(k_.view(batch, t, nh, hd), kg, mc.norm_eps).transpose(1, 2)
         v = v.view(batch, t, nh, hd).transpose(1, 2)
         return causal_attention(q, k_, v, "matmul").transpose(1, 2).reshape(batch, t, d)
 
@@ -467,7 +467,7 @@ def kernel_variants(name: str, device: str, dtype: str = "bf16", batch: int = 1,
 
     def torch_add_rms():
         h = x + parts_d.sum(0).to(tdt)
-        return _rms(h, ln_g, mc.norm_eps)
+        return rms_norm(h, ln_g, mc.norm_eps)
     cases += [("attn+partials", "none", nbytes(qg, kg, b_qkv),
                lambda: torch_attention((parts_qkv.sum(0) + b_qkv.float()).to(tdt)),
                lambda bl: tk.qkv_attention(parts_qkv, qg, kg, nh, mc.norm_eps, bias=b_qkv, out_dtype=tdt), [None]),
@@ -601,14 +601,14 @@ def onnx_runner(policy, dtype: str, imgs, goal, st, noise, rewrite: bool = True)
 
 def _reference(policy, imgs, goal, noise, state=None):
     """Eager uncached fp32 actions (the reference-like baseline, TF32 off) for these inputs."""
-    fused, graph = policy.fused, policy._graph
-    policy.fused = policy._graph = None
+    fused, graph = policy.fused, policy.chunk_graph
+    policy.fused = policy.chunk_graph = None
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
         return policy.sample_normalized(imgs, goal, state, noise, cached=False).float()
     finally:
-        policy.fused, policy._graph = fused, graph
+        policy.fused, policy.chunk_graph = fused, graph
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
 
 

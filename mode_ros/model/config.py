@@ -182,7 +182,7 @@ class PolicyConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "PolicyConfig":
-        return _build(cls, data or {}, "").validate()
+        return build_config(cls, data or {}, "").validate()
 
 
 def _check_type(value: Any, tp: Any, where: str) -> Any:
@@ -224,7 +224,7 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
-def _build(cls, data: dict, prefix: str):
+def build_config(cls, data: dict, prefix: str):
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
@@ -239,7 +239,7 @@ def _build(cls, data: dict, prefix: str):
         tp = hints[name]
         where = f"{prefix}.{name}" if prefix else name
         if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, value, where)
+            kwargs[name] = build_config(tp, value, where)
         else:
             kwargs[name] = _check_type(value, tp, where)
     return cls(**kwargs)

@@ -23,14 +23,14 @@ def preprocess_images(images: torch.Tensor, size: tuple[int, int]) -> torch.Tens
         x = x / 255.0
     if tuple(x.shape[-2:]) != tuple(size):
         x = F.interpolate(x, size=tuple(size), mode="bilinear", antialias=True, align_corners=False)
-    mean, std = _mean_std(x.device)
+    mean, std = imagenet_mean_std(x.device)
     return (x - mean) / std
 
 
 _MEAN_STD: dict = {}
 
 
-def _mean_std(device) -> tuple[torch.Tensor, torch.Tensor]:
+def imagenet_mean_std(device) -> tuple[torch.Tensor, torch.Tensor]:
     """Device-resident CLIP mean/std, created once per device (no host copies in a captured graph)."""
     key = str(device)
     if key not in _MEAN_STD:

@@ -30,7 +30,7 @@ from .expert_cache import CachedSampler
 from .sampling import ddim_loop, ddim_step, edm_denoise
 
 
-def _rms(x: torch.Tensor, g: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, g: torch.Tensor, eps: float) -> torch.Tensor:
     rms = x.float().pow(2).mean(-1, keepdim=True).sqrt().clamp_min(eps)
     return (g * (x.float() / rms)).to(x.dtype)
 
@@ -191,18 +191,18 @@ def fused_layer(h, c, ln1_g, wqkv, bqkv, qg, kg, wproj, ln2_g, w1f, b1f, w2f, ga
     b, t, d = h.shape
     hd = d // n_heads
     tri = gemm == "triton"
-    u = _rms(h, ln1_g, eps) + c
+    u = rms_norm(h, ln1_g, eps) + c
     qkv = tk.linear(u, wqkv, None, bqkv) if tri else F.linear(u, wqkv, bqkv)
     if attention == "triton":   # (with gemm="triton" too, FusedSampler runs tk.layer_chain instead)
         a = tk.qkv_attention(qkv, qg, kg, n_heads, eps)
     else:
         q, k, v = qkv.split(d, dim=-1)
-        q = _rms(q.view(b, t, n_heads, hd), qg, eps).transpose(1, 2)
-        k = _rms(k.view(b, t, n_heads, hd), kg, eps).transpose(1, 2)
+        q = rms_norm(q.view(b, t, n_heads, hd), qg, eps).transpose(1, 2)
+        k = rms_norm(k.view(b, t, n_heads, hd), kg, eps).transpose(1, 2)
         v = v.view(b, t, n_heads, hd).transpose(1, 2)
         a = causal_attention(q, k, v, attention).transpose(1, 2).reshape(b, t, d)
     h = h + (tk.linear(a, wproj) if tri else F.linear(a, wproj))
-    y = _rms(h, ln2_g, eps)
+    y = rms_norm(h, ln2_g, eps)
     kk = gates.shape[0]
     if tri:                                              # views of the stacked experts, or a k >= 3 block
         hid = tk.swiglu_up(y, w1f, w1s, b1f, gates)
@@ -232,7 +232,7 @@ def fused_denoise(x, ctx, c, c_in, c_skip, c_out, action_w, action_pos, lnf_g, o
         for L in layers:
             h = layer(h, cc, *L[:11], n_heads=n_heads, eps=eps, reference_residual=reference_residual,
                       attention=attention, w1s=L[11], w2s=L[12], int8_kernel=int8_kernel, gemm=gemm)
-        return F.linear(_rms(h[:, -k:], lnf_g, eps), out_w, out_b).float()
+        return F.linear(rms_norm(h[:, -k:], lnf_g, eps), out_w, out_b).float()
     return edm_denoise(x, network, c_in, c_skip, c_out)
 
 

@@ -21,8 +21,8 @@ class ChunkGraph:
         cfg = policy.config
         dev = policy.device
         policy.sampler.ensure()
-        from .encoders import _mean_std
-        _mean_std(dev)
+        from .encoders import imagenet_mean_std
+        imagenet_mean_std(dev)
         self.key = policy.sampler.table.key
         h, w = cfg.vision.image_size
         self.images = (torch.zeros(batch, cfg.n_cameras, 3, h, w, dtype=torch.uint8, device=dev)
@@ -61,10 +61,10 @@ class ChunkGraph:
 def enable_graph(policy, batch: int = 1, logger=None) -> bool:
     """Capture the chunk graph for ``policy``; on failure log why and keep the eager path."""
     try:
-        policy._graph = ChunkGraph(policy, batch)
+        policy.chunk_graph = ChunkGraph(policy, batch)
         return True
     except Exception as exc:  # noqa: BLE001 - any capture failure must fall back to eager
-        policy._graph = None
+        policy.chunk_graph = None
         if logger is not None:
             logger.warning("CUDA graph capture unavailable, staying eager: %s", exc)
         return False

@@ -93,7 +93,7 @@ class MoDEPolicy(nn.Module):
         self.sampler = CachedSampler(self.denoiser, self.precond, make_schedule(c.diffusion, self.num_steps))
         self.use_cache = True
         self.fused = None   # optional FusedSampler (mode_ros.model.fast), see enable_fast()
-        self._graph = None  # optional CUDA graph runner (mode_ros.model.graph)
+        self.chunk_graph = None  # optional CUDA graph runner (mode_ros.model.graph)
         # optional replacement of the chunk's tensor computation, e.g. an ONNX export run by onnxruntime
         # (mode_ros.export.onnx_runtime.attach_onnx): backend.run(images, goal_emb, states, noise, guide) -> robot
         # units; backend.takes(guide) says whether it can sample with that real-time-chunking guide
@@ -206,7 +206,7 @@ class MoDEPolicy(nn.Module):
             self.denoiser.to(dtype)   # encoders stay fp32 unless a graph runner says otherwise
         if self.text.model is not None:
             self.text.model.to(device)
-        self._graph = None
+        self.chunk_graph = None
         return self
 
     def enable_fast(self, fused: bool = True, compile: bool = False, graph: bool = False, logger=None,
@@ -234,7 +234,7 @@ class MoDEPolicy(nn.Module):
         self.eval()
         # a call sets the whole fast configuration: a graph captured over an earlier fused sampler (whose
         # weight copies this call replaces) must never replay, and fused=False turns fusion off
-        self._graph = None
+        self.chunk_graph = None
         self.fused = None
         reason = tk.unavailable_reason(self.device) if "triton" in (attention, gemm) else None
         if reason is not None:
@@ -280,14 +280,14 @@ class MoDEPolicy(nn.Module):
         """Rebuild the routing table, fused weights and CUDA graph on the next call (after editing
         weights in place; load_state_dict, set_num_steps and to_device do this by themselves)."""
         self.sampler.invalidate()
-        self._graph = None
+        self.chunk_graph = None
 
     def set_num_steps(self, n: int) -> None:
         if int(n) < 1:
             raise ValueError(f"num_steps must be >= 1, got {n}")
         self.num_steps = int(n)
         self.sampler.set_schedule(make_schedule(self.config.diffusion, self.num_steps))
-        self._graph = None
+        self.chunk_graph = None
 
     def set_goal_embeddings(self, goals: dict[str, torch.Tensor]) -> None:
         """Ship instruction embeddings with the checkpoint (computed once, e.g. by the trainer)."""
@@ -331,7 +331,7 @@ class MoDEPolicy(nn.Module):
         freed = sum(t.numel() * t.element_size() for m in (self.denoiser, self.encoders)
                     for t in list(m.parameters()) + list(m.buffers()) if t.device.type != "meta")
         released_from = (self.device, self.dtype)
-        self.fused = self._graph = None
+        self.fused = self.chunk_graph = None
         self.denoiser.to("meta")
         self.encoders.to("meta")
         self.sampler.invalidate()
@@ -534,10 +534,10 @@ class MoDEPolicy(nn.Module):
     def _normalized_fast(self, img, goal, st, noise, guide: PrefixGuide | None = None) -> torch.Tensor:
         """Normalised chunk through whatever fast path is active (the CUDA graph when captured; a chunk
         with a real-time-chunking ``guide`` runs the eager samplers on the same routing table)."""
-        if (guide is None and self._graph is not None and self._graph.batch == goal.shape[0]
-                and self._graph.key == self.sampler.key()):
-            return self._graph(img, goal, st, noise)
-        if guide is not None and self._graph is not None:
+        if (guide is None and self.chunk_graph is not None and self.chunk_graph.batch == goal.shape[0]
+                and self.chunk_graph.key == self.sampler.key()):
+            return self.chunk_graph(img, goal, st, noise)
+        if guide is not None and self.chunk_graph is not None:
             self._log_once("rtc_graph", "real-time chunking: chunks with a prefix run the eager %s sampler, "
                            "not the captured CUDA graph (it has no inputs for the prefix)",
                            "fused" if self.fused is not None and (not guide.needs_grad or self.fused.differentiable)
@@ -554,7 +554,7 @@ class MoDEPolicy(nn.Module):
         (None: none qualified, fast paths off), "active": what enable_fast reported for it, "trials":
         per candidate {"config", "active", "median_ms", "max_abs_diff", "error"}}."""
         self.eval()
-        self.fused, self._graph = None, None
+        self.fused, self.chunk_graph = None, None
         self.sampler.ensure()
         c = self.config
         g = torch.Generator(device=self.device).manual_seed(0)
@@ -596,7 +596,7 @@ class MoDEPolicy(nn.Module):
         ok = [i for i, t in enumerate(trials) if t["median_ms"] is not None]
         chosen = min(ok, key=lambda i: trials[i]["median_ms"]) if ok else None
         if chosen is None:
-            self.fused, self._graph = None, None
+            self.fused, self.chunk_graph = None, None
             active = None
         else:
             active = self.enable_fast(logger=logger, **candidates[chosen])

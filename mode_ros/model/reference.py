@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .config import DenoiserConfig, PolicyConfig
+from .config import DenoiserConfig
 
 _DENOISER_PREFIXES = ("model.inner_model.", "inner_model.", "")
 _EXPERT_RE = re.compile(r"^blocks\.(\d+)\.experts\.expert_(\d+)\.mlp\.(0\.project\.weight|0\.project\.bias|2\.weight)$")
@@ -142,7 +142,7 @@ def check_reference(fixture_dir: str | Path, tol: float = 1e-5, device: str = "c
     n_cams = int(cases["denoise.images"].shape[1]) if "denoise.images" in cases else 2
     net = MoDEDenoiser(dc, io["action_dim"], io["chunk_size"], n_cams).to(device, dtype).eval()
     sd = convert_denoiser_state_dict(split_agent_state_dict(weights)["denoiser"])
-    missing, unexpected = net.load_state_dict(sd, strict=True), None
+    net.load_state_dict(sd, strict=True)   # strict: a missing or unexpected key raises
     pre = EDMPrecond(float(cfg.get("sigma_data", 0.5)))
     dif = DiffusionConfig(sigma_data=float(cfg.get("sigma_data", 0.5)), sigma_min=float(cfg["sigma_min"]),
                           sigma_max=float(cfg["sigma_max"]), num_steps=int(cfg["num_sampling_steps"]),

@@ -74,7 +74,7 @@ class Recorder:
 
 def unavailable_reason() -> str | None:
     if tk.triton is None:
-        return f"triton is not importable ({tk._IMPORT_ERROR})"
+        return f"triton is not importable ({tk.IMPORT_ERROR})"
     if tk.interpreted():
         return "compiling for a GPU needs a process without TRITON_INTERPRET=1"
     return None
@@ -88,7 +88,7 @@ def compile_only(arch: int = 90, sms: int | None = None):
     reason = unavailable_reason()
     if reason is not None:
         raise RuntimeError(reason)
-    if tk._COMPILE_ONLY:
+    if tk.COMPILE_ONLY:
         raise RuntimeError("compile_only is already active")
     from triton.runtime import driver
     from triton.runtime.jit import JITFunction
@@ -112,13 +112,13 @@ def compile_only(arch: int = 90, sms: int | None = None):
     saved_active, saved_pdl = driver._active, tk.pdl_enabled()
     driver.set_active(_TargetDriver(arch))
     JITFunction.run = compile_launch
-    tk._COMPILE_ONLY.update({"sms": sms or DEFAULT_SMS.get(arch, 132), "arch": arch})
+    tk.COMPILE_ONLY.update({"sms": sms or DEFAULT_SMS.get(arch, 132), "arch": arch})
     try:
         yield rec
     finally:
         JITFunction.run = run
         driver._active = saved_active
-        tk._COMPILE_ONLY.clear()
+        tk.COMPILE_ONLY.clear()
         tk.set_pdl(saved_pdl)
         for fn in used:      # their per-device caches were built for the stand-in target
             fn.device_caches.clear()

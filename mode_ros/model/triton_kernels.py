@@ -37,16 +37,16 @@ import torch
 try:  # Triton ships with CUDA builds of PyTorch; without it the "triton" options report why
     import triton
     import triton.language as tl
-    _IMPORT_ERROR = None
+    IMPORT_ERROR = None
 except Exception as exc:  # noqa: BLE001 - any import failure means "not available", with the reason
     triton = tl = None
-    _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+    IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "") == "1"   # read once: Triton reads it at import too
 # set by ``triton_aot.compile_only``: CPU tensors stand for a GPU's (launches compile, nothing runs);
 # {"sms": the target's SM count} while active
-_COMPILE_ONLY: dict = {}
+COMPILE_ONLY: dict = {}
 
 
 def interpreted() -> bool:
@@ -54,13 +54,13 @@ def interpreted() -> bool:
 
 
 def _runs_here(dev: torch.device) -> bool:
-    return dev.type == "cuda" or (dev.type == "cpu" and (_INTERPRET or bool(_COMPILE_ONLY)))
+    return dev.type == "cuda" or (dev.type == "cpu" and (_INTERPRET or bool(COMPILE_ONLY)))
 
 
 def unavailable_reason(device: torch.device | str) -> str | None:
     """Why these kernels cannot run on ``device`` (None: they can)."""
     if triton is None:
-        return f"triton is not importable ({_IMPORT_ERROR})"
+        return f"triton is not importable ({IMPORT_ERROR})"
     dev = torch.device(device)
     if _runs_here(dev):
         return None
@@ -76,7 +76,7 @@ def _f32dot(x: torch.Tensor) -> bool:
     """Products in fp32 (IEEE, no TF32) for fp32 activations; bf16/fp16 use the tensor cores with
     fp32 accumulation. Under the interpreter the operands are always widened first: its bf16 dot is
     wrong, and bf16·bf16 products are exact in fp32, so the result is the same function."""
-    return x.dtype == torch.float32 or (interpreted() and not _COMPILE_ONLY)
+    return x.dtype == torch.float32 or (interpreted() and not COMPILE_ONLY)
 
 
 if triton is not None:
@@ -364,8 +364,8 @@ def pdl_unavailable_reason(device: torch.device | str) -> str | None:
         if major < 9:
             return f"programmatic dependent launch needs sm_90 or newer (this GPU is sm_{major}x)"
         return None
-    if _COMPILE_ONLY:
-        return None if _COMPILE_ONLY.get("arch", 0) >= 90 else "programmatic dependent launch needs sm_90+"
+    if COMPILE_ONLY:
+        return None if COMPILE_ONLY.get("arch", 0) >= 90 else "programmatic dependent launch needs sm_90+"
     return "programmatic dependent launch runs on CUDA only (not under the interpreter)"
 
 
@@ -521,7 +521,7 @@ def _blocks(m: int, n_out: int, k: int, device: torch.device, blocks: dict | Non
         cfg.update({key: v for key, v in blocks.items() if v is not None})
     if cfg["split"] is None:
         sms = (_SMS.get(device.index or 0, 132) if device.type == "cuda"
-               else _COMPILE_ONLY.get("sms", 8))
+               else COMPILE_ONLY.get("sms", 8))
         tiles = math.ceil(n_out / cfg["bn"]) * math.ceil(m / cfg["bm"])
         cfg["split"] = max(1, min(math.ceil(2 * sms / tiles), math.ceil(k / cfg["bk"]), 16))
     return cfg
@@ -558,7 +558,7 @@ def tuned() -> dict[tuple, dict]:
 
 
 def _may_tune(x: torch.Tensor) -> bool:
-    if not _TUNING["enabled"] or torch.compiler.is_compiling() or _COMPILE_ONLY:
+    if not _TUNING["enabled"] or torch.compiler.is_compiling() or COMPILE_ONLY:
         return False
     if x.device.type == "cuda":
         return not torch.cuda.is_current_stream_capturing()

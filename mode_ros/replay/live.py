@@ -171,76 +171,16 @@ def _wait(pred, timeout, period=0.05):
 
 
 def _run(sess, node):
-    from mode_ros.ros.params import PARAMS, NodeParams
-    from mode_ros.replay.session import ModelInfo, ReplayError, node_fqn, setup_session
+    from mode_ros.replay.session import node_fqn
 
-    opts = sess.opts
-    fqn = node_fqn(opts.node_name, opts.namespace)
+    fqn = node_fqn(sess.opts.node_name, sess.opts.namespace)
     proc = None
-    if opts.attach:
-        label = _lifecycle_state(node, fqn, timeout=10.0)
-        if label is None:
-            raise ReplayError(f"--attach: no node {fqn} answers (get_state); is it running in this ROS_DOMAIN_ID?")
-        if label != "active":
-            raise ReplayError(f"--attach: node {fqn} is {label!r}, not active")
-        got = _get_params(node, fqn, [p.name for p in PARAMS] + ["use_sim_time"])
-        if not got.get("use_sim_time", False):
-            raise ReplayError(f"--attach: node {fqn} does not run with use_sim_time:=true; replay drives /clock, "
-                              "restart it with -p use_sim_time:=true")
-        got.pop("use_sim_time", None)
-        sess.params_values.update(got)
-        sess.p = NodeParams.from_mapping(sess.params_values)
-        if sess.model is None:
-            sess.model = ModelInfo.from_checkpoint(sess.p.checkpoint)
-        setup_session(sess)
-        sess.notes.append("attached to a running node: its timer phase is unknown, so the per-tick accounting "
-                          "(ticks without output) is approximate")
+    if sess.opts.attach:
+        _attach(sess, node, fqn)
     else:
-        setup_session(sess)
-        overrides = {"checkpoint": sess.params_values["checkpoint"], "use_sim_time": True,
-                     "image_transport": sess.mapping.transport}
-        for k, v in opts.params.items():
-            overrides[k] = v
-        if "control_rate_hz" not in opts.params:
-            overrides["control_rate_hz"] = float(sess.p.control_rate_hz)
-        if opts.device:
-            overrides["device"] = opts.device
-        if sess.model.state_dim > 0:
-            overrides["state_joint_names"] = [f"replay_state_{i}" for i in range(sess.model.state_dim)]
-            overrides["state_field"] = "position"
-        sess.params_values.update({k: v for k, v in overrides.items() if k != "use_sim_time"})
-        sess.p = NodeParams.from_mapping(sess.params_values)
-        from mode_ros.replay.session import default_params_file
-
-        pfile = opts.params_file or default_params_file()
-        cmd = [str(_executable()), "--ros-args"]
-        if pfile:
-            cmd += ["--params-file", str(pfile)]
-        for k, v in overrides.items():
-            cmd += ["-p", f"{k}:={ros_arg_value(v)}"]
-        cmd += ["-r", f"__node:={opts.node_name}"]
-        if opts.namespace.strip("/"):
-            cmd += ["-r", f"__ns:=/{opts.namespace.strip('/')}"]
-        proc = _Node(cmd, sess.out / "node.log")
-        t0 = time.monotonic()
-        try:   # from here on, whatever happens (a failed start, Ctrl-C, SIGTERM) stops the node we started
-            while True:
-                if not proc.alive:
-                    raise ReplayError(f"policy_node exited (code {proc.proc.returncode}) during start-up:\n"
-                                      f"{proc.tail()}")
-                if _lifecycle_state(node, fqn, timeout=1.0) == "active":
-                    break
-                if "configure failed" in proc.tail(200):
-                    raise ReplayError(f"policy_node failed to configure:\n{proc.tail()}")
-                if time.monotonic() - t0 > opts.start_timeout:
-                    raise ReplayError(f"policy_node not active after {opts.start_timeout:.0f} s:\n{proc.tail()}")
-                time.sleep(0.2)
-        except BaseException:
-            proc.stop()
-            raise
-        sess.extra["node_start_s"] = round(time.monotonic() - t0, 2)
+        proc = _start_node(sess, node, fqn)
     try:
-        _replay(sess, node, fqn, proc)
+        _LiveReplay(sess, node, fqn, proc).run()
     except BaseException:
         if proc is not None:
             proc.stop()
@@ -248,298 +188,407 @@ def _run(sess, node):
     return proc
 
 
-def _replay(sess, node, fqn, proc):
-    from builtin_interfaces.msg import Time
-    from diagnostic_msgs.msg import DiagnosticArray
-    from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
-    from rosgraph_msgs.msg import Clock
-    from sensor_msgs.msg import CompressedImage, Image, JointState
-    from std_msgs.msg import String
+def _attach(sess, node, fqn) -> None:
+    """--attach: take the running node's parameters (it must be active and on sim time)."""
+    from mode_ros.ros.params import PARAMS, NodeParams
+    from mode_ros.replay.session import ModelInfo, ReplayError, setup_session
 
-    from mode_ros.data.images import ImageDecodeError, decode_compressed
-    from mode_ros.data.rosmsgs import ACTION_CHUNK_TYPE
-    from mode_ros.msg import ActionChunk
-    from mode_ros.ros.convert import STATE_FIELDS
-    from mode_ros.ros.params import state_selection
-    from mode_ros.replay.session import COMPRESSED, IMAGE, ReplayError, schedule, timer_period_ns
-    from mode_ros.replay.offline import OfflineDriver, reason_detail
+    label = _lifecycle_state(node, fqn, timeout=10.0)
+    if label is None:
+        raise ReplayError(f"--attach: no node {fqn} answers (get_state); is it running in this ROS_DOMAIN_ID?")
+    if label != "active":
+        raise ReplayError(f"--attach: node {fqn} is {label!r}, not active")
+    got = _get_params(node, fqn, [p.name for p in PARAMS] + ["use_sim_time"])
+    if not got.pop("use_sim_time", False):
+        raise ReplayError(f"--attach: node {fqn} does not run with use_sim_time:=true; replay drives /clock, "
+                          "restart it with -p use_sim_time:=true")
+    sess.params_values.update(got)
+    sess.p = NodeParams.from_mapping(sess.params_values)
+    if sess.model is None:
+        sess.model = ModelInfo.from_checkpoint(sess.p.checkpoint)
+    setup_session(sess)
+    sess.notes.append("attached to a running node: its timer phase is unknown, so the per-tick accounting "
+                      "(ticks without output) is approximate")
 
-    opts, p, m, model = sess.opts, sess.p, sess.mapping, sess.model
-    goal_qos = QoSProfile(depth=1, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE,
-                          durability=DurabilityPolicy.TRANSIENT_LOCAL)
-    clock_pub = node.create_publisher(Clock, "/clock", 10)
-    cam_pubs = {}
-    for cam in model.camera_names:
-        if m.transport == "compressed":
-            cam_pubs[cam] = node.create_publisher(CompressedImage, f"{fqn}/image_{cam}/compressed",
-                                                  qos_profile_sensor_data)
-        else:
-            cam_pubs[cam] = node.create_publisher(Image, f"{fqn}/image_{cam}", qos_profile_sensor_data)
-    goal_pub = node.create_publisher(String, f"{fqn}/goal", goal_qos)
-    state_pub = node.create_publisher(JointState, f"{fqn}/joint_states", qos_profile_sensor_data) \
-        if model.state_dim > 0 else None
-    clock_ref = [0]
-    rx = _Rx(clock_ref)
-    chunk_sub = node.create_subscription(ActionChunk, f"{fqn}/action_chunk", rx.cb("chunk"),
-                                         QoSProfile(depth=1000, reliability=ReliabilityPolicy.RELIABLE), raw=True)
-    diag_sub = node.create_subscription(DiagnosticArray, "/diagnostics", rx.cb("diag"), 100, raw=True)
-    # wait until the node is connected to everything we publish / read
-    ok = _wait(lambda: all(pb.get_subscription_count() >= 1 for pb in cam_pubs.values())
-               and chunk_sub.get_publisher_count() >= 1 and goal_pub.get_subscription_count() >= 1
-               and (state_pub is None or state_pub.get_subscription_count() >= 1), 30.0)
-    if not ok:
-        missing = [f"{fqn}/image_{c}" for c, pb in cam_pubs.items() if pb.get_subscription_count() < 1]
-        if chunk_sub.get_publisher_count() < 1:
-            missing.append(f"{fqn}/action_chunk (publisher)")
-        raise ReplayError(f"the node is not connected to {missing} after 30 s (image_transport / names?)")
 
-    writer = sess.open_writer()
-    ts = writer.typestore
-    scorer, ticks = sess.scorer, sess.ticks
-    shadow = OfflineDriver(p, model.camera_names, model.state_dim, model.chunk_size, model.action_dim, policy=None)
-    P = timer_period_ns(p.control_rate_hz)
-    chunk_topic = f"{fqn}/action_chunk"
-    if m.static_goal is not None:
-        goal_pub.publish(String(data=m.static_goal))
-        shadow.set_goal(m.static_goal)
-        time.sleep(0.5)   # reliable + transient local: let the node take it before the clock starts
-    pending_ticks: deque = deque()     # [tick_ns, shadow key, shadow message, matched]
-    pub_wall: OrderedDict = OrderedDict()   # reference camera stamp -> wall time it was published
-    ref_cam = model.camera_names[0] if model.camera_names else None
-    diag_last = {}
-    diag_first = None
-    stats = {"chunks": 0, "unmatched_chunks": 0, "published_msgs": 0, "clock_msgs": 0, "late_s_max": 0.0}
+def _node_overrides(sess) -> dict:
+    """The ``-p`` overrides of a node started here: the replay's checkpoint, sim time, the bag's transport."""
+    opts = sess.opts
+    overrides = {"checkpoint": sess.params_values["checkpoint"], "use_sim_time": True,
+                 "image_transport": sess.mapping.transport, **opts.params}
+    if "control_rate_hz" not in opts.params:
+        overrides["control_rate_hz"] = float(sess.p.control_rate_hz)
+    if opts.device:
+        overrides["device"] = opts.device
+    if sess.model.state_dim > 0:
+        overrides["state_joint_names"] = [f"replay_state_{i}" for i in range(sess.model.state_dim)]
+        overrides["state_field"] = "position"
+    return overrides
 
-    def resolve_ticks(upto_ns):
-        while pending_ticks and pending_ticks[0][0] <= upto_ns:
-            g, key, msg, matched = pending_ticks.popleft()
-            if matched:
-                continue
-            ticks.reasons[key] += 1
-            ticks.details[reason_detail(key, msg)] += 1
 
-    def match_tick(rec: ChunkRecord):
+def _start_node(sess, node, fqn) -> _Node:
+    """Start the installed policy_node for this replay and wait until it is active."""
+    from mode_ros.ros.params import NodeParams
+    from mode_ros.replay.session import ReplayError, default_params_file, setup_session
+
+    opts = sess.opts
+    setup_session(sess)
+    overrides = _node_overrides(sess)
+    sess.params_values.update({k: v for k, v in overrides.items() if k != "use_sim_time"})
+    sess.p = NodeParams.from_mapping(sess.params_values)
+    pfile = opts.params_file or default_params_file()
+    cmd = [str(_executable()), "--ros-args"] + (["--params-file", str(pfile)] if pfile else [])
+    for k, v in overrides.items():
+        cmd += ["-p", f"{k}:={ros_arg_value(v)}"]
+    cmd += ["-r", f"__node:={opts.node_name}"]
+    if opts.namespace.strip("/"):
+        cmd += ["-r", f"__ns:=/{opts.namespace.strip('/')}"]
+    proc = _Node(cmd, sess.out / "node.log")
+    t0 = time.monotonic()
+    try:   # from here on, whatever happens (a failed start, Ctrl-C, SIGTERM) stops the node we started
+        while _lifecycle_state(node, fqn, timeout=1.0) != "active":
+            if not proc.alive:
+                raise ReplayError(f"policy_node exited (code {proc.proc.returncode}) during start-up:\n"
+                                  f"{proc.tail()}")
+            if "configure failed" in proc.tail(200):
+                raise ReplayError(f"policy_node failed to configure:\n{proc.tail()}")
+            if time.monotonic() - t0 > opts.start_timeout:
+                raise ReplayError(f"policy_node not active after {opts.start_timeout:.0f} s:\n{proc.tail()}")
+            time.sleep(0.2)
+    except BaseException:
+        proc.stop()
+        raise
+    sess.extra["node_start_s"] = round(time.monotonic() - t0, 2)
+    return proc
+
+
+# the node's /diagnostics values the report keeps (besides every suppressed.* and rejected.* count)
+DIAG_KEYS = ("ticks_published", "ticks_suppressed", "stale", "inferences", "inference_failures", "dropped_results",
+             "goals_refused", "execution_strategy", "estimated_d",
+             "rejected", "images_received", "inference_latency_median_ms", "inference_latency_p99_ms",
+             "achieved_rate_hz", "missed_ticks", "late_ticks_merged", "late_served", "reason", "last_failure")
+
+
+class _LiveReplay:
+    """One replay of the bag's schedule into a running node: publishes, paces, receives, accounts."""
+
+    def __init__(self, sess, node, fqn: str, proc):
+        from mode_ros.replay.offline import OfflineDriver
+        from mode_ros.replay.session import timer_period_ns
+
+        self.sess, self.node, self.fqn, self.proc = sess, node, fqn, proc
+        self.p, self.m, self.model = sess.p, sess.mapping, sess.model
+        self.P = timer_period_ns(self.p.control_rate_hz)
+        self.clock_ref = [0]
+        self._make_endpoints()
+        self.writer = sess.open_writer()
+        self.ts = self.writer.typestore
+        self.shadow = OfflineDriver(self.p, self.model.camera_names, self.model.state_dim, self.model.chunk_size,
+                                    self.model.action_dim, policy=None)
+        self.pending_ticks: deque = deque()        # [tick_ns, shadow key, shadow message, matched]
+        self.pub_wall: OrderedDict = OrderedDict()  # reference camera stamp -> wall time it was published
+        self.ref_cam = self.model.camera_names[0] if self.model.camera_names else None
+        self.diag_last: dict = {}   # the node's newest /diagnostics values (+ _stamp: bag time received)
+        self.stats = {"chunks": 0, "unmatched_chunks": 0, "published_msgs": 0, "clock_msgs": 0, "late_s_max": 0.0,
+                      "undecodable_chunks": 0, "malformed_chunks": 0}
+        self.w0 = self.c0 = None
+        self._state_layout()
+
+    # -- set-up ------------------------------------------------------------------------------------------------
+    def _make_endpoints(self) -> None:
+        """Publishers of what the node reads and subscriptions to what it publishes; wait until connected."""
+        from diagnostic_msgs.msg import DiagnosticArray
+        from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
+        from rosgraph_msgs.msg import Clock
+        from sensor_msgs.msg import CompressedImage, Image, JointState
+        from std_msgs.msg import String
+
+        from mode_ros.msg import ActionChunk
+
+        node, fqn, sensor = self.node, self.fqn, qos_profile_sensor_data
+        goal_qos = QoSProfile(depth=1, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE,
+                              durability=DurabilityPolicy.TRANSIENT_LOCAL)
+        self.clock_pub = node.create_publisher(Clock, "/clock", 10)
+        compressed = self.m.transport == "compressed"
+        self.cam_pubs = {cam: node.create_publisher(CompressedImage, f"{fqn}/image_{cam}/compressed", sensor)
+                         if compressed else node.create_publisher(Image, f"{fqn}/image_{cam}", sensor)
+                         for cam in self.model.camera_names}
+        self.goal_pub = node.create_publisher(String, f"{fqn}/goal", goal_qos)
+        self.state_pub = (node.create_publisher(JointState, f"{fqn}/joint_states", sensor)
+                          if self.model.state_dim > 0 else None)
+        self.rx = _Rx(self.clock_ref)
+        self.chunk_sub = node.create_subscription(ActionChunk, f"{fqn}/action_chunk", self.rx.cb("chunk"),
+                                                  QoSProfile(depth=1000, reliability=ReliabilityPolicy.RELIABLE),
+                                                  raw=True)
+        self.diag_sub = node.create_subscription(DiagnosticArray, "/diagnostics", self.rx.cb("diag"), 100, raw=True)
+        self._wait_connected()
+
+    def _wait_connected(self, timeout: float = 30.0) -> None:
+        from mode_ros.replay.session import ReplayError
+
+        pubs = list(self.cam_pubs.values()) + [self.goal_pub] + ([self.state_pub] if self.state_pub else [])
+        if _wait(lambda: all(pb.get_subscription_count() >= 1 for pb in pubs)
+                 and self.chunk_sub.get_publisher_count() >= 1, timeout):
+            return
+        missing = [f"{self.fqn}/image_{c}" for c, pb in self.cam_pubs.items() if pb.get_subscription_count() < 1]
+        if self.chunk_sub.get_publisher_count() < 1:
+            missing.append(f"{self.fqn}/action_chunk (publisher)")
+        raise ReplayError(f"the node is not connected to {missing} after {timeout:.0f} s (image_transport / names?)")
+
+    def _state_layout(self) -> None:
+        """The JointState the node is fed: the joints an attached node selects by (its state_joint_names or the
+        checkpoint's state names), else replay_state_i (a node started here is told these names)."""
+        from mode_ros.ros.convert import STATE_FIELDS
+        from mode_ros.ros.params import state_selection
+
+        self.fields = STATE_FIELDS[self.p.state_field]   # the JointState fields the node concatenates
+        self.per = self.model.state_dim // len(self.fields) if self.model.state_dim else 0
+        names = state_selection(self.p.state_joint_names, self.model.state_names, self.p.state_field,
+                                self.model.state_dim)
+        self.state_names = names if len(names) == self.per else [f"replay_state_{i}" for i in range(self.per)]
+
+    # -- receiving ---------------------------------------------------------------------------------------------
+    def drain(self) -> None:
+        """Record and score everything the node published since the last call."""
+        while True:
+            try:
+                kind, raw, wall, clk = self.rx.q.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "chunk":
+                self._on_chunk(raw, wall, clk)
+            else:
+                self._on_diagnostics(raw, clk)
+
+    def _on_chunk(self, raw, wall: float, clk: int) -> None:
+        from mode_ros.data.rosmsgs import ACTION_CHUNK_TYPE
+
+        self.writer.write(f"{self.fqn}/action_chunk", ACTION_CHUNK_TYPE, raw, max(clk, 1))
+        try:
+            msg = self.ts.deserialize_cdr(raw, ACTION_CHUNK_TYPE)
+        except Exception:  # noqa: BLE001
+            self.stats["undecodable_chunks"] += 1
+            return
+        n, a = int(msg.chunk_size), int(msg.action_dim)
+        acts = np.asarray(msg.actions, dtype=np.float32)
+        if acts.size != n * a or n == 0:
+            self.stats["malformed_chunks"] += 1   # recorded, not scored
+            return
+        st = int(msg.header.stamp.sec) * NS + int(msg.header.stamp.nanosec)
+        rec = ChunkRecord(stamp_ns=st, first_index=int(msg.first_index),
+                          period_ns=int(msg.control_period.sec) * NS + int(msg.control_period.nanosec),
+                          actions=acts.reshape(n, a), sequence=int(msg.sequence), tick=int(msg.tick),
+                          goal=str(msg.goal),
+                          latency_s=int(msg.inference_latency.sec) + int(msg.inference_latency.nanosec) * 1e-9,
+                          recv_wall=wall, obs_pub_wall=self.pub_wall.get(st))
+        rec.tick_ns = self._match_tick(rec)
+        self.stats["unmatched_chunks"] += rec.tick_ns is None
+        self.stats["chunks"] += 1
+        self.sess.ticks.published += 1
+        self.sess.scorer.add(rec)
+
+    def _on_diagnostics(self, raw, clk: int) -> None:
+        self.writer.write("/diagnostics", "diagnostic_msgs/msg/DiagnosticArray", raw, max(clk, 1))
+        try:
+            msg = self.ts.deserialize_cdr(raw, "diagnostic_msgs/msg/DiagnosticArray")
+        except Exception:  # noqa: BLE001
+            return
+        for s in msg.status:
+            if s.name.startswith(self.fqn + ":"):
+                vals = {kv.key: kv.value for kv in s.values}
+                self.diag_last = {**vals, "_stamp": clk}
+
+    def _match_tick(self, rec: ChunkRecord):
+        """The pending tick this chunk answers (marked matched), or None."""
         slot0 = rec.slot_ns(0)
-        for item in pending_ticks:
+        for item in self.pending_ticks:
             g = item[0]
             if item[3]:
                 continue
-            if p.latency_compensation:
-                if slot0 - 1_000_000 <= g < slot0 + rec.period_ns - 1_000_000:
-                    item[3] = True
-                    return g
-            elif g >= rec.stamp_ns:
+            if (slot0 - 1_000_000 <= g < slot0 + rec.period_ns - 1_000_000 if self.p.latency_compensation
+                    else g >= rec.stamp_ns):
                 item[3] = True
                 return g
         return None
 
-    def drain():
-        nonlocal diag_first
-        while True:
-            try:
-                kind, raw, wall, clk = rx.q.get_nowait()
-            except queue.Empty:
-                return
-            if kind == "chunk":
-                writer.write(chunk_topic, ACTION_CHUNK_TYPE, raw, max(clk, 1))
-                try:
-                    msg = ts.deserialize_cdr(raw, ACTION_CHUNK_TYPE)
-                except Exception:  # noqa: BLE001
-                    stats["undecodable_chunks"] = stats.get("undecodable_chunks", 0) + 1
-                    continue
-                n, a = int(msg.chunk_size), int(msg.action_dim)
-                acts = np.asarray(msg.actions, dtype=np.float32)
-                if acts.size != n * a or n == 0:
-                    stats["malformed_chunks"] = stats.get("malformed_chunks", 0) + 1   # recorded, not scored
-                    continue
-                st = int(msg.header.stamp.sec) * NS + int(msg.header.stamp.nanosec)
-                per = int(msg.control_period.sec) * NS + int(msg.control_period.nanosec)
-                lat = int(msg.inference_latency.sec) + int(msg.inference_latency.nanosec) * 1e-9
-                rec = ChunkRecord(stamp_ns=st, first_index=int(msg.first_index), period_ns=per,
-                                  actions=acts.reshape(n, a), sequence=int(msg.sequence), tick=int(msg.tick),
-                                  goal=str(msg.goal), latency_s=lat, recv_wall=wall,
-                                  obs_pub_wall=pub_wall.get(st))
-                rec.tick_ns = match_tick(rec)
-                if rec.tick_ns is None:
-                    stats["unmatched_chunks"] += 1
-                stats["chunks"] += 1
-                ticks.published += 1
-                scorer.add(rec)
-            else:
-                writer.write("/diagnostics", "diagnostic_msgs/msg/DiagnosticArray", raw, max(clk, 1))
-                try:
-                    msg = ts.deserialize_cdr(raw, "diagnostic_msgs/msg/DiagnosticArray")
-                except Exception:  # noqa: BLE001
-                    continue
-                for s in msg.status:
-                    if s.name.startswith(fqn + ":"):
-                        vals = {kv.key: kv.value for kv in s.values}
-                        if diag_first is None:
-                            diag_first = vals
-                        diag_last.clear()
-                        diag_last.update(vals)
-                        diag_last["_stamp"] = clk
+    def _resolve_ticks(self, upto_ns: int) -> None:
+        """Ticks up to ``upto_ns`` that no chunk answered: count the shadow controller's reason."""
+        from mode_ros.replay.offline import reason_detail
 
-    state_msg_type = "sensor_msgs/msg/JointState"
-    # the JointState the node is fed: the joints an attached node selects by (its state_joint_names or the
-    # checkpoint's state names), else replay_state_i (a node started here is told these names)
-    fields = STATE_FIELDS[p.state_field]   # the JointState fields the node concatenates
-    per = model.state_dim // len(fields) if model.state_dim else 0
-    state_names = state_selection(p.state_joint_names, model.state_names, p.state_field, model.state_dim)
-    if len(state_names) != per:
-        state_names = [f"replay_state_{i}" for i in range(per)]
-    T = ts.types
+        ticks = self.sess.ticks
+        while self.pending_ticks and self.pending_ticks[0][0] <= upto_ns:
+            _, key, msg, matched = self.pending_ticks.popleft()
+            if not matched:
+                ticks.reasons[key] += 1
+                ticks.details[reason_detail(key, msg)] += 1
 
-    def header(stamp_ns, frame=""):
+    # -- publishing --------------------------------------------------------------------------------------------
+    def _header(self, stamp_ns: int, frame: str = ""):
+        T = self.ts.types
         return T["std_msgs/msg/Header"](stamp=T["builtin_interfaces/msg/Time"](
             sec=int(stamp_ns // NS), nanosec=int(stamp_ns % NS)), frame_id=frame)
 
-    def publish_event(ev):
+    def _camera_bytes(self, ev) -> bytes:
+        """The camera message as the node gets it: the bag's bytes, restamped, or decoded to raw rgb8."""
+        import dataclasses
+
+        from mode_ros.data.images import ImageDecodeError, decode_compressed
+        from mode_ros.replay.session import COMPRESSED, IMAGE
+
+        if not ev.rewritten:
+            return bytes(ev.raw)
+        msg, header = ev.msg, self._header(ev.stamp_ns, ev.msg.header.frame_id)
+        if not (self.m.transport == "raw" and ev.msgtype == COMPRESSED):
+            return bytes(self.ts.serialize_cdr(dataclasses.replace(msg, header=header), ev.msgtype))
+        try:
+            img = decode_compressed(msg.format, msg.data)
+            data = np.ascontiguousarray(img).reshape(-1)
+        except ImageDecodeError:
+            img, data = np.zeros((1, 1, 3), np.uint8), np.zeros(0, np.uint8)  # the node rejects a broken frame
+        out = self.ts.types[IMAGE](header=header, height=img.shape[0], width=img.shape[1], encoding="rgb8",
+                                   is_bigendian=0, step=img.shape[1] * 3, data=data)
+        return bytes(self.ts.serialize_cdr(out, IMAGE))
+
+    def _state_bytes(self, ev) -> bytes:
+        vec, per, kind = np.asarray(ev.vec, np.float64), self.per, "sensor_msgs/msg/JointState"
+        parts = {f: vec[i * per:(i + 1) * per] for i, f in enumerate(self.fields)}
+        js = self.ts.types[kind](header=self._header(ev.stamp_ns), name=self.state_names,
+                                 position=parts.get("position", np.zeros(0)),
+                                 velocity=parts.get("velocity", np.zeros(0)), effort=np.zeros(0))
+        return bytes(self.ts.serialize_cdr(js, kind))
+
+    def _publish(self, ev) -> None:
         if ev.kind == "camera":
-            pub = cam_pubs[ev.cam]
-            if not ev.rewritten:
-                pub.publish(bytes(ev.raw))
-            else:
-                msg = ev.msg
-                if m.transport == "raw" and ev.msgtype == COMPRESSED:
-                    try:
-                        img = decode_compressed(msg.format, msg.data)
-                    except ImageDecodeError:
-                        img = np.zeros((1, 1, 3), np.uint8)   # let the node reject a broken frame itself
-                        data = np.zeros(0, np.uint8)
-                    else:
-                        data = np.ascontiguousarray(img).reshape(-1)
-                    out = T[IMAGE](header=header(ev.stamp_ns, msg.header.frame_id), height=img.shape[0],
-                                   width=img.shape[1], encoding="rgb8", is_bigendian=0, step=img.shape[1] * 3,
-                                   data=data)
-                    raw = ts.serialize_cdr(out, IMAGE)
-                else:
-                    import dataclasses
-
-                    out = dataclasses.replace(msg, header=header(ev.stamp_ns, msg.header.frame_id))
-                    raw = ts.serialize_cdr(out, ev.msgtype)
-                pub.publish(bytes(raw))
-            if ev.cam == ref_cam:
-                pub_wall[ev.stamp_ns] = time.monotonic()
-                if len(pub_wall) > 4000:
-                    pub_wall.popitem(last=False)
+            self.cam_pubs[ev.cam].publish(self._camera_bytes(ev))
+            if ev.cam == self.ref_cam:
+                self.pub_wall[ev.stamp_ns] = time.monotonic()
+                if len(self.pub_wall) > 4000:
+                    self.pub_wall.popitem(last=False)
         elif ev.kind == "goal":
-            goal_pub.publish(bytes(ev.raw))
-        elif ev.kind == "state" and state_pub is not None:
-            vec = np.asarray(ev.vec, np.float64)
-            parts = {f: vec[i * per:(i + 1) * per] for i, f in enumerate(fields)}
-            js = T[state_msg_type](header=header(ev.stamp_ns), name=state_names,
-                                   position=parts.get("position", np.zeros(0)),
-                                   velocity=parts.get("velocity", np.zeros(0)), effort=np.zeros(0))
-            state_pub.publish(bytes(ts.serialize_cdr(js, state_msg_type)))
-        stats["published_msgs"] += 1
+            self.goal_pub.publish(bytes(ev.raw))
+        elif ev.kind == "state" and self.state_pub is not None:
+            self.state_pub.publish(self._state_bytes(ev))
+        self.stats["published_msgs"] += 1
 
-    rate = float(opts.rate)
-    w0 = None
-    c0 = None
-    last_msg_wall = 0.0
-    last_clock_wall = 0.0
-    t_run = time.perf_counter()
-    horizon = int(max(5.0, 20 * P / NS) * NS)   # ticks older than this (bag time) are accounted
-
-    def pace(t_ns):
-        nonlocal w0, c0
-        if w0 is None:
-            w0, c0 = time.monotonic(), t_ns
-        target = w0 + (t_ns - c0) / NS / rate
+    def _pace(self, t_ns: int) -> None:
+        """Wait (draining what arrives) until bag time ``t_ns`` is due in wall time at ``--rate``."""
+        if self.w0 is None:
+            self.w0, self.c0 = time.monotonic(), t_ns
+        target = self.w0 + (t_ns - self.c0) / NS / float(self.sess.opts.rate)
         while True:
-            drain()
+            self.drain()
             d = target - time.monotonic()
             if d <= 0:
-                stats["late_s_max"] = max(stats["late_s_max"], -d)
+                self.stats["late_s_max"] = max(self.stats["late_s_max"], -d)
                 return
             time.sleep(min(d, 0.005))
 
-    for kind, x in schedule(sess.events(), P):
-        if kind == "clock":
-            pace(x)
-            gap = last_msg_wall + MIN_GAP_S - time.monotonic()
-            if gap > 0:
-                time.sleep(gap)
-            clock_ref[0] = x
-            clock_pub.publish(Clock(clock=Time(sec=int(x // NS), nanosec=int(x % NS))))
-            last_clock_wall = time.monotonic() if x % P == 0 else 0.0
-            stats["clock_msgs"] += 1
-            shadow.set_clock(x)
-        elif kind == "tick":
-            ticks.expected += 1
-            scorer.trace_tick(x)
-            g = shadow.ctl.gate(shadow.ctl.now()) or shadow.ctl.no_plan_reason()
-            pending_ticks.append([x, g[0], g[1], False])
-            resolve_ticks(x - horizon)
-        else:
-            ev = x
-            if ev.kind in ("camera", "goal", "state"):
-                pace(ev.t)
-                gap = last_clock_wall + opts.tick_settle_s - time.monotonic()
-                if gap > 0:
-                    time.sleep(gap)
-                publish_event(ev)
+    # -- the run -----------------------------------------------------------------------------------------------
+    def run(self) -> None:
+        from builtin_interfaces.msg import Time
+        from rosgraph_msgs.msg import Clock
+        from std_msgs.msg import String
+
+        from mode_ros.replay.session import schedule
+
+        sess, shadow, P = self.sess, self.shadow, self.P
+        if self.m.static_goal is not None:
+            self.goal_pub.publish(String(data=self.m.static_goal))
+            shadow.set_goal(self.m.static_goal)
+            time.sleep(0.5)   # reliable + transient local: let the node take it before the clock starts
+        last_msg_wall = last_clock_wall = 0.0
+        t_run = time.perf_counter()
+        horizon = int(max(5.0, 20 * P / NS) * NS)   # ticks older than this (bag time) are accounted
+        for kind, x in schedule(sess.events(), P):
+            if kind == "clock":
+                self._pace(x)
+                time.sleep(max(0.0, last_msg_wall + MIN_GAP_S - time.monotonic()))
+                self.clock_ref[0] = x
+                self.clock_pub.publish(Clock(clock=Time(sec=int(x // NS), nanosec=int(x % NS))))
+                last_clock_wall = time.monotonic() if x % P == 0 else 0.0
+                self.stats["clock_msgs"] += 1
+                shadow.set_clock(x)
+            elif kind == "tick":
+                sess.ticks.expected += 1
+                sess.scorer.trace_tick(x)
+                g = shadow.ctl.gate(shadow.ctl.now()) or shadow.ctl.no_plan_reason()
+                self.pending_ticks.append([x, g[0], g[1], False])
+                self._resolve_ticks(x - horizon)
+            elif x.kind in ("camera", "goal", "state"):
+                self._pace(x.t)
+                time.sleep(max(0.0, last_clock_wall + sess.opts.tick_settle_s - time.monotonic()))
+                self._publish(x)
                 last_msg_wall = time.monotonic()
-                if ev.kind == "camera":
-                    shadow.on_image(ev.cam, ev.stamp_ns, ev.msgtype, ev.msg)
-                elif ev.kind == "goal":
-                    if m.static_goal is None:
-                        shadow.set_goal(ev.text)
-                else:
-                    shadow.on_state(ev.stamp_ns, ev.vec)
-            elif ev.kind == "action" and scorer.rec is not None:
-                scorer.rec.add(ev.source, ev.stamp_ns, ev.vec)
-            scorer.advance(ev.t)
-    # the last chunks: wait until nothing new arrives for a while (bounded)
-    t_end = time.monotonic() + opts.drain_s
-    quiet_since = time.monotonic()
-    n_seen = stats["chunks"]
-    while time.monotonic() < t_end:
-        drain()
-        if stats["chunks"] != n_seen:
-            n_seen, quiet_since = stats["chunks"], time.monotonic()
-        if time.monotonic() - quiet_since > max(0.5, 3 * P / NS / rate):
-            break
-        time.sleep(0.02)
-    drain()
-    sess.extra["run_wall_s"] = time.perf_counter() - t_run
-    resolve_ticks(2 ** 62)
-    scorer.finish(sess.last_ns)
-    sess.close_writer()
-    node_alive = proc.alive if proc is not None else None
-    sess.extra["live"] = {
-        "node": fqn, "started": proc is not None, "node_alive_at_end": node_alive,
-        "chunks_received": stats["chunks"], "chunks_not_matched_to_a_tick": stats["unmatched_chunks"],
-        "messages_published": stats["published_msgs"], "clock_messages": stats["clock_msgs"],
-        "max_lateness_s": round(stats["late_s_max"], 4),
-        "chunks_undecodable": stats.get("undecodable_chunks", 0), "chunks_malformed": stats.get("malformed_chunks", 0),
-    }
-    for key, what in (("undecodable_chunks", "could not be decoded"),
-                      ("malformed_chunks", "have an actions array that does not match chunk_size x action_dim")):
-        if stats.get(key):
-            sess.problems.append(f"{stats[key]} ActionChunk message(s) from the node {what}: recorded in "
-                                 "OUT/chunks, not scored")
-    if diag_last:
-        keep = ("ticks_published", "ticks_suppressed", "stale", "inferences", "inference_failures", "dropped_results",
-                "goals_refused", "execution_strategy", "estimated_d",
-                "rejected", "images_received", "inference_latency_median_ms", "inference_latency_p99_ms",
-                "achieved_rate_hz", "missed_ticks", "late_ticks_merged", "late_served", "reason", "last_failure")
-        nd = {k: diag_last.get(k) for k in keep if k in diag_last}
-        nd.update({k: v for k, v in diag_last.items() if k.startswith(("suppressed.", "rejected."))})
-        nd["at_bag_time_s"] = round(diag_last.get("_stamp", 0) / NS, 3)
+                self._shadow_event(x)
+                sess.scorer.advance(x.t)
+            else:
+                if x.kind == "action" and sess.scorer.rec is not None:
+                    sess.scorer.rec.add(x.source, x.stamp_ns, x.vec)
+                sess.scorer.advance(x.t)
+        self._drain_tail()
+        sess.extra["run_wall_s"] = time.perf_counter() - t_run
+        self._resolve_ticks(2 ** 62)
+        sess.scorer.finish(sess.last_ns)
+        sess.close_writer()
+        self._report()
+        self.node.destroy_subscription(self.chunk_sub)
+        self.node.destroy_subscription(self.diag_sub)
+
+    def _shadow_event(self, ev) -> None:
+        if ev.kind == "camera":
+            self.shadow.on_image(ev.cam, ev.stamp_ns, ev.msgtype, ev.msg)
+        elif ev.kind == "goal":
+            if self.m.static_goal is None:
+                self.shadow.set_goal(ev.text)
+        else:
+            self.shadow.on_state(ev.stamp_ns, ev.vec)
+
+    def _drain_tail(self) -> None:
+        """The last chunks: wait until nothing new arrives for a while (bounded by --drain-s)."""
+        t_end = time.monotonic() + self.sess.opts.drain_s
+        quiet_since, n_seen = time.monotonic(), self.stats["chunks"]
+        while time.monotonic() < t_end:
+            self.drain()
+            if self.stats["chunks"] != n_seen:
+                n_seen, quiet_since = self.stats["chunks"], time.monotonic()
+            if time.monotonic() - quiet_since > max(0.5, 3 * self.P / NS / float(self.sess.opts.rate)):
+                break
+            time.sleep(0.02)
+        self.drain()
+
+    # -- the report --------------------------------------------------------------------------------------------
+    def _report(self) -> None:
+        sess, stats, proc = self.sess, self.stats, self.proc
+        sess.extra["live"] = {
+            "node": self.fqn, "started": proc is not None, "node_alive_at_end": proc.alive if proc else None,
+            "chunks_received": stats["chunks"], "chunks_not_matched_to_a_tick": stats["unmatched_chunks"],
+            "messages_published": stats["published_msgs"], "clock_messages": stats["clock_msgs"],
+            "max_lateness_s": round(stats["late_s_max"], 4),
+            "chunks_undecodable": stats["undecodable_chunks"], "chunks_malformed": stats["malformed_chunks"],
+        }
+        for key, what in (("undecodable_chunks", "could not be decoded"),
+                          ("malformed_chunks", "have an actions array that does not match chunk_size x action_dim")):
+            if stats[key]:
+                sess.problems.append(f"{stats[key]} ActionChunk message(s) from the node {what}: recorded in "
+                                     "OUT/chunks, not scored")
+        if self.diag_last:
+            self._report_diagnostics(self.diag_last)
+        if stats["late_s_max"] > self.P / NS:
+            sess.notes.append(f"the replayer fell behind the requested rate by up to {stats['late_s_max']:.3f} s "
+                              "(wall): lower --rate for exact timing")
+        if proc is not None and not proc.alive:
+            sess.problems.append(f"policy_node exited during the replay (code {proc.proc.returncode}); see node.log")
+
+    def _report_diagnostics(self, last: dict) -> None:
+        """The node's last /diagnostics values; its failed inferences and refused goals are problems."""
+        sess = self.sess
+        nd = {k: last.get(k) for k in DIAG_KEYS if k in last}
+        nd.update({k: v for k, v in last.items() if k.startswith(("suppressed.", "rejected."))})
+        nd["at_bag_time_s"] = round(last.get("_stamp", 0) / NS, 3)
         sess.extra["node_diagnostics"] = nd
-        fails, refused = int(diag_last.get("inference_failures", 0) or 0), int(diag_last.get("goals_refused", 0) or 0)
+        fails, refused = int(last.get("inference_failures", 0) or 0), int(last.get("goals_refused", 0) or 0)
         if fails:
             sess.problems.append(f"{fails} inference(s) failed in the node (last: "
-                                 f"{diag_last.get('last_failure') or 'see node.log'})")
+                                 f"{last.get('last_failure') or 'see node.log'})")
         if refused:
             sess.problems.append(f"{refused} goal(s) refused by the node (see node.log)")
-    if stats["late_s_max"] > P / NS:
-        sess.notes.append(f"the replayer fell behind the requested rate by up to {stats['late_s_max']:.3f} s "
-                          "(wall): lower --rate for exact timing")
-    if proc is not None and not proc.alive:
-        sess.problems.append(f"policy_node exited during the replay (code {proc.proc.returncode}); see node.log")
-    node.destroy_subscription(chunk_sub)
-    node.destroy_subscription(diag_sub)
-

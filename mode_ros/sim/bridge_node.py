@@ -223,7 +223,7 @@ class SimBridge(Node):
         self.pub_episode.publish(self._String(data=json.dumps(payload)))
 
     # -- main loop -----------------------------------------------------------------------------
-    def _spin_for(self, executor, seconds: float) -> None:
+    def spin_for(self, executor, seconds: float) -> None:
         end = time.monotonic() + seconds
         while True:
             left = end - time.monotonic()
@@ -297,7 +297,7 @@ class SimBridge(Node):
                             timeout = self.action_timeout if got_first_row else self.startup_timeout
                             row = self._wait_row(executor, self.t_ns, timeout, obs)
                         else:
-                            self._spin_for(executor, max(0.0, t_wall0 + (k + 1) * (1.0 / self.rate) / self.rtf
+                            self.spin_for(executor, max(0.0, t_wall0 + (k + 1) * (1.0 / self.rate) / self.rtf
                                                          - time.monotonic()))
                             row = self._row(self.t_ns)
                         if row is None:
@@ -368,7 +368,7 @@ def main(args=None) -> int:
             ex.spin()
         else:
             # let late subscribers of the transient-local events catch up briefly
-            node._spin_for(ex, 0.2)
+            node.spin_for(ex, 0.2)
     except (KeyboardInterrupt, rclpy.executors.ExternalShutdownException):
         rc = 130
     except Exception as exc:  # noqa: BLE001 - a clear one-line reason, then the traceback in the log

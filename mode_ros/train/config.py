@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..model.config import ConfigError, PolicyConfig, _build, preset
+from ..model.config import ConfigError, PolicyConfig, build_config, preset
 
 
 @dataclass
@@ -60,7 +60,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
-        cfg = _build(cls, d or {}, "")
+        cfg = build_config(cls, d or {}, "")
         if cfg.optim.steps < 1 or cfg.optim.batch_size < 1:
             raise ConfigError("optim.steps and optim.batch_size must be >= 1")
         if cfg.optim.ema not in ("warmup", "fixed", "none"):
