@@ -501,255 +501,290 @@ def _convert_one(bag: Path, tm: TopicMap, out: Path, writer, overwrite: bool, pr
 
 
 def _convert_open(bag, reader, tm: TopicMap, out, writer, overwrite, progress, brep, state_keys, compression_opts):
-    conns_by_topic: dict[str, list] = defaultdict(list)
-    for c in reader.connections:
-        conns_by_topic[c.topic].append(c)
-    types = {t: cs[0].msgtype for t, cs in conns_by_topic.items()}
-    brep["storage"] = bag.suffix.lstrip(".") if bag.is_file() else "dir"
-    brep["duration_s"] = round(reader.duration / 1e9, 3) if reader.message_count else 0.0
-    # ---- streams and type checks
-    streams: dict[str, Stream] = {}
-    problems = []
-
-    def need(topic: str, allowed: tuple[str, ...], role: str) -> None:
-        if topic not in types:
-            problems.append(f"{role} topic {topic!r} not in bag")
-        elif types[topic] not in allowed:
-            problems.append(f"{role} topic {topic!r} has type {types[topic]}, expected one of "
-                            f"{[_short(a) for a in allowed]}")
-
-    for cam in tm.cameras:
-        need(cam.topic, CAMERA_TYPES, f"camera {cam.name!r}")
-        streams[f"camera:{cam.name}"] = Stream(f"camera:{cam.name}", "camera", cam.topic, cam, tm.tol_ns(cam),
-                                                tm.time_source_of(cam))
-    for i, src in enumerate(tm.action):
-        need(src.topic, VECTOR_TYPES, "action")
-        name = f"action[{i}]:{src.topic}" if len(tm.action) > 1 else f"action:{src.topic}"
-        streams[name] = Stream(name, "action", src.topic, src, tm.tol_ns(src), tm.time_source_of(src))
-    for src in tm.state:
-        need(src.topic, VECTOR_TYPES, f"state {src.key!r}")
-        streams[f"state:{src.key}"] = Stream(f"state:{src.key}", "state", src.topic, src, tm.tol_ns(src),
-                                              tm.time_source_of(src))
-    lang_topic = tm.language.topic if tm.language.instruction is None else None
-    if lang_topic:
-        need(lang_topic, (STRING,), "language")
-    if tm.language.instruction is None and not lang_topic:
-        problems.append("no language: set language.topic or language.instruction in the topic map")
-    marker_topic = tm.split.topic if tm.split.by == "topic" else None
-    if marker_topic:
-        need(marker_topic, MARKER_TYPES, "split marker")
-    if problems:
-        avail = ", ".join(f"{t} [{_short(ty)}]" for t, ty in sorted(types.items()))
-        raise _BagError("; ".join(problems) + f" (bag topics: {avail})")
-    for s in streams.values():
-        s.msgtype = types[s.topic]
-    typestore = bag_typestore(reader.connections)
-
-    by_topic: dict[str, list[Stream]] = defaultdict(list)
-    for s in streams.values():
-        by_topic[s.topic].append(s)
-    lang_st, lang_txt, lang_bad = [], [], Counter()
-    mk_st, mk_val = [], []
-    wanted_topics = set(by_topic) | ({lang_topic} if lang_topic else set()) | ({marker_topic} if marker_topic else set())
-    conns = [c for t in wanted_topics for c in conns_by_topic[t]]
-    total = sum(c.msgcount for c in conns)
-
-    # ---- pass 1: scan
-    bar = _progress(total, f"scan {bag.name}", progress)
-    last_recv: dict[str, tuple[int, int]] = {}
-    nmsg = 0
-    for conn, recv, raw in reader.messages(connections=conns):
-        nmsg += 1
-        if nmsg % 256 == 0:
-            bar.update(256)
-        topic = conn.topic
-        lr = last_recv.get(topic)
-        dup = lr[1] + 1 if lr is not None and lr[0] == recv else 0
-        last_recv[topic] = (recv, dup)
-        try:
-            msg = typestore.deserialize_cdr(raw, conn.msgtype)
-        except Exception as exc:  # noqa: BLE001 - a corrupt message is counted, not fatal
-            for s in by_topic.get(topic, ()):
-                s.bad.append((recv, "undeserializable", str(exc)[:200]))
-            if topic == lang_topic:
-                lang_bad["undeserializable"] += 1
-            continue
-        if topic == lang_topic:
-            text = str(msg.data).strip()
-            if text:
-                lang_st.append(recv)
-                lang_txt.append(text)
-            else:
-                lang_bad["empty_instruction"] += 1
-        if topic == marker_topic:
-            mk_st.append(recv)  # markers and instructions have no header: receive time
-            mk_val.append(bool(msg.data) if conn.msgtype == BOOL else (str(msg.data) if conn.msgtype == STRING else None))
-        for s in by_topic.get(topic, ()):
-            if s.kind == "camera":
-                _scan_camera(s, msg, conn.msgtype, recv, dup)
-            else:
-                _scan_vector(s, msg, conn.msgtype, recv)
-    bar.update(nmsg % 256)
-    bar.close()
-    for s in streams.values():
-        s.finalize()
-    lang = None
-    if lang_topic:
-        order = np.argsort(np.asarray(lang_st, np.int64), kind="stable")
-        lang = (np.asarray(lang_st, np.int64)[order], [lang_txt[i] for i in order])
-    markers = None
-    if marker_topic:
-        order = np.argsort(np.asarray(mk_st, np.int64), kind="stable")
-        markers = (np.asarray(mk_st, np.int64)[order], [mk_val[i] for i in order])
-
-    # ---- plan episodes
-    required = list(streams)
-    segs = _segments(tm, streams, lang, markers)
-    plans = []
-    for i, (a, b) in enumerate(segs):
-        if not any(((s.stamps >= a) & (s.stamps < b)).any() for s in streams.values()):
-            continue  # nothing at all in this segment (e.g. before the first marker)
-        p = _plan_episode(tm, i, a, b, streams, required, lang)
-        if p.skipped is None and int(p.keep.sum()) < tm.min_ticks:
-            p.skipped = f"{int(p.keep.sum())} ticks < min_ticks {tm.min_ticks}"
-        plans.append(p)
-
-    # ---- names, shapes, writer
-    action_streams = [streams[n] for n in required if streams[n].kind == "action"]
-    state_streams = {streams[n].spec.key: streams[n] for n in required if streams[n].kind == "state"}
-    cam_streams = {c.name: streams[f"camera:{c.name}"] for c in tm.cameras}
-    action_names = []
-    for s in action_streams:
-        action_names += s.names or [f"{s.topic.strip('/')}[{i}]" for i in range(s.dim or 0)]
+    conv = _BagConversion(bag, reader, tm, progress, brep)
+    conv.scan()
+    plans = conv.plan()
     live = [p for p in plans if p.skipped is None]
-    if live and writer is not None:
+    if live:
+        writer = conv.check_or_open_writer(writer, out, overwrite, state_keys, compression_opts)
+        builders, wanted = conv.begin_episodes(live, writer)
+        try:   # on any error the unfinished episodes are removed, so the file never holds a half-written one
+            keep_rows, bad_frames = conv.decode_frames(live, builders, wanted)
+        except BaseException:
+            for bld in reversed(builders):   # last first: their numbers are reused
+                bld.discard()
+            raise
+        conv.finish_episodes(live, builders, keep_rows, bad_frames)
+    conv.report(plans)
+    return conv.nmsg, writer
+
+
+def _next_dup(last_recv: dict, topic: str, recv: int) -> int:
+    """How many earlier messages of ``topic`` share this receive time (identifies a message with ``recv``)."""
+    lr = last_recv.get(topic)
+    dup = lr[1] + 1 if lr is not None and lr[0] == recv else 0
+    last_recv[topic] = (recv, dup)
+    return dup
+
+
+def _sorted_by_time(stamps: list[int], values: list) -> tuple[np.ndarray, list]:
+    order = np.argsort(np.asarray(stamps, np.int64), kind="stable")
+    return np.asarray(stamps, np.int64)[order], [values[i] for i in order]
+
+
+class _BagConversion:
+    """One open bag through the stages of the module docstring: streams and type checks, pass 1 (scan),
+    episode plans, the writer, pass 2 (the picked frames), the report."""
+
+    def __init__(self, bag: Path, reader, tm: TopicMap, progress: bool, brep: dict):
+        self.bag, self.reader, self.tm, self.progress, self.brep = bag, reader, tm, progress, brep
+        self.conns_by_topic: dict[str, list] = defaultdict(list)
+        for c in reader.connections:
+            self.conns_by_topic[c.topic].append(c)
+        brep["storage"] = bag.suffix.lstrip(".") if bag.is_file() else "dir"
+        brep["duration_s"] = round(reader.duration / 1e9, 3) if reader.message_count else 0.0
+        self.lang_topic = tm.language.topic if tm.language.instruction is None else None
+        self.marker_topic = tm.split.topic if tm.split.by == "topic" else None
+        self.streams = self._make_streams({t: cs[0].msgtype for t, cs in self.conns_by_topic.items()})
+        self.typestore = bag_typestore(reader.connections)
+        self.by_topic: dict[str, list[Stream]] = defaultdict(list)
+        for s in self.streams.values():
+            self.by_topic[s.topic].append(s)
+        self.cam_streams = {c.name: self.streams[f"camera:{c.name}"] for c in tm.cameras}
+        self.nmsg, self.lang, self.markers, self.lang_bad = 0, None, None, Counter()
+        self.frame_errors: dict[str, set] = {}   # stream name -> examples of pass-2 decode errors
+
+    def _make_streams(self, types: dict[str, str]) -> dict[str, Stream]:
+        """One Stream per mapped topic; every mapped topic must be in the bag with an accepted type."""
+        tm, streams, problems = self.tm, {}, []
+
+        def need(topic: str, allowed: tuple[str, ...], role: str) -> None:
+            if topic not in types:
+                problems.append(f"{role} topic {topic!r} not in bag")
+            elif types[topic] not in allowed:
+                problems.append(f"{role} topic {topic!r} has type {types[topic]}, expected one of "
+                                f"{[_short(a) for a in allowed]}")
+
+        def add(name: str, kind: str, spec, allowed: tuple[str, ...], role: str) -> None:
+            need(spec.topic, allowed, role)
+            streams[name] = Stream(name, kind, spec.topic, spec, tm.tol_ns(spec), tm.time_source_of(spec))
+
+        for cam in tm.cameras:
+            add(f"camera:{cam.name}", "camera", cam, CAMERA_TYPES, f"camera {cam.name!r}")
+        for i, src in enumerate(tm.action):
+            add(f"action[{i}]:{src.topic}" if len(tm.action) > 1 else f"action:{src.topic}", "action", src,
+                VECTOR_TYPES, "action")
+        for src in tm.state:
+            add(f"state:{src.key}", "state", src, VECTOR_TYPES, f"state {src.key!r}")
+        if self.lang_topic:
+            need(self.lang_topic, (STRING,), "language")
+        elif tm.language.instruction is None:
+            problems.append("no language: set language.topic or language.instruction in the topic map")
+        if self.marker_topic:
+            need(self.marker_topic, MARKER_TYPES, "split marker")
+        if problems:
+            avail = ", ".join(f"{t} [{_short(ty)}]" for t, ty in sorted(types.items()))
+            raise _BagError("; ".join(problems) + f" (bag topics: {avail})")
+        for s in streams.values():
+            s.msgtype = types[s.topic]
+        return streams
+
+    def scan(self) -> None:
+        """Pass 1: every mapped message once; streams keep stamps and small values, bad messages are counted."""
+        lang_topic, marker_topic = self.lang_topic, self.marker_topic
+        topics = set(self.by_topic) | {t for t in (lang_topic, marker_topic) if t}
+        conns = [c for t in topics for c in self.conns_by_topic[t]]
+        bar = _progress(sum(c.msgcount for c in conns), f"scan {self.bag.name}", self.progress)
+        last_recv: dict[str, tuple[int, int]] = {}
+        lang_st, lang_txt, mk_st, mk_val = [], [], [], []
+        for conn, recv, raw in self.reader.messages(connections=conns):
+            self.nmsg += 1
+            if self.nmsg % 256 == 0:
+                bar.update(256)
+            topic = conn.topic
+            dup = _next_dup(last_recv, topic, recv)
+            try:
+                msg = self.typestore.deserialize_cdr(raw, conn.msgtype)
+            except Exception as exc:  # noqa: BLE001 - a corrupt message is counted, not fatal
+                for s in self.by_topic.get(topic, ()):
+                    s.bad.append((recv, "undeserializable", str(exc)[:200]))
+                if topic == lang_topic:
+                    self.lang_bad["undeserializable"] += 1
+                continue
+            if topic == lang_topic:
+                text = str(msg.data).strip()
+                if text:
+                    lang_st.append(recv)
+                    lang_txt.append(text)
+                else:
+                    self.lang_bad["empty_instruction"] += 1
+            if topic == marker_topic:
+                mk_st.append(recv)  # markers and instructions have no header: receive time
+                mk_val.append(bool(msg.data) if conn.msgtype == BOOL
+                              else (str(msg.data) if conn.msgtype == STRING else None))
+            for s in self.by_topic.get(topic, ()):
+                if s.kind == "camera":
+                    _scan_camera(s, msg, conn.msgtype, recv, dup)
+                else:
+                    _scan_vector(s, msg, conn.msgtype, recv)
+        bar.update(self.nmsg % 256)
+        bar.close()
+        for s in self.streams.values():
+            s.finalize()
+        self.lang = _sorted_by_time(lang_st, lang_txt) if lang_topic else None
+        self.markers = _sorted_by_time(mk_st, mk_val) if marker_topic else None
+
+    def plan(self) -> list[_EpisodePlan]:
+        """Episode segments, each with its tick grid and the message every stream gives each tick."""
+        tm, streams, plans = self.tm, self.streams, []
+        for i, (a, b) in enumerate(_segments(tm, streams, self.lang, self.markers)):
+            if not any(((s.stamps >= a) & (s.stamps < b)).any() for s in streams.values()):
+                continue  # nothing at all in this segment (e.g. before the first marker)
+            p = _plan_episode(tm, i, a, b, streams, list(streams), self.lang)
+            if p.skipped is None and int(p.keep.sum()) < tm.min_ticks:
+                p.skipped = f"{int(p.keep.sum())} ticks < min_ticks {tm.min_ticks}"
+            plans.append(p)
+        return plans
+
+    @property
+    def _action_streams(self) -> list[Stream]:
+        return [s for s in self.streams.values() if s.kind == "action"]
+
+    @property
+    def _state_streams(self) -> dict[str, Stream]:
+        return {s.spec.key: s for s in self.streams.values() if s.kind == "state"}
+
+    def check_or_open_writer(self, writer, out, overwrite, state_keys, compression_opts) -> EpisodeWriter:
+        """The episode file: opened for the first bag with episodes; later bags must match its names."""
+        action_names = []
+        for s in self._action_streams:
+            action_names += s.names or [f"{s.topic.strip('/')}[{i}]" for i in range(s.dim or 0)]
+        state_streams = self._state_streams
+        now_state = {k: list(s.names or []) for k, s in state_streams.items()}
+        dims = {k: s.dim for k, s in state_streams.items()}
+        if writer is None:
+            writer = EpisodeWriter(out, [c.name for c in self.tm.cameras], action_names,
+                                   control_rate_hz=self.tm.control_rate_hz, source="rosbag2", state_keys=state_keys,
+                                   state_names=now_state, overwrite=overwrite, compression_opts=compression_opts)
+            writer.bag_state_dims = dims   # for the next bags' check
+            return writer
         have = list(writer.attr("action_names"))
         if [str(x) for x in have] != action_names:
             raise _BagError(f"action names/dims {action_names} differ from the earlier bags' {have}")
         # the state too: a JointState with its joints in another order (or another count) would otherwise
         # be stored under the first bag's names, silently permuted
         have_state = json.loads(str(writer.attr("state_names", "{}")) or "{}")
-        now_state = {k: list(s.names or []) for k, s in state_streams.items()}
-        dims = {k: s.dim for k, s in state_streams.items()}
         first_dims = getattr(writer, "bag_state_dims", dims)
         if have_state != now_state or dims != first_dims:
             raise _BagError(f"state names/dims {now_state} {dims} differ from the earlier bags' "
                             f"{have_state} {first_dims}")
-    if live and writer is None:
-        writer = EpisodeWriter(out, [c.name for c in tm.cameras], action_names, control_rate_hz=tm.control_rate_hz,
-                               source="rosbag2", state_keys=state_keys,
-                               state_names={k: s.names or [] for k, s in state_streams.items()},
-                               overwrite=overwrite, compression_opts=compression_opts)
-        writer.bag_state_dims = {k: s.dim for k, s in state_streams.items()}   # for the next bags' check
-    builders = {}
-    wanted: dict[tuple[str, int, int], list[tuple[int, str, np.ndarray]]] = defaultdict(list)
-    for j, p in enumerate(live):
-        kept = np.flatnonzero(p.keep)
-        acts = np.concatenate([s.values[p.sel[s.name][kept]] for s in action_streams], axis=1)
-        states = {k: s.values[p.sel[s.name][kept]] for k, s in state_streams.items()}
-        shapes = {}
-        for cname, s in cam_streams.items():
-            shapes[cname] = s.spec.resize or s.size
-        b = writer.begin_episode(len(kept), shapes, acts.shape[1], {k: v.shape[1] for k, v in states.items()})
-        b.set_arrays(acts, p.ticks[kept] / 1e9, states)
-        builders[j] = b
-        for cname, s in cam_streams.items():
-            msg_idx = p.sel[s.name][kept]
-            uniq, inv = np.unique(msg_idx, return_inverse=True)
-            for u_i, m in enumerate(uniq):
-                rows = np.flatnonzero(inv == u_i)
-                wanted[(s.topic, int(s.recv[m]), int(s.dups[m]))].append((j, cname, rows))
+        return writer
 
-    # ---- pass 2: decode the picked frames (on any error the unfinished episodes are removed, so the
-    # file never holds a half-written one)
-    try:
-        keep_rows = {j: np.ones(len(builders[j].group["actions"]), bool) for j in builders}
-        bad2 = {j: Counter() for j in builders}
-        pass2_examples: dict[str, set] = {}
-        if wanted:
-            cam_topics = {s.topic for s in cam_streams.values()}
-            cconns = [c for t in cam_topics for c in conns_by_topic[t]]
-            recvs = [k[1] for k in wanted]
-            bar = _progress(len(wanted), f"images {bag.name}", progress)
-            last_recv = {}
-            found = 0
-            for conn, recv, raw in reader.messages(connections=cconns, start=min(recvs), stop=max(recvs) + 1):
-                lr = last_recv.get(conn.topic)
-                dup = lr[1] + 1 if lr is not None and lr[0] == recv else 0
-                last_recv[conn.topic] = (recv, dup)
-                users = wanted.get((conn.topic, recv, dup))
-                if not users:
-                    continue
-                found += 1
-                bar.update(1)
-                msg = typestore.deserialize_cdr(raw, conn.msgtype)
-                for j, cname, rows in users:
-                    spec: CameraSpec = cam_streams[cname].spec
-                    try:
-                        img = _decode(msg, conn.msgtype, spec)
-                        want = spec.resize or cam_streams[cname].size
-                        if img.shape[:2] != tuple(want):
-                            raise ImageDecodeError(f"decoded size {img.shape[:2]} != {tuple(want)}", "size_changed")
-                        builders[j].set_image(cname, rows, img)
-                    except ImageDecodeError as exc:
-                        keep_rows[j][rows] = False
-                        bad2[j][(cname, exc.reason)] += 1
-                        pass2_examples.setdefault(f"camera:{cname}", set()).add(str(exc)[:200])
-                        live[j].drops[f"bad_image:{cname}"] += len(rows)
-            bar.close()
-            if found != len(wanted):
-                raise _BagError(f"pass 2 found {found} of {len(wanted)} picked frames (bag changed while reading?)")
+    def begin_episodes(self, live: list[_EpisodePlan], writer) -> tuple[list, dict]:
+        """Write each planned episode's actions and state; list the frames pass 2 must decode, by message."""
+        builders = []
+        wanted: dict[tuple[str, int, int], list[tuple[int, str, np.ndarray]]] = defaultdict(list)
+        shapes = {cname: s.spec.resize or s.size for cname, s in self.cam_streams.items()}
+        for j, p in enumerate(live):
+            kept = np.flatnonzero(p.keep)
+            acts = np.concatenate([s.values[p.sel[s.name][kept]] for s in self._action_streams], axis=1)
+            states = {k: s.values[p.sel[s.name][kept]] for k, s in self._state_streams.items()}
+            b = writer.begin_episode(len(kept), shapes, acts.shape[1], {k: v.shape[1] for k, v in states.items()})
+            builders.append(b)
+            b.set_arrays(acts, p.ticks[kept] / 1e9, states)
+            for cname, s in self.cam_streams.items():
+                uniq, inv = np.unique(p.sel[s.name][kept], return_inverse=True)
+                for u_i, m in enumerate(uniq):
+                    wanted[(s.topic, int(s.recv[m]), int(s.dups[m]))].append((j, cname, np.flatnonzero(inv == u_i)))
+        return builders, wanted
 
-    except BaseException:
-        for bld in reversed(list(builders.values())):   # last first: their numbers are reused
-            bld.discard()
-        raise
+    def decode_frames(self, live, builders, wanted) -> tuple[list[np.ndarray], list[Counter]]:
+        """Pass 2: decode the picked frames into every tick that uses them; a bad frame drops its ticks."""
+        keep_rows = [np.ones(len(b.group["actions"]), bool) for b in builders]
+        bad = [Counter() for _ in builders]
+        if not wanted:
+            return keep_rows, bad
+        cam_topics = {s.topic for s in self.cam_streams.values()}
+        conns = [c for t in cam_topics for c in self.conns_by_topic[t]]
+        recvs = [k[1] for k in wanted]
+        bar = _progress(len(wanted), f"images {self.bag.name}", self.progress)
+        last_recv: dict[str, tuple[int, int]] = {}
+        found = 0
+        for conn, recv, raw in self.reader.messages(connections=conns, start=min(recvs), stop=max(recvs) + 1):
+            users = wanted.get((conn.topic, recv, _next_dup(last_recv, conn.topic, recv)))
+            if not users:
+                continue
+            found += 1
+            bar.update(1)
+            msg = self.typestore.deserialize_cdr(raw, conn.msgtype)
+            for j, cname, rows in users:
+                spec: CameraSpec = self.cam_streams[cname].spec
+                try:
+                    img = _decode(msg, conn.msgtype, spec)
+                    want = spec.resize or self.cam_streams[cname].size
+                    if img.shape[:2] != tuple(want):
+                        raise ImageDecodeError(f"decoded size {img.shape[:2]} != {tuple(want)}", "size_changed")
+                    builders[j].set_image(cname, rows, img)
+                except ImageDecodeError as exc:
+                    keep_rows[j][rows] = False
+                    bad[j][(cname, exc.reason)] += 1
+                    self.frame_errors.setdefault(f"camera:{cname}", set()).add(str(exc)[:200])
+                    live[j].drops[f"bad_image:{cname}"] += len(rows)
+        bar.close()
+        if found != len(wanted):
+            raise _BagError(f"pass 2 found {found} of {len(wanted)} picked frames (bag changed while reading?)")
+        return keep_rows, bad
 
-    # ---- finish and report
-    for j, p in enumerate(live):
-        for (cname, reason), n in bad2[j].items():
-            br = p.report["streams"][f"camera:{cname}"]["bad_messages"]
-            br[reason] = br.get(reason, 0) + n
-        n_kept = int(keep_rows[j].sum())
-        if n_kept < tm.min_ticks:
-            builders[j].discard()
-            p.skipped = f"{n_kept} ticks < min_ticks {tm.min_ticks} after undecodable frames"
-            continue
-        attrs = {"source_bag": str(bag), "segment": p.segment, "start_time_ns": int(p.ticks[0])}
-        p.report["episode"] = builders[j].finish(p.instruction, keep=keep_rows[j], attrs=attrs)
-        p.report["ticks"] = builders[j].length
-    for p in plans:
+    def finish_episodes(self, live, builders, keep_rows, bad_frames) -> None:
+        """Close each episode without its undecodable ticks, or discard it when too few are left."""
+        min_ticks = self.tm.min_ticks
+        for p, b, keep, bad in zip(live, builders, keep_rows, bad_frames):
+            for (cname, reason), n in bad.items():
+                br = p.report["streams"][f"camera:{cname}"]["bad_messages"]
+                br[reason] = br.get(reason, 0) + n
+            n_kept = int(keep.sum())
+            if n_kept < min_ticks:
+                b.discard()
+                p.skipped = f"{n_kept} ticks < min_ticks {min_ticks} after undecodable frames"
+                continue
+            attrs = {"source_bag": str(self.bag), "segment": p.segment, "start_time_ns": int(p.ticks[0])}
+            p.report["episode"] = b.finish(p.instruction, keep=keep, attrs=attrs)
+            p.report["ticks"] = b.length
+
+    def _episode_report(self, p: _EpisodePlan) -> dict:
         e = {"episode": p.report.get("episode"), "skipped": p.skipped, "segment": p.segment,
              "instruction": p.instruction}
         if p.ticks is not None:
-            cand = int(len(p.ticks))
-            kept = int(p.report.get("ticks", 0))
+            cand, kept = int(len(p.ticks)), int(p.report.get("ticks", 0))
             e.update({"start_s": round(p.ticks[0] / 1e9, 6), "end_s": round(p.ticks[-1] / 1e9, 6),
                       "candidate_ticks": cand, "ticks": kept if e["episode"] else 0,
                       "dropped_ticks": cand - kept if e["episode"] else cand,
                       "dropped": dict(sorted(p.drops.items()))})
         else:
-            e.update({"ticks": 0})
+            e["ticks"] = 0
         e["streams"] = p.report.get("streams", {})
         if "ticks_aligned_to" in p.report:
             e["ticks_aligned_to"] = p.report["ticks_aligned_to"]
         for name, srep in e["streams"].items():
-            s = streams[name]
+            s = self.streams[name]
             srep["time_source"] = s.time_source_used()
             srep["out_of_order_stamps"] = s.out_of_order
             if s.offsets:
                 srep["stamp_minus_receive_median_s"] = round(float(np.median(s.offsets)) / 1e9, 6)
-        brep["episodes"].append(e)
-    brep["language_bad_messages"] = dict(lang_bad)
-    brep["messages"] = nmsg
-    brep["bad_messages_outside_episodes"] = {
-        s.name: int(sum(1 for (t, _r, _d) in s.bad if not any(p.a <= t < p.b for p in plans)))
-        for s in streams.values() if s.bad}
-    examples = {s.name: sorted({d for (_t, _r, d) in s.bad} | pass2_examples.get(s.name, set()))[:3]
-                for s in streams.values() if s.bad or s.name in pass2_examples}
-    if examples:
-        brep["bad_message_examples"] = examples
-    return nmsg, writer
+        return e
+
+    def report(self, plans: list[_EpisodePlan]) -> None:
+        brep, streams = self.brep, self.streams.values()
+        brep["episodes"].extend(self._episode_report(p) for p in plans)
+        brep["language_bad_messages"] = dict(self.lang_bad)
+        brep["messages"] = self.nmsg
+        brep["bad_messages_outside_episodes"] = {
+            s.name: int(sum(1 for (t, _r, _d) in s.bad if not any(p.a <= t < p.b for p in plans)))
+            for s in streams if s.bad}
+        examples = {s.name: sorted({d for (_t, _r, d) in s.bad} | self.frame_errors.get(s.name, set()))[:3]
+                    for s in streams if s.bad or s.name in self.frame_errors}
+        if examples:
+            brep["bad_message_examples"] = examples
 
 
 def _scan_camera(s: Stream, msg, msgtype: str, recv: int, dup: int) -> None:
