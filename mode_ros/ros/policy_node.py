@@ -242,13 +242,26 @@ class PolicyNode(LifecycleNode):
         self._log.period = self.p.log_throttle_period
         if not self.p.checkpoint:
             raise ParameterError("checkpoint: not set (the checkpoint folder to load)")
+        self.policy = self._load_policy()
+        self.ctl = ChunkController(self.p, self.policy.camera_names, self.policy.state_dim, self.policy.chunk_size,
+                                   self.policy.action_dim, clock=lambda: self.get_clock().now().nanoseconds,
+                                   log=self._ctl_log, goal_check=self.policy.goal_problem,
+                                   initial_latency=self._expected_latency, lock=self.lock, counters=self.counters)
+        self.ctl.set_enabled(self.enabled)
+        self.ctl.set_active(False)
+        self._resolve_names(self.policy)
+        self.rate = RateMeter(self.p.stats_window)
+        self._make_endpoints(self.policy)
+        self._start_inference_thread()
+
+    def _load_policy(self):
+        """The checkpoint on the chosen backend, checked against the parameters, warmed up."""
         from mode_ros.export.deploy import load_policy
 
         policy, described = load_policy(self.p, log=_StdLogger(self.get_logger()))
         self.p.check_against_policy(policy.chunk_size, policy.action_dim, policy.state_dim)
         self._max_pixels = pixel_limit(policy.config.vision.image_size if policy.camera_names else None,
                                        self.p.max_image_pixels)
-        self.policy = policy
         self.get_logger().info(f"inference: {described}")
         if self.p.warmup:
             self._expected_latency = float(policy.warmup(runs=3))  # median of 3 calls
@@ -257,12 +270,10 @@ class PolicyNode(LifecycleNode):
             except ValueError as exc:
                 self.get_logger().info(f"text encoder not available ({exc}): only the checkpoint's cached "
                                        f"goals can be used: {policy.known_goals}")
-        self.ctl = ChunkController(self.p, policy.camera_names, policy.state_dim, policy.chunk_size,
-                                   policy.action_dim, clock=lambda: self.get_clock().now().nanoseconds,
-                                   log=self._ctl_log, goal_check=policy.goal_problem,
-                                   initial_latency=self._expected_latency, lock=self.lock, counters=self.counters)
-        self.ctl.set_enabled(self.enabled)
-        self.ctl.set_active(False)
+        return policy
+
+    def _resolve_names(self, policy) -> None:
+        """Joint names of the outputs and the joints of ~/joint_states that make the state vector."""
         names = [n for n in self.p.trajectory_joint_names if n]
         self.joint_names = names or (policy.action_names if len(policy.action_names) == policy.action_dim
                                      else [f"a{i}" for i in range(policy.action_dim)])
@@ -275,13 +286,14 @@ class PolicyNode(LifecycleNode):
         if self._state_names_recorded:
             self.get_logger().info(f"state: joints {self.state_names} of ~/joint_states, as recorded in the "
                                    f"checkpoint (set state_joint_names to choose others)")
-        self.rate = RateMeter(self.p.stats_window)
 
-        # outputs (lifecycle publishers: they only publish while active)
+    def _make_endpoints(self, policy) -> None:
+        """Outputs (lifecycle publishers: they only publish while active) and inputs."""
+        from rclpy.event_handler import SubscriptionEventCallbacks
+
         self._chunk_pub = self.create_lifecycle_publisher(ActionChunk, "~/action_chunk", OUTPUT_QOS)
         if self.p.publish_joint_trajectory:
             self._traj_pub = self.create_lifecycle_publisher(JointTrajectory, "~/joint_trajectory", OUTPUT_QOS)
-        # inputs
         for cam in policy.camera_names:
             if self.p.image_transport == "compressed":
                 sub = self.create_subscription(CompressedImage, f"~/image_{cam}/compressed",
@@ -291,8 +303,6 @@ class PolicyNode(LifecycleNode):
                 sub = self.create_subscription(Image, f"~/image_{cam}", lambda m, c=cam: self._on_image(c, m),
                                                qos_profile_sensor_data)
             self._entities.append(sub)
-        from rclpy.event_handler import SubscriptionEventCallbacks
-
         # a volatile publisher (ros2 topic pub) is served by the second subscription: no QoS warning here
         quiet = SubscriptionEventCallbacks(incompatible_qos=lambda event: None)
         self._entities.append(self.create_subscription(String, "~/goal", self._on_goal, GOAL_QOS,
@@ -301,6 +311,8 @@ class PolicyNode(LifecycleNode):
         if policy.state_dim > 0:
             self._entities.append(self.create_subscription(JointState, "~/joint_states", self._on_joint_state,
                                                            qos_profile_sensor_data))
+
+    def _start_inference_thread(self) -> None:
         self._infer_stop.clear()
         self._infer_request.clear()   # a wake-up left by the last cleanup is no request
         if self.p.lockstep_inference and not self.get_parameter("use_sim_time").value:
