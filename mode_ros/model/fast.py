@@ -253,18 +253,23 @@ def fused_step(x, ctx, c, c_in, c_skip, c_out, ratio, action_w, action_pos, lnf_
                                       layers, n_heads, eps, reference_residual, attention, int8_kernel, gemm), ratio)
 
 
+def check_fast_options(weight_quant: str, attention: str | None, gemm: str) -> None:
+    """ValueError naming the option when ``weight_quant``, ``attention`` or ``gemm`` is not a known choice."""
+    if weight_quant not in WEIGHT_QUANT:
+        raise ValueError(f"weight_quant: {weight_quant!r} is not one of {WEIGHT_QUANT}")
+    if attention is not None and attention not in ATTENTION:
+        raise ValueError(f"attention: {attention!r} is not one of {ATTENTION}")
+    if gemm not in GEMM:
+        raise ValueError(f"gemm: {gemm!r} is not one of {GEMM}")
+
+
 class FusedSampler:
     """Drop-in replacement of ``CachedSampler.sample`` (same table, fused kernels)."""
 
     def __init__(self, cached: CachedSampler, compile: bool = False, whole_step: bool | None = None,
                  weight_quant: str = "none", attention: str | None = None, compile_mode: str | None = None,
                  gemm: str = "torch", autotune: bool | None = None, pdl: bool = False):
-        if weight_quant not in WEIGHT_QUANT:
-            raise ValueError(f"weight_quant: {weight_quant!r} is not one of {WEIGHT_QUANT}")
-        if attention is not None and attention not in ATTENTION:
-            raise ValueError(f"attention: {attention!r} is not one of {ATTENTION}")
-        if gemm not in GEMM:
-            raise ValueError(f"gemm: {gemm!r} is not one of {GEMM}")
+        check_fast_options(weight_quant, attention, gemm)
         dev = next(cached.net.parameters()).device
         if gemm == "triton" or attention == "triton":
             reason = tk.unavailable_reason(dev)

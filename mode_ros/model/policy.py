@@ -219,13 +219,8 @@ class MoDEPolicy(nn.Module):
         dependent launch (``pdl``, sm_90+). Each falls back with a logged reason, except an unknown
         ``weight_quant``, ``attention`` or ``gemm`` (ValueError). Returns what is active."""
         from . import triton_kernels as tk
-        from .fast import ATTENTION, GEMM, WEIGHT_QUANT, FusedSampler
-        if weight_quant not in WEIGHT_QUANT:
-            raise ValueError(f"weight_quant: {weight_quant!r} is not one of {WEIGHT_QUANT}")
-        if attention is not None and attention not in ATTENTION:
-            raise ValueError(f"attention: {attention!r} is not one of {ATTENTION}")
-        if gemm not in GEMM:
-            raise ValueError(f"gemm: {gemm!r} is not one of {GEMM}")
+        from .fast import FusedSampler, check_fast_options
+        check_fast_options(weight_quant, attention, gemm)
         state = {"fused": False, "compiled": False, "graph": False, "weight_quant": "none",
                  "attention": None, "gemm": None, "pdl": False}
         if self.experts_released:
