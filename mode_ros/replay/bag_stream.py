@@ -262,51 +262,38 @@ def _str(b, o):
 def _mcap_records(path: Path):
     """Yield ("topic", (topic, msgtype, msgdef)), ("msg", (topic, msgtype, t, raw)), ("problem", text)
     sequentially; raises _Stop at a truncated record."""
-    schemas: dict[int, tuple[str, str]] = {}
-    channels: dict[int, tuple[str, str]] = {}
     with open(path, "rb") as fh:
         if fh.read(8) != MCAP_MAGIC:
             raise _Stop("not an MCAP file (bad magic)")
-        size = os.fstat(fh.fileno()).st_size
+        yield from _McapSalvage(fh).records()
 
-        def parse(buf, where: str):
-            o = 0
-            end = len(buf)
-            while o < end:
-                if end - o < 9:
-                    raise _Stop(f"truncated record header at {where}+{o}")
-                op = buf[o]
-                ln = struct.unpack_from("<Q", buf, o + 1)[0]
-                o += 9
-                if ln > end - o:
-                    raise _Stop(f"truncated at {where}+{o - 9}: record of {ln} bytes, {end - o} left")
-                rec = memoryview(buf)[o:o + ln]
-                o += ln
-                yield op, rec
 
-        def handle(op, rec):
-            if op == 0x03:  # schema
-                sid, p = _u16(rec, 0)
-                name, p = _str(rec, p)
-                _enc, p = _str(rec, p)
-                dl, p = _u32(rec, p)
-                schemas[sid] = (name, bytes(rec[p:p + dl]).decode("utf-8", "replace"))
-            elif op == 0x04:  # channel
-                cid, p = _u16(rec, 0)
-                sid, p = _u16(rec, p)
-                topic, p = _str(rec, p)
-                name, msgdef = schemas.get(sid, ("", ""))
-                channels[cid] = (topic, name)
-                return ("topic", (topic, name, msgdef))
-            elif op == 0x05:  # message
-                cid, p = _u16(rec, 0)
-                t = struct.unpack_from("<Q", rec, 6)[0]
-                ch = channels.get(cid)
-                if ch is None:
-                    return ("problem", f"message on unknown channel {cid} skipped")
-                return ("msg", (ch[0], ch[1], int(t), bytes(rec[22:])))
-            return None
+def _mcap_parse(buf, where: str):
+    """(opcode, record body) of each record in ``buf``; _Stop at a truncated one."""
+    o, end = 0, len(buf)
+    while o < end:
+        if end - o < 9:
+            raise _Stop(f"truncated record header at {where}+{o}")
+        op = buf[o]
+        ln = struct.unpack_from("<Q", buf, o + 1)[0]
+        o += 9
+        if ln > end - o:
+            raise _Stop(f"truncated at {where}+{o - 9}: record of {ln} bytes, {end - o} left")
+        yield op, memoryview(buf)[o:o + ln]
+        o += ln
 
+
+class _McapSalvage:
+    """The records of an MCAP file read front to back (no summary needed), so a file cut off by a crash
+    gives every message before the cut: schemas and channels as they come, chunks decompressed one by one."""
+
+    def __init__(self, fh):
+        self.fh, self.size = fh, os.fstat(fh.fileno()).st_size
+        self.schemas: dict[int, tuple[str, str]] = {}
+        self.channels: dict[int, tuple[str, str]] = {}
+
+    def records(self):
+        fh = self.fh
         while True:
             pos = fh.tell()
             head = fh.read(9)
@@ -316,57 +303,86 @@ def _mcap_records(path: Path):
                 raise _Stop(f"truncated record header at byte {pos}")
             op = head[0]
             ln = struct.unpack_from("<Q", head, 1)[0]
-            if ln > size - pos - 9:
-                why = f"truncated at byte {pos}: record of {ln} bytes, {size - pos - 9} left"
+            if ln > self.size - pos - 9:
+                why = f"truncated at byte {pos}: record of {ln} bytes, {self.size - pos - 9} left"
                 if op == 0x06:  # a partial chunk: its complete records are readable if it is uncompressed
-                    body = fh.read()
-                    try:
-                        p = 24
-                        _crc, p = _u32(body, p)
-                        comp, p = _str(body, p)
-                        _clen, p = _u64(body, p)
-                    except struct.error:
-                        comp = "?"
-                    if comp == "":
-                        try:
-                            for iop, irec in parse(body[p:], f"partial chunk@{pos}"):
-                                ev = handle(iop, irec)
-                                if ev is not None:
-                                    yield ev
-                        except _Stop:
-                            pass
-                        why += " (complete messages of the partial chunk were read)"
+                    why += yield from self._partial_chunk(fh.read(), pos)
                 raise _Stop(why)
-            if op == 0x02:  # footer: done
-                return
-            if op == 0x0F:  # data end: the summary follows, nothing more to read
+            if op in (0x02, 0x0F):  # footer, or data end (the summary follows): nothing more to read
                 return
             body = fh.read(ln)
-            if op == 0x06:  # chunk
-                try:
-                    _s, p = _u64(body, 0)
-                    _e, p = _u64(body, p)
-                    usize, p = _u64(body, p)
-                    crc, p = _u32(body, p)
-                    comp, p = _str(body, p)
-                    clen, p = _u64(body, p)
-                    from rosbags.rosbag2.storage_mcap import decompress
-
-                    data = decompress(bytes(body[p:p + clen]), comp, usize, crc)
-                except Exception as exc:  # noqa: BLE001 - a bad chunk is skipped, the file goes on
-                    yield ("problem", f"chunk at byte {pos} skipped ({type(exc).__name__}: {exc})")
-                    continue
-                try:
-                    for iop, irec in parse(data, f"chunk@{pos}"):
-                        ev = handle(iop, irec)
-                        if ev is not None:
-                            yield ev
-                except _Stop as exc:
-                    yield ("problem", f"chunk at byte {pos} damaged: {exc}")
+            if op == 0x06:
+                yield from self._chunk(body, pos)
             else:
-                ev = handle(op, memoryview(body))
+                ev = self._handle(op, memoryview(body))
                 if ev is not None:
                     yield ev
+
+    def _records_in(self, data, where: str):
+        for op, rec in _mcap_parse(data, where):
+            ev = self._handle(op, rec)
+            if ev is not None:
+                yield ev
+
+    def _chunk(self, body, pos: int):
+        try:
+            _s, p = _u64(body, 0)
+            _e, p = _u64(body, p)
+            usize, p = _u64(body, p)
+            crc, p = _u32(body, p)
+            comp, p = _str(body, p)
+            clen, p = _u64(body, p)
+            from rosbags.rosbag2.storage_mcap import decompress
+
+            data = decompress(bytes(body[p:p + clen]), comp, usize, crc)
+        except Exception as exc:  # noqa: BLE001 - a bad chunk is skipped, the file goes on
+            yield ("problem", f"chunk at byte {pos} skipped ({type(exc).__name__}: {exc})")
+            return
+        try:
+            yield from self._records_in(data, f"chunk@{pos}")
+        except _Stop as exc:
+            yield ("problem", f"chunk at byte {pos} damaged: {exc}")
+
+    def _partial_chunk(self, body, pos: int):
+        """The complete records of a chunk cut off by the end of the file (uncompressed chunks only);
+        returns what to add to the truncation message."""
+        try:
+            p = 24
+            _crc, p = _u32(body, p)
+            comp, p = _str(body, p)
+            _clen, p = _u64(body, p)
+        except struct.error:
+            return ""
+        if comp != "":
+            return ""
+        try:
+            yield from self._records_in(body[p:], f"partial chunk@{pos}")
+        except _Stop:
+            pass
+        return " (complete messages of the partial chunk were read)"
+
+    def _handle(self, op: int, rec):
+        if op == 0x03:  # schema
+            sid, p = _u16(rec, 0)
+            name, p = _str(rec, p)
+            _enc, p = _str(rec, p)
+            dl, p = _u32(rec, p)
+            self.schemas[sid] = (name, bytes(rec[p:p + dl]).decode("utf-8", "replace"))
+        elif op == 0x04:  # channel
+            cid, p = _u16(rec, 0)
+            sid, p = _u16(rec, p)
+            topic, p = _str(rec, p)
+            name, msgdef = self.schemas.get(sid, ("", ""))
+            self.channels[cid] = (topic, name)
+            return ("topic", (topic, name, msgdef))
+        elif op == 0x05:  # message
+            cid, _ = _u16(rec, 0)
+            t = struct.unpack_from("<Q", rec, 6)[0]
+            ch = self.channels.get(cid)
+            if ch is None:
+                return ("problem", f"message on unknown channel {cid} skipped")
+            return ("msg", (ch[0], ch[1], int(t), bytes(rec[22:])))
+        return None
 
 
 # ---- SQLite salvage ---------------------------------------------------------------------------------
