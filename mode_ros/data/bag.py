@@ -35,6 +35,7 @@ from .rosmsgs import ACTION_CHUNK_TYPE, make_typestore
 from .topic_map import CameraSpec, SourceSpec, TopicMap, load_topic_map
 
 __all__ = ["convert_bags", "BagWriter", "report_path_for", "format_report", "Stream", "BadMessage", "message_vector",
+           "stream_name",
            "bag_typestore", "CAMERA_TYPES", "VECTOR_TYPES"]
 
 IMAGE = "sensor_msgs/msg/Image"
@@ -126,6 +127,16 @@ class Stream:
         if not self.header_stamped and not self.receive_stamped:
             return "none"
         return f"mixed ({self.receive_stamped} receive-time fallbacks)"
+
+
+def stream_name(kind: str, spec, index: int = 0, count: int = 1) -> str:
+    """The name a stream has in reports: ``camera:<name>``, ``state:<key>``, ``action:<topic>`` (or
+    ``action[i]:<topic>`` when the map lists several action sources)."""
+    if kind == "camera":
+        return f"camera:{spec.name}"
+    if kind == "state":
+        return f"state:{spec.key}"
+    return f"action[{index}]:{spec.topic}" if count > 1 else f"action:{spec.topic}"
 
 
 def message_vector(msg, msgtype: str, stream: Stream) -> tuple[np.ndarray, int, list[str] | None]:
@@ -550,7 +561,7 @@ class _BagConversion:
         self.by_topic: dict[str, list[Stream]] = defaultdict(list)
         for s in self.streams.values():
             self.by_topic[s.topic].append(s)
-        self.cam_streams = {c.name: self.streams[f"camera:{c.name}"] for c in tm.cameras}
+        self.cam_streams = {c.name: self.streams[stream_name("camera", c)] for c in tm.cameras}
         self.nmsg, self.lang, self.markers, self.lang_bad = 0, None, None, Counter()
         self.frame_errors: dict[str, set] = {}   # stream name -> examples of pass-2 decode errors
 
@@ -570,12 +581,11 @@ class _BagConversion:
             streams[name] = Stream(name, kind, spec.topic, spec, tm.tol_ns(spec), tm.time_source_of(spec))
 
         for cam in tm.cameras:
-            add(f"camera:{cam.name}", "camera", cam, CAMERA_TYPES, f"camera {cam.name!r}")
+            add(stream_name("camera", cam), "camera", cam, CAMERA_TYPES, f"camera {cam.name!r}")
         for i, src in enumerate(tm.action):
-            add(f"action[{i}]:{src.topic}" if len(tm.action) > 1 else f"action:{src.topic}", "action", src,
-                VECTOR_TYPES, "action")
+            add(stream_name("action", src, i, len(tm.action)), "action", src, VECTOR_TYPES, "action")
         for src in tm.state:
-            add(f"state:{src.key}", "state", src, VECTOR_TYPES, f"state {src.key!r}")
+            add(stream_name("state", src), "state", src, VECTOR_TYPES, f"state {src.key!r}")
         if self.lang_topic:
             need(self.lang_topic, (STRING,), "language")
         elif tm.language.instruction is None:

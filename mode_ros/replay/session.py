@@ -199,31 +199,10 @@ def auto_topic_map(bag_topics: dict, model: ModelInfo) -> dict:
 
 def resolve_mapping(tm: TopicMap, bag_topics: dict, model: ModelInfo, goal_override: str | None,
                     image_transport: str | None = None) -> Mapping:
-    from mode_ros.data.bag import CAMERA_TYPES, VECTOR_TYPES, Stream
-
+    """What of the bag the replay feeds the node (cameras, goal, state) and scores against (actions); what is
+    missing or of the wrong type is a problem or a note of the returned Mapping, never an exception."""
     m = Mapping()
-    avail = ", ".join(f"{t} [{ti.msgtype.split('/')[-1]}]" for t, ti in sorted(bag_topics.items()))
-    by_name = {c.name: c for c in tm.cameras}
-    for cam in model.camera_names:
-        spec: CameraSpec | None = by_name.get(cam)
-        if spec is None:
-            m.problems.append(f"camera {cam!r} of the checkpoint is not in the topic map (map cameras: "
-                              f"{sorted(by_name)}): the node gets no {cam!r} image and cannot publish")
-            continue
-        ti = bag_topics.get(spec.topic)
-        if ti is None:
-            m.problems.append(f"camera {cam!r} topic {spec.topic!r} is not in the bag: the node gets no {cam!r} "
-                              f"image and cannot publish (bag topics: {avail})")
-            continue
-        if ti.msgtype not in CAMERA_TYPES:
-            m.problems.append(f"camera {cam!r} topic {spec.topic!r} has type {ti.msgtype}, expected Image or "
-                              "CompressedImage: not replayed")
-            continue
-        m.cameras[cam] = spec
-        m.camera_types[cam] = ti.msgtype
-    extra = sorted(set(by_name) - set(model.camera_names))
-    if extra:
-        m.notes.append(f"map cameras {extra} are not cameras of the checkpoint {model.camera_names}: ignored")
+    _map_cameras(m, tm, bag_topics, model)
     if image_transport:
         m.transport = image_transport
     else:
@@ -232,6 +211,52 @@ def resolve_mapping(tm: TopicMap, bag_topics: dict, model: ModelInfo, goal_overr
     if m.transport == "raw" and COMPRESSED in m.camera_types.values():
         m.notes.append("cameras are mixed raw/compressed: compressed ones are decoded (mode_ros.data.images) "
                        "and published as rgb8 Image, so the node runs with image_transport: raw")
+    _map_goal(m, tm, bag_topics, goal_override)
+    acts, missing = _vector_streams(tm, bag_topics, "action")
+    if missing:
+        m.problems.append("; ".join(missing) + ": nothing to score against (the replay still runs and reports "
+                          "outputs, latency and ticks)")
+    else:
+        m.action_streams = acts
+    if model.state_dim > 0:
+        st, missing = _vector_streams(tm, bag_topics, "state")
+        if not tm.state:
+            m.problems.append(f"the checkpoint takes a state of {model.state_dim} values but the topic map has no "
+                              "state: the node gets no joint_states and cannot publish")
+        elif missing:
+            m.problems.append("; ".join(missing) + ": the node gets no joint_states and cannot publish")
+        else:
+            m.state_streams = st
+    return m
+
+
+def _map_cameras(m: Mapping, tm: TopicMap, bag_topics: dict, model: ModelInfo) -> None:
+    from mode_ros.data.bag import CAMERA_TYPES
+
+    avail = ", ".join(f"{t} [{ti.msgtype.split('/')[-1]}]" for t, ti in sorted(bag_topics.items()))
+    by_name = {c.name: c for c in tm.cameras}
+    for cam in model.camera_names:
+        spec: CameraSpec | None = by_name.get(cam)
+        ti = bag_topics.get(spec.topic) if spec is not None else None
+        if spec is None:
+            m.problems.append(f"camera {cam!r} of the checkpoint is not in the topic map (map cameras: "
+                              f"{sorted(by_name)}): the node gets no {cam!r} image and cannot publish")
+        elif ti is None:
+            m.problems.append(f"camera {cam!r} topic {spec.topic!r} is not in the bag: the node gets no {cam!r} "
+                              f"image and cannot publish (bag topics: {avail})")
+        elif ti.msgtype not in CAMERA_TYPES:
+            m.problems.append(f"camera {cam!r} topic {spec.topic!r} has type {ti.msgtype}, expected Image or "
+                              "CompressedImage: not replayed")
+        else:
+            m.cameras[cam] = spec
+            m.camera_types[cam] = ti.msgtype
+    extra = sorted(set(by_name) - set(model.camera_names))
+    if extra:
+        m.notes.append(f"map cameras {extra} are not cameras of the checkpoint {model.camera_names}: ignored")
+
+
+def _map_goal(m: Mapping, tm: TopicMap, bag_topics: dict, goal_override: str | None) -> None:
+    """The goal: --goal, the map's fixed instruction, or its language topic in the bag."""
     if goal_override is not None:
         m.static_goal = goal_override
     elif tm.language.instruction is not None:
@@ -249,41 +274,25 @@ def resolve_mapping(tm: TopicMap, bag_topics: dict, model: ModelInfo, goal_overr
         m.problems.append("the topic map has no language (topic or instruction) and no --goal was given: the "
                           "node gets no goal")
 
-    def streams(sources, kind):
-        out, missing = [], []
-        for i, src in enumerate(sources):
-            if kind == "action":
-                name = f"action[{i}]:{src.topic}" if len(sources) > 1 else f"action:{src.topic}"
-            else:
-                name = f"state:{src.key}"
-            ti = bag_topics.get(src.topic)
-            if ti is None:
-                missing.append(f"{kind} topic {src.topic!r} is not in the bag")
-                continue
-            if ti.msgtype not in VECTOR_TYPES:
-                missing.append(f"{kind} topic {src.topic!r} has type {ti.msgtype} (not an action/state type)")
-                continue
-            s = Stream(name, kind, src.topic, src, tm.tol_ns(src), tm.time_source_of(src))
+
+def _vector_streams(tm: TopicMap, bag_topics: dict, kind: str) -> tuple[list, list[str]]:
+    """The action (or state) streams of the map that the bag has with a vector type, and what is missing."""
+    from mode_ros.data.bag import VECTOR_TYPES, Stream, stream_name
+
+    sources = tm.action if kind == "action" else tm.state
+    out, missing = [], []
+    for i, src in enumerate(sources):
+        ti = bag_topics.get(src.topic)
+        if ti is None:
+            missing.append(f"{kind} topic {src.topic!r} is not in the bag")
+        elif ti.msgtype not in VECTOR_TYPES:
+            missing.append(f"{kind} topic {src.topic!r} has type {ti.msgtype} (not an action/state type)")
+        else:
+            s = Stream(stream_name(kind, src, i, len(sources)), kind, src.topic, src, tm.tol_ns(src),
+                       tm.time_source_of(src))
             s.msgtype = ti.msgtype
             out.append(s)
-        return out, missing
-
-    acts, missing = streams(tm.action, "action")
-    if missing:
-        m.problems.append("; ".join(missing) + ": nothing to score against (the replay still runs and reports "
-                          "outputs, latency and ticks)")
-    else:
-        m.action_streams = acts
-    if model.state_dim > 0:
-        st, missing = streams(tm.state, "state")
-        if not tm.state:
-            m.problems.append(f"the checkpoint takes a state of {model.state_dim} values but the topic map has no "
-                              "state: the node gets no joint_states and cannot publish")
-        elif missing:
-            m.problems.append("; ".join(missing) + ": the node gets no joint_states and cannot publish")
-        else:
-            m.state_streams = st
-    return m
+    return out, missing
 
 
 # ---- events ----------------------------------------------------------------------------------------
