@@ -369,18 +369,12 @@ class _LiveReplay:
         except Exception:  # noqa: BLE001
             self.stats["undecodable_chunks"] += 1
             return
-        n, a = int(msg.chunk_size), int(msg.action_dim)
-        acts = np.asarray(msg.actions, dtype=np.float32)
-        if acts.size != n * a or n == 0:
+        st = int(msg.header.stamp.sec) * NS + int(msg.header.stamp.nanosec)
+        try:
+            rec = ChunkRecord.from_message(msg, recv_wall=wall, obs_pub_wall=self.pub_wall.get(st))
+        except ValueError:
             self.stats["malformed_chunks"] += 1   # recorded, not scored
             return
-        st = int(msg.header.stamp.sec) * NS + int(msg.header.stamp.nanosec)
-        rec = ChunkRecord(stamp_ns=st, first_index=int(msg.first_index),
-                          period_ns=int(msg.control_period.sec) * NS + int(msg.control_period.nanosec),
-                          actions=acts.reshape(n, a), sequence=int(msg.sequence), tick=int(msg.tick),
-                          goal=str(msg.goal),
-                          latency_s=int(msg.inference_latency.sec) + int(msg.inference_latency.nanosec) * 1e-9,
-                          recv_wall=wall, obs_pub_wall=self.pub_wall.get(st))
         rec.tick_ns = self._match_tick(rec)
         self.stats["unmatched_chunks"] += rec.tick_ns is None
         self.stats["chunks"] += 1

@@ -165,18 +165,11 @@ def run_score_only(sess: Session) -> None:
                 except Exception:  # noqa: BLE001
                     sess.problems.append(f"chunks bag: undecodable ActionChunk at t={t}")
                     continue
-                n, a = int(m.chunk_size), int(m.action_dim)
-                acts = np.asarray(m.actions, np.float32)
-                if acts.size != n * a or n == 0:
-                    sess.problems.append(f"chunks bag: ActionChunk at t={t} has {acts.size} actions for "
-                                         f"chunk_size {n} x action_dim {a}: not scored")
+                try:
+                    scorer.add(ChunkRecord.from_message(m, tick_ns=t))
+                except ValueError as exc:
+                    sess.problems.append(f"chunks bag: at t={t}: {exc}: not scored")
                     continue
-                scorer.add(ChunkRecord(
-                    stamp_ns=int(m.header.stamp.sec) * NS + int(m.header.stamp.nanosec),
-                    first_index=int(m.first_index),
-                    period_ns=int(m.control_period.sec) * NS + int(m.control_period.nanosec),
-                    actions=acts.reshape(n, a), sequence=int(m.sequence), tick=int(m.tick), goal=str(m.goal),
-                    latency_s=int(m.inference_latency.sec) + int(m.inference_latency.nanosec) * 1e-9, tick_ns=t))
                 sess.ticks.published += 1
 
         for ev in sess.events():

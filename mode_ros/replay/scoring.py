@@ -45,6 +45,21 @@ class ChunkRecord:
     def slot_ns(self, row: int) -> int:
         return int(self.stamp_ns + (self.first_index + row) * self.period_ns)
 
+    @classmethod
+    def from_message(cls, msg, **extra) -> "ChunkRecord":
+        """A deserialised ``mode_ros/msg/ActionChunk`` (rosbags or rclpy) as a record; ``extra`` sets the
+        fields the message does not carry (tick_ns, recv_wall, obs_pub_wall). ValueError when its actions
+        array does not hold chunk_size x action_dim values."""
+        n, a = int(msg.chunk_size), int(msg.action_dim)
+        acts = np.asarray(msg.actions, np.float32)
+        if acts.size != n * a or n == 0:
+            raise ValueError(f"ActionChunk has {acts.size} actions for chunk_size {n} x action_dim {a}")
+        return cls(stamp_ns=int(msg.header.stamp.sec) * NS + int(msg.header.stamp.nanosec),
+                   first_index=int(msg.first_index),
+                   period_ns=int(msg.control_period.sec) * NS + int(msg.control_period.nanosec),
+                   actions=acts.reshape(n, a), sequence=int(msg.sequence), tick=int(msg.tick), goal=str(msg.goal),
+                   latency_s=int(msg.inference_latency.sec) + int(msg.inference_latency.nanosec) * 1e-9, **extra)
+
 
 class _Series:
     """Recorded values of one action source, sorted by stamp, pruned from the front."""
