@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mode_ros.ros.processes import ros_arg_value, stop_process_group
+from mode_ros.ros.processes import installed_executable, node_command, stop_process_group
 from mode_ros.replay.scoring import ChunkRecord
 
 __all__ = ["run_live"]
@@ -62,11 +62,9 @@ class _Node:
 
 
 def _executable() -> Path:
-    from ament_index_python.packages import get_package_prefix
-
-    path = Path(get_package_prefix("mode_ros")) / "lib" / "mode_ros" / "policy_node"
-    if not os.access(path, os.X_OK):
-        raise FileNotFoundError(f"installed executable {path} missing (scripts/build.sh)")
+    path = installed_executable("policy_node")
+    if path is None:
+        raise FileNotFoundError("the installed executable lib/mode_ros/policy_node is missing (scripts/build.sh)")
     return path
 
 
@@ -237,12 +235,9 @@ def _start_node(sess, node, fqn) -> _Node:
     sess.params_values.update({k: v for k, v in overrides.items() if k != "use_sim_time"})
     sess.p = NodeParams.from_mapping(sess.params_values)
     pfile = opts.params_file or default_params_file()
-    cmd = [str(_executable()), "--ros-args"] + (["--params-file", str(pfile)] if pfile else [])
-    for k, v in overrides.items():
-        cmd += ["-p", f"{k}:={ros_arg_value(v)}"]
-    cmd += ["-r", f"__node:={opts.node_name}"]
-    if opts.namespace.strip("/"):
-        cmd += ["-r", f"__ns:=/{opts.namespace.strip('/')}"]
+    cmd = node_command(_executable(), overrides, opts.node_name, opts.namespace)
+    if pfile:
+        cmd[2:2] = ["--params-file", str(pfile)]
     proc = _Node(cmd, sess.out / "node.log")
     t0 = time.monotonic()
     try:   # from here on, whatever happens (a failed start, Ctrl-C, SIGTERM) stops the node we started

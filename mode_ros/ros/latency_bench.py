@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from mode_ros.ros.processes import installed_executable, node_command, stop_process_group
 
 
 def _make_checkpoint(path: Path, cameras: str, action_dim: int) -> None:
@@ -49,16 +50,7 @@ def _summary(x: np.ndarray, scale: float = 1e3) -> dict:
 
 
 def run(args) -> dict:
-    import rclpy
-    from ament_index_python.packages import get_package_prefix
-    from rclpy.executors import SingleThreadedExecutor
-    from rclpy.qos import qos_profile_sensor_data
-    from sensor_msgs.msg import Image
-    from std_msgs.msg import String
-
     from mode_ros.model.checkpoint import checkpoint_config, resolve_checkpoint
-    from mode_ros.msg import ActionChunk
-    from mode_ros.ros.policy_node import GOAL_QOS
 
     os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
     tmp = Path(tempfile.mkdtemp(prefix="mode_ros_bench_"))
@@ -67,18 +59,47 @@ def run(args) -> dict:
         print(f"making a tiny random checkpoint in {ckpt} ...", file=sys.stderr)
         _make_checkpoint(ckpt, args.cameras, args.action_dim)
     cams = list(checkpoint_config(ckpt).camera_names)
-    exe = Path(get_package_prefix("mode_ros")) / "lib" / "mode_ros" / "policy_node"
-    ns = "/bench_policy"
-    params = {"checkpoint": str(ckpt), "device": args.device, "control_rate_hz": args.rate,
+    exe = installed_executable("policy_node")
+    if exe is None:
+        raise SystemExit("the installed policy_node is missing: scripts/build.sh, then `source scripts/env.sh`")
+    params = {"checkpoint": str(ckpt), "device": args.device, "control_rate_hz": float(args.rate),
               "replan_every": args.replan_every, "torch_threads": args.torch_threads}
-    cmd = [str(exe), "--ros-args", "-r", f"__node:={ns[1:]}"]
-    for k, v in params.items():
-        cmd += ["-p", f"{k}:={json.dumps(v) if isinstance(v, str) else v}"]
-    log = open(tmp / "node.log", "wb")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    with open(tmp / "node.log", "wb") as log:
+        proc = subprocess.Popen(node_command(exe, params, NODE[1:]), stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            rows, sent = _measure(args, cams, proc, tmp / "node.log")
+        finally:
+            stop_process_group(proc)
+    res = {"checkpoint": str(ckpt), "device": args.device, "cameras": cams, "image_size": list(args.image_size),
+           "control_rate_hz": args.rate, "replan_every": args.replan_every, "camera_hz": args.camera_hz,
+           "duration_s": args.duration, **_analyse(rows, sent, 1.0 / args.rate)}
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "latency.json").write_text(json.dumps(res, indent=1))
+        _plot(rows, sent, 1.0 / args.rate, out / "latency.png")
+    return res
 
-    rclpy.init()
-    node = rclpy.create_node("latency_bench")
+
+NODE = "/bench_policy"
+
+
+def _measure(args, cams: list[str], proc, log_path: Path):
+    """Feed the node images and a goal; the chunks received during ``--duration`` after ``--warm-s``:
+    rows (receive time, sequence, header stamp, inference latency) and {image stamp: publish time}."""
+    import rclpy
+    from rclpy.executors import SingleThreadedExecutor
+    from rclpy.qos import qos_profile_sensor_data
+    from sensor_msgs.msg import Image
+    from std_msgs.msg import String
+
+    from mode_ros.msg import ActionChunk
+    from mode_ros.ros.policy_node import GOAL_QOS
+
+    ctx = rclpy.Context()
+    rclpy.init(context=ctx)
+    node = rclpy.create_node("latency_bench", context=ctx)
     sent: dict[tuple[int, int], float] = {}
     got: list[tuple[float, int, tuple[int, int], float]] = []
     lock = threading.Lock()
@@ -89,10 +110,9 @@ def run(args) -> dict:
         with lock:
             got.append((t, m.sequence, (m.header.stamp.sec, m.header.stamp.nanosec), lat))
 
-    node.create_subscription(ActionChunk, f"{ns}/action_chunk", on_chunk, 100)
-    pubs = [node.create_publisher(Image, f"{ns}/image_{c}", qos_profile_sensor_data) for c in cams]
-    goal = node.create_publisher(String, f"{ns}/goal", GOAL_QOS)
-    goal.publish(String(data="open the drawer"))
+    node.create_subscription(ActionChunk, f"{NODE}/action_chunk", on_chunk, 100)
+    pubs = [node.create_publisher(Image, f"{NODE}/image_{c}", qos_profile_sensor_data) for c in cams]
+    node.create_publisher(String, f"{NODE}/goal", GOAL_QOS).publish(String(data="open the drawer"))
     h, w = args.image_size
     frame = np.random.default_rng(0).integers(0, 255, (h, w, 3), dtype=np.uint8).tobytes()
 
@@ -107,7 +127,7 @@ def run(args) -> dict:
             sent[(st.sec, st.nanosec)] = time.monotonic()
 
     node.create_timer(1.0 / args.camera_hz, publish_images)
-    ex = SingleThreadedExecutor()
+    ex = SingleThreadedExecutor(context=ctx)
     ex.add_node(node)
     spin = threading.Thread(target=ex.spin, daemon=True)
     spin.start()
@@ -115,8 +135,7 @@ def run(args) -> dict:
         t0 = time.monotonic()
         while not got:
             if proc.poll() is not None or time.monotonic() - t0 > args.startup_timeout:
-                raise SystemExit(f"no ActionChunk from the node (log: {tmp / 'node.log'}):\n"
-                                 + (tmp / "node.log").read_text()[-3000:])
+                raise SystemExit(f"no ActionChunk from the node (log: {log_path}):\n" + log_path.read_text()[-3000:])
             time.sleep(0.05)
         print(f"node up after {time.monotonic() - t0:.1f} s; measuring {args.duration:g} s ...", file=sys.stderr)
         time.sleep(args.warm_s)
@@ -124,69 +143,69 @@ def run(args) -> dict:
             start = len(got)
         time.sleep(args.duration)
         with lock:
-            rows = got[start:]
-            sent_copy = dict(sent)
+            return got[start:], dict(sent)
     finally:
         ex.shutdown(timeout_sec=1.0)
         node.destroy_node()
-        rclpy.try_shutdown()
-        try:
-            os.killpg(proc.pid, signal.SIGINT)
-            proc.wait(10)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
+        rclpy.try_shutdown(context=ctx)
 
-    t = np.array([r[0] for r in rows])
-    periods = np.diff(t)
-    nominal = 1.0 / args.rate
-    e2e, inf = [], []
-    seen = set()
+
+def _latencies(rows, sent: dict) -> tuple[np.ndarray, np.ndarray, int]:
+    """Per inference (the first chunk received of each sequence) whose image stamp was sent here: end-to-end
+    latency (image published -> chunk received) and the inference latency the chunk reports; the number
+    of inferences."""
+    e2e, inf, seen = [], [], set()
     for tr, seq, stamp, lat in rows:
         if seq in seen:
             continue
         seen.add(seq)
-        if stamp in sent_copy:
-            e2e.append(tr - sent_copy[stamp])
+        if stamp in sent:
+            e2e.append(tr - sent[stamp])
             inf.append(lat)
-    res = {
-        "checkpoint": str(ckpt), "device": args.device, "cameras": cams, "image_size": [h, w],
-        "control_rate_hz": args.rate, "replan_every": args.replan_every, "camera_hz": args.camera_hz,
-        "duration_s": args.duration, "chunks": len(rows), "inferences": len(seen),
+    return np.array(e2e), np.array(inf), len(seen)
+
+
+def _analyse(rows, sent: dict, nominal: float) -> dict:
+    t = np.array([r[0] for r in rows])
+    periods = np.diff(t)
+    e2e, inf, n_inferences = _latencies(rows, sent)
+    some = periods.size > 0
+    return {
+        "chunks": len(rows), "inferences": n_inferences,
         "achieved_rate_hz": float((len(t) - 1) / (t[-1] - t[0])) if len(t) > 1 else 0.0,
-        "end_to_end_latency": _summary(np.array(e2e)),
-        "inference_latency": _summary(np.array(inf)),
-        "period": {"nominal_ms": nominal * 1e3, "mean_ms": float(periods.mean() * 1e3) if periods.size else None,
-                   "jitter_std_ms": float(periods.std() * 1e3) if periods.size else None,
-                   "p99_abs_dev_ms": float(np.percentile(np.abs(periods - nominal), 99) * 1e3) if periods.size else None,
-                   "max_ms": float(periods.max() * 1e3) if periods.size else None,
+        "end_to_end_latency": _summary(e2e),
+        "inference_latency": _summary(inf),
+        "period": {"nominal_ms": nominal * 1e3, "mean_ms": float(periods.mean() * 1e3) if some else None,
+                   "jitter_std_ms": float(periods.std() * 1e3) if some else None,
+                   "p99_abs_dev_ms": float(np.percentile(np.abs(periods - nominal), 99) * 1e3) if some else None,
+                   "max_ms": float(periods.max() * 1e3) if some else None,
                    "missed_ticks": int((periods > 1.5 * nominal).sum())},
     }
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "latency.json").write_text(json.dumps(res, indent=1))
-        try:
-            import matplotlib
 
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
 
-            fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
-            ax[0].hist(np.array(e2e) * 1e3, bins=30, alpha=0.7, label="image -> chunk received")
-            ax[0].hist(np.array(inf) * 1e3, bins=30, alpha=0.7, label="inference")
-            ax[0].set_xlabel("ms")
-            ax[0].legend()
-            ax[0].set_title("latency")
-            ax[1].hist(periods * 1e3, bins=30)
-            ax[1].axvline(nominal * 1e3, color="k", ls="--")
-            ax[1].set_xlabel("ms")
-            ax[1].set_title(f"publication period (nominal {nominal * 1e3:.0f} ms)")
-            fig.tight_layout()
-            fig.savefig(out / "latency.png", dpi=100)
-        except ImportError:
-            pass
-    return res
+def _plot(rows, sent: dict, nominal: float, path: Path) -> None:
+    """Histograms of the latencies and of the publication period (skipped without matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    e2e, inf, _ = _latencies(rows, sent)
+    periods = np.diff([r[0] for r in rows])
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
+    ax[0].hist(e2e * 1e3, bins=30, alpha=0.7, label="image -> chunk received")
+    ax[0].hist(inf * 1e3, bins=30, alpha=0.7, label="inference")
+    ax[0].set_xlabel("ms")
+    ax[0].legend()
+    ax[0].set_title("latency")
+    ax[1].hist(periods * 1e3, bins=30)
+    ax[1].axvline(nominal * 1e3, color="k", ls="--")
+    ax[1].set_xlabel("ms")
+    ax[1].set_title(f"publication period (nominal {nominal * 1e3:.0f} ms)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
 
 
 def main(argv=None) -> int:

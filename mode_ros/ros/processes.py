@@ -7,7 +7,34 @@ import math
 import os
 import signal
 import subprocess
+from pathlib import Path
 from typing import Any
+
+
+def installed_executable(name: str) -> Path | None:
+    """The executable ``name`` of the installed mode_ros package (as ``ros2 run mode_ros NAME`` finds it through
+    the ament index), or None when the package is not installed or has no such executable."""
+    try:
+        from ament_index_python.packages import PackageNotFoundError, get_package_prefix
+    except ImportError:
+        return None
+    try:
+        path = Path(get_package_prefix("mode_ros")) / "lib" / "mode_ros" / name
+    except PackageNotFoundError:
+        return None
+    return path if os.access(path, os.X_OK) else None
+
+
+def node_command(executable, params: dict, node_name: str | None = None, namespace: str = "") -> list[str]:
+    """``EXE --ros-args -p name:=value ... [-r __node:=NAME] [-r __ns:=/NS]``."""
+    cmd = [str(executable), "--ros-args"]
+    for k, v in params.items():
+        cmd += ["-p", f"{k}:={ros_arg_value(v)}"]
+    if node_name:
+        cmd += ["-r", f"__node:={node_name}"]
+    if namespace.strip("/"):
+        cmd += ["-r", f"__ns:=/{namespace.strip('/')}"]
+    return cmd
 
 
 def ros_arg_value(v: Any) -> str:

@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from mode_ros.ros.processes import stop_process_group
+from mode_ros.ros.processes import installed_executable, stop_process_group
 
 from . import topics as T
 from .evaluate import EvalConfig, format_table
@@ -64,14 +64,8 @@ def checkpoint_cameras(checkpoint: str, default: list[str]) -> list[str]:
 
 
 def _installed_executable(name: str) -> list[str] | None:
-    try:
-        from ament_index_python.packages import get_package_prefix
-        exe = Path(get_package_prefix("mode_ros")) / "lib" / "mode_ros" / name
-        if exe.exists():
-            return [str(exe)]
-    except Exception:  # noqa: BLE001 - no ament index: fall back to the module
-        pass
-    return None
+    path = installed_executable(name)
+    return None if path is None else [str(path)]
 
 
 def _check_ros(env: dict) -> str | None:
