@@ -152,6 +152,7 @@ class SimBridge(Node):
         self.t_ns = START_TIME_NS
         self._bad_chunks = 0
         self._late_ticks = 0     # lockstep: ticks whose own message did not come within the timeout
+        self._got_first_row = False   # lockstep: the first row may take startup_timeout_s, later ones action_timeout_s
 
     # -- input ---------------------------------------------------------------------------------
     def _on_chunk(self, msg) -> None:
@@ -255,18 +256,10 @@ class SimBridge(Node):
             executor.spin_once(timeout_sec=min(end - now, 0.02))
 
     def run(self, executor) -> dict:
-        log = self.get_logger()
         summary = {"tasks": {}, "mode": self.mode, "split": self.split, "seed": self.seed,
                    "control_rate_hz": self.rate, "episodes_per_task": self.episodes}
-        got_first_row = False
         t_run = time.monotonic()
-        topic = self.sub_chunk.topic_name
-        while self.count_publishers(topic) == 0 and rclpy.ok():
-            if time.monotonic() - t_run > self.startup_timeout:
-                raise RuntimeError(f"no publisher on {topic} after {self.startup_timeout} s")
-            executor.spin_once(timeout_sec=0.1)
-        log.info(f"policy found on {topic} after {time.monotonic() - t_run:.1f} s; "
-                 f"{len(self.tasks)} task(s) x {self.episodes} episode(s), {self.mode}")
+        self._wait_for_policy(executor)
         for task in self.tasks:
             goal = instruction_for(task)
             results = []
@@ -275,83 +268,100 @@ class SimBridge(Node):
                 for e in range(self.episodes):
                     if not rclpy.ok():
                         break
-                    lay = layout(task, self.split, self.seed, e)
-                    obs = sim.reset_layout(lay)
-                    self._episode_start_ns = self.t_ns
-                    self._goal = goal
-                    self._chunks.clear()
-                    self.pub_goal.publish(self._String(data=goal))
-                    self._event({"event": "start", "task": task, "instruction": goal, "episode": e,
-                                 "layout": lay.as_dict(), "stamp_ns": self.t_ns})
-                    held = 0
-                    late0 = self._late_ticks
-                    rows_at: dict[int, int] = {}      # executed rows by their index in the model's chunk
-                    digest = hashlib.sha1()           # of every executed action (run-to-run identity)
-                    last = np.zeros(ACTION_DIM, np.float32)
-                    t_wall0 = time.monotonic()
-                    k = 0
-                    success = False
-                    while rclpy.ok():
-                        self._publish_observation(obs, self.t_ns)
-                        if self.mode == "lockstep":
-                            timeout = self.action_timeout if got_first_row else self.startup_timeout
-                            row = self._wait_row(executor, self.t_ns, timeout, obs)
-                        else:
-                            self.spin_for(executor, max(0.0, t_wall0 + (k + 1) * (1.0 / self.rate) / self.rtf
-                                                         - time.monotonic()))
-                            row = self._row(self.t_ns)
-                        if row is None:
-                            if self.mode == "lockstep" and not got_first_row:
-                                raise RuntimeError(f"no usable ActionChunk within startup_timeout_s="
-                                                   f"{self.startup_timeout} s on {self.sub_chunk.topic_name} "
-                                                   f"({self._bad_chunks} rejected); is the policy node running "
-                                                   "with use_sim_time and its inputs remapped to /metaworld?")
-                            held += 1
-                            action = np.array([0.0, 0.0, 0.0, last[3]], np.float32)
-                        else:
-                            got_first_row = True
-                            action = np.clip(np.asarray(row[0], np.float32), -1.0, 1.0)
-                            rows_at[row[1]] = rows_at.get(row[1], 0) + 1
-                        last = action
-                        digest.update(action.tobytes())
-                        res = sim.step(action)
-                        self._publish_action(action)
-                        obs = res.obs
-                        self.t_ns += self.period_ns
-                        k += 1
-                        if res.done:
-                            success = res.success
-                            break
-                    r = {"episode": e, "layout": lay.as_dict(), "success": bool(success), "steps": sim.steps,
-                         "held_ticks": held, "late_ticks": self._late_ticks - late0, "wall_s": round(time.monotonic() - t_wall0, 3),
-                         "rows_executed_by_index": {str(i): rows_at[i] for i in sorted(rows_at)},
-                         "actions_sha1": digest.hexdigest()}
-                    results.append(r)
-                    self._event({"event": "end", "task": task, **r})
-                    log.info(f"{task} episode {e}: {'SUCCESS' if success else 'failure'} after {sim.steps} steps"
-                             f" ({held} held ticks, {r['wall_s']:.1f} s)")
+                    results.append(self._run_episode(executor, sim, task, goal, e))
                     self.t_ns += self.gap_ns
                     self.pub_clock.publish(self._Clock(clock=self._time_msg(self.t_ns)))
             finally:
                 sim.close()
-            n = len(results)
-            s = sum(r["success"] for r in results)
+            n, s = len(results), sum(r["success"] for r in results)
             summary["tasks"][task] = {"instruction": goal, "episodes": n, "successes": s,
                                       "success_rate": s / n if n else 0.0, "episode_results": results}
-            log.info(f"{task}: success {s}/{n}")
+            self.get_logger().info(f"{task}: success {s}/{n}")
         rates = [v["success_rate"] for v in summary["tasks"].values()]
         summary["mean_success"] = float(np.mean(rates)) if rates else 0.0
         summary["wall_s"] = round(time.monotonic() - t_run, 3)
         summary["bad_chunks"] = self._bad_chunks
+        self._report(summary)
+        return summary
+
+    def _wait_for_policy(self, executor) -> None:
+        t0, topic = time.monotonic(), self.sub_chunk.topic_name
+        while self.count_publishers(topic) == 0 and rclpy.ok():
+            if time.monotonic() - t0 > self.startup_timeout:
+                raise RuntimeError(f"no publisher on {topic} after {self.startup_timeout} s")
+            executor.spin_once(timeout_sec=0.1)
+        self.get_logger().info(f"policy found on {topic} after {time.monotonic() - t0:.1f} s; "
+                               f"{len(self.tasks)} task(s) x {self.episodes} episode(s), {self.mode}")
+
+    def _run_episode(self, executor, sim, task: str, goal: str, e: int) -> dict:
+        """One held-out layout until success or max_steps: observation out, the action in effect back, a step."""
+        lay = layout(task, self.split, self.seed, e)
+        obs = sim.reset_layout(lay)
+        self._episode_start_ns = self.t_ns
+        self._goal = goal
+        self._chunks.clear()
+        self.pub_goal.publish(self._String(data=goal))
+        self._event({"event": "start", "task": task, "instruction": goal, "episode": e,
+                     "layout": lay.as_dict(), "stamp_ns": self.t_ns})
+        held, late0 = 0, self._late_ticks
+        rows_at: dict[int, int] = {}      # executed rows by their index in the model's chunk
+        digest = hashlib.sha1()           # of every executed action (run-to-run identity)
+        last = np.zeros(ACTION_DIM, np.float32)
+        t_wall0 = time.monotonic()
+        k, success = 0, False
+        while rclpy.ok():
+            self._publish_observation(obs, self.t_ns)
+            row = self._next_row(executor, obs, t_wall0, k)
+            if row is None:
+                held += 1
+                action = np.array([0.0, 0.0, 0.0, last[3]], np.float32)   # hold still, keep the gripper
+            else:
+                action = np.clip(np.asarray(row[0], np.float32), -1.0, 1.0)
+                rows_at[row[1]] = rows_at.get(row[1], 0) + 1
+            last = action
+            digest.update(action.tobytes())
+            res = sim.step(action)
+            self._publish_action(action)
+            obs = res.obs
+            self.t_ns += self.period_ns
+            k += 1
+            if res.done:
+                success = res.success
+                break
+        r = {"episode": e, "layout": lay.as_dict(), "success": bool(success), "steps": sim.steps,
+             "held_ticks": held, "late_ticks": self._late_ticks - late0, "wall_s": round(time.monotonic() - t_wall0, 3),
+             "rows_executed_by_index": {str(i): rows_at[i] for i in sorted(rows_at)},
+             "actions_sha1": digest.hexdigest()}
+        self._event({"event": "end", "task": task, **r})
+        self.get_logger().info(f"{task} episode {e}: {'SUCCESS' if success else 'failure'} after {sim.steps} steps"
+                               f" ({held} held ticks, {r['wall_s']:.1f} s)")
+        return r
+
+    def _next_row(self, executor, obs, t_wall0: float, k: int):
+        """The policy's (action, row index) for this tick, or None: lockstep waits for it; realtime waits
+        until the tick's wall time and takes what is in effect."""
+        if self.mode != "lockstep":
+            self.spin_for(executor, max(0.0, t_wall0 + (k + 1) * (1.0 / self.rate) / self.rtf - time.monotonic()))
+            return self._row(self.t_ns)
+        row = self._wait_row(executor, self.t_ns,
+                             self.action_timeout if self._got_first_row else self.startup_timeout, obs)
+        if row is None and not self._got_first_row:
+            raise RuntimeError(f"no usable ActionChunk within startup_timeout_s={self.startup_timeout} s on "
+                               f"{self.sub_chunk.topic_name} ({self._bad_chunks} rejected); is the policy node "
+                               "running with use_sim_time and its inputs remapped to /metaworld?")
+        self._got_first_row = self._got_first_row or row is not None
+        return row
+
+    def _report(self, summary: dict) -> None:
         self._event({"event": "summary", **{k: v for k, v in summary.items() if k != "tasks"},
                      "success": {t: v["success_rate"] for t, v in summary["tasks"].items()}})
         lines = [f"{t:26s} {v['successes']:3d}/{v['episodes']:<3d} = {v['success_rate']:.2f}"
                  for t, v in summary["tasks"].items()]
-        log.info("summary (success per task):\n" + "\n".join(lines) + f"\nmean {summary['mean_success']:.3f}")
+        self.get_logger().info("summary (success per task):\n" + "\n".join(lines)
+                               + f"\nmean {summary['mean_success']:.3f}")
         if self.summary_path:
             with open(self.summary_path, "w") as f:
                 json.dump(summary, f, indent=2)
-        return summary
 
 
 def main(args=None) -> int:
