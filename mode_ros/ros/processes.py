@@ -26,8 +26,9 @@ def installed_executable(name: str) -> Path | None:
 
 
 def node_command(executable, params: dict, node_name: str | None = None, namespace: str = "") -> list[str]:
-    """``EXE --ros-args -p name:=value ... [-r __node:=NAME] [-r __ns:=/NS]``."""
-    cmd = [str(executable), "--ros-args"]
+    """``EXE --ros-args -p name:=value ... [-r __node:=NAME] [-r __ns:=/NS]``; ``executable`` is a path or
+    the start of a command line (e.g. ``[python, -m, module]``)."""
+    cmd = [str(x) for x in (executable if isinstance(executable, (list, tuple)) else [executable])] + ["--ros-args"]
     for k, v in params.items():
         cmd += ["-p", f"{k}:={ros_arg_value(v)}"]
     if node_name:

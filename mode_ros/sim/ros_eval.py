@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from mode_ros.ros.processes import installed_executable, stop_process_group
+from mode_ros.ros.processes import installed_executable, node_command, stop_process_group
 
 from . import topics as T
 from .evaluate import EvalConfig, format_table
@@ -112,63 +112,79 @@ def evaluate_ros(args, cfg: EvalConfig, log=print) -> dict | None:
         cameras = list(DEFAULT_CAMERAS)
         if not getattr(args, "expert", False):
             cameras = checkpoint_cameras(args.checkpoint, cameras)
-    bridge_cmd = (_installed_executable("metaworld_sim") or [sys.executable, "-m", "mode_ros.sim.bridge_node"]) + [
-        "--ros-args",
-        "-p", f"tasks:={','.join(cfg.tasks)}", "-p", f"episodes:={cfg.episodes}", "-p", f"seed:={cfg.seed}",
-        "-p", "split:=eval", "-p", f"max_steps:={cfg.max_steps}", "-p", f"image_size:={cfg.image_size}",
-        "-p", f"cameras:={','.join(cameras) or chr(39) * 2}", "-p", f"control_rate_hz:={rate}",
-        "-p", f"summary_path:={summary_path}", "-p", f"mode:={getattr(args, 'ros_mode', 'lockstep')}",
-        "-p", f"action_topic:={POLICY_NODE}/action_chunk",
-    ]
-    if getattr(args, "expert", False):
-        policy_cmd = [sys.executable, "-m", "mode_ros.sim.expert_node", "--ros-args",
-                      "-p", f"control_rate_hz:={rate}", "-p", f"noise:={float(getattr(args, 'noise', 0.0))}",
-                      "-p", f"seed:={cfg.policy_seed}"]
-        label = "scripted expert (ROS)"
-    else:
-        exe = _installed_executable("policy_node") or [
-            sys.executable, "-c", "import sys; from mode_ros.ros.policy_node import main; sys.exit(main())"]
-        policy_cmd = exe + ["--ros-args", "-p", f"checkpoint:={os.path.abspath(args.checkpoint)}",
-                            "-p", "use_sim_time:=true", "-p", f"control_rate_hz:={rate}",
-                            "-p", f"device:={getattr(args, 'device', 'auto')}",
-                            "-p", f"seed:={cfg.policy_seed}"]
-        if cfg.replan_every:
-            policy_cmd += ["-p", f"replan_every:={cfg.replan_every}"]
-        strategy = str(getattr(args, "strategy", "") or "")
-        if strategy and "," not in strategy:   # --strategy S: the node's execution_strategy
-            policy_cmd += ["-p", f"execution_strategy:={strategy}"]
-        if getattr(args, "ros_mode", "lockstep") == "lockstep":
-            # inference takes no sim time: each chunk comes from the observation of the tick it starts
-            # at, so the result does not depend on this machine's speed
-            policy_cmd += ["-p", "lockstep_inference:=true"]
-        label = f"MoDE {args.checkpoint} (ROS)"
-    policy_cmd += policy_remaps()
+    bridge_cmd = node_command(
+        _installed_executable("metaworld_sim") or [sys.executable, "-m", "mode_ros.sim.bridge_node"],
+        {"tasks": ",".join(cfg.tasks), "episodes": cfg.episodes, "seed": cfg.seed, "split": "eval",
+         "max_steps": cfg.max_steps, "image_size": cfg.image_size, "cameras": ",".join(cameras),
+         "control_rate_hz": rate, "summary_path": str(summary_path),
+         "mode": getattr(args, "ros_mode", "lockstep"), "action_topic": f"{POLICY_NODE}/action_chunk"})
+    policy_cmd, label = _policy_command(args, cfg, rate)
     log(f"ROS_DOMAIN_ID={env['ROS_DOMAIN_ID']} ROS_LOG_DIR={env['ROS_LOG_DIR']} work={work}")
+    t0 = time.monotonic()
+    if not _run_pair(policy_cmd, bridge_cmd, env, work, summary_path, log):
+        return None
+    report = _ros_report(json.loads(summary_path.read_text()), label, cfg, rate, time.monotonic() - t0)
+    log(format_table(report))
+    if cfg.json_path:
+        Path(cfg.json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(cfg.json_path).write_text(json.dumps(report, indent=2))
+    return report
+
+
+def _policy_command(args, cfg: EvalConfig, rate: float) -> tuple[list[str], str]:
+    """The policy process (the installed policy_node on the checkpoint, or the scripted expert node), remapped
+    onto the bridge's topics, and its label in the report."""
+    if getattr(args, "expert", False):
+        cmd = node_command([sys.executable, "-m", "mode_ros.sim.expert_node"],
+                           {"control_rate_hz": rate, "noise": float(getattr(args, "noise", 0.0)),
+                            "seed": cfg.policy_seed})
+        return cmd + policy_remaps(), "scripted expert (ROS)"
+    params = {"checkpoint": os.path.abspath(args.checkpoint), "use_sim_time": True, "control_rate_hz": rate,
+              "device": getattr(args, "device", "auto"), "seed": cfg.policy_seed}
+    if cfg.replan_every:
+        params["replan_every"] = cfg.replan_every
+    strategy = str(getattr(args, "strategy", "") or "")
+    if strategy and "," not in strategy:   # --strategy S: the node's execution_strategy
+        params["execution_strategy"] = strategy
+    if getattr(args, "ros_mode", "lockstep") == "lockstep":
+        # inference takes no sim time: each chunk comes from the observation of the tick it starts
+        # at, so the result does not depend on this machine's speed
+        params["lockstep_inference"] = True
+    exe = _installed_executable("policy_node") or [
+        sys.executable, "-c", "import sys; from mode_ros.ros.policy_node import main; sys.exit(main())"]
+    return node_command(exe, params) + policy_remaps(), f"MoDE {args.checkpoint} (ROS)"
+
+
+def _run_pair(policy_cmd, bridge_cmd, env, work: Path, summary_path: Path, log) -> bool:
+    """Run the policy and the bridge until the bridge ends; False (logged) when either failed."""
     policy = _Proc("policy", policy_cmd, env, work / "policy.log")
     bridge = None
-    t0 = time.monotonic()
     try:
         bridge = _Proc("bridge", bridge_cmd, env, None)  # its log (episode results) goes to the console
         while bridge.p.poll() is None:
             if policy.p.poll() is not None:
                 log(f"policy process exited with code {policy.p.returncode}:\n{policy.tail()}")
-                return None
+                return False
             time.sleep(0.2)
         rc = bridge.p.returncode
     except KeyboardInterrupt:
         log("interrupted")
-        return None
+        return False
     finally:
         if bridge is not None:
             bridge.stop()
         policy.stop()
     if rc != 0 or not summary_path.exists():
         log(f"sim bridge failed (exit code {rc}); policy log tail:\n{policy.tail()}")
-        return None
-    summary = json.loads(summary_path.read_text())
+        return False
+    return True
+
+
+def _ros_report(summary: dict, label: str, cfg: EvalConfig, rate: float, seconds: float) -> dict:
+    """The bridge's summary in the report format of the in-process evaluation (format_table reads both)."""
     report = {"label": label, "transport": "ros2", "config": {**cfg.__dict__, "control_rate_hz": rate},
               "split": "eval", "tasks": {}, "mean_success": summary["mean_success"],
-              "seconds": time.monotonic() - t0, "bridge": {k: v for k, v in summary.items() if k != "tasks"}}
+              "seconds": seconds, "bridge": {k: v for k, v in summary.items() if k != "tasks"}}
     for task, v in summary["tasks"].items():
         succ = [r["steps"] for r in v["episode_results"] if r["success"]]
         rows: dict[str, int] = {}
@@ -178,8 +194,4 @@ def evaluate_ros(args, cfg: EvalConfig, log=print) -> dict | None:
         report["tasks"][task] = {**v, "mean_steps_success": sum(succ) / len(succ) if succ else None,
                                  "held_ticks": sum(r["held_ticks"] for r in v["episode_results"]),
                                  "rows_executed_by_index": dict(sorted(rows.items(), key=lambda kv: int(kv[0])))}
-    log(format_table(report))
-    if cfg.json_path:
-        Path(cfg.json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(cfg.json_path).write_text(json.dumps(report, indent=2))
     return report
