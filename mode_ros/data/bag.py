@@ -298,88 +298,97 @@ def _grid_start(start: int, end: int, period: float, streams: dict[str, Stream],
 
 def _plan_episode(tm: TopicMap, seg_i: int, a: int, b: int, streams: dict[str, Stream],
                   required: list[str], lang: tuple[np.ndarray, list[str]] | None) -> _EpisodePlan:
+    """The tick grid of segment [a, b) and, per stream and tick, the message in effect (or why none is)."""
     ep = _EpisodePlan(segment=seg_i, a=a, b=b)
-    period = 1e9 / tm.control_rate_hz
-    bounds = {}
-    for name in required:
-        s = streams[name]
-        lo = int(np.searchsorted(s.stamps, a, "left"))
-        hi = int(np.searchsorted(s.stamps, b, "left"))
-        bounds[name] = (lo, hi)
-    empty = [n for n, (lo, hi) in bounds.items() if hi <= lo]
-    stream_rep = {}
-    for name in required:
-        s = streams[name]
-        lo, hi = bounds[name]
-        st = s.stamps[lo:hi]
-        gaps = np.diff(st) if st.size > 1 else np.zeros(0, np.int64)
-        nbad = Counter(r for (t, r, _d) in s.bad if a <= t < b)
-        stream_rep[name] = {
-            "topic": s.topic, "type": s.msgtype, "messages": int(st.size),
-            "rate_hz": round(float((st.size - 1) / ((st[-1] - st[0]) / 1e9)), 3) if st.size > 1 and st[-1] > st[0] else None,
-            "max_gap_s": round(float(gaps.max()) / 1e9, 4) if gaps.size else None,
-            "tolerance_s": s.tol_ns / 1e9,
-            "bad_messages": dict(nbad),
-        }
-    ep.report["streams"] = stream_rep
+    bounds = {n: (int(np.searchsorted(streams[n].stamps, a, "left")), int(np.searchsorted(streams[n].stamps, b, "left")))
+              for n in required}
+    ep.report["streams"] = {n: _stream_report(streams[n], *bounds[n], a, b) for n in required}
     if tm.language.instruction is None and lang is not None and len(lang[1]) and b <= int(lang[0][0]):
         ep.skipped = "before the first instruction message"
         return ep
+    empty = [n for n, (lo, hi) in bounds.items() if hi <= lo]
     if empty:
         ep.skipped = "no messages on " + ", ".join(empty)
         return ep
+    span = _tick_span(tm, b, streams, required, bounds)
+    if span is None:
+        ep.skipped = "streams do not overlap in time"
+        return ep
+    start, end, aligned = span
+    if aligned is not None:
+        ep.report["ticks_aligned_to"] = {"stream": aligned, "offset": "a quarter period after its messages"}
+    period = 1e9 / tm.control_rate_hz
+    n_ticks = int(np.floor((end - start) / period + 1e-9)) + 1
+    ep.ticks = start + np.round(np.arange(n_ticks) * period).astype(np.int64)
+    ep.keep = np.ones(n_ticks, dtype=bool)
+    for name in required:
+        _select(ep, name, streams[name], *bounds[name])
+    ep.instruction = _instruction(tm, lang, ep.ticks)
+    if ep.instruction is None:
+        ep.skipped = "no instruction (no language message at or before the episode start)"
+    return ep
+
+
+def _stream_report(s: Stream, lo: int, hi: int, a: int, b: int) -> dict:
+    """Messages, rate, largest gap and bad messages of one stream within the segment [a, b)."""
+    st = s.stamps[lo:hi]
+    gaps = np.diff(st) if st.size > 1 else np.zeros(0, np.int64)
+    return {
+        "topic": s.topic, "type": s.msgtype, "messages": int(st.size),
+        "rate_hz": round(float((st.size - 1) / ((st[-1] - st[0]) / 1e9)), 3) if st.size > 1 and st[-1] > st[0] else None,
+        "max_gap_s": round(float(gaps.max()) / 1e9, 4) if gaps.size else None,
+        "tolerance_s": s.tol_ns / 1e9,
+        "bad_messages": dict(Counter(r for (t, r, _d) in s.bad if a <= t < b)),
+    }
+
+
+def _tick_span(tm: TopicMap, b: int, streams: dict[str, Stream], required: list[str], bounds: dict):
+    """(first tick, last tick bound, the stream the grid is aligned to or None) over the time every stream
+    covers, or None when the streams do not overlap."""
+    period = 1e9 / tm.control_rate_hz
     start = max(int(streams[n].stamps[bounds[n][0]]) for n in required)
     end = min(int(streams[n].stamps[bounds[n][1] - 1]) + streams[n].tol_ns for n in required)
     end = min(end, b - 1)
     if end < start:
-        ep.skipped = "streams do not overlap in time"
-        return ep
+        return None
     start, aligned = _grid_start(start, end, period, streams, required)
     if aligned is not None:   # and it ends at the tick after the last command (not holding it for more)
         st = streams[aligned].stamps
         end = min(end, int(st[np.searchsorted(st, end, "right") - 1]) + int(period // 2))
-    if end < start:
-        ep.skipped = "streams do not overlap in time"
-        return ep
-    if aligned is not None:
-        ep.report["ticks_aligned_to"] = {"stream": aligned, "offset": "a quarter period after its messages"}
-    n_ticks = int(np.floor((end - start) / period + 1e-9)) + 1
-    ticks = start + np.round(np.arange(n_ticks) * period).astype(np.int64)
-    ep.ticks = ticks
-    for name in required:   # what the common time span leaves out of each stream (not a drop: said here)
-        lo, hi = bounds[name]
-        st = streams[name].stamps[lo:hi]
-        stream_rep[name]["messages_before_first_tick"] = int(np.searchsorted(st, ticks[0], "left"))
-        stream_rep[name]["messages_after_last_tick"] = int(st.size - np.searchsorted(st, ticks[-1], "right"))
-    keep = np.ones(n_ticks, dtype=bool)
-    for name in required:
-        s = streams[name]
-        lo, hi = bounds[name]
-        st = s.stamps[lo:hi]
-        idx = np.searchsorted(st, ticks, "right") - 1
-        missing = idx < 0
-        age = ticks - st[np.maximum(idx, 0)]
-        stale = ~missing & (age > s.tol_ns)
-        if missing.any():
-            ep.drops[f"missing:{name}"] += int(missing.sum())
-        if stale.any():
-            ep.drops[f"stale:{name}"] += int(stale.sum())
-        keep &= ~(missing | stale)
-        ep.sel[name] = idx + lo
-    ep.keep = keep
-    # instruction
+    return None if end < start else (start, end, aligned)
+
+
+def _select(ep: _EpisodePlan, name: str, s: Stream, lo: int, hi: int) -> None:
+    """Per tick, the stream's latest message at or before it (``ep.sel``); ticks where it has none, or only
+    one older than its tolerance, are dropped and counted (``missing:``/``stale:``)."""
+    st, ticks = s.stamps[lo:hi], ep.ticks
+    rep = ep.report["streams"][name]   # what the common time span leaves out of the stream (not a drop: said here)
+    rep["messages_before_first_tick"] = int(np.searchsorted(st, ticks[0], "left"))
+    rep["messages_after_last_tick"] = int(st.size - np.searchsorted(st, ticks[-1], "right"))
+    idx = np.searchsorted(st, ticks, "right") - 1
+    missing = idx < 0
+    stale = ~missing & (ticks - st[np.maximum(idx, 0)] > s.tol_ns)
+    if missing.any():
+        ep.drops[f"missing:{name}"] += int(missing.sum())
+    if stale.any():
+        ep.drops[f"stale:{name}"] += int(stale.sum())
+    ep.keep &= ~(missing | stale)
+    ep.sel[name] = idx + lo
+
+
+def _instruction(tm: TopicMap, lang, ticks: np.ndarray) -> str | None:
+    """The map's fixed instruction, else the language message in effect at the first tick (or, when episodes
+    are not split on language changes, the first one within the episode)."""
     if tm.language.instruction is not None:
-        ep.instruction = tm.language.instruction
-    elif lang is not None and len(lang[1]):
-        lst, texts = lang
-        i = int(np.searchsorted(lst, ticks[0], "right")) - 1
-        if i < 0 and not tm.split_on_language_change:
-            j = int(np.searchsorted(lst, ticks[0], "left"))
-            i = j if j < len(texts) and lst[j] <= ticks[-1] else -1
-        ep.instruction = texts[i] if i >= 0 else None
-    if ep.instruction is None:
-        ep.skipped = "no instruction (no language message at or before the episode start)"
-    return ep
+        return tm.language.instruction
+    if lang is None or not len(lang[1]):
+        return None
+    lst, texts = lang
+    i = int(np.searchsorted(lst, ticks[0], "right")) - 1
+    if i < 0 and not tm.split_on_language_change:
+        j = int(np.searchsorted(lst, ticks[0], "left"))
+        i = j if j < len(texts) and lst[j] <= ticks[-1] else -1
+    return texts[i] if i >= 0 else None
 
 
 # --------------------------------------------------------------------------------------------
