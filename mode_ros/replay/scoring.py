@@ -394,19 +394,25 @@ def write_plots(scorer: Scorer, out_dir, t0_ns: int, title: str = "") -> list[st
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out_dir = Path(out_dir)
     paths = []
-
-    def save(fig, name: str) -> None:
+    for name, draw in (("actions.png", lambda: _plot_actions(plt, scorer, t0_ns, title)),
+                       ("error_per_step.png", lambda: _plot_error_per_step(plt, scorer, title)),
+                       ("latency.png", lambda: _plot_latency(plt, scorer))):
+        fig = draw()
+        if fig is None:
+            continue
         fig.tight_layout()
-        p = out_dir / name
+        p = Path(out_dir) / name
         fig.savefig(p, dpi=90)
         plt.close(fig)
         paths.append(str(p))
+    return paths
 
-    a = scorer.a
-    rec = scorer.rec
-    # 1) predicted vs recorded
+
+def _plot_actions(plt, scorer: Scorer, t0_ns: int, title: str):
+    """Per action dimension: the recorded action (black), every new chunk over its slots (thin blue) and
+    the executed row 0 (red dots) over bag time."""
+    a, rec = scorer.a, scorer.rec
     fig, axes = plt.subplots(a, 1, figsize=(11, 1.9 * a + 0.8), sharex=True, squeeze=False)
     tt = (np.asarray(scorer.tick_t, np.float64) - t0_ns) / NS
     pred = np.asarray(scorer.tick_pred, np.float32).reshape(-1, a)
@@ -428,43 +434,43 @@ def write_plots(scorer: Scorer, out_dir, t0_ns: int, title: str = "") -> list[st
         axes[0, 0].legend(loc="upper right", fontsize=7)
     axes[-1, 0].set_xlabel("bag time (s); thin blue: each new chunk over its slots")
     fig.suptitle(f"predicted vs recorded actions {title}", fontsize=10)
-    save(fig, "actions.png")
-    # 2) error per chunk step
+    return fig
+
+
+def _plot_error_per_step(plt, scorer: Scorer, title: str):
+    """MAE / RMSE (and per-dimension MAE) by row of the published chunk and by periods since the observation."""
     fig, ax = plt.subplots(1, 2, figsize=(11, 3.6))
     for j, (acc, label) in enumerate(((scorer.by_row, "row of the published chunk (0 = executed now)"),
                                       (scorer.by_index, "periods since the observation (first_index + row)"))):
-        steps, maes, rmses, per_dim = [], [], [], []
-        for r in range(scorer.k):
-            s = acc.stats(r)
-            if s["n"]:
-                steps.append(r)
-                maes.append(s["mae_mean"])
-                rmses.append(s["rmse_mean"])
-                per_dim.append(s["mae"])
-        if steps:
-            pdm = np.asarray(per_dim)
-            for i in range(a):
+        stats = [(r, s) for r, s in ((r, acc.stats(r)) for r in range(scorer.k)) if s["n"]]
+        if stats:
+            steps = [r for r, _ in stats]
+            pdm = np.asarray([s["mae"] for _, s in stats])
+            for i in range(scorer.a):
                 ax[j].plot(steps, pdm[:, i], lw=0.8, alpha=0.6, label=scorer.names[i])
-            ax[j].plot(steps, maes, "k-o", lw=2, ms=3, label="MAE (mean of dims)")
-            ax[j].plot(steps, rmses, "k--", lw=1.5, label="RMSE (mean of dims)")
+            ax[j].plot(steps, [s["mae_mean"] for _, s in stats], "k-o", lw=2, ms=3, label="MAE (mean of dims)")
+            ax[j].plot(steps, [s["rmse_mean"] for _, s in stats], "k--", lw=1.5, label="RMSE (mean of dims)")
         ax[j].set_xlabel(label, fontsize=8)
         ax[j].set_ylabel("error (robot units)")
         ax[j].grid(alpha=0.3)
     if ax[0].get_legend_handles_labels()[0]:
         ax[0].legend(fontsize=6, ncol=2)
     fig.suptitle(f"error per chunk step {title}", fontsize=10)
-    save(fig, "error_per_step.png")
-    # 3) latency
+    return fig
+
+
+def _plot_latency(plt, scorer: Scorer):
+    """Histogram of the inferences' latency, or None when no chunk reported one."""
     lat = np.array([v["latency"] for v in scorer.sequences.values()
                     if v["latency"] is not None and math.isfinite(v["latency"])]) * 1e3
-    if lat.size:
-        fig, ax = plt.subplots(figsize=(6, 3.2))
-        ax.hist(lat, bins=min(50, max(5, lat.size // 3)), color="tab:green")
-        ax.set_xlabel("inference latency (ms)")
-        ax.set_ylabel("inferences")
-        ax.set_title(f"median {np.median(lat):.1f} ms, p99 {np.percentile(lat, 99):.1f} ms", fontsize=9)
-        save(fig, "latency.png")
-    return paths
+    if not lat.size:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ax.hist(lat, bins=min(50, max(5, lat.size // 3)), color="tab:green")
+    ax.set_xlabel("inference latency (ms)")
+    ax.set_ylabel("inferences")
+    ax.set_title(f"median {np.median(lat):.1f} ms, p99 {np.percentile(lat, 99):.1f} ms", fontsize=9)
+    return fig
 
 
 @dataclass
