@@ -183,36 +183,12 @@ def _sources(v: Any, where: str, is_state: bool) -> list[SourceSpec]:
 
 def load_topic_map(src: str | os.PathLike | dict) -> TopicMap:
     """Load and validate a topic map from a YAML file or a dict. Errors name the offending key."""
-    if isinstance(src, dict):
-        d = src
-    else:
-        import yaml
-
-        path = Path(src)
-        try:
-            d = yaml.safe_load(path.read_text())
-        except FileNotFoundError:
-            raise TopicMapError(f"topic map {path} does not exist") from None
-        except yaml.YAMLError as exc:
-            raise TopicMapError(f"topic map {path}: invalid YAML: {exc}") from None
-    d = _keys(d or {}, TopicMap, "topic map")
+    d = _keys(_read_yaml(src) or {}, TopicMap, "topic map")
     for req in ("control_rate_hz", "cameras", "action"):
         if req not in d:
             raise TopicMapError(f"topic map: missing required key {req!r}")
-    cams_raw = d["cameras"]
-    if isinstance(cams_raw, dict):
-        cams = [_camera(str(k), v, f"cameras.{k}") for k, v in cams_raw.items()]
-    elif isinstance(cams_raw, list):
-        cams = []
-        for i, v in enumerate(cams_raw):
-            if not isinstance(v, dict) or "name" not in v:
-                raise TopicMapError(f"cameras[{i}]: list entries need 'name' and 'topic'")
-            cams.append(_camera(v["name"], v, f"cameras[{i}]"))
-    else:
-        raise TopicMapError("cameras: expected a mapping camera_name -> {topic: ...}")
+    cams = _cameras(d["cameras"])
     names = [c.name for c in cams]
-    if len(set(names)) != len(names):
-        raise TopicMapError(f"cameras: duplicate camera names {names}")
     action = _sources(d["action"], "action", False)
     if not action:
         raise TopicMapError("action: at least one action source is required")
@@ -225,25 +201,7 @@ def load_topic_map(src: str | os.PathLike | dict) -> TopicMap:
         raise TopicMapError(f"state: each source needs a distinct 'key', got {keys}")
     if set(keys) & set(names):
         raise TopicMapError(f"state keys {sorted(set(keys) & set(names))} collide with camera names")
-    lang_raw = d.get("language") or {}
-    if isinstance(lang_raw, str):
-        lang_raw = {"instruction": lang_raw}
-    lang_raw = _keys(lang_raw, LanguageSpec, "language")
-    lang = LanguageSpec(topic=_str(lang_raw.get("topic"), "language.topic", allow_none=True),
-                        instruction=_str(lang_raw.get("instruction"), "language.instruction", allow_none=True))
-    split_raw = d.get("split") or {}
-    if isinstance(split_raw, str):
-        split_raw = {"by": split_raw}
-    split_raw = _keys(split_raw, SplitSpec, "split")
-    split = SplitSpec(by=split_raw.get("by", "bag"), topic=_str(split_raw.get("topic"), "split.topic", allow_none=True),
-                      gap_s=_num(split_raw.get("gap_s"), "split.gap_s", allow_none=True),
-                      gap_topics=_strlist(split_raw.get("gap_topics"), "split.gap_topics"))
-    if split.by not in SPLIT_MODES:
-        raise TopicMapError(f"split.by: must be one of {SPLIT_MODES}, got {split.by!r}")
-    if split.by == "topic" and not split.topic:
-        raise TopicMapError("split.topic: required when split.by is 'topic'")
-    if split.by == "gap" and not split.gap_s:
-        raise TopicMapError("split.gap_s: required when split.by is 'gap'")
+    lang, split = _language(d.get("language")), _split(d.get("split"))
     min_ticks = d.get("min_ticks", 1)
     if not isinstance(min_ticks, int) or min_ticks < 1:
         raise TopicMapError(f"min_ticks: expected an int >= 1, got {min_ticks!r}")
@@ -255,3 +213,63 @@ def load_topic_map(src: str | os.PathLike | dict) -> TopicMap:
                     time_source=_time_source(d.get("time_source", "header"), "time_source"),
                     tolerance_s=_num(d.get("tolerance_s", 0.1), "tolerance_s"), split=split,
                     split_on_language_change=slc, min_ticks=min_ticks)
+
+
+def _read_yaml(src: str | os.PathLike | dict):
+    if isinstance(src, dict):
+        return src
+    import yaml
+
+    path = Path(src)
+    try:
+        return yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise TopicMapError(f"topic map {path} does not exist") from None
+    except yaml.YAMLError as exc:
+        raise TopicMapError(f"topic map {path}: invalid YAML: {exc}") from None
+
+
+def _cameras(raw) -> list[CameraSpec]:
+    """``cameras``: a mapping name -> spec (or topic), or a list of specs with a ``name``; names unique."""
+    if isinstance(raw, dict):
+        cams = [_camera(str(k), v, f"cameras.{k}") for k, v in raw.items()]
+    elif isinstance(raw, list):
+        cams = []
+        for i, v in enumerate(raw):
+            if not isinstance(v, dict) or "name" not in v:
+                raise TopicMapError(f"cameras[{i}]: list entries need 'name' and 'topic'")
+            cams.append(_camera(v["name"], v, f"cameras[{i}]"))
+    else:
+        raise TopicMapError("cameras: expected a mapping camera_name -> {topic: ...}")
+    names = [c.name for c in cams]
+    if len(set(names)) != len(names):
+        raise TopicMapError(f"cameras: duplicate camera names {names}")
+    return cams
+
+
+def _language(raw) -> LanguageSpec:
+    """``language``: a fixed instruction (a string, or ``instruction:``) or a String ``topic:``."""
+    raw = raw or {}
+    if isinstance(raw, str):
+        raw = {"instruction": raw}
+    raw = _keys(raw, LanguageSpec, "language")
+    return LanguageSpec(topic=_str(raw.get("topic"), "language.topic", allow_none=True),
+                        instruction=_str(raw.get("instruction"), "language.instruction", allow_none=True))
+
+
+def _split(raw) -> SplitSpec:
+    """``split``: how a bag becomes episodes (a mode name, or by / topic / gap_s / gap_topics)."""
+    raw = raw or {}
+    if isinstance(raw, str):
+        raw = {"by": raw}
+    raw = _keys(raw, SplitSpec, "split")
+    split = SplitSpec(by=raw.get("by", "bag"), topic=_str(raw.get("topic"), "split.topic", allow_none=True),
+                      gap_s=_num(raw.get("gap_s"), "split.gap_s", allow_none=True),
+                      gap_topics=_strlist(raw.get("gap_topics"), "split.gap_topics"))
+    if split.by not in SPLIT_MODES:
+        raise TopicMapError(f"split.by: must be one of {SPLIT_MODES}, got {split.by!r}")
+    if split.by == "topic" and not split.topic:
+        raise TopicMapError("split.topic: required when split.by is 'topic'")
+    if split.by == "gap" and not split.gap_s:
+        raise TopicMapError("split.gap_s: required when split.by is 'gap'")
+    return split
