@@ -191,64 +191,14 @@ def record(cfg: RecordConfig, log: Callable[[str], None] = print) -> dict:
         raise ValueError(f"storage must be mcap or sqlite3, got {cfg.storage!r}")
     if cfg.control_rate_hz <= 0:
         raise ValueError("control_rate_hz must be > 0")
-    max_attempts = cfg.max_attempts or (2 * cfg.episodes_per_task + 10)
-    msgs = _Msgs()
     (out / "metaworld_topics.yaml").write_text(topic_map_yaml(cameras, cfg.control_rate_hz))
     summary: dict = {"config": asdict(cfg), "topics": topic_map(cameras, cfg.control_rate_hz), "tasks": {}}
     t_all = time.perf_counter()
     tot_steps = 0
+    msgs = _Msgs()
     for task in cfg.tasks:
-        task_i = MT10.index(task)   # noise seeded per (seed, task, layout): the place in MT10, not in --tasks
-        task_dir = out / task
-        sim = MetaWorldSim(task, cameras=cameras, image_size=cfg.image_size, max_steps=cfg.max_steps)
-        instruction = instruction_for(task)
-        attempts = successes = written = steps_written = 0
-        lengths, bags = [], []
-        t_task = time.perf_counter()
-        task_steps = 0
-        try:
-            index = 0
-            while written < cfg.episodes_per_task and attempts < max_attempts:
-                lay = layout(task, "train", cfg.seed, index)
-                index += 1
-                bag = task_dir / f"{task}_s{cfg.seed:03d}_l{lay.index:05d}"
-                if bag.exists():
-                    if not cfg.overwrite:
-                        raise FileExistsError(f"{bag} exists (use another --out or --overwrite)")
-                    shutil.rmtree(bag)
-                rng = np.random.default_rng([cfg.seed, task_i, lay.index])
-                expert = ScriptedExpert(task, noise=cfg.noise, rng=rng)
-                ep = run_expert_episode(sim, expert, lay, render=True, post_success_steps=cfg.post_success_steps)
-                attempts += 1
-                task_steps += ep["steps"]
-                if ep["success"]:
-                    successes += 1
-                    lengths.append(ep["success_step"])
-                if not (ep["success"] or cfg.keep_failures):
-                    log(f"  {task} layout {lay.index}: expert failed in {ep['steps']} steps (not recorded)")
-                    continue
-                task_dir.mkdir(parents=True, exist_ok=True)
-                marker = {"task": task, "instruction": instruction, "layout": lay.as_dict(),
-                          "noise": cfg.noise, "control_rate_hz": cfg.control_rate_hz}
-                write_episode_bag(bag, msgs, ep, cameras, instruction, marker, cfg.control_rate_hz, cfg.storage)
-                written += 1
-                steps_written += len(ep["actions"])
-                bags.append(str(bag.relative_to(out)))
-        finally:
-            sim.close()
-        dt = time.perf_counter() - t_task
+        summary["tasks"][task], task_steps = _record_task(cfg, task, out, cameras, msgs, log)
         tot_steps += task_steps
-        rate = successes / attempts if attempts else 0.0
-        summary["tasks"][task] = {
-            "instruction": instruction, "attempts": attempts, "successes": successes,
-            "expert_success_rate": rate, "recorded": written, "recorded_steps": steps_written,
-            "mean_success_step": float(np.mean(lengths)) if lengths else None,
-            "seconds": dt, "steps_per_s": task_steps / dt if dt > 0 else 0.0, "bags": bags,
-        }
-        log(f"{task:26s} recorded {written}/{cfg.episodes_per_task}  expert success {successes}/{attempts}"
-            f" ({rate:.2f})  {steps_written} steps  {task_steps / dt:.0f} steps/s")
-        if written < cfg.episodes_per_task:
-            log(f"  warning: only {written} successful episodes of {task} after {attempts} attempts")
     wall = time.perf_counter() - t_all
     att = sum(v["attempts"] for v in summary["tasks"].values())
     suc = sum(v["successes"] for v in summary["tasks"].values())
@@ -260,3 +210,54 @@ def record(cfg: RecordConfig, log: Callable[[str], None] = print) -> dict:
     log(f"total: {summary['total']['recorded']} bags in {out}  expert success {suc}/{att}"
         f"  {summary['total']['steps_per_s']:.0f} env steps/s (rendering {len(cameras)} x {cfg.image_size}px)")
     return summary
+
+
+def _record_task(cfg: RecordConfig, task: str, out: Path, cameras, msgs, log) -> tuple[dict, int]:
+    """The expert on the task's training layouts until ``episodes_per_task`` bags are written (or the attempts
+    run out): the task's summary and the environment steps it took."""
+    task_i = MT10.index(task)   # noise seeded per (seed, task, layout): the place in MT10, not in --tasks
+    task_dir = out / task
+    max_attempts = cfg.max_attempts or (2 * cfg.episodes_per_task + 10)
+    instruction = instruction_for(task)
+    attempts = successes = written = steps_written = task_steps = index = 0
+    lengths, bags = [], []
+    t_task = time.perf_counter()
+    sim = MetaWorldSim(task, cameras=cameras, image_size=cfg.image_size, max_steps=cfg.max_steps)
+    try:
+        while written < cfg.episodes_per_task and attempts < max_attempts:
+            lay = layout(task, "train", cfg.seed, index)
+            index += 1
+            bag = task_dir / f"{task}_s{cfg.seed:03d}_l{lay.index:05d}"
+            if bag.exists():
+                if not cfg.overwrite:
+                    raise FileExistsError(f"{bag} exists (use another --out or --overwrite)")
+                shutil.rmtree(bag)
+            expert = ScriptedExpert(task, noise=cfg.noise, rng=np.random.default_rng([cfg.seed, task_i, lay.index]))
+            ep = run_expert_episode(sim, expert, lay, render=True, post_success_steps=cfg.post_success_steps)
+            attempts += 1
+            task_steps += ep["steps"]
+            if ep["success"]:
+                successes += 1
+                lengths.append(ep["success_step"])
+            if not (ep["success"] or cfg.keep_failures):
+                log(f"  {task} layout {lay.index}: expert failed in {ep['steps']} steps (not recorded)")
+                continue
+            task_dir.mkdir(parents=True, exist_ok=True)
+            marker = {"task": task, "instruction": instruction, "layout": lay.as_dict(),
+                      "noise": cfg.noise, "control_rate_hz": cfg.control_rate_hz}
+            write_episode_bag(bag, msgs, ep, cameras, instruction, marker, cfg.control_rate_hz, cfg.storage)
+            written += 1
+            steps_written += len(ep["actions"])
+            bags.append(str(bag.relative_to(out)))
+    finally:
+        sim.close()
+    dt = time.perf_counter() - t_task
+    rate = successes / attempts if attempts else 0.0
+    log(f"{task:26s} recorded {written}/{cfg.episodes_per_task}  expert success {successes}/{attempts}"
+        f" ({rate:.2f})  {steps_written} steps  {task_steps / dt:.0f} steps/s")
+    if written < cfg.episodes_per_task:
+        log(f"  warning: only {written} successful episodes of {task} after {attempts} attempts")
+    return {"instruction": instruction, "attempts": attempts, "successes": successes,
+            "expert_success_rate": rate, "recorded": written, "recorded_steps": steps_written,
+            "mean_success_step": float(np.mean(lengths)) if lengths else None,
+            "seconds": dt, "steps_per_s": task_steps / dt if dt > 0 else 0.0, "bags": bags}, task_steps
