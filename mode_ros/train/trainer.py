@@ -78,61 +78,13 @@ def _to_affine(norm) -> Affine | None:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, quiet: bool = False):
-        from ..data.dataset import EpisodeWindowDataset
-
         self.cfg, self.quiet = cfg, quiet
         self.world, self.rank, self.local_rank = _dist_info()
-        if cfg.device == "auto":
-            dev = f"cuda:{self.local_rank}" if torch.cuda.is_available() else "cpu"
-        else:
-            dev = cfg.device
-        self.device = torch.device(dev)
-        if self.device.type == "cuda" and self.device.index is None:  # "cuda" -> this rank's GPU
-            self.device = torch.device("cuda", self.local_rank)
-        if self.world > 1 and not torch.distributed.is_initialized():
-            backend = "nccl" if self.device.type == "cuda" else "gloo"
-            torch.distributed.init_process_group(backend)
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
+        self.device = self._setup_device(cfg.device)
         torch.manual_seed(cfg.seed + self.rank)
-
         pcfg = cfg.policy_config()
-        cams = cfg.data.cameras  # None: the file's cameras; []: a state-only policy
-        try:
-            self.dataset = EpisodeWindowDataset(
-                cfg.data.paths, camera_names=cams or None,
-                image_size=tuple(pcfg.vision.image_size) if cams != [] else None, chunk_size=pcfg.chunk_size,
-                state_keys=cfg.data.state_keys, normalization=cfg.data.normalization)
-        except (OSError, KeyError, ValueError, TypeError) as exc:
-            raise TrainingError(_data_error(cfg.data.paths, exc)) from None
-        ds = self.dataset
-        if cams == []:
-            ds.camera_names = []  # windows then carry no images (nothing is read from disk)
-        self.cameras = list(ds.camera_names)
-        pcfg.camera_names = self.cameras
-        if not self.cameras:
-            pcfg.vision.arch = "none"
-        pcfg.action_dim = ds.action_dim
-        pcfg.action_names = list(ds.action_names) if len(ds.action_names) == ds.action_dim else []
-        pcfg.state_dim = ds.state_dim
-        pcfg.state_names = list(ds.state_names)
-        pcfg.validate()
-        torch.manual_seed(cfg.seed)  # identical init on every rank
-        self.policy = MoDEPolicy(pcfg, _to_affine(ds.action_normalizer), _to_affine(ds.state_normalizer))
-        if cfg.init_from:
-            self._init_from(cfg.init_from)
-        if cfg.optim.freeze_router:
-            for blk in self.policy.denoiser.blocks:
-                blk.router.requires_grad_(False)
-        self.policy.to(self.device)
-        # instruction embeddings: computed once, shipped with the checkpoint
-        goal_emb = self.policy.text.encode(ds.instructions)
-        self.goal_table = goal_emb.to(self.device)
-        self.policy.set_goal_embeddings(dict(zip(ds.instructions, goal_emb)))
-
-        if self.world > 1 and self.cameras and self.device.type == "cuda":
-            # BatchNorm statistics over the global batch, as the reference does under DDP
-            self.policy.encoders = nn.SyncBatchNorm.convert_sync_batchnorm(self.policy.encoders)
+        self.dataset = self._load_data(pcfg)
+        self.policy = self._build_policy(pcfg)
         self.module = _LossModule(self.policy, cfg.optim.load_balance_weight)
         if self.world > 1:
             # the identical initialisation above reset every rank to one stream: give each rank its own
@@ -152,13 +104,72 @@ class Trainer:
         if o.batch_size % self.world:
             raise ValueError(f"optim.batch_size {o.batch_size} must be divisible by the number of ranks {self.world}")
         self.local_batch = o.batch_size // self.world
-        if len(ds) == 0:
+        if len(self.dataset) == 0:
             raise TrainingError(f"data.paths {cfg.data.paths}: no training windows")
         self.out = Path(cfg.out_dir)
         if self.out.exists() and not self.out.is_dir():
             raise TrainingError(f"out_dir {self.out}: exists and is not a folder")
         self.is_main = self.rank == 0
         self.tb = None
+
+    def _setup_device(self, device: str) -> torch.device:
+        """This rank's device ("auto": its GPU, else the CPU); joins the process group under torchrun."""
+        if device == "auto":
+            device = f"cuda:{self.local_rank}" if torch.cuda.is_available() else "cpu"
+        dev = torch.device(device)
+        if dev.type == "cuda" and dev.index is None:  # "cuda" -> this rank's GPU
+            dev = torch.device("cuda", self.local_rank)
+        if self.world > 1 and not torch.distributed.is_initialized():
+            torch.distributed.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        return dev
+
+    def _load_data(self, pcfg):
+        """The training windows; the policy config takes the data's cameras, action and state layout."""
+        from ..data.dataset import EpisodeWindowDataset
+
+        cfg = self.cfg
+        cams = cfg.data.cameras  # None: the file's cameras; []: a state-only policy
+        try:
+            ds = EpisodeWindowDataset(
+                cfg.data.paths, camera_names=cams or None,
+                image_size=tuple(pcfg.vision.image_size) if cams != [] else None, chunk_size=pcfg.chunk_size,
+                state_keys=cfg.data.state_keys, normalization=cfg.data.normalization)
+        except (OSError, KeyError, ValueError, TypeError) as exc:
+            raise TrainingError(_data_error(cfg.data.paths, exc)) from None
+        if cams == []:
+            ds.camera_names = []  # windows then carry no images (nothing is read from disk)
+        self.cameras = list(ds.camera_names)
+        pcfg.camera_names = self.cameras
+        if not self.cameras:
+            pcfg.vision.arch = "none"
+        pcfg.action_dim = ds.action_dim
+        pcfg.action_names = list(ds.action_names) if len(ds.action_names) == ds.action_dim else []
+        pcfg.state_dim = ds.state_dim
+        pcfg.state_names = list(ds.state_names)
+        pcfg.validate()
+        return ds
+
+    def _build_policy(self, pcfg) -> MoDEPolicy:
+        """The policy (identical initialisation on every rank, or init_from), with the data's normalisers and
+        its instructions' embeddings (computed once, shipped with the checkpoint)."""
+        cfg, ds = self.cfg, self.dataset
+        torch.manual_seed(cfg.seed)  # identical init on every rank
+        self.policy = MoDEPolicy(pcfg, _to_affine(ds.action_normalizer), _to_affine(ds.state_normalizer))
+        if cfg.init_from:
+            self._init_from(cfg.init_from)
+        if cfg.optim.freeze_router:
+            for blk in self.policy.denoiser.blocks:
+                blk.router.requires_grad_(False)
+        self.policy.to(self.device)
+        goal_emb = self.policy.text.encode(ds.instructions)
+        self.goal_table = goal_emb.to(self.device)
+        self.policy.set_goal_embeddings(dict(zip(ds.instructions, goal_emb)))
+        if self.world > 1 and self.cameras and self.device.type == "cuda":
+            # BatchNorm statistics over the global batch, as the reference does under DDP
+            self.policy.encoders = nn.SyncBatchNorm.convert_sync_batchnorm(self.policy.encoders)
+        return self.policy
 
     # ---- init from pretrained ---------------------------------------------------------------------
     def _init_from(self, path: str) -> None:
