@@ -191,6 +191,17 @@ def test_sample_prefix_rows_follows_the_config():
     assert torch.allclose(counts, torch.full((4,), 0.25), atol=0.02)
     with pytest.raises(ConfigError, match="prefix_max_rows must be >= 1"):
         DiffusionConfig(prefix_prob=0.3).validate()
+    # one deployment delay: exactly d rows whenever a prefix is given (the default min of 1 draws the
+    # same numbers as before the option existed)
+    fixed = sample_prefix_rows(DiffusionConfig(prefix_prob=0.8, prefix_max_rows=5, prefix_min_rows=5), 20000,
+                               generator=torch.Generator().manual_seed(0))
+    assert set(fixed.unique().tolist()) == {0, 5}
+    assert (fixed == 5).float().mean().item() == pytest.approx(0.8, abs=0.02)
+    again = sample_prefix_rows(DiffusionConfig(prefix_prob=0.5, prefix_max_rows=4, prefix_min_rows=1), 20000,
+                               generator=torch.Generator().manual_seed(0))
+    assert torch.equal(again, rows)
+    with pytest.raises(ConfigError, match="prefix_min_rows must be in 1..prefix_max_rows"):
+        DiffusionConfig(prefix_prob=0.3, prefix_max_rows=2, prefix_min_rows=3).validate()
     with pytest.raises(ConfigError, match=r"prefix_prob must be in \[0, 1\]"):
         DiffusionConfig(prefix_prob=1.5, prefix_max_rows=2).validate()
     cfg = PolicyConfig(camera_names=[], state_dim=3, chunk_size=4)

@@ -97,10 +97,12 @@ class DiffusionConfig:
     loglogistic_loc: float | None = None  # default ln(sigma_data)
     loglogistic_scale: float = 0.5
     # training-time prefix conditioning (real-time chunking): this share of the training chunks get
-    # their first 1..prefix_max_rows rows clean (read by the network as they are, no loss on them);
-    # a checkpoint trained so is sampled with its frozen prefix rows given the same way
+    # their first prefix_min_rows..prefix_max_rows rows clean (read by the network as they are, no loss
+    # on them); a checkpoint trained so is sampled with its frozen prefix rows given the same way.
+    # prefix_min_rows = prefix_max_rows = d trains for one deployment delay of d ticks
     prefix_prob: float = 0.0
     prefix_max_rows: int = 0
+    prefix_min_rows: int = 1
 
     @property
     def prefix_trained(self) -> bool:
@@ -121,6 +123,9 @@ class DiffusionConfig:
             raise ConfigError(f"{where}.prefix_prob must be in [0, 1], got {self.prefix_prob}")
         if self.prefix_prob > 0 and self.prefix_max_rows < 1:
             raise ConfigError(f"{where}.prefix_max_rows must be >= 1 when prefix_prob > 0, got {self.prefix_max_rows}")
+        if self.prefix_prob > 0 and not 1 <= self.prefix_min_rows <= self.prefix_max_rows:
+            raise ConfigError(f"{where}.prefix_min_rows must be in 1..prefix_max_rows ({self.prefix_max_rows}), "
+                              f"got {self.prefix_min_rows}")
 
 
 @dataclass

@@ -46,10 +46,11 @@ def sample_training_sigmas(cfg: DiffusionConfig, n: int, generator: torch.Genera
 
 def sample_prefix_rows(cfg: DiffusionConfig, n: int, generator: torch.Generator | None = None) -> torch.Tensor | None:
     """Training-time prefix conditioning: per sample, how many leading rows are given clean — 0 with
-    probability 1 - prefix_prob, else uniform in 1..prefix_max_rows. None when the config has none."""
+    probability 1 - prefix_prob, else uniform in prefix_min_rows..prefix_max_rows. None when the config
+    has none."""
     if not cfg.prefix_trained:
         return None
-    rows = torch.randint(1, cfg.prefix_max_rows + 1, (n,), generator=generator)
+    rows = torch.randint(cfg.prefix_min_rows, cfg.prefix_max_rows + 1, (n,), generator=generator)
     given = torch.rand(n, generator=generator) < cfg.prefix_prob
     return torch.where(given, rows, torch.zeros_like(rows))
 
