@@ -142,54 +142,12 @@ def stream_name(kind: str, spec, index: int = 0, count: int = 1) -> str:
 def message_vector(msg, msgtype: str, stream: Stream) -> tuple[np.ndarray, int, list[str] | None]:
     """-> (values, time adjustment ns, default names) for one vector message; raises BadMessage."""
     spec: SourceSpec = stream.spec
-    names = None
-    adjust = 0
     if msgtype == JOINT_STATE:
-        arr = np.asarray(getattr(msg, spec.field), dtype=np.float64)
-        jnames = list(msg.name)
-        if arr.size != len(jnames):
-            raise BadMessage("wrong_length", f"JointState {spec.field} has {arr.size} values for {len(jnames)} names")
-        if spec.joints:
-            key = tuple(jnames)
-            idx = stream._joint_idx.get(key)
-            if idx is None:
-                missing = [j for j in spec.joints if j not in jnames]
-                if missing:
-                    raise BadMessage("missing_joint", f"joints {missing} not in JointState names {jnames}")
-                idx = np.array([jnames.index(j) for j in spec.joints])
-                stream._joint_idx[key] = idx
-            arr = arr[idx]
-            names = list(spec.joints)
-        else:
-            if stream.names is not None and spec.indices is None and jnames != stream.names:
-                raise BadMessage("joint_names_changed", f"JointState names {jnames} != first {stream.names}")
-            names = jnames
-    elif msgtype in (TWIST_STAMPED, TWIST):
-        tw = msg.twist if msgtype == TWIST_STAMPED else msg
-        arr = np.array([tw.linear.x, tw.linear.y, tw.linear.z, tw.angular.x, tw.angular.y, tw.angular.z])
-        names = ["linear.x", "linear.y", "linear.z", "angular.x", "angular.y", "angular.z"]
-    elif msgtype in (POSE_STAMPED, POSE):
-        p = msg.pose if msgtype == POSE_STAMPED else msg
-        arr = np.array([p.position.x, p.position.y, p.position.z,
-                        p.orientation.x, p.orientation.y, p.orientation.z, p.orientation.w])
-        names = ["x", "y", "z", "qx", "qy", "qz", "qw"]
+        arr, names, adjust = *_joint_state_vector(msg, stream), 0
     elif msgtype == ACTION_CHUNK_TYPE:
-        n, a = int(msg.chunk_size), int(msg.action_dim)
-        acts = np.asarray(msg.actions, dtype=np.float64)
-        if n <= 0 or a <= 0 or acts.size != n * a:
-            raise BadMessage("wrong_length", f"ActionChunk has {acts.size} values for chunk_size {n} x action_dim {a}")
-        if spec.row >= n:
-            raise BadMessage("row_out_of_range", f"ActionChunk row {spec.row} >= chunk_size {n}")
-        arr = acts.reshape(n, a)[spec.row]
-        period = int(msg.control_period.sec) * 1_000_000_000 + int(msg.control_period.nanosec)
-        adjust = (int(msg.first_index) + spec.row) * period
-        names = list(msg.action_names) if len(msg.action_names) == a else None
-    elif msgtype in (F32MA, F64MA):
-        arr = np.asarray(msg.data, dtype=np.float64)
-    elif msgtype in (F32, F64):
-        arr = np.array([float(msg.data)])
-    else:  # pragma: no cover - filtered before
-        raise BadMessage("unsupported_type", msgtype)
+        arr, names, adjust = _chunk_row(msg, spec.row)
+    else:
+        arr, names, adjust = *_fixed_vector(msg, msgtype), 0
     if spec.indices is not None:
         if max(spec.indices) >= arr.size:
             raise BadMessage("wrong_length", f"index {max(spec.indices)} out of range for {arr.size} values")
@@ -206,6 +164,59 @@ def message_vector(msg, msgtype: str, stream: Stream) -> tuple[np.ndarray, int, 
     if names is None:
         names = [f"{stream.topic.strip('/')}[{i}]" for i in range(arr.size)]
     return arr, adjust, names
+
+
+def _joint_state_vector(msg, stream: Stream) -> tuple[np.ndarray, list[str]]:
+    """The spec's field of a JointState, by the spec's joint names (any order in the message) or, without
+    names, in message order (which must then stay the first message's)."""
+    spec = stream.spec
+    arr = np.asarray(getattr(msg, spec.field), dtype=np.float64)
+    jnames = list(msg.name)
+    if arr.size != len(jnames):
+        raise BadMessage("wrong_length", f"JointState {spec.field} has {arr.size} values for {len(jnames)} names")
+    if not spec.joints:
+        if stream.names is not None and spec.indices is None and jnames != stream.names:
+            raise BadMessage("joint_names_changed", f"JointState names {jnames} != first {stream.names}")
+        return arr, jnames
+    key = tuple(jnames)
+    idx = stream._joint_idx.get(key)
+    if idx is None:
+        missing = [j for j in spec.joints if j not in jnames]
+        if missing:
+            raise BadMessage("missing_joint", f"joints {missing} not in JointState names {jnames}")
+        idx = stream._joint_idx[key] = np.array([jnames.index(j) for j in spec.joints])
+    return arr[idx], list(spec.joints)
+
+
+def _chunk_row(msg, row: int) -> tuple[np.ndarray, list[str] | None, int]:
+    """Row ``row`` of an ActionChunk, its names and when it executes after the header stamp (ns)."""
+    n, a = int(msg.chunk_size), int(msg.action_dim)
+    acts = np.asarray(msg.actions, dtype=np.float64)
+    if n <= 0 or a <= 0 or acts.size != n * a:
+        raise BadMessage("wrong_length", f"ActionChunk has {acts.size} values for chunk_size {n} x action_dim {a}")
+    if row >= n:
+        raise BadMessage("row_out_of_range", f"ActionChunk row {row} >= chunk_size {n}")
+    period = int(msg.control_period.sec) * 1_000_000_000 + int(msg.control_period.nanosec)
+    names = list(msg.action_names) if len(msg.action_names) == a else None
+    return acts.reshape(n, a)[row], names, (int(msg.first_index) + row) * period
+
+
+def _fixed_vector(msg, msgtype: str) -> tuple[np.ndarray, list[str] | None]:
+    """Twist / Pose (named components) and Float32/64 (MultiArray) messages as vectors."""
+    if msgtype in (TWIST_STAMPED, TWIST):
+        tw = msg.twist if msgtype == TWIST_STAMPED else msg
+        return (np.array([tw.linear.x, tw.linear.y, tw.linear.z, tw.angular.x, tw.angular.y, tw.angular.z]),
+                ["linear.x", "linear.y", "linear.z", "angular.x", "angular.y", "angular.z"])
+    if msgtype in (POSE_STAMPED, POSE):
+        p = msg.pose if msgtype == POSE_STAMPED else msg
+        return (np.array([p.position.x, p.position.y, p.position.z,
+                          p.orientation.x, p.orientation.y, p.orientation.z, p.orientation.w]),
+                ["x", "y", "z", "qx", "qy", "qz", "qw"])
+    if msgtype in (F32MA, F64MA):
+        return np.asarray(msg.data, dtype=np.float64), None
+    if msgtype in (F32, F64):
+        return np.array([float(msg.data)]), None
+    raise BadMessage("unsupported_type", msgtype)   # filtered before
 
 
 # --------------------------------------------------------------------------------------------

@@ -128,9 +128,7 @@ def run_score_only(sess: Session) -> None:
     """Score the ActionChunks of another bag (e.g. `ros2 bag record` of a node fed by `ros2 bag play
     --clock`) against this bag's recorded actions; no policy, no node. Ticks without output are not known
     here (only the published chunks are)."""
-    from mode_ros.data.rosmsgs import ACTION_CHUNK_TYPE
     from mode_ros.replay.bag_stream import BagReadError, BagStream
-    from mode_ros.replay.scoring import ChunkRecord
 
     opts = sess.opts
     if sess.model is None:
@@ -141,59 +139,65 @@ def run_score_only(sess: Session) -> None:
     except BagReadError as exc:
         raise ReplayError(f"--score: {exc}") from None
     try:
-        topics = [t for t, ti in cb.topics.items() if ti.msgtype == ACTION_CHUNK_TYPE]
-        want = node_fqn(opts.node_name, opts.namespace) + "/action_chunk"
-        if want in topics:
-            topics = [want]
-        if len(topics) != 1:
-            raise ReplayError(f"--score: need exactly one {ACTION_CHUNK_TYPE} topic in {opts.score_chunks}, found "
-                              f"{topics or 'none'}")
+        topic = _chunk_topic(cb, opts)
         sess.problems += [f"chunks bag: {p}" for p in cb.problems]
-        ts = cb.typestore
-        chunks = cb.messages(topics)
-        nxt = next(chunks, None)
+        records = _chunk_records(cb, topic, sess.problems)
+        nxt = next(records, None)
         scorer = sess.scorer
         t_run = time.perf_counter()
-
-        def feed(upto):
-            nonlocal nxt
-            while nxt is not None and (upto is None or nxt[2] <= upto):
-                _tp, mt, t, raw = nxt
-                nxt = next(chunks, None)
-                try:
-                    m = ts.deserialize_cdr(raw, mt)
-                except Exception:  # noqa: BLE001
-                    sess.problems.append(f"chunks bag: undecodable ActionChunk at t={t}")
-                    continue
-                try:
-                    scorer.add(ChunkRecord.from_message(m, tick_ns=t))
-                except ValueError as exc:
-                    sess.problems.append(f"chunks bag: at t={t}: {exc}: not scored")
-                    continue
-                sess.ticks.published += 1
-
         for ev in sess.events():
-            feed(ev.t)
+            while nxt is not None and nxt.tick_ns <= ev.t:   # the chunks recorded up to this message
+                scorer.add(nxt)
+                sess.ticks.published += 1
+                nxt = next(records, None)
             if ev.kind == "action" and scorer.rec is not None:
                 scorer.rec.add(ev.source, ev.stamp_ns, ev.vec)
             scorer.advance(ev.t)
-        feed(None)
+        for rec in ([nxt] if nxt is not None else []) + list(records):
+            scorer.add(rec)
+            sess.ticks.published += 1
         scorer.finish(sess.last_ns)
         sess.extra["run_wall_s"] = time.perf_counter() - t_run
-        sess.extra["score_only"] = {"chunks_bag": str(opts.score_chunks), "topic": topics[0]}
+        sess.extra["score_only"] = {"chunks_bag": str(opts.score_chunks), "topic": topic}
         sess.notes.append("score-only: ticks without output are unknown (only the recorded chunks are)")
         sess.ticks = None
     finally:
         cb.close()
 
 
-def finish_report(sess: Session) -> dict:
-    from mode_ros.replay.scoring import write_plots
+def _chunk_topic(cb, opts: ReplayOptions) -> str:
+    """The chunks bag's ActionChunk topic: the node's own when present, else the only one."""
+    from mode_ros.data.rosmsgs import ACTION_CHUNK_TYPE
 
-    opts = sess.opts
-    wall = time.perf_counter() - sess.t_start
-    run_wall = sess.extra.pop("run_wall_s", wall)
-    bag_s = ((sess.last_ns - sess.first_ns) / NS) if sess.first_ns is not None else 0.0
+    topics = [t for t, ti in cb.topics.items() if ti.msgtype == ACTION_CHUNK_TYPE]
+    want = node_fqn(opts.node_name, opts.namespace) + "/action_chunk"
+    if want in topics:
+        return want
+    if len(topics) != 1:
+        raise ReplayError(f"--score: need exactly one {ACTION_CHUNK_TYPE} topic in {opts.score_chunks}, found "
+                          f"{topics or 'none'}")
+    return topics[0]
+
+
+def _chunk_records(cb, topic: str, problems: list[str]):
+    """The recorded chunks as ChunkRecords (tick_ns = bag time), in bag order; an undecodable or malformed
+    message is a problem and is skipped."""
+    from mode_ros.replay.scoring import ChunkRecord
+
+    for _tp, mt, t, raw in cb.messages([topic]):
+        try:
+            msg = cb.typestore.deserialize_cdr(raw, mt)
+        except Exception:  # noqa: BLE001 - a corrupt message is reported, the rest is scored
+            problems.append(f"chunks bag: undecodable ActionChunk at t={t}")
+            continue
+        try:
+            yield ChunkRecord.from_message(msg, tick_ns=t)
+        except ValueError as exc:
+            problems.append(f"chunks bag: at t={t}: {exc}: not scored")
+
+
+def finish_report(sess: Session) -> dict:
+    """The replay's report (report.json in OUT) with its plots; every problem met on the way is in it."""
     for p in sess.bag.problems:
         if p not in sess.problems:
             sess.problems.append(p)
@@ -207,7 +211,24 @@ def finish_report(sess: Session) -> dict:
         sess.problems.append(scores["problem"])
     if sess.decoder is not None and sess.decoder.bad:
         sess.problems.append("undecodable messages: " + ", ".join(f"{k} x{v}" for k, v in sess.decoder.bad.items()))
-    rep = {
+    rep = _report(sess, scores)
+    rep.update(sess.extra)
+    plots = _plots(sess, rep["mode"])
+    rep["outputs"] = {"report": str(sess.out / "report.json"),
+                      "chunks_bag": str(sess.out / "chunks") if (sess.out / "chunks").exists() else None,
+                      "plots": plots}
+    if (sess.out / "node.log").exists():
+        rep["outputs"]["node_log"] = str(sess.out / "node.log")
+    (sess.out / "report.json").write_text(json.dumps(_jsonable(rep), indent=1))
+    return rep
+
+
+def _report(sess: Session, scores: dict) -> dict:
+    opts, dec = sess.opts, sess.decoder
+    wall = time.perf_counter() - sess.t_start
+    run_wall = sess.extra.pop("run_wall_s", wall)
+    bag_s = ((sess.last_ns - sess.first_ns) / NS) if sess.first_ns is not None else 0.0
+    return {
         "bag": str(opts.bag),
         "mode": ("score-only" if opts.score_chunks else "offline" if opts.offline else
                  ("live (attached)" if opts.attach else "live")),
@@ -220,35 +241,36 @@ def finish_report(sess: Session) -> dict:
         "bag_info": {"storage": sess.bag.storage, "salvaged": sess.bag.salvaged,
                      "topics": {t: {"type": ti.msgtype, "count": ti.count} for t, ti in sorted(sess.bag.topics.items())}},
         "mapping": sess.mapping.describe() if sess.mapping else None,
-        "node_params": {k: sess.params_values.get(k) for k in (
-            "control_rate_hz", "replan_every", "latency_compensation", "temporal_ensembling",
-            "max_observation_age", "camera_sync_tolerance", "action_lower_bounds", "action_upper_bounds",
-            "max_action_delta", "seed", "device")},
+        "node_params": {k: sess.params_values.get(k) for k in REPORTED_PARAMS},
         "messages": {"read": sess.messages_read,
-                     "per_topic": dict(sess.decoder.counts) if sess.decoder else {},
-                     "bad": dict(sess.decoder.bad) if sess.decoder else {},
-                     "bad_examples": dict(sess.decoder.bad_examples) if sess.decoder else {}},
+                     "per_topic": dict(dec.counts) if dec else {},
+                     "bad": dict(dec.bad) if dec else {},
+                     "bad_examples": dict(dec.bad_examples) if dec else {}},
         "timing": {"wall_s": round(wall, 3), "replay_wall_s": round(run_wall, 3), "bag_seconds": round(bag_s, 3),
                    "messages_per_s": round(sess.messages_read / run_wall, 1) if run_wall > 0 else None,
                    "bag_seconds_per_wall_second": round(bag_s / run_wall, 3) if run_wall > 0 else None},
         "ticks": sess.ticks.report() if sess.ticks is not None else None,
         "scores": scores,
     }
-    rep.update(sess.extra)
-    plots = []
-    if sess.scorer is not None:
-        try:
-            plots = write_plots(sess.scorer, sess.out, sess.first_ns or 0,
-                                title=f"({Path(opts.bag).name}, {rep['mode']})")
-        except Exception as exc:  # noqa: BLE001 - plots are a convenience, never fatal
-            sess.problems.append(f"plots failed: {type(exc).__name__}: {exc}")
-    rep["outputs"] = {"report": str(sess.out / "report.json"),
-                      "chunks_bag": str(sess.out / "chunks") if (sess.out / "chunks").exists() else None,
-                      "plots": plots}
-    if (sess.out / "node.log").exists():
-        rep["outputs"]["node_log"] = str(sess.out / "node.log")
-    (sess.out / "report.json").write_text(json.dumps(_jsonable(rep), indent=1))
-    return rep
+
+
+# the node parameters a replay report shows
+REPORTED_PARAMS = ("control_rate_hz", "replan_every", "latency_compensation", "temporal_ensembling",
+                   "max_observation_age", "camera_sync_tolerance", "action_lower_bounds", "action_upper_bounds",
+                   "max_action_delta", "seed", "device")
+
+
+def _plots(sess: Session, mode: str) -> list[str]:
+    """The scorer's plots; a failure is a problem of the report, never fatal."""
+    from mode_ros.replay.scoring import write_plots
+
+    if sess.scorer is None:
+        return []
+    try:
+        return write_plots(sess.scorer, sess.out, sess.first_ns or 0, title=f"({Path(sess.opts.bag).name}, {mode})")
+    except Exception as exc:  # noqa: BLE001 - plots are a convenience, never fatal
+        sess.problems.append(f"plots failed: {type(exc).__name__}: {exc}")
+        return []
 
 
 def _write_error_report(opts: ReplayOptions, error: str) -> None:
