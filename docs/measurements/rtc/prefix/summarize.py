@@ -3,8 +3,10 @@
     python docs/measurements/rtc/prefix/summarize.py
 
 Rows are labelled with their checkpoint (``prefix``: trained with diffusion.prefix_prob 0.5,
-prefix_max_rows 5; ``control``: the same recipe without it) and, for rtc rows, the run's rtc_decay
-(``exp`` unless the file name says ``hard``). Writes summary.json and table.txt here."""
+prefix_max_rows 5; ``fixed5``: prefix_prob 0.5 with exactly 5 rows, prefix_min_rows = prefix_max_rows = 5,
+i.e. trained for a delay of 5 ticks; ``control``: the same recipe without prefix conditioning) and, for
+rtc rows, the run's rtc_decay (``exp`` unless the file name says ``hard``). Writes summary.json and
+table.txt here."""
 import json
 from pathlib import Path
 
@@ -13,7 +15,7 @@ from mode_ros.sim.evaluate import format_delay_table
 here = Path(__file__).resolve().parent
 rows = {}
 for f in sorted(here.glob("*.json")):
-    if f.name == "summary.json" or not f.name.startswith(("prefix_", "control_")):
+    if f.name == "summary.json" or not f.name.startswith(("prefix_", "control_", "fixed5_")):
         continue
     d = json.loads(f.read_text())
     ckpt = f.name.split("_")[0]
