@@ -164,6 +164,27 @@ def test_failed_inferences_are_a_problem(bags, tmp_path):  # noqa: F811
     assert f"problem: {problem[0]}" in format_summary(rep)
 
 
+def test_failed_plots_are_a_note_and_the_report_stays_consistent(bags, tmp_path, monkeypatch):  # noqa: F811
+    """Plots are a convenience: when matplotlib fails the replay still writes its report, says why in a note,
+    and `ok` agrees with the problems list (it once said ok with a 'plots failed' problem listed)."""
+    import json
+
+    from mode_ros.replay import scoring
+
+    def broken(*a, **k):
+        raise RuntimeError("no display backend")
+
+    monkeypatch.setattr(scoring, "write_plots", broken)
+    opts = ReplayOptions(bag=Path(bags["mcap"]), topics=str(bags["map"]), offline=True, out=tmp_path / "o",
+                         policy=H.OraclePolicy(3.0), params={"checkpoint": "oracle"}, progress=False, latency="0")
+    rep = run_replay(opts)
+    assert rep["ok"] and rep["problems"] == [] and rep["outputs"]["plots"] == []
+    assert "plots failed: RuntimeError: no display backend" in rep["notes"]
+    assert rep["ticks"]["published"] > 0
+    on_disk = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert on_disk["ok"] and on_disk["notes"] == rep["notes"]
+
+
 def test_offline_cli_constant_checkpoint_matches_independent_scores(bags, const_ckpt, tmp_path):  # noqa: F811
     out = tmp_path / "out"
     rc, so, se = H.run_cli([str(bags["sqlite3"]), "--checkpoint", str(const_ckpt), "--topics", str(bags["map"]),

@@ -261,15 +261,17 @@ REPORTED_PARAMS = ("control_rate_hz", "replan_every", "latency_compensation", "t
 
 
 def _plots(sess: Session, mode: str) -> list[str]:
-    """The scorer's plots; a failure is a problem of the report, never fatal."""
-    from mode_ros.replay.scoring import write_plots
+    """The scorer's plots. They are a convenience: a failure is a note of the report (which stays ok when
+    the replay and its scores are), never fatal."""
+    from mode_ros.replay import scoring
 
     if sess.scorer is None:
         return []
     try:
-        return write_plots(sess.scorer, sess.out, sess.first_ns or 0, title=f"({Path(sess.opts.bag).name}, {mode})")
+        return scoring.write_plots(sess.scorer, sess.out, sess.first_ns or 0,
+                                   title=f"({Path(sess.opts.bag).name}, {mode})")
     except Exception as exc:  # noqa: BLE001 - plots are a convenience, never fatal
-        sess.problems.append(f"plots failed: {type(exc).__name__}: {exc}")
+        sess.notes.append(f"plots failed: {type(exc).__name__}: {exc}")
         return []
 
 
