@@ -582,6 +582,8 @@ class _BagConversion:
         for s in self.streams.values():
             self.by_topic[s.topic].append(s)
         self.cam_streams = {c.name: self.streams[stream_name("camera", c)] for c in tm.cameras}
+        self.action_streams = [s for s in self.streams.values() if s.kind == "action"]
+        self.state_streams = {s.spec.key: s for s in self.streams.values() if s.kind == "state"}
         self.nmsg, self.lang, self.markers, self.lang_bad = 0, None, None, Counter()
         self.frame_errors: dict[str, set] = {}   # stream name -> examples of pass-2 decode errors
 
@@ -676,20 +678,12 @@ class _BagConversion:
             plans.append(p)
         return plans
 
-    @property
-    def _action_streams(self) -> list[Stream]:
-        return [s for s in self.streams.values() if s.kind == "action"]
-
-    @property
-    def _state_streams(self) -> dict[str, Stream]:
-        return {s.spec.key: s for s in self.streams.values() if s.kind == "state"}
-
     def check_or_open_writer(self, writer, out, overwrite, state_keys, compression_opts) -> EpisodeWriter:
         """The episode file: opened for the first bag with episodes; later bags must match its names."""
         action_names = []
-        for s in self._action_streams:
+        for s in self.action_streams:
             action_names += s.names or [f"{s.topic.strip('/')}[{i}]" for i in range(s.dim or 0)]
-        state_streams = self._state_streams
+        state_streams = self.state_streams
         now_state = {k: list(s.names or []) for k, s in state_streams.items()}
         dims = {k: s.dim for k, s in state_streams.items()}
         if writer is None:
@@ -717,8 +711,8 @@ class _BagConversion:
         shapes = {cname: s.spec.resize or s.size for cname, s in self.cam_streams.items()}
         for j, p in enumerate(live):
             kept = np.flatnonzero(p.keep)
-            acts = np.concatenate([s.values[p.sel[s.name][kept]] for s in self._action_streams], axis=1)
-            states = {k: s.values[p.sel[s.name][kept]] for k, s in self._state_streams.items()}
+            acts = np.concatenate([s.values[p.sel[s.name][kept]] for s in self.action_streams], axis=1)
+            states = {k: s.values[p.sel[s.name][kept]] for k, s in self.state_streams.items()}
             b = writer.begin_episode(len(kept), shapes, acts.shape[1], {k: v.shape[1] for k, v in states.items()})
             builders.append(b)
             b.set_arrays(acts, p.ticks[kept] / 1e9, states)

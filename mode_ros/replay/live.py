@@ -235,9 +235,7 @@ def _start_node(sess, node, fqn) -> _Node:
     sess.params_values.update({k: v for k, v in overrides.items() if k != "use_sim_time"})
     sess.p = NodeParams.from_mapping(sess.params_values)
     pfile = opts.params_file or default_params_file()
-    cmd = node_command(_executable(), overrides, opts.node_name, opts.namespace)
-    if pfile:
-        cmd[2:2] = ["--params-file", str(pfile)]
+    cmd = node_command(_executable(), overrides, opts.node_name, opts.namespace, params_file=pfile)
     proc = _Node(cmd, sess.out / "node.log")
     t0 = time.monotonic()
     try:   # from here on, whatever happens (a failed start, Ctrl-C, SIGTERM) stops the node we started
@@ -364,12 +362,12 @@ class _LiveReplay:
         except Exception:  # noqa: BLE001
             self.stats["undecodable_chunks"] += 1
             return
-        st = int(msg.header.stamp.sec) * NS + int(msg.header.stamp.nanosec)
         try:
-            rec = ChunkRecord.from_message(msg, recv_wall=wall, obs_pub_wall=self.pub_wall.get(st))
+            rec = ChunkRecord.from_message(msg, recv_wall=wall)
         except ValueError:
             self.stats["malformed_chunks"] += 1   # recorded, not scored
             return
+        rec.obs_pub_wall = self.pub_wall.get(rec.stamp_ns)
         rec.tick_ns = self._match_tick(rec)
         self.stats["unmatched_chunks"] += rec.tick_ns is None
         self.stats["chunks"] += 1

@@ -73,12 +73,15 @@ def run(args) -> dict:
             stop_process_group(proc)
     res = {"checkpoint": str(ckpt), "device": args.device, "cameras": cams, "image_size": list(args.image_size),
            "control_rate_hz": args.rate, "replan_every": args.replan_every, "camera_hz": args.camera_hz,
-           "duration_s": args.duration, **_analyse(rows, sent, 1.0 / args.rate)}
+           "duration_s": args.duration}
+    t = np.array([r[0] for r in rows])           # receive times of the chunks
+    e2e, inf, n_inferences = _latencies(rows, sent)
+    res.update(_analyse(t, e2e, inf, n_inferences, 1.0 / args.rate))
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "latency.json").write_text(json.dumps(res, indent=1))
-        _plot(rows, sent, 1.0 / args.rate, out / "latency.png")
+        _plot(e2e, inf, np.diff(t), 1.0 / args.rate, out / "latency.png")
     return res
 
 
@@ -165,13 +168,12 @@ def _latencies(rows, sent: dict) -> tuple[np.ndarray, np.ndarray, int]:
     return np.array(e2e), np.array(inf), len(seen)
 
 
-def _analyse(rows, sent: dict, nominal: float) -> dict:
-    t = np.array([r[0] for r in rows])
+def _analyse(t: np.ndarray, e2e: np.ndarray, inf: np.ndarray, n_inferences: int, nominal: float) -> dict:
+    """Latency summaries and the publication period of chunks received at times ``t``."""
     periods = np.diff(t)
-    e2e, inf, n_inferences = _latencies(rows, sent)
     some = periods.size > 0
     return {
-        "chunks": len(rows), "inferences": n_inferences,
+        "chunks": len(t), "inferences": n_inferences,
         "achieved_rate_hz": float((len(t) - 1) / (t[-1] - t[0])) if len(t) > 1 else 0.0,
         "end_to_end_latency": _summary(e2e),
         "inference_latency": _summary(inf),
@@ -183,7 +185,7 @@ def _analyse(rows, sent: dict, nominal: float) -> dict:
     }
 
 
-def _plot(rows, sent: dict, nominal: float, path: Path) -> None:
+def _plot(e2e: np.ndarray, inf: np.ndarray, periods: np.ndarray, nominal: float, path: Path) -> None:
     """Histograms of the latencies and of the publication period (skipped without matplotlib)."""
     try:
         import matplotlib
@@ -192,8 +194,6 @@ def _plot(rows, sent: dict, nominal: float, path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    e2e, inf, _ = _latencies(rows, sent)
-    periods = np.diff([r[0] for r in rows])
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
     ax[0].hist(e2e * 1e3, bins=30, alpha=0.7, label="image -> chunk received")
     ax[0].hist(inf * 1e3, bins=30, alpha=0.7, label="inference")

@@ -25,10 +25,14 @@ def installed_executable(name: str) -> Path | None:
     return path if os.access(path, os.X_OK) else None
 
 
-def node_command(executable, params: dict, node_name: str | None = None, namespace: str = "") -> list[str]:
-    """``EXE --ros-args -p name:=value ... [-r __node:=NAME] [-r __ns:=/NS]``; ``executable`` is a path or
-    the start of a command line (e.g. ``[python, -m, module]``)."""
+def node_command(executable, params: dict, node_name: str | None = None, namespace: str = "",
+                 params_file=None) -> list[str]:
+    """``EXE --ros-args [--params-file F] -p name:=value ... [-r __node:=NAME] [-r __ns:=/NS]`` (the ``-p``
+    values override the file's); ``executable`` is a path or the start of a command line (e.g.
+    ``[python, -m, module]``)."""
     cmd = [str(x) for x in (executable if isinstance(executable, (list, tuple)) else [executable])] + ["--ros-args"]
+    if params_file:
+        cmd += ["--params-file", str(params_file)]
     for k, v in params.items():
         cmd += ["-p", f"{k}:={ros_arg_value(v)}"]
     if node_name:

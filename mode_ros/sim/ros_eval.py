@@ -63,11 +63,6 @@ def checkpoint_cameras(checkpoint: str, default: list[str]) -> list[str]:
         return default
 
 
-def _installed_executable(name: str) -> list[str] | None:
-    path = installed_executable(name)
-    return None if path is None else [str(path)]
-
-
 def _check_ros(env: dict) -> str | None:
     probe = subprocess.run([sys.executable, "-c", "import rclpy, mode_ros.msg"], env=env,
                            capture_output=True, text=True)
@@ -113,7 +108,7 @@ def evaluate_ros(args, cfg: EvalConfig, log=print) -> dict | None:
         if not getattr(args, "expert", False):
             cameras = checkpoint_cameras(args.checkpoint, cameras)
     bridge_cmd = node_command(
-        _installed_executable("metaworld_sim") or [sys.executable, "-m", "mode_ros.sim.bridge_node"],
+        installed_executable("metaworld_sim") or [sys.executable, "-m", "mode_ros.sim.bridge_node"],
         {"tasks": ",".join(cfg.tasks), "episodes": cfg.episodes, "seed": cfg.seed, "split": "eval",
          "max_steps": cfg.max_steps, "image_size": cfg.image_size, "cameras": ",".join(cameras),
          "control_rate_hz": rate, "summary_path": str(summary_path),
@@ -150,7 +145,7 @@ def _policy_command(args, cfg: EvalConfig, rate: float) -> tuple[list[str], str]
         # inference takes no sim time: each chunk comes from the observation of the tick it starts
         # at, so the result does not depend on this machine's speed
         params["lockstep_inference"] = True
-    exe = _installed_executable("policy_node") or [
+    exe = installed_executable("policy_node") or [
         sys.executable, "-c", "import sys; from mode_ros.ros.policy_node import main; sys.exit(main())"]
     return node_command(exe, params) + policy_remaps(), f"MoDE {args.checkpoint} (ROS)"
 
