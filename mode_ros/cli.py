@@ -18,6 +18,7 @@ _SUBCOMMANDS = {
     "init": "mode_ros.model.cli",
     "convert": "mode_ros.data.cli",
     "train": "mode_ros.train.cli",
+    "fit-state-model": "mode_ros.train.cli",
     "replay": "mode_ros.replay.cli",
     "sim": "mode_ros.sim.cli",
     "export": "mode_ros.export.cli",

@@ -62,6 +62,9 @@ def test_overfit_state_only_and_reproduce_chunks(tmp_path):
     assert last < first / 10, (first, last)
     pol = MoDEPolicy.from_pretrained(tmp_path / "run" / "export")
     assert pol.camera_names == [] and pol.state_dim == 4 and pol.known_goals == ["open the drawer", "push the button"]
+    # the state model the node's predict_state uses, fitted on the same episodes (random states: all held)
+    assert pol.state_model is not None and pol.state_model.state_dim == 4 and pol.state_model.action_dim == 3
+    assert pol.state_model.report["transitions"] == 2 * (12 - 2)
     from mode_ros.data.episodes import EpisodeReader
     errs = []
     with EpisodeReader(data) as r:

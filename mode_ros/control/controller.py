@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import re
 import threading
+from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
@@ -34,7 +35,7 @@ import numpy as np
 from mode_ros.control.execution import Plan, Step, observation_seed, tick_window
 from mode_ros.control.safety import ActionSafety, NonFiniteActionError, output_gate
 from mode_ros.control.stats import Counters, WindowStats
-from mode_ros.control.strategy import ExecutionStrategy, make_strategy
+from mode_ros.control.strategy import ExecutionStrategy, make_strategy, rows_before
 from mode_ros.control.sync import StampBuffer, has_observation_in, match_stamps
 
 __all__ = ["ChunkController", "ControlParams", "Output", "TickResult", "Request", "sec_of", "NS"]
@@ -58,6 +59,7 @@ class ControlParams(Protocol):
     execution_strategy: str
     rtc_hold_rows: int
     rtc_decay: str
+    predict_state: bool
     serve_late_ticks: bool
     lockstep_inference: bool
     max_observation_age: float
@@ -76,7 +78,7 @@ class ControlParams(Protocol):
 class Output:
     """One tick's chunk after the safety step: ``actions[0]`` is for the tick at ``tick_ns``."""
     actions: np.ndarray        # [n, A] float32
-    first_index: int           # control periods from the plan's observation stamp to the tick
+    first_index: int           # control periods from the plan's observation stamp to the tick (the row + lead)
     plan: Plan                 # sequence, goal, latency, stamp (int ns of the observation)
     tick_ns: int
     tick: int                  # 1, 2, ... per published tick
@@ -103,6 +105,7 @@ class Request:
     seed: int | None
     prefix: Any = None         # mode_ros.model.inpainting.ChunkPrefix | None
     requested_at: float = 0.0
+    lead: int = 0              # predict_state: ticks the state was rolled forward (row 0 is lead ticks after the stamp)
 
     def call(self, predict: Callable) -> np.ndarray:
         """``predict(images, goal, state=, seed=[, prefix=])`` (the MoDEPolicy.predict_chunk signature)."""
@@ -121,8 +124,10 @@ class ChunkController:
     def __init__(self, p: ControlParams, camera_names, state_dim: int, chunk_size: int, action_dim: int,
                  clock: Callable[[], int], log: Callable[[str, str | None, str], None] | None = None,
                  goal_check: Callable[[str], str | None] | None = None, initial_latency: float = 0.0,
-                 lock=None, counters: Counters | None = None):
+                 lock=None, counters: Counters | None = None, state_model=None):
         self.p = p
+        # predict_state: the policy's StateModel (mode_ros.model.state_model), or None
+        self.state_model = state_model
         self.clock = clock
         self.log = log or _no_log
         self.goal_check = goal_check
@@ -142,6 +147,8 @@ class ChunkController:
         self.expected_latency = float(initial_latency)
         self.state: tuple[float, np.ndarray, float] | None = None   # (stamp s, vector, receive time s)
         self.state_prev_stamp: float | None = None
+        self.state_history: deque[tuple[float, np.ndarray]] = deque(maxlen=16)   # (stamp s, vector), newest last
+        self.last_lead = 0                              # predict_state: ticks the last request was rolled forward
         self.goal, self.goal_generation = "", 0
         self.enabled, self.active = bool(p.start_enabled), True
         self.reason, self.last_failure = "", ""
@@ -201,6 +208,7 @@ class ChunkController:
         for b in self.buffers.values():
             b.clear()
         self.state = self.state_prev_stamp = None
+        self.state_history.clear()
         self.executor.reset()
         self.unserved = None
         self.goal_generation += 1
@@ -271,6 +279,7 @@ class ChunkController:
                 return False
             self.state_prev_stamp = None if self.state is None else self.state[0]
             self.state = (st[0], vec32, st[2])
+            self.state_history.append((st[0], vec32))
             return self._kick()
 
     def goal_problem(self, clean: str) -> str:
@@ -516,8 +525,51 @@ class ChunkController:
                     self.last_failure = req
                     self.log("warning", "observation", f"no inference: {req}")
                 return req
+            if not self.p.lockstep_inference:
+                self._predict_state(req, now + self.expected_latency)
             req.prefix = self.strategy.prefix(self.executor, req.obs_time, now + self.expected_latency)
             return req
+
+    def predict_state_status(self) -> str:
+        """``predict_state`` as /diagnostics shows it: on, or off and why."""
+        if not self.p.predict_state:
+            return "off (predict_state false)"
+        if self.state_model is None:
+            return "off (the checkpoint has no state model)" if self.state_dim else "off (the policy takes no state)"
+        return "off (lockstep_inference)" if self.p.lockstep_inference else "on"
+
+    def _predict_state(self, req: Request, land: float) -> None:
+        """predict_state: the request's state rolled forward over the rows of the current plan that run
+        before its chunk lands at ``land``; the chunk's row 0 is then the slot it lands in (``req.lead``
+        periods after the observation). Without a plan, or a state one period before the newest, the
+        state is used as observed."""
+        self.last_lead = 0
+        if self.predict_state_status() != "on" or req.state is None:
+            return
+        plan = self.executor.newest
+        d = rows_before(req.obs_time, land, self.period)
+        if plan is None or d == 0:
+            return
+        prev = self._state_before(self.state[0])
+        if prev is None:
+            self.counters.inc("state_prediction_skipped")
+            self.log("warning", "predict_state", "predict_state: no state one control period before the newest; "
+                                                 "the chunk is planned from the state as observed")
+            return
+        off = self.executor.slot_index(plan, req.obs_time)
+        rows = plan.actions[off:off + d]
+        if len(rows):
+            rows = self.safety.apply(rows, commit=False)   # what the robot will be sent
+        req.state = self.state_model.predict(req.state, prev, rows)
+        req.obs_time += d * self.period
+        req.lead = self.last_lead = d
+
+    def _state_before(self, stamp: float) -> np.ndarray | None:
+        """The state stamped one control period before ``stamp`` (within half a period), or None."""
+        best = min(self.state_history, key=lambda e: abs(stamp - self.period - e[0]), default=None)
+        if best is None or abs(stamp - self.period - best[0]) > 0.5 * self.period:
+            return None
+        return best[1]
 
     def finish(self, req: Request, actions=None, latency: float = 0.0, error: str = "",
                wall: float | None = None) -> Output | None:
@@ -543,7 +595,7 @@ class ChunkController:
             self.sequence += 1
             plan = Plan(actions=actions, obs_time=req.obs_time, ready_time=req.requested_at + latency,
                         sequence=self.sequence, goal=req.goal, latency=latency if wall is None else wall,
-                        stamp=req.stamp_ns)
+                        stamp=req.stamp_ns, lead=req.lead)
             self.executor.add(plan, self.now())
             self.last_failure = ""
             return self._serve_unserved() if self.serve_late else None
@@ -602,6 +654,8 @@ class ChunkController:
                 "enabled": self.enabled, "goal": self.goal,
                 "execution_strategy": self.strategy.name,
                 "estimated_d": "" if d is None else d,
+                "predict_state": self.predict_state_status(), "predicted_ticks": self.last_lead,
+                "state_prediction_skipped": c.get("state_prediction_skipped", 0),
                 "expected_latency_ms": round(self.expected_latency * 1e3, 2),
                 "inference_latency_median_ms": round(lat.median() * 1e3, 2) if len(lat) else "",
                 "inference_latency_p99_ms": round(lat.percentile(99) * 1e3, 2) if len(lat) else "",

@@ -58,13 +58,14 @@ def tick_window(t: float, period: float) -> tuple[float, float]:
 @dataclass
 class Plan:
     actions: np.ndarray      # [chunk_size, action_dim] in robot units
-    obs_time: float          # seconds (node clock): stamp of the observation the chunk came from
+    obs_time: float          # seconds (node clock): row 0's slot = the observation's stamp + lead periods
     ready_time: float        # seconds (node clock) when the chunk became available
     sequence: int = 0        # number of the inference that produced it
     goal: str = ""
     latency: float = 0.0     # seconds the inference took
     start_tick: int = 0      # executor tick counter when adopted (for latency_compensation=False)
     stamp: object = None     # the observation's original stamp (e.g. builtin_interfaces/Time), untouched
+    lead: int = 0            # periods from the observation to row 0 (the state was predicted that far)
 
 
 @dataclass
@@ -215,4 +216,4 @@ class ChunkExecutor:
                 rows[r] = acc / wsum
                 if r == 0:
                     n_ens = n
-        return Step(actions=rows, first_index=self.slot_index(p, now), plan=p, n_ensembled=n_ens, row=k)
+        return Step(actions=rows, first_index=self.slot_index(p, now) + p.lead, plan=p, n_ensembled=n_ens, row=k)

@@ -24,7 +24,7 @@ import numpy as np
 from mode_ros.control.execution import ChunkExecutor, Plan
 
 __all__ = ["STRATEGIES", "ExecutionStrategy", "OpenLoop", "Replan", "TemporalEnsembling", "RealTimeChunking",
-           "make_strategy", "StrategyError"]
+           "make_strategy", "StrategyError", "rows_before"]
 
 STRATEGIES = ("open_loop", "replan", "ensemble", "rtc_replace", "rtc_guidance")
 # rtc soft-overlap rows held past the plan's end: 1 met the switch-smoothness and steps targets at d = 5 on

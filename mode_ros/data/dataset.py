@@ -195,6 +195,18 @@ class EpisodeWindowDataset(torch.utils.data.Dataset):
             out += named[0][1]
         return out if len(out) == self.state_dim else []
 
+    def state_action_runs(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(states (T, S), actions (T, A)) of every contiguous run of every episode, in robot units (what
+        :meth:`mode_ros.model.state_model.StateModel.fit` takes); [] without state keys."""
+        runs = []
+        for _, _, acts, st, ends, _ in self._episodes:
+            start = 0
+            while st is not None and start < len(acts):
+                end = int(ends[start]) + 1
+                runs.append((st[start:end], acts[start:end]))
+                start = end
+        return runs
+
     def __len__(self) -> int:
         return int(self._offsets[-1])
 

@@ -13,6 +13,7 @@ from ..data.normalization import load_checkpoint_normalization
 from .checkpoint import GOALS_FILE, NORM_FILE, TRAINING_FILE, checkpoint_config, resolve_checkpoint
 from .config import PolicyConfig
 from .denoiser import MoDEDenoiser, count_matmul_flops
+from .state_model import load_state_model
 
 _FLOPS_SCOPE = ("per chunk = denoiser (cached routing) x sampling steps + one vision-encoder pass per camera; "
                 "the CLIP text tower is not included (it runs once per new goal, cached goals skip it)")
@@ -136,7 +137,15 @@ def describe(cfg: PolicyConfig, checkpoint: str | Path | None = None) -> dict:
     training = _training_record(path)
     d["control_rate_hz"] = training.get("control_rate_hz")
     d["training"] = training
+    d["state_model"] = _state_model(path, cfg) if cfg.state_dim else None
     return d
+
+
+def _state_model(path: Path, cfg: PolicyConfig) -> dict | None:
+    """What the checkpoint's state_model.json predicts (the node's predict_state), None without one."""
+    m = load_state_model(path, cfg.state_dim, cfg.action_dim)
+    return None if m is None else {"predicted": int(m.predicted.sum()), "of": m.state_dim,
+                                   "transitions": m.report.get("transitions"), "horizon": m.report.get("horizon")}
 
 
 def checkpoint_info(spec: str | Path, include_text: bool = True) -> dict:
@@ -235,6 +244,11 @@ def format_contract(d: dict) -> str:
         for key, n in d["normalization"].items():
             extra = f", constant dims {n['constant_dims']}" if n["constant_dims"] else ""
             rows.append((f"normalisation {key}", f"{n['mode']} (offset/scale per dim{extra})"))
+        if d["state"]["dim"]:
+            m = d.get("state_model")
+            rows.append(("state model", f"{m['predicted']} of {m['of']} state values predicted over the inference "
+                                        f"delay (predict_state; fitted on {m['transitions']} transitions)" if m else
+                         "none (predict_state has no effect; `mode-ros fit-state-model` fits one)"))
         t = d["training"]
         rows.append(("training steps", f"{t['steps']} ({t['source']})" if t.get("steps") is not None
                      else "not recorded"))

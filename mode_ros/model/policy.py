@@ -22,6 +22,7 @@ from torch import nn
 from ..data.normalization import load_checkpoint_normalization
 # the checkpoint's files and its one error type (not found, unreadable, not fitting the model)
 from .checkpoint import CONFIG_FILE, GOALS_FILE, NORM_FILE, WEIGHTS_FILE, CheckpointError, resolve_checkpoint
+from .state_model import StateModelError, load_state_model
 from .config import PolicyConfig, preset
 from .denoiser import EDMPrecond, MoDEDenoiser
 from .encoders import GoalError, TextEncoder, build_vision_encoder, preprocess_images
@@ -101,6 +102,9 @@ class MoDEPolicy(nn.Module):
         # (device, dtype) the weights had before release_torch_weights (None: the weights are here)
         self.released_from: tuple[torch.device, torch.dtype] | None = None
         self.experts_released = False   # ``release_expert_weights``: only the quantised experts remain
+        # optional model of the robot's state over the inference delay (mode_ros.model.state_model.StateModel,
+        # the checkpoint's state_model.json): the chunk controller's predict_state
+        self.state_model = None
         # any load_state_dict into the denoiser (also a partial one, e.g. experts only) invalidates the
         # routing table, the fused copies of the weights and the captured graph
         self.denoiser.register_load_state_dict_post_hook(self._weights_loaded)
@@ -131,8 +135,8 @@ class MoDEPolicy(nn.Module):
         return cls(PolicyConfig.from_dict(cfg))
 
     def save_pretrained(self, path: str | Path) -> Path:
-        """Write config.yaml, model.safetensors, normalization.json, goal_embeddings.safetensors
-        (atomically: into a temp dir renamed over the target)."""
+        """Write config.yaml, model.safetensors, normalization.json, goal_embeddings.safetensors and, when
+        there is one, state_model.json (atomically: into a temp dir renamed over the target)."""
         import shutil
         import tempfile
 
@@ -152,6 +156,8 @@ class MoDEPolicy(nn.Module):
         goals = sorted(self.text.pinned)
         emb = torch.stack([self.text.pinned[g] for g in goals]) if goals else torch.zeros(0, 512)
         save_file({"embeddings": emb.contiguous()}, str(tmp / GOALS_FILE), metadata={"goals": json.dumps(goals)})
+        if self.state_model is not None:
+            self.state_model.save(tmp)
         if path.exists():
             old = path.with_name(path.name + ".old")
             shutil.rmtree(old, ignore_errors=True)
@@ -187,6 +193,10 @@ class MoDEPolicy(nn.Module):
                     return json.loads(sf.metadata()["goals"]), sf.get_tensor("embeddings")
             goals, emb = _read_file(path / GOALS_FILE, read_goals)
             policy.text.pin(dict(zip(goals, emb)))
+        try:
+            policy.state_model = load_state_model(path, cfg.state_dim, cfg.action_dim)
+        except StateModelError as exc:
+            raise CheckpointError(str(exc)) from None
         policy.eval()
         if num_steps:
             policy.set_num_steps(num_steps)

@@ -48,7 +48,8 @@ class OfflineDriver:
         self.vt = VirtualTime(rate=rate)
         check = getattr(policy, "goal_problem", None)
         self.ctl = ChunkController(p, camera_names, state_dim, chunk_size, action_dim, self.vt.clock,
-                                   goal_check=check, initial_latency=initial_latency)
+                                   goal_check=check, initial_latency=initial_latency,
+                                   state_model=getattr(policy, "state_model", None))
         self.vt.attach(self.ctl, None if policy is None else _decoding(policy.predict_chunk),
                        None if latency is None else (lambda wall: float(latency)))
         self.policy = policy

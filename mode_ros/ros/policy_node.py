@@ -246,7 +246,8 @@ class PolicyNode(LifecycleNode):
         self.ctl = ChunkController(self.p, self.policy.camera_names, self.policy.state_dim, self.policy.chunk_size,
                                    self.policy.action_dim, clock=lambda: self.get_clock().now().nanoseconds,
                                    log=self._ctl_log, goal_check=self.policy.goal_problem,
-                                   initial_latency=self._expected_latency, lock=self.lock, counters=self.counters)
+                                   initial_latency=self._expected_latency, lock=self.lock, counters=self.counters,
+                                   state_model=self.policy.state_model)
         self.ctl.set_enabled(self.enabled)
         self.ctl.set_active(False)
         self._resolve_names(self.policy)

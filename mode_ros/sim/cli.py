@@ -91,6 +91,9 @@ def register(subparsers) -> None:
     e.add_argument("--rtc-decay", choices=["exp", "linear", "hard"], default=None,
                    help="--delay-ticks, rtc_*: the node parameter rtc_decay (overlap-row weights; hard: only the "
                         "frozen rows, for a prefix-trained checkpoint; unset: as the node, exp)")
+    e.add_argument("--predict-state", choices=["true", "false"], default=None,
+                   help="--delay-ticks: the node parameter predict_state (plan each chunk from the state rolled "
+                        "forward over the delay with the checkpoint's state_model.json; unset: as the node, true)")
     e.add_argument("--weight-quant", choices=["none", "int8", "fp8"], default="none",
                    help="in-process policy: fused sampler with weight-only int8/fp8 experts (fp8: CUDA only)")
     e.set_defaults(func=_cmd_eval)
@@ -128,7 +131,8 @@ def _cmd_eval_delays(args, tasks) -> int:
                               strategies=strategies, replan_every=args.replan_every or 5, rate_hz=args.rate,
                               max_steps=args.max_steps, image_size=args.image_size,
                               policy_seed=args.policy_seed, json_path=args.json_path,
-                              rtc_hold_rows=args.rtc_hold_rows, rtc_decay=args.rtc_decay)
+                              rtc_hold_rows=args.rtc_hold_rows, rtc_decay=args.rtc_decay,
+                              predict_state=None if args.predict_state is None else args.predict_state == "true")
         report = evaluate_delays(policy, cfg, label=f"MoDE {args.checkpoint}")
     fails = sum(r["inference_failures"] for r in report["results"].values())
     if fails:

@@ -213,6 +213,7 @@ class DelayEvalConfig:
     lockstep: bool = False           # every chunk from the observation of its first tick, taking no sim time
     rtc_hold_rows: int | None = None  # the node parameter of that name (rtc_*; None: its default)
     rtc_decay: str | None = None      # the node parameter of that name (rtc_*; None: its default)
+    predict_state: bool | None = None  # the node parameter of that name (None: its default)
 
 
 def _controller(policy, strategy: str, d: int, cfg: DelayEvalConfig, goal: str):
@@ -226,10 +227,12 @@ def _controller(policy, strategy: str, d: int, cfg: DelayEvalConfig, goal: str):
         "checkpoint": "sim", "control_rate_hz": cfg.rate_hz, "goal": goal, "seed": cfg.policy_seed,
         "replan_every": 1 if strategy == "ensemble" else min(cfg.replan_every, policy.chunk_size),
         "execution_strategy": strategy, "max_observation_age": 3600.0, "lockstep_inference": cfg.lockstep,
-        **{k: v for k, v in (("rtc_hold_rows", cfg.rtc_hold_rows), ("rtc_decay", cfg.rtc_decay)) if v is not None}})
+        **{k: v for k, v in (("rtc_hold_rows", cfg.rtc_hold_rows), ("rtc_decay", cfg.rtc_decay),
+                             ("predict_state", cfg.predict_state)) if v is not None}})
     vt = VirtualTime()
     ctl = ChunkController(p, list(getattr(policy, "camera_names", []) or []), policy.state_dim, policy.chunk_size,
-                          policy.action_dim, vt.clock, initial_latency=d * period)
+                          policy.action_dim, vt.clock, initial_latency=d * period,
+                          state_model=getattr(policy, "state_model", None))
     vt.attach(ctl, policy.predict_chunk, latency=lambda wall: d * period)
     return ctl, vt
 
@@ -292,6 +295,7 @@ class _Episode:
                 "inferences": len(vt.walls), "inference_wall_s": float(np.sum(vt.walls)) if vt.walls else 0.0,
                 "inference_cpu_s": self.cpu,
                 "estimated_d": ctl.estimated_d, "inference_failures": ctl.counters.get("inference_failures"),
+                "predict_state": ctl.predict_state_status(), "predicted_ticks": ctl.last_lead,
                 **({"frames": self.frames} if self.gif else {})}
 
 
@@ -377,6 +381,7 @@ def _summarise(episodes: list[dict]) -> dict:
             "ms_per_chunk": 1e3 * sum(e["inference_wall_s"] for e in episodes) / n_inf if n_inf else None,
             "cpu_ms_per_chunk": 1e3 * sum(e["inference_cpu_s"] for e in episodes) / n_inf if n_inf else None,
             "ticks_without_action": int(sum(e["ticks_without_action"] for e in episodes)),
+            "predict_state": episodes[0]["predict_state"] if episodes else "",
             "inference_failures": int(sum(e["inference_failures"] for e in episodes))}
 
 
@@ -411,7 +416,7 @@ def evaluate_delays(policy, cfg: DelayEvalConfig, log: Callable[[str], None] | N
 
 def format_delay_table(report: dict) -> str:
     head = (f"{'strategy':13s} {'d':>2s} {'success':>8s} {'steps':>7s} {'switch':>7s} {'inside':>7s} "
-            f"{'sw/in':>6s} {'cpu ms/chunk':>12s} {'idle':>5s}")
+            f"{'sw/in':>6s} {'cpu ms/chunk':>12s} {'idle':>5s}  predict_state")
     lines = [head, "-" * len(head)]
 
     def f(v, fmt):
@@ -421,5 +426,5 @@ def format_delay_table(report: dict) -> str:
         lines.append(f"{r['strategy']:13s} {r['d']:2d} {r['success_rate']:8.3f} {f(r['mean_steps_success'], '7.1f')} "
                      f"{f(r['switch_change'], '7.4f')} {f(r['inside_change'], '7.4f')} "
                      f"{f(r['switch_over_inside'], '6.2f')} {f(r.get('cpu_ms_per_chunk'), '12.1f')} "
-                     f"{r['ticks_without_action']:5d}{part}")
+                     f"{r['ticks_without_action']:5d}  {r.get('predict_state', '')}{part}")
     return "\n".join(lines)

@@ -11,8 +11,9 @@ TRAIN_DESCRIPTION = """\
 Train a MoDE policy on episodes written by `mode-ros convert` (recipes: config/train_*.yaml; a quick
 camera policy on a CPU: config/train_quick_images.yaml). The output folder (out_dir of the config) holds:
   export/              the checkpoint to deploy (config.yaml, model.safetensors, normalization.json,
-                       goal_embeddings.safetensors, expert_usage.png), written every ckpt_every steps
-                       and at the end, then with training.json: `mode-ros info --checkpoint OUT/export`
+                       goal_embeddings.safetensors, expert_usage.png; state_model.json for a policy with a
+                       state: the node's predict_state), written every ckpt_every steps and at the end,
+                       then with training.json: `mode-ros info --checkpoint OUT/export`
   train_state.pt       weights, optimiser, EMA, RNG and step, for --resume
   train_summary.json   steps, final loss, samples/s, seconds, device
   loss.png             the loss curve
@@ -32,6 +33,51 @@ def register(sub) -> None:
                    help="override a config value, e.g. --set optim.steps=500 --set data.paths=[a.hdf5]")
     p.add_argument("--steps", type=int, default=None, help="stop after this many steps in this run")
     p.set_defaults(func=cmd_train)
+    f = sub.add_parser("fit-state-model", help="fit the state model of a checkpoint (the node's predict_state) "
+                                               "on episodes; `mode-ros train` fits one itself")
+    f.add_argument("--checkpoint", required=True, help="checkpoint folder: state_model.json is written into it")
+    f.add_argument("--data", nargs="+", required=True, help="episode files (mode-ros convert) at the control rate")
+    f.add_argument("--state-keys", default=None,
+                   help="comma-separated obs keys concatenated into the state, as in training (default: the "
+                        "files' state keys)")
+    f.add_argument("--horizon", type=int, default=5,
+                   help="ticks over which a state value must be predicted better than held (default 5)")
+    f.set_defaults(func=cmd_fit_state_model)
+
+
+def cmd_fit_state_model(args) -> int:
+    """Fit, check against the checkpoint's state and action sizes, write, print the per-value errors."""
+    from ..data.dataset import EpisodeWindowDataset
+    from ..model.checkpoint import CheckpointError
+    from ..model.policy import MoDEPolicy
+    from ..model.state_model import StateModel, StateModelError
+
+    try:
+        policy = MoDEPolicy.from_pretrained(args.checkpoint)
+        keys = [k for k in (args.state_keys or "").split(",") if k] or None
+        ds = EpisodeWindowDataset(args.data, image_size=None, chunk_size=policy.chunk_size,
+                                  state_keys=keys if keys is not None else _file_state_keys(args.data))
+        if (ds.state_dim, ds.action_dim) != (policy.state_dim, policy.action_dim):
+            raise StateModelError(f"the episodes give state_dim {ds.state_dim}, action_dim {ds.action_dim}; the "
+                                  f"checkpoint has {policy.state_dim}, {policy.action_dim} (--state-keys?)")
+        model = StateModel.fit(ds.state_action_runs(), horizon=args.horizon)
+    except (CheckpointError, StateModelError, OSError, KeyError, ValueError) as exc:
+        print(f"mode-ros fit-state-model: {exc}", file=sys.stderr)
+        return 2
+    from ..model.checkpoint import resolve_checkpoint
+    path = model.save(resolve_checkpoint(args.checkpoint))
+    names = ds.state_names or [f"state[{i}]" for i in range(ds.state_dim)]
+    print(f"{'value':16s} {'predicted':>9s} {'error/held':>10s}  ({model.report['transitions']} transitions, "
+          f"{model.report['heldout_runs']} held-out runs, {args.horizon} ticks)")
+    for name, on, r in zip(names, model.predicted, model.report["error_ratio"]):
+        print(f"{name:16s} {'yes' if on else 'no':>9s} {'-' if r is None else format(r, '.3f'):>10s}")
+    print(f"state model: {path}")
+    return 0
+
+
+def _file_state_keys(paths) -> list[str]:
+    from ..data.episodes import EpisodeReader
+    return list(EpisodeReader(paths[0]).state_keys)
 
 
 def apply_overrides(d: dict, items: list[str]) -> dict:

@@ -166,10 +166,26 @@ class Trainer:
         goal_emb = self.policy.text.encode(ds.instructions)
         self.goal_table = goal_emb.to(self.device)
         self.policy.set_goal_embeddings(dict(zip(ds.instructions, goal_emb)))
+        self.policy.state_model = self._fit_state_model(ds)
         if self.world > 1 and self.cameras and self.device.type == "cuda":
             # BatchNorm statistics over the global batch, as the reference does under DDP
             self.policy.encoders = nn.SyncBatchNorm.convert_sync_batchnorm(self.policy.encoders)
         return self.policy
+
+    def _fit_state_model(self, ds):
+        """The state model shipped with the checkpoint (the node's predict_state), None without a state."""
+        from ..model.state_model import StateModel, StateModelError
+
+        if not ds.state_dim:
+            return None
+        try:
+            model = StateModel.fit(ds.state_action_runs())
+        except StateModelError as exc:
+            self._say(f"no state model: {exc}")
+            return None
+        self._say(f"state model: {int(model.predicted.sum())} of {model.state_dim} state values predicted over "
+                  f"the inference delay ({model.report['transitions']} transitions)")
+        return model
 
     # ---- init from pretrained ---------------------------------------------------------------------
     def _init_from(self, path: str) -> None:
