@@ -14,7 +14,9 @@ sim time, inference results landing after a modelled latency). It owns:
   unserved tick, lockstep inference), plan adoption through the execution strategy
   (:mod:`mode_ros.control.strategy`) and the safety step (:class:`~mode_ros.control.safety.ActionSafety`);
 * inference requests: :meth:`ChunkController.prepare` gives the observation (synchronised camera set,
-  state, goal, seed, prefix for real-time chunking), :meth:`ChunkController.finish` adopts its result.
+  state, goal, seed, prefix for real-time chunking; with ``predict_state`` the state rolled forward by the
+  policy's state model over the rows that run before the chunk lands, whose row 0 is then that tick),
+  :meth:`ChunkController.finish` adopts its result.
 
 Every public method takes the controller's lock, so a node may call it from its timer and its
 inference thread. Times: the clock gives int nanoseconds; stamps travel as int ns; seconds are
