@@ -95,6 +95,12 @@ def test_goals_from_latched_and_volatile_publishers_and_a_refused_goal(ros_harne
             return None
         st = wait_until(refused_entry, 10, "goals_refused in /diagnostics")
         assert "goal refused" in st.message and "wave hello" not in [kv.value for kv in st.values if kv.key == "goal"]
+        # predict_state is on (the bundled checkpoint ships its state model): while the plan ran, each request's
+        # state was rolled forward over the ticks its inference took (at least one: its latency is > 0)
+        entries = [{kv.key: kv.value for kv in s.values} for arr in diags.msgs() for s in arr.status
+                   if s.name.startswith(NODE)]
+        assert {e.get("predict_state") for e in entries} == {"on"}, {e.get("predict_state") for e in entries}
+        assert max(int(e.get("predicted_ticks", 0)) for e in entries) >= 1
         assert sum("inference refused" in ln for ln in node.output().splitlines()) == 0
     finally:
         feed.close()
