@@ -255,9 +255,9 @@ def _report(sess: Session, scores: dict) -> dict:
 
 
 # the node parameters a replay report shows
-REPORTED_PARAMS = ("control_rate_hz", "replan_every", "latency_compensation", "temporal_ensembling",
-                   "max_observation_age", "camera_sync_tolerance", "action_lower_bounds", "action_upper_bounds",
-                   "max_action_delta", "seed", "device")
+REPORTED_PARAMS = ("control_rate_hz", "replan_every", "execution_strategy", "predict_state", "latency_compensation",
+                   "temporal_ensembling", "max_observation_age", "camera_sync_tolerance", "action_lower_bounds",
+                   "action_upper_bounds", "max_action_delta", "seed", "device")
 
 
 def _plots(sess: Session, mode: str) -> list[str]:
