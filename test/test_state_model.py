@@ -210,3 +210,30 @@ def test_fit_state_model_command_writes_the_checkpoints_model(tmp_path, capsys):
     assert re.search(r"state\[0\]\s+yes", out) and re.search(r"state\[2\]\s+no\s+-", out)
     model = load_state_model(ck, 3, A)
     assert model.predicted.tolist() == [True, True, False]
+
+
+def test_a_state_fresher_than_the_images_is_rolled_over_fewer_rows():
+    """Images stamped one period before their tick (camera latency), joint states at the tick. The first
+    chunk comes from the image stamped 0.9 s (its row j is for 0.9 + 0.1 j s) and lands at 1.5 s; the second
+    is requested then, from the image stamped 1.4 s and the state of 1.5 s, and lands at 2.0 s. Its row 0 is
+    for 2.0 s (6 periods after its image), but the state is rolled only over the rows run from 1.5 s on:
+    the first chunk's rows 6..9 (its plan ends at row 9), not 5..9 as counting from the image would."""
+    model = StateModel.fit(runs())
+    vt = VirtualTime(start_ns=1 * NS)
+    pol = Policy()
+    p = NodeParams.from_mapping({"checkpoint": "x", "control_rate_hz": 10.0, "goal": "go", "replan_every": 5})
+    ctl = ChunkController(p, ["cam"], 3, T, A, vt.clock, initial_latency=0.5, state_model=model)
+    vt.attach(ctl, pol, latency=lambda wall: 0.5)
+    for k in range(7):
+        t = NS + k * NS // 10
+        vt.land(t)
+        vt.set_clock(t)
+        ctl.on_image("cam", t - NS // 10, "img")
+        ctl.on_state(t, np.array([0.1 * k, -0.05 * k, 1.0]))
+        if ctl.tick().request:
+            vt.start()
+    rows = np.repeat((100 + np.arange(T, dtype=np.float32))[:, None], A, axis=1) / 1000.0
+    s5, s4 = np.array([0.5, -0.25, 1.0]), np.array([0.4, -0.2, 1.0])
+    np.testing.assert_allclose(pol.calls[1]["state"], model.predict(s5, s4, rows[6:10]), atol=1e-6)
+    assert not np.allclose(pol.calls[1]["state"], model.predict(s5, s4, rows[5:10]), atol=1e-4)
+    assert ctl.last_lead == 6 and ctl.diagnostics()["predicted_ticks"] == 6

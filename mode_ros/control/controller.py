@@ -150,7 +150,7 @@ class ChunkController:
         self.state: tuple[float, np.ndarray, float] | None = None   # (stamp s, vector, receive time s)
         self.state_prev_stamp: float | None = None
         self.state_history: deque[tuple[float, np.ndarray]] = deque(maxlen=16)   # (stamp s, vector), newest last
-        self.last_lead = 0                              # predict_state: ticks the last request was rolled forward
+        self.last_lead = 0                              # predict_state: periods from the last request's observation to row 0
         self.goal, self.goal_generation = "", 0
         self.enabled, self.active = bool(p.start_enabled), True
         self.reason, self.last_failure = "", ""
@@ -542,9 +542,10 @@ class ChunkController:
 
     def _predict_state(self, req: Request, land: float) -> None:
         """predict_state: the request's state rolled forward over the rows of the current plan that run
-        before its chunk lands at ``land``; the chunk's row 0 is then the slot it lands in (``req.lead``
-        periods after the observation). Without a plan, or a state one period before the newest, the
-        state is used as observed."""
+        from the state's stamp until its chunk lands at ``land`` (a state fresher than the camera images
+        is rolled over fewer rows); the chunk's row 0 is then the slot it lands in (``req.lead`` periods
+        after the observation). Without a plan, or a state one period before the newest, the state is
+        used as observed."""
         self.last_lead = 0
         if self.predict_state_status() != "on" or req.state is None:
             return
@@ -558,8 +559,9 @@ class ChunkController:
             self.log("warning", "predict_state", "predict_state: no state one control period before the newest; "
                                                  "the chunk is planned from the state as observed")
             return
-        off = self.executor.slot_index(plan, req.obs_time)
-        rows = plan.actions[off:off + d]
+        t_state = self.state[0]
+        off = self.executor.slot_index(plan, t_state)
+        rows = plan.actions[off:off + rows_before(t_state, land, self.period)]
         if len(rows):
             rows = self.safety.apply(rows, commit=False)   # what the robot will be sent
         req.state = self.state_model.predict(req.state, prev, rows)
