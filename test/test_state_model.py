@@ -237,3 +237,17 @@ def test_a_state_fresher_than_the_images_is_rolled_over_fewer_rows():
     np.testing.assert_allclose(pol.calls[1]["state"], model.predict(s5, s4, rows[6:10]), atol=1e-6)
     assert not np.allclose(pol.calls[1]["state"], model.predict(s5, s4, rows[5:10]), atol=1e-4)
     assert ctl.last_lead == 6 and ctl.diagnostics()["predicted_ticks"] == 6
+
+
+def test_joint_states_faster_than_the_control_rate_give_the_state_one_period_back():
+    """Joint states at 1 kHz, control at 10 Hz: the previous state for the model is the one 100 ms before
+    the newest (not the one 1 ms before), and the controller keeps only the last two periods of them."""
+    model = StateModel.fit(runs())
+    clock = [NS]
+    p = NodeParams.from_mapping({"checkpoint": "x", "control_rate_hz": 10.0, "goal": "go"})
+    ctl = ChunkController(p, [], 3, T, A, lambda: clock[0], state_model=model)
+    for i in range(1000):                                         # one second at 1 kHz: x = time in s
+        clock[0] = NS + i * 1_000_000
+        ctl.on_state(clock[0], [i / 1000, 0.0, 1.0])
+    prev = ctl.state_before(ctl.state[0])
+    assert prev[0] == pytest.approx(0.899) and len(ctl.state_history) <= 202

@@ -107,7 +107,7 @@ class Request:
     seed: int | None
     prefix: Any = None         # mode_ros.model.inpainting.ChunkPrefix | None
     requested_at: float = 0.0
-    lead: int = 0              # predict_state: ticks the state was rolled forward (row 0 is lead ticks after the stamp)
+    lead: int = 0              # predict_state: periods from the observation's stamp to row 0
 
     def call(self, predict: Callable) -> np.ndarray:
         """``predict(images, goal, state=, seed=[, prefix=])`` (the MoDEPolicy.predict_chunk signature)."""
@@ -149,7 +149,7 @@ class ChunkController:
         self.expected_latency = float(initial_latency)
         self.state: tuple[float, np.ndarray, float] | None = None   # (stamp s, vector, receive time s)
         self.state_prev_stamp: float | None = None
-        self.state_history: deque[tuple[float, np.ndarray]] = deque(maxlen=16)   # (stamp s, vector), newest last
+        self.state_history: deque[tuple[float, np.ndarray]] = deque()   # (stamp s, vector) of the last 2 periods
         self.last_lead = 0                              # predict_state: periods from the last request's observation to row 0
         self.goal, self.goal_generation = "", 0
         self.enabled, self.active = bool(p.start_enabled), True
@@ -282,6 +282,8 @@ class ChunkController:
             self.state_prev_stamp = None if self.state is None else self.state[0]
             self.state = (st[0], vec32, st[2])
             self.state_history.append((st[0], vec32))
+            while self.state_history[0][0] < st[0] - 2 * self.period:   # predict_state needs one period back
+                self.state_history.popleft()
             return self._kick()
 
     def goal_problem(self, clean: str) -> str:
@@ -553,7 +555,7 @@ class ChunkController:
         d = rows_before(req.obs_time, land, self.period)
         if plan is None or d == 0:
             return
-        prev = self._state_before(self.state[0])
+        prev = self.state_before(self.state[0])
         if prev is None:
             self.counters.inc("state_prediction_skipped")
             self.log("warning", "predict_state", "predict_state: no state one control period before the newest; "
@@ -568,7 +570,7 @@ class ChunkController:
         req.obs_time += d * self.period
         req.lead = self.last_lead = d
 
-    def _state_before(self, stamp: float) -> np.ndarray | None:
+    def state_before(self, stamp: float) -> np.ndarray | None:
         """The state stamped one control period before ``stamp`` (within half a period), or None."""
         best = min(self.state_history, key=lambda e: abs(stamp - self.period - e[0]), default=None)
         if best is None or abs(stamp - self.period - best[0]) > 0.5 * self.period:
