@@ -234,7 +234,7 @@ class PolicyNode(LifecycleNode):
                                f"{self.policy.camera_names}, chunk {self.policy.chunk_size}x"
                                f"{self.policy.action_dim}, state_dim {self.policy.state_dim}, "
                                f"{self.p.control_rate_hz:g} Hz, execution {self.ctl.strategy.name} (replan every "
-                               f"{self.ctl.executor.replan_every})")
+                               f"{self.ctl.executor.replan_every}), predict_state {self.ctl.predict_state_status()}")
         return TransitionCallbackReturn.SUCCESS
 
     def _configure(self) -> None:
