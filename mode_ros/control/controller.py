@@ -61,7 +61,7 @@ class ControlParams(Protocol):
     execution_strategy: str
     rtc_hold_rows: int
     rtc_decay: str
-    predict_state: bool
+    predict_state: str
     serve_late_ticks: bool
     lockstep_inference: bool
     max_observation_age: float
@@ -536,10 +536,13 @@ class ChunkController:
 
     def predict_state_status(self) -> str:
         """``predict_state`` as /diagnostics shows it: on, or off and why."""
-        if not self.p.predict_state:
-            return "off (predict_state false)"
+        mode = self.p.predict_state
+        if mode == "never":
+            return "off (predict_state never)"
         if self.state_model is None:
             return "off (the checkpoint has no state model)" if self.state_dim else "off (the policy takes no state)"
+        if mode == "auto" and self.camera_names:
+            return "off (auto: a camera policy's images cannot be rolled forward with its state)"
         return "off (lockstep_inference)" if self.p.lockstep_inference else "on"
 
     def _predict_state(self, req: Request, land: float) -> None:

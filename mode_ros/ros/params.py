@@ -144,14 +144,16 @@ PARAMS: tuple[ParamSpec, ...] = (
               "linear, or hard (only the frozen rows are imposed: for a checkpoint trained with prefix "
               "conditioning, diffusion.prefix_prob > 0, which continues its given rows itself).",
               choices=("exp", "linear", "hard")),
-    ParamSpec("predict_state", "bool", True,
+    ParamSpec("predict_state", "string", "auto",
               "Roll the observed state forward over the rows of the current plan that run while the next "
               "chunk is computed (the checkpoint's state_model.json, a linear model fitted on the training "
-              "episodes), and plan the chunk from the state at the tick it lands, executing it from its row 0 "
-              "there: at d = 5 ticks of inference delay this kept MT10 success at 0.985 against 0.935 without "
+              "episodes), plan the chunk from the state at the tick it lands and execute it from its row 0 "
+              "there. auto: for a policy without cameras (its observation is the state: bundled MT10 at d = 5 "
+              "ticks of delay, success 0.935 -> 0.985), not for a camera policy (its images cannot be rolled "
+              "forward with the state: MT6 images at d = 5, 0.858 -> 0.775); always; never "
               "(docs/measurements/rtc/state_prediction). No effect without a state model, a state, a current "
               "plan or a delay, or with lockstep_inference; ActionChunk.first_index still counts from the "
-              "observation's stamp."),
+              "observation's stamp.", choices=("auto", "always", "never")),
     ParamSpec("max_observation_age", "double", 0.5,
               "Seconds (node clock, so use_sim_time works): a camera or state older than this stops the "
               "output until fresh data arrives.", min=0.001, max=3600.0, live=True),
@@ -299,7 +301,7 @@ class NodeParams:
     execution_strategy: str = "replan"
     rtc_hold_rows: int = DEFAULT_HOLD_ROWS
     rtc_decay: str = DEFAULT_DECAY
-    predict_state: bool = True
+    predict_state: str = "auto"
     max_observation_age: float = 0.5
     camera_sync_tolerance: float = 0.02
     sync_queue_size: int = 10

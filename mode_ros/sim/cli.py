@@ -91,9 +91,10 @@ def register(subparsers) -> None:
     e.add_argument("--rtc-decay", choices=["exp", "linear", "hard"], default=None,
                    help="--delay-ticks, rtc_*: the node parameter rtc_decay (overlap-row weights; hard: only the "
                         "frozen rows, for a prefix-trained checkpoint; unset: as the node, exp)")
-    e.add_argument("--predict-state", choices=["true", "false"], default=None,
+    e.add_argument("--predict-state", choices=["auto", "always", "never"], default=None,
                    help="--delay-ticks: the node parameter predict_state (plan each chunk from the state rolled "
-                        "forward over the delay with the checkpoint's state_model.json; unset: as the node, true)")
+                        "forward over the delay with the checkpoint's state_model.json; unset: as the node, auto: "
+                        "for policies without cameras)")
     e.add_argument("--weight-quant", choices=["none", "int8", "fp8"], default="none",
                    help="in-process policy: fused sampler with weight-only int8/fp8 experts (fp8: CUDA only)")
     e.set_defaults(func=_cmd_eval)
@@ -132,7 +133,7 @@ def _cmd_eval_delays(args, tasks) -> int:
                               max_steps=args.max_steps, image_size=args.image_size,
                               policy_seed=args.policy_seed, json_path=args.json_path,
                               rtc_hold_rows=args.rtc_hold_rows, rtc_decay=args.rtc_decay,
-                              predict_state=None if args.predict_state is None else args.predict_state == "true")
+                              predict_state=args.predict_state)
         report = evaluate_delays(policy, cfg, label=f"MoDE {args.checkpoint}")
     fails = sum(r["inference_failures"] for r in report["results"].values())
     if fails:

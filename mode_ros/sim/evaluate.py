@@ -213,7 +213,7 @@ class DelayEvalConfig:
     lockstep: bool = False           # every chunk from the observation of its first tick, taking no sim time
     rtc_hold_rows: int | None = None  # the node parameter of that name (rtc_*; None: its default)
     rtc_decay: str | None = None      # the node parameter of that name (rtc_*; None: its default)
-    predict_state: bool | None = None  # the node parameter of that name (None: its default)
+    predict_state: str | None = None   # the node parameter of that name (None: its default)
 
 
 def _controller(policy, strategy: str, d: int, cfg: DelayEvalConfig, goal: str):
