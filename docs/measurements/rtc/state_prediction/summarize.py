@@ -65,13 +65,13 @@ text = ("predict_state on (a.json, b.json):\n" + format_delay_table({"results": 
 img_on = rows([here / "images" / "img_on.json"], "predict_state on")
 img_off = rows([here / "images" / "img_off.json"], "predict_state false")
 if img_on:
-    head = (f"{'strategy':13s} {'d':>2s}  {'success':>7s}  {'steps':>6s}  {'sw/in':>5s}  per task below 1.0")
+    head = (f"{'strategy':17s} {'d':>2s}  {'success':>7s}  {'steps':>6s}  {'sw/in':>5s}  per task below 1.0")
     img = [head, "-" * 90]
     for label, src in (("", img_on), (" (off)", img_off)):
         for key, r in sorted(src.items(), key=lambda kv: rank(kv[0])):
             low = ", ".join(f"{t.removesuffix('-v3')} {v['success_rate']:.2f}" for t, v in r["tasks"].items()
                             if v["success_rate"] < 1)
-            img.append(f"{r['strategy'] + label:13s} {r['d']:2d}  {r['success_rate']:7.3f}  "
+            img.append(f"{r['strategy'] + label:17s} {r['d']:2d}  {r['success_rate']:7.3f}  "
                        f"{r['mean_steps_success'] or float('nan'):6.1f}  {r['switch_over_inside'] or float('nan'):5.2f}  {low}")
     text += "\nimage policy (images/img_on.json, images/img_off.json; 120 episodes per row):\n" + "\n".join(img) + "\n"
 (here / "table.txt").write_text(text)
