@@ -71,8 +71,9 @@ if img_on:
         for key, r in sorted(src.items(), key=lambda kv: rank(kv[0])):
             low = ", ".join(f"{t.removesuffix('-v3')} {v['success_rate']:.2f}" for t, v in r["tasks"].items()
                             if v["success_rate"] < 1)
+            part = "" if r.get("complete", True) else f"  (only {len(r['tasks'])} tasks)"
             img.append(f"{r['strategy'] + label:17s} {r['d']:2d}  {r['success_rate']:7.3f}  "
-                       f"{r['mean_steps_success'] or float('nan'):6.1f}  {r['switch_over_inside'] or float('nan'):5.2f}  {low}")
+                       f"{r['mean_steps_success'] or float('nan'):6.1f}  {r['switch_over_inside'] or float('nan'):5.2f}  {low}{part}")
     text += "\nimage policy (images/img_on.json, images/img_off.json; 120 episodes per row):\n" + "\n".join(img) + "\n"
 (here / "table.txt").write_text(text)
 print(text)
