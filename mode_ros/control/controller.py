@@ -558,13 +558,13 @@ class ChunkController:
         d = rows_before(req.obs_time, land, self.period)
         if plan is None or d == 0:
             return
-        prev = self.state_before(self.state[0])
+        t_state = self.state[0]
+        prev = self.state_before(t_state)
         if prev is None:
             self.counters.inc("state_prediction_skipped")
             self.log("warning", "predict_state", "predict_state: no state one control period before the newest; "
                                                  "the chunk is planned from the state as observed")
             return
-        t_state = self.state[0]
         off = self.executor.slot_index(plan, t_state)
         rows = plan.actions[off:off + rows_before(t_state, land, self.period)]
         if len(rows):

@@ -11,9 +11,10 @@ The model is linear, one control tick at a time, fitted by least squares on the 
 
     s[t+1] - s[t] = [s[t], s[t] - s[t-1], a[t], 1] @ W
 
-The state values whose ``horizon``-step prediction on held-out episodes is clearly worse than holding them
-constant (or that never change) are held; the others are predicted (``predicted``). On the MT10 demonstrations the hand position
-after 5 ticks is predicted with 10-17 % of the error of holding it (``docs/measurements/rtc/state_prediction``).
+The state values whose ``horizon``-step prediction on held-out episodes is more than 10 % worse than
+holding them constant (or that never change) are held; the others are predicted (``predicted``). On the
+MT10 demonstrations the hand position after 5 ticks is predicted with 9-18 % of the error of holding it
+(``docs/measurements/rtc/state_prediction``).
 
 The trainer fits one for every policy with a state (``export/state_model.json``); ``mode-ros fit-state-model``
 fits one for an existing checkpoint. The chunk controller uses it (``predict_state``).

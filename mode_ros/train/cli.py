@@ -46,26 +46,26 @@ def register(sub) -> None:
 
 
 def cmd_fit_state_model(args) -> int:
-    """Fit, check against the checkpoint's state and action sizes, write, print the per-value errors."""
+    """Fit, check against the checkpoint's state and action sizes, write, print the per-value errors. Only
+    the checkpoint's config is read (not its weights, nor the state model this replaces, which may be
+    broken)."""
     from ..data.dataset import EpisodeWindowDataset
-    from ..model.checkpoint import CheckpointError
-    from ..model.policy import MoDEPolicy
+    from ..model.checkpoint import CheckpointError, checkpoint_config, resolve_checkpoint
     from ..model.state_model import StateModel, StateModelError
 
     try:
-        policy = MoDEPolicy.from_pretrained(args.checkpoint)
-        keys = [k for k in (args.state_keys or "").split(",") if k] or None
-        ds = EpisodeWindowDataset(args.data, image_size=None, chunk_size=policy.chunk_size,
-                                  state_keys=keys if keys is not None else _file_state_keys(args.data))
-        if (ds.state_dim, ds.action_dim) != (policy.state_dim, policy.action_dim):
+        folder = resolve_checkpoint(args.checkpoint)
+        cfg = checkpoint_config(folder)
+        keys = [k for k in (args.state_keys or "").split(",") if k] or _file_state_keys(args.data)
+        ds = EpisodeWindowDataset(args.data, image_size=None, chunk_size=cfg.chunk_size, state_keys=keys)
+        if (ds.state_dim, ds.action_dim) != (cfg.state_dim, cfg.action_dim):
             raise StateModelError(f"the episodes give state_dim {ds.state_dim}, action_dim {ds.action_dim}; the "
-                                  f"checkpoint has {policy.state_dim}, {policy.action_dim} (--state-keys?)")
+                                  f"checkpoint has {cfg.state_dim}, {cfg.action_dim} (--state-keys?)")
         model = StateModel.fit(ds.state_action_runs(), horizon=args.horizon)
     except (CheckpointError, StateModelError, OSError, KeyError, ValueError) as exc:
         print(f"mode-ros fit-state-model: {exc}", file=sys.stderr)
         return 2
-    from ..model.checkpoint import resolve_checkpoint
-    path = model.save(resolve_checkpoint(args.checkpoint))
+    path = model.save(folder)
     names = ds.state_names or [f"state[{i}]" for i in range(ds.state_dim)]
     print(f"{'value':16s} {'predicted':>9s} {'error/held':>10s}  ({model.report['transitions']} transitions, "
           f"{model.report['heldout_runs']} held-out runs, {args.horizon} ticks)")
