@@ -44,6 +44,12 @@ fi
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   t0=$(date +%s)
   log "installing requirements (torch, open_clip, ROS 2 wheels; first run takes a few minutes)"
+  # the venv takes ~6.5 GB (torch + its CUDA libraries) and pip unpacks through its cache and TMPDIR:
+  # say so up front rather than after a half-written install ends in "No space left on device"
+  free_kb="$(df -Pk "$(dirname "$VENV")" 2>/dev/null | awk 'NR==2 {print $4}')"
+  if [ -n "$free_kb" ] && [ "$free_kb" -lt $((10 * 1024 * 1024)) ]; then
+    log "warning: only $(( free_kb / 1024 / 1024 )) GB free under $(dirname "$VENV"); the install needs ~10 GB"
+  fi
   pip_quiet install -q --upgrade pip
   # setuptools: torch wants >=77.0.3, colcon-core wants <80 -> pin the overlap in the same command
   pip_quiet install -q -r "$REQ"
